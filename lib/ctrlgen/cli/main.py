@@ -1,0 +1,150 @@
+"""``ctrlgen`` — run chapters, build the book, check data and models.
+
+Exit codes: 0 success, 1 the work failed (a chapter raised, a build failed), 2 bad usage
+(unknown chapter, profile or key; the message lists what is allowed).
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+import time
+from collections.abc import Sequence
+
+from ctrlgen import __version__
+from ctrlgen.cli.common import EXIT_FAILED, EXIT_OK, EXIT_USAGE, add_profile_args
+from ctrlgen.config import ConfigError, load_profile, parse_assignments
+
+# Sub-command groups that live beside the layer they drive; each module exposes add_<name>_parser.
+PLUGINS = (("ctrlgen.data.cli", "add_data_parser"), ("ctrlgen.models.cli", "add_models_parser"),
+           ("ctrlgen.pretrain_cli", "add_pretrain_parser"), ("ctrlgen.bench", "add_bench_parser"))
+
+
+def _err(message: str) -> None:
+    print(f"ctrlgen: error: {message}", file=sys.stderr)
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from ctrlgen.book import ChapterFailed, run_chapter
+
+    overrides = parse_assignments(args.params)
+    try:
+        result = run_chapter(args.chapter, args.profile, overrides, force=not args.cached, log_output=args.verbose)
+    except ChapterFailed as err:
+        _err(str(err))
+        return EXIT_FAILED
+    state = "up to date (cached)" if result.cached else f"executed in {result.seconds:.1f} s"
+    print(f"{result.chapter}: {state} -> {result.notebook}")
+    return EXIT_OK
+
+
+def cmd_book(args: argparse.Namespace) -> int:
+    from ctrlgen.book import ChapterFailed, build_site, run_chapter, toc_chapters
+
+    overrides = parse_assignments(args.params)
+    load_profile(args.profile, overrides)  # refuse bad keys before anything runs
+    start = time.perf_counter()
+    chapters = toc_chapters()
+    for i, chapter in enumerate(chapters, 1):
+        print(f"[{i}/{len(chapters)}] {chapter} on {args.profile} ...", flush=True)
+        try:
+            result = run_chapter(chapter, args.profile, overrides, force=args.force, log_output=args.verbose)
+        except ChapterFailed as err:
+            _err(f"{err}\nthe book was not rebuilt; the previous site (if any) is untouched")
+            return EXIT_FAILED
+        print(f"    {'cached' if result.cached else f'{result.seconds:.1f} s'} -> {result.notebook}", flush=True)
+    if args.no_html:
+        return EXIT_OK
+    print("building the HTML book with jupyter-book ...", flush=True)
+    try:
+        site = build_site(args.profile, strict=not args.no_strict)
+    except (RuntimeError, FileNotFoundError) as err:
+        _err(str(err))
+        return EXIT_FAILED
+    print(f"book built in {time.perf_counter() - start:.0f} s: {site / 'index.html'}")
+    return EXIT_OK
+
+
+def cmd_chapters(args: argparse.Namespace) -> int:
+    from ctrlgen.book import toc_chapters
+
+    for chapter in toc_chapters():
+        print(chapter)
+    return EXIT_OK
+
+
+def cmd_profile(args: argparse.Namespace) -> int:
+    import yaml
+
+    cfg = load_profile(args.profile, parse_assignments(args.params))
+    print(yaml.safe_dump(cfg.to_dict(), sort_keys=False).rstrip())
+    return EXIT_OK
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="ctrlgen",
+        description="The executable thesis: run chapters with papermill, build the Jupyter Book, manage data and models.",
+        epilog="Profiles: smoke (seconds, CI), mini (default, CPU, small scale), full (GPU, paper scale).",
+    )
+    parser.add_argument("--version", action="version", version=f"ctrlgen {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    run = sub.add_parser("run", help="execute one chapter with papermill", description=(
+        "Convert chapters/CHAPTER.py to a notebook and execute it with papermill into "
+        "_build/executed/<profile>/CHAPTER.ipynb (the source is never modified)."))
+    run.add_argument("chapter", help="chapter name from _toc.yml or a unique prefix (e.g. ch02)")
+    add_profile_args(run)
+    run.add_argument("--cached", action="store_true", help="skip the chapter if its executed copy is up to date")
+    run.add_argument("-v", "--verbose", action="store_true", help="stream the notebook's output")
+    run.set_defaults(func=cmd_run)
+
+    book = sub.add_parser("book", help="execute every chapter and build the HTML book", description=(
+        "Execute every chapter of _toc.yml in order (reusing up-to-date executed copies unless --force), "
+        "then build the HTML book with jupyter-book into _build/html/<profile>/."))
+    add_profile_args(book)
+    book.add_argument("--force", action="store_true", help="re-execute chapters even if their executed copy is up to date")
+    book.add_argument("--no-html", action="store_true", help="execute the chapters only")
+    book.add_argument("--no-strict", action="store_true", help="do not turn Sphinx warnings into errors")
+    book.add_argument("-v", "--verbose", action="store_true", help="stream the notebooks' output")
+    book.set_defaults(func=cmd_book)
+
+    chapters = sub.add_parser("chapters", help="list the chapters in book order")
+    chapters.set_defaults(func=cmd_chapters)
+
+    profile = sub.add_parser("profile", help="print a profile with overrides applied (checks the keys)")
+    add_profile_args(profile)
+    profile.set_defaults(func=cmd_profile)
+
+    for module_name, function in PLUGINS:
+        try:
+            module = importlib.import_module(module_name)
+        except ModuleNotFoundError as err:
+            if err.name and module_name.startswith(err.name):
+                continue  # that layer is not built yet
+            raise
+        getattr(module, function)(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args))
+    except ConfigError as err:
+        _err(str(err))
+        return EXIT_USAGE
+    except KeyError as err:  # unknown chapter / table: the message lists the known ones
+        _err(str(err.args[0]) if err.args else str(err))
+        return EXIT_USAGE
+    except FileNotFoundError as err:
+        _err(str(err))
+        return EXIT_FAILED
+    except KeyboardInterrupt:
+        _err("interrupted")
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,89 @@
+"""Where things live: project, data, cache and output roots.
+
+Resolution order for each root: an environment variable, then the profile's ``paths.*`` value,
+then a folder inside the project. The data root is *read-only* for the product: datasets a user
+(or ``../shared/data`` in tests and CI) keeps there are never modified; generated data and resized
+copies go under the cache root.
+"""
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+ENV_PROJECT = "CTRLGEN_PROJECT_ROOT"
+ENV_DATA = "CTRLGEN_DATA_ROOT"
+ENV_CACHE = "CTRLGEN_CACHE_ROOT"
+ENV_OUTPUT = "CTRLGEN_OUTPUT_ROOT"
+
+
+def _looks_like_project(folder: Path) -> bool:
+    return (folder / "_toc.yml").is_file() and (folder / "lib" / "ctrlgen").is_dir()
+
+
+def project_root() -> Path:
+    """The checkout holding ``_toc.yml`` and ``lib/ctrlgen``.
+
+    ``$CTRLGEN_PROJECT_ROOT`` wins; else the package's own checkout (editable install); else the first
+    parent of the working directory that looks like one (a chapter opened from ``chapters/``).
+    """
+    env = os.environ.get(ENV_PROJECT)
+    if env:
+        return Path(env).expanduser().resolve()
+    here = Path(__file__).resolve().parents[2]
+    if _looks_like_project(here):
+        return here
+    cwd = Path.cwd().resolve()
+    for folder in (cwd, *cwd.parents):
+        if _looks_like_project(folder):
+            return folder
+    raise FileNotFoundError(
+        f"cannot find the ctrlgen project (a folder with _toc.yml and lib/ctrlgen) from {cwd}; "
+        f"set {ENV_PROJECT} to the checkout"
+    )
+
+
+def _profile_path(cfg: Mapping[str, Any] | None, key: str) -> str:
+    if cfg is None:
+        return ""
+    paths = cfg.get("paths", {}) if hasattr(cfg, "get") else {}
+    return str(paths.get(key, "") or "")
+
+
+def _resolve(env: str, cfg: Mapping[str, Any] | None, key: str, default: str) -> Path:
+    value = os.environ.get(env) or _profile_path(cfg, key)
+    if value:
+        path = Path(value).expanduser()
+        return (path if path.is_absolute() else project_root() / path).resolve()
+    return project_root() / default
+
+
+def data_root(cfg: Mapping[str, Any] | None = None) -> Path:
+    """Root of the real datasets (each in its official layout): env, profile ``paths.data_root``, ``data/``."""
+    return _resolve(ENV_DATA, cfg, "data_root", "data")
+
+
+def cache_root(cfg: Mapping[str, Any] | None = None) -> Path:
+    """Trained models, resized datasets, generated worlds: env, profile ``paths.cache_root``, ``_cache/``."""
+    return _resolve(ENV_CACHE, cfg, "cache_root", "_cache")
+
+
+def output_root(cfg: Mapping[str, Any] | None = None) -> Path:
+    """Executed notebooks, result records, the HTML book: env, profile ``paths.output_root``, ``_build/``."""
+    return _resolve(ENV_OUTPUT, cfg, "output_root", "_build")
+
+
+def results_dir(profile: str, cfg: Mapping[str, Any] | None = None) -> Path:
+    """``<output>/results/<profile>/``: one JSON record per chapter plus its figures."""
+    return output_root(cfg) / "results" / profile
+
+
+def executed_dir(profile: str, cfg: Mapping[str, Any] | None = None) -> Path:
+    """``<output>/executed/<profile>/``: papermill's executed copies of the chapters."""
+    return output_root(cfg) / "executed" / profile
+
+
+def html_dir(profile: str, cfg: Mapping[str, Any] | None = None) -> Path:
+    """``<output>/html/<profile>/``: the rendered book for one profile."""
+    return output_root(cfg) / "html" / profile
