@@ -8,6 +8,7 @@ warnings as errors) into a new folder, and only then swaps it in place of the pr
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -135,6 +136,23 @@ def _is_up_to_date(executed: Path, key: str, record: Path) -> bool:
     return meta.get("ctrlgen", {}).get("cache_key") == key
 
 
+@contextlib.contextmanager
+def _kernel_environment():
+    """Environment the chapter kernel inherits: offline hub, no progress bars in the rendered book."""
+    settings = {"TQDM_DISABLE": "1", "HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "1"),
+                "MPLBACKEND": "module://matplotlib_inline.backend_inline"}
+    saved = {k: os.environ.get(k) for k in settings}
+    os.environ.update(settings)
+    try:
+        yield
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
 @dataclass
 class ChapterResult:
     chapter: str
@@ -174,10 +192,11 @@ def run_chapter(chapter: str, profile: str = "mini", overrides: Mapping[str, Any
     failed = out_dir / f"{chapter}.FAILED.ipynb"
     start = time.perf_counter()
     try:
-        papermill.execute_notebook(
-            notebook, str(running), parameters={"profile": profile, "overrides": checked},
-            kernel_name=ensure_kernel(), cwd=str(root / "chapters"), progress_bar=False, log_output=log_output,
-        )
+        with _kernel_environment():
+            papermill.execute_notebook(
+                notebook, str(running), parameters={"profile": profile, "overrides": checked},
+                kernel_name=ensure_kernel(), cwd=str(root / "chapters"), progress_bar=False, log_output=log_output,
+            )
     except PapermillExecutionError as err:
         os.replace(running, failed)
         raise ChapterFailed(chapter, failed, f"{err.ename}: {err.evalue}") from None

@@ -138,7 +138,7 @@ def train_ddpm(model: nn.Module, data: np.ndarray, scheduler, steps: int, batch_
         loss.backward()
         optimiser.step()
         lr_schedule.step()
-        losses.append(float(loss))
+        losses.append(loss.item())
     model.eval()
     return losses
 
