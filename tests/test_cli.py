@@ -22,7 +22,7 @@ def ctrlgen(*args: str, env: dict | None = None, cwd: Path | None = None) -> sub
 
 
 def _subcommands() -> list[tuple[str, ...]]:
-    parser = build_parser()
+    parser = build_parser(load_all=True)
     sub = next(a for a in parser._actions if a.__class__.__name__ == "_SubParsersAction")
     found = [()]
     for name, child in sub.choices.items():
@@ -39,6 +39,13 @@ def test_help_everywhere(words, capsys):
         main([*words, "--help"])
     assert exit_info.value.code == 0
     assert "usage: ctrlgen" in capsys.readouterr().out
+
+
+def test_help_does_not_import_torch():
+    """Plugin groups load lazily: listing commands must not pay for torch/diffusers."""
+    probe = "import sys; from ctrlgen.cli.main import build_parser; build_parser([]); print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, cwd=ROOT).stdout.strip()
+    assert out == "False"
 
 
 def test_core_commands_exist():
@@ -145,3 +152,13 @@ def test_broken_sphinx_build_keeps_the_previous_site(tmp_path):
     result = ctrlgen("book", "--profile", "smoke", env=env)
     assert result.returncode == 1 and "jupyter-book build failed" in result.stderr
     assert index.read_bytes() == before
+
+
+def test_missing_data_root_is_one_clear_error(tmp_path):
+    missing = tmp_path / "no-such-datasets"
+    result = ctrlgen("run", "ch02", "--profile", "smoke", env={"CTRLGEN_DATA_ROOT": str(missing)})
+    assert result.returncode == 2
+    assert f"the data root {missing} (from $CTRLGEN_DATA_ROOT) does not exist" in result.stderr
+    assert "Traceback" not in result.stderr
+    result = ctrlgen("book", "--profile", "smoke", "-p", f"paths.data_root={missing}", env={"CTRLGEN_DATA_ROOT": ""})
+    assert result.returncode == 2 and "from the profile's paths.data_root" in result.stderr

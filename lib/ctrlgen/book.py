@@ -175,6 +175,7 @@ def run_chapter(chapter: str, profile: str = "mini", overrides: Mapping[str, Any
     root = paths.project_root()
     chapter = resolve_chapter(chapter, root)
     cfg = load_profile(profile, overrides)  # raises ConfigError early
+    paths.check_data_root(cfg)
     checked = dict(cfg.overrides)
     out_dir = paths.executed_dir(profile, cfg)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -210,6 +211,18 @@ def run_chapter(chapter: str, profile: str = "mini", overrides: Mapping[str, Any
 
 
 # ---------------------------------------------------------------- site
+def _stage_mathjax(target: Path) -> None:
+    """A local MathJax (from the jupyter-server-mathjax package) so the site renders maths offline.
+
+    It goes to ``html_extra_path`` (copied verbatim to the site root), not ``_static``: Jupyter Book adds a
+    script tag for every .js file under ``_static``, which would load each MathJax component directly.
+    """
+    import jupyter_server_mathjax
+
+    source = Path(jupyter_server_mathjax.__file__).parent / "static"
+    shutil.copytree(source, target)
+
+
 def _stage_sources(profile: str, root: Path, stage: Path) -> None:
     """Copy config, toc, book pages and the executed chapters into a fresh staging folder."""
     if stage.exists():
@@ -218,6 +231,7 @@ def _stage_sources(profile: str, root: Path, stage: Path) -> None:
     for name in ("_config.yml", "_toc.yml"):
         shutil.copy2(root / name, stage / name)
     shutil.copytree(root / "book", stage / "book")
+    _stage_mathjax(stage / "_extra" / "mathjax")
     (stage / "chapters").mkdir()
     executed = paths.executed_dir(profile)
     for chapter in toc_chapters(root):

@@ -64,6 +64,23 @@ def data_root(cfg: Mapping[str, Any] | None = None) -> Path:
     return _resolve(ENV_DATA, cfg, "data_root", "data")
 
 
+def check_data_root(cfg: Mapping[str, Any] | None = None) -> Path:
+    """The data root, refusing one that was set explicitly (env or profile) but does not exist.
+
+    The default ``<project>/data`` may be empty (chapters then use procedural data); a root the user
+    named and mistyped must not silently turn a real-data run into a procedural one.
+    """
+    from ctrlgen.config import ConfigError
+
+    root = data_root(cfg)
+    explicit = os.environ.get(ENV_DATA) or _profile_path(cfg, "data_root")
+    if explicit and not root.is_dir():
+        source = f"${ENV_DATA}" if os.environ.get(ENV_DATA) else "the profile's paths.data_root"
+        raise ConfigError(f"the data root {root} (from {source}) does not exist; point it at the folder that holds "
+                          f"the datasets in their official layouts, or unset it to use <project>/data")
+    return root
+
+
 def cache_root(cfg: Mapping[str, Any] | None = None) -> Path:
     """Trained models, resized datasets, generated worlds: env, profile ``paths.cache_root``, ``_cache/``."""
     return _resolve(ENV_CACHE, cfg, "cache_root", "_cache")

@@ -10,14 +10,21 @@ import importlib
 import sys
 import time
 from collections.abc import Sequence
+from pathlib import Path
 
-from ctrlgen import __version__
+from ctrlgen import __version__, paths
 from ctrlgen.cli.common import EXIT_FAILED, EXIT_OK, EXIT_USAGE, add_profile_args
 from ctrlgen.config import ConfigError, load_profile, parse_assignments
 
 # Sub-command groups that live beside the layer they drive; each module exposes add_<name>_parser.
-PLUGINS = (("ctrlgen.data.cli", "add_data_parser"), ("ctrlgen.models.cli", "add_models_parser"),
-           ("ctrlgen.pretrain_cli", "add_pretrain_parser"), ("ctrlgen.bench", "add_bench_parser"))
+# They are imported only when their command is used (``models`` pulls in torch and diffusers), so
+# ``ctrlgen --help`` and ``ctrlgen run`` start instantly.
+PLUGINS = {
+    "data": ("ctrlgen.data.cli", "add_data_parser", "inspect, download or generate the datasets"),
+    "models": ("ctrlgen.models.cli", "add_models_parser", "check or fetch the models a profile names"),
+    "pretrain": ("ctrlgen.pretrain_cli", "add_pretrain_parser", "pretrain the mini models of a domain"),
+    "bench": ("ctrlgen.bench", "add_bench_parser", "run the benchmarks (speed as ratios, peak memory)"),
+}
 
 
 def _err(message: str) -> None:
@@ -42,7 +49,7 @@ def cmd_book(args: argparse.Namespace) -> int:
     from ctrlgen.book import ChapterFailed, build_site, run_chapter, toc_chapters
 
     overrides = parse_assignments(args.params)
-    load_profile(args.profile, overrides)  # refuse bad keys before anything runs
+    paths.check_data_root(load_profile(args.profile, overrides))  # refuse bad keys or roots before anything runs
     start = time.perf_counter()
     chapters = toc_chapters()
     for i, chapter in enumerate(chapters, 1):
@@ -81,7 +88,15 @@ def cmd_profile(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def build_parser() -> argparse.ArgumentParser:
+def _plugin_available(module_name: str) -> bool:
+    """Whether the plugin's file exists, without importing its package (find_spec would)."""
+    package_dir = Path(__file__).resolve().parents[1]
+    relative = Path(*module_name.split(".")[1:])
+    return package_dir.joinpath(relative).with_suffix(".py").is_file()
+
+
+def build_parser(argv: Sequence[str] | None = None, load_all: bool = False) -> argparse.ArgumentParser:
+    """The full parser; plugin groups are imported only if ``argv`` uses them (or ``load_all``)."""
     parser = argparse.ArgumentParser(
         prog="ctrlgen",
         description="The executable thesis: run chapters with papermill, build the Jupyter Book, manage data and models.",
@@ -116,19 +131,19 @@ def build_parser() -> argparse.ArgumentParser:
     add_profile_args(profile)
     profile.set_defaults(func=cmd_profile)
 
-    for module_name, function in PLUGINS:
-        try:
-            module = importlib.import_module(module_name)
-        except ModuleNotFoundError as err:
-            if err.name and module_name.startswith(err.name):
-                continue  # that layer is not built yet
-            raise
-        getattr(module, function)(sub)
+    words = [w for w in (argv if argv is not None else sys.argv[1:]) if not w.startswith("-")]
+    for name, (module_name, function, help_text) in PLUGINS.items():
+        if not _plugin_available(module_name):
+            continue  # that layer is not built yet
+        if load_all or (words and words[0] == name):
+            getattr(importlib.import_module(module_name), function)(sub)
+        else:
+            sub.add_parser(name, help=help_text, add_help=False)  # listed in --help; loaded when used
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
+    parser = build_parser(argv)
     args = parser.parse_args(argv)
     try:
         return int(args.func(args))

@@ -1,0 +1,87 @@
+"""``ctrlgen data check | fetch NAME | generate [WORLD ...]`` (wired into the main CLI by ``add_data_parser``)."""
+from __future__ import annotations
+
+import argparse
+
+from ctrlgen.cli.common import EXIT_FAILED, EXIT_OK, EXIT_USAGE, add_profile_args, profile_from_args
+from ctrlgen.config import ConfigError
+
+
+def _check(args: argparse.Namespace) -> int:
+    from ctrlgen.data.check import check_all, format_report
+    from ctrlgen.paths import data_root
+
+    try:
+        cfg = profile_from_args(args)
+    except ConfigError as err:
+        print(f"error: {err}")
+        return EXIT_USAGE
+    print(f"data root: {data_root(cfg)}")
+    print(format_report(check_all(cfg)))
+    return EXIT_OK
+
+
+def _fetch(args: argparse.Namespace) -> int:
+    from ctrlgen.data.fetch import FetchError, fetch_dataset, refusal
+    from ctrlgen.paths import data_root
+
+    reason = refusal(args.name)
+    if reason:
+        print(f"error: {reason}")
+        return EXIT_USAGE
+    try:
+        cfg = profile_from_args(args)
+    except ConfigError as err:
+        print(f"error: {err}")
+        return EXIT_USAGE
+    mirror = args.mirror or str(cfg["data"]["fetch_mirror"])
+    try:
+        installed = fetch_dataset(args.name, data_root(cfg), mirror=mirror, progress=not args.quiet)
+    except FetchError as err:
+        print(f"error: {err}")
+        return EXIT_FAILED
+    print(f"{args.name}: installed {len(installed)} item(s) under {data_root(cfg)}")
+    return EXIT_OK
+
+
+def _generate(args: argparse.Namespace) -> int:
+    from ctrlgen.data.datasets import world_root
+    from ctrlgen.data.registry import WORLD_OF
+
+    try:
+        cfg = profile_from_args(args)
+    except ConfigError as err:
+        print(f"error: {err}")
+        return EXIT_USAGE
+    worlds = args.worlds or list(WORLD_OF)
+    unknown = [w for w in worlds if w not in WORLD_OF]
+    if unknown:
+        print(f"error: unknown world(s) {', '.join(unknown)}; known: {', '.join(WORLD_OF)}")
+        return EXIT_USAGE
+    for world in worlds:
+        print(f"{world}: {world_root(world, cfg)}")
+    return EXIT_OK
+
+
+def add_data_parser(subparsers: argparse._SubParsersAction) -> None:
+    """Add ``data`` with sub-commands ``check``, ``fetch`` and ``generate``; each sets ``func``."""
+    data = subparsers.add_parser("data", help="inspect, download or generate the datasets",
+                                 description="Datasets: what the data root holds, downloads, procedural worlds.")
+    sub = data.add_subparsers(dest="data_command", required=True, metavar="{check,fetch,generate}")
+    check = sub.add_parser("check", help="list every dataset: found / partial / missing, counts, where to get it",
+                           description="Report each dataset under the data root (a missing root is not an error).")
+    add_profile_args(check)
+    check.set_defaults(func=_check)
+    fetch = sub.add_parser("fetch", help="download an openly available dataset into the data root",
+                           description="Download NAME from its official source into its official layout "
+                                       "(resumable, checksummed; credentialed datasets are refused with instructions).")
+    fetch.add_argument("name", metavar="NAME", help="dataset name, e.g. isic2018_task1, isic2018_task3, ham10000, fitzpatrick17k")
+    fetch.add_argument("--mirror", default="", help="base URL to download the same file names from instead")
+    fetch.add_argument("--quiet", action="store_true", help="no progress bars")
+    add_profile_args(fetch)
+    fetch.set_defaults(func=_fetch)
+    generate = sub.add_parser("generate", help="build the procedural worlds now (else built on first use)",
+                              description="Generate procedural worlds into the cache in the official layouts.")
+    generate.add_argument("worlds", nargs="*", metavar="WORLD", help="derm, cxr, multiconcept (default: all)")
+    add_profile_args(generate)
+    generate.set_defaults(func=_generate)

@@ -1,0 +1,61 @@
+"""``ctrlgen models check|fetch``: what the profile's models are, where they live, whether they are there."""
+from __future__ import annotations
+
+import argparse
+
+from ctrlgen.cli.common import EXIT_FAILED, EXIT_OK, EXIT_USAGE, add_profile_args, profile_from_args
+from ctrlgen.config import ConfigError
+
+
+def _print(statuses) -> None:
+    for s in statuses:
+        state = "ok" if s.present else "MISSING " + ", ".join(s.missing)
+        print(f"{s.key:28s} {state:30s} {s.folder}  ({s.source})")
+
+
+def _check(args: argparse.Namespace) -> int:
+    from ctrlgen.models.registry import check_models
+
+    try:
+        cfg = profile_from_args(args)
+    except ConfigError as err:
+        print(f"error: {err}")
+        return EXIT_USAGE
+    statuses = check_models(cfg)
+    _print(statuses)
+    return EXIT_OK if all(s.present for s in statuses) else EXIT_FAILED
+
+
+def _fetch(args: argparse.Namespace) -> int:
+    from ctrlgen.models.registry import fetch_models
+
+    try:
+        cfg = profile_from_args(args)
+    except ConfigError as err:
+        print(f"error: {err}")
+        return EXIT_USAGE
+    if cfg["models"]["kind"] != "pretrained":
+        print(f"profile {args.profile!r} uses the book's mini models: they are trained by `ctrlgen pretrain`, "
+              f"not downloaded (use --profile full)")
+        return EXIT_USAGE
+    try:
+        statuses = fetch_models(cfg, tuple(args.only))
+    except Exception as err:  # network, auth, disk: one clear line
+        print(f"error: {err}")
+        return EXIT_FAILED
+    _print(statuses)
+    return EXIT_OK if all(s.present for s in statuses) else EXIT_FAILED
+
+
+def add_models_parser(subparsers: argparse._SubParsersAction) -> None:
+    """Register ``models`` with sub-commands ``check`` and ``fetch`` (each sets ``func``)."""
+    parser = subparsers.add_parser("models", help="check or fetch the models a profile names")
+    sub = parser.add_subparsers(dest="models_command", required=True)
+    check = sub.add_parser("check", help="report which models of the profile are present locally")
+    add_profile_args(check)
+    check.set_defaults(func=_check)
+    fetch = sub.add_parser("fetch", help="download the Stable Diffusion checkpoints the profile names (needs network)")
+    add_profile_args(fetch, default="full")
+    fetch.add_argument("--only", action="append", default=[], metavar="KEY",
+                       help="only this models.pretrained key (sd21, sd14); repeatable")
+    fetch.set_defaults(func=_fetch)

@@ -1,0 +1,130 @@
+"""Models: published SD configs (parameter counts are facts), mini models, tokenizer, placeholder tokens, registry, CLI."""
+from __future__ import annotations
+
+import argparse
+
+import pytest
+import torch
+from accelerate import init_empty_weights
+from diffusers import AutoencoderKL, UNet2DConditionModel
+from transformers import CLIPTextConfig, CLIPTextModel
+
+from ctrlgen.config import load_profile
+from ctrlgen.models import (
+    ModelNotFoundError,
+    add_placeholder_tokens,
+    build_caption_tokenizer,
+    build_mini_components,
+    check_models,
+    count_parameters,
+    load_base_model,
+    load_components,
+    load_tokenizer,
+    models_root,
+    published_config,
+    save_tokenizer,
+    token_positions,
+)
+from ctrlgen.models.registry import local_folder
+
+# Published parameter counts of the checkpoints (diffusers/transformers builds of the real weights).
+COUNTS = {"sd21_base": (865_910_724, 83_653_863, 340_387_840), "sd14": (859_520_964, 83_653_863, 123_060_480)}
+
+
+@pytest.mark.parametrize("arch", sorted(COUNTS))
+def test_published_configs_have_the_published_sizes(arch):
+    with init_empty_weights():
+        unet = UNet2DConditionModel.from_config(published_config(arch, "unet"))
+        vae = AutoencoderKL.from_config(published_config(arch, "vae"))
+        te_cfg = {k: v for k, v in published_config(arch, "text_encoder").items() if k not in ("architectures", "torch_dtype")}
+        te = CLIPTextModel(CLIPTextConfig(**te_cfg))
+    assert (count_parameters(unet), count_parameters(vae), count_parameters(te)) == COUNTS[arch]
+    assert unet.config.sample_size == 64 and 2 ** (len(vae.config.block_out_channels) - 1) == 8
+    assert published_config(arch, "scheduler")["beta_schedule"] == "scaled_linear"
+
+
+def test_mini_models_match_the_feasibility_notes():
+    cfg = load_profile("mini")
+    tok = build_caption_tokenizer(["an image of a small dark lesion on skin"])
+    model = build_mini_components(cfg, tok)
+    # NOTES-mini-feasibility.md: VAE 0.95 M, U-Net 4.19 M parameters, f = 4, 16x16x4 latent
+    assert round(count_parameters(model.vae) / 1e6, 2) == 0.95
+    assert round(count_parameters(model.unet) / 1e6, 2) == 4.19
+    assert model.vae_scale_factor == 4 and model.latent_size(64) == 16
+    assert model.unet.config.cross_attention_dim == model.text_encoder.config.hidden_size == 64
+    with torch.no_grad():
+        z = model.encode_images(torch.zeros(1, 3, 64, 64))
+        x = model.decode_latents(z)
+        emb = model.encode_prompt(["an image of a lesion"])
+        eps = model.unet(z, 10, emb).sample
+    assert z.shape == (1, 4, 16, 16) and x.shape == (1, 3, 64, 64) and eps.shape == z.shape
+    assert emb.shape == (1, 32, 64)
+
+
+def test_tokenizer_words_are_single_tokens_and_round_trip(tmp_path):
+    corpus = ["an image of a small dark lesion on skin", "a large faint lesion, with hair", "a cat and a dog"]
+    tok = build_caption_tokenizer(corpus, extra_words=["melanoma"])
+    for word in ["image", "lesion", "skin", "faint", "hair", "dog", "melanoma", ","]:
+        assert len(tok.tokenize(word)) == 1, word
+    assert len(tok.tokenize("zebra")) > 1  # unseen words fall back to pieces
+    ids = tok("an image of a cat")["input_ids"]
+    assert ids[0] == tok.bos_token_id and ids[-1] == tok.eos_token_id
+    again = load_tokenizer(save_tokenizer(tok, tmp_path / "tok"))
+    assert again("a large faint lesion")["input_ids"] == tok("a large faint lesion")["input_ids"]
+
+
+def test_placeholder_tokens_initialised_from_words():
+    cfg = load_profile("smoke")
+    tok = build_caption_tokenizer(["an image of a lesion on skin"])
+    model = build_mini_components(cfg, tok)
+    n0 = len(tok)
+    pt = add_placeholder_tokens(tok, model.text_encoder, ["<lesion>", "<skin>"], ["lesion", "skin"])
+    emb = model.text_encoder.get_input_embeddings().weight
+    assert len(tok) == n0 + 2 and emb.shape[0] == n0 + 2
+    for token, word in zip(pt.tokens, pt.init_words):
+        assert torch.equal(emb[pt.id_of(token)], emb[tok.convert_tokens_to_ids(word + "</w>")])
+    assert tok.tokenize("an image of <lesion> on <skin>") == ["an</w>", "image</w>", "of</w>", "<lesion>", "on</w>", "<skin>"]
+    assert token_positions(tok, "an image of <lesion> on <skin>", "<lesion>") == [4]
+
+
+def test_save_and_load_components(tmp_path):
+    cfg = load_profile("smoke")
+    model = build_mini_components(cfg, build_caption_tokenizer(["an image of a lesion"]))
+    model.save(tmp_path / "m")
+    again = load_components(tmp_path / "m")
+    z = torch.randn(1, 4, 8, 8)
+    with torch.no_grad():
+        emb = model.encode_prompt("an image")
+        assert torch.allclose(again.encode_prompt("an image"), emb)
+        assert torch.allclose(again.unet(z, 5, emb).sample, model.unet(z, 5, emb).sample)
+    assert again.scheduler_config["beta_schedule"] == "scaled_linear"
+
+
+def test_registry_offline_messages(tmp_path):
+    full = load_profile("full", {"models.root": str(tmp_path)})
+    assert models_root(full) == tmp_path
+    assert local_folder(full, "stabilityai/stable-diffusion-2-1-base") == tmp_path / "stabilityai--stable-diffusion-2-1-base"
+    status = {s.key: s for s in check_models(full)}
+    assert not status["models.pretrained.sd21"].present
+    with pytest.raises(ModelNotFoundError, match="ctrlgen models fetch"):
+        load_base_model(full, "derm")
+    mini = load_profile("mini")
+    assert models_root(mini).name == "models"
+    with pytest.raises(ModelNotFoundError, match="ctrlgen pretrain derm"):
+        load_base_model(mini, "derm")
+
+
+def test_cli_check_and_fetch(tmp_path, capsys):
+    from ctrlgen.cli.common import EXIT_FAILED, EXIT_USAGE
+    from ctrlgen.models.cli import add_models_parser
+
+    parser = argparse.ArgumentParser()
+    add_models_parser(parser.add_subparsers(dest="command"))
+    args = parser.parse_args(["models", "check", "--profile", "full", "-p", f"models.root={tmp_path}"])
+    assert args.func(args) == EXIT_FAILED
+    assert "MISSING" in capsys.readouterr().out
+    args = parser.parse_args(["models", "fetch", "--profile", "full", "-p", f"models.root={tmp_path}"])
+    assert args.func(args) == EXIT_FAILED  # HF_HUB_OFFLINE=1 in tests: refuses, no network
+    assert "HF_HUB_OFFLINE" in capsys.readouterr().out
+    args = parser.parse_args(["models", "fetch", "--profile", "mini"])
+    assert args.func(args) == EXIT_USAGE
