@@ -151,9 +151,9 @@ def test_cli_refusals_and_check(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("CTRLGEN_DATA_ROOT", str(tmp_path / "absent"))
     monkeypatch.setenv("CTRLGEN_CACHE_ROOT", str(tmp_path / "cache"))
     assert _cli(["data", "fetch", "no_such_dataset"]) == 2
-    assert "unknown dataset 'no_such_dataset'" in capsys.readouterr().out
+    assert "unknown dataset 'no_such_dataset'" in capsys.readouterr().err
     assert _cli(["data", "fetch", "mimic_cxr"]) == 2
-    out = capsys.readouterr().out
+    out = capsys.readouterr().err
     assert "credentialed" in out and "physionet.org" in out
     assert _cli(["data", "check", "--profile", "smoke"]) == 0
     out = capsys.readouterr().out

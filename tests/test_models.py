@@ -125,6 +125,6 @@ def test_cli_check_and_fetch(tmp_path, capsys):
     assert "MISSING" in capsys.readouterr().out
     args = parser.parse_args(["models", "fetch", "--profile", "full", "-p", f"models.root={tmp_path}"])
     assert args.func(args) == EXIT_FAILED  # HF_HUB_OFFLINE=1 in tests: refuses, no network
-    assert "HF_HUB_OFFLINE" in capsys.readouterr().out
+    assert "HF_HUB_OFFLINE" in capsys.readouterr().err
     args = parser.parse_args(["models", "fetch", "--profile", "mini"])
     assert args.func(args) == EXIT_USAGE

@@ -157,7 +157,8 @@ class CaptureProcessor:
                  attention_mask: torch.Tensor | None = None, temb: torch.Tensor | None = None, *args: Any,
                  **kwargs: Any) -> torch.Tensor:
         if attn.norm_q is not None or attn.norm_k is not None:
-            raise NotImplementedError("CaptureProcessor does not support q/k normalisation layers")
+            raise TypeError(f"{self.layer.name}: attention with q/k normalisation layers is not supported by the "
+                            "capturing processor (Stable Diffusion 1.x/2.x and the mini models have none)")
         residual = hidden_states
         if attn.spatial_norm is not None:
             hidden_states = attn.spatial_norm(hidden_states, temb)

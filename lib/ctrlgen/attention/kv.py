@@ -157,8 +157,9 @@ class _InjectProcessor:
 class _ProcessorSwap:
     """Shared enter/exit: set processors on layers, add a timestep hook, restore everything on exit."""
 
-    def _make(self, layer: AttentionLayer) -> Any:  # pragma: no cover - abstract
-        raise NotImplementedError
+    def _make(self, layer: AttentionLayer) -> Any:
+        """The processor for ``layer``; each subclass (recorder, injector) defines its own."""
+        raise TypeError(f"{type(self).__name__} must define _make")  # only subclasses are instantiated
 
     def __init__(self, unet: torch.nn.Module, selection: KVSelection, latent_size: int | Sequence[int] | None):
         self.unet = unet

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 
 from ctrlgen.cli.common import EXIT_FAILED, EXIT_OK, EXIT_USAGE, add_profile_args, profile_from_args
 from ctrlgen.config import ConfigError
@@ -11,11 +12,7 @@ def _check(args: argparse.Namespace) -> int:
     from ctrlgen.data.check import check_all, format_report
     from ctrlgen.paths import data_root
 
-    try:
-        cfg = profile_from_args(args)
-    except ConfigError as err:
-        print(f"error: {err}")
-        return EXIT_USAGE
+    cfg = profile_from_args(args)  # a ConfigError becomes exit 2 in ctrlgen.cli.main
     print(f"data root: {data_root(cfg)}")
     print(format_report(check_all(cfg)))
     return EXIT_OK
@@ -27,18 +24,14 @@ def _fetch(args: argparse.Namespace) -> int:
 
     reason = refusal(args.name)
     if reason:
-        print(f"error: {reason}")
+        print(f"ctrlgen: error: {reason}", file=sys.stderr)
         return EXIT_USAGE
-    try:
-        cfg = profile_from_args(args)
-    except ConfigError as err:
-        print(f"error: {err}")
-        return EXIT_USAGE
+    cfg = profile_from_args(args)  # a ConfigError becomes exit 2 in ctrlgen.cli.main
     mirror = args.mirror or str(cfg["data"]["fetch_mirror"])
     try:
         installed = fetch_dataset(args.name, data_root(cfg), mirror=mirror, progress=not args.quiet)
     except FetchError as err:
-        print(f"error: {err}")
+        print(f"ctrlgen: error: {err}", file=sys.stderr)
         return EXIT_FAILED
     print(f"{args.name}: installed {len(installed)} item(s) under {data_root(cfg)}")
     return EXIT_OK
@@ -48,15 +41,11 @@ def _generate(args: argparse.Namespace) -> int:
     from ctrlgen.data.datasets import world_root
     from ctrlgen.data.registry import WORLD_OF
 
-    try:
-        cfg = profile_from_args(args)
-    except ConfigError as err:
-        print(f"error: {err}")
-        return EXIT_USAGE
+    cfg = profile_from_args(args)  # a ConfigError becomes exit 2 in ctrlgen.cli.main
     worlds = args.worlds or list(WORLD_OF)
     unknown = [w for w in worlds if w not in WORLD_OF]
     if unknown:
-        print(f"error: unknown world(s) {', '.join(unknown)}; known: {', '.join(WORLD_OF)}")
+        print(f"ctrlgen: error: unknown world(s) {', '.join(unknown)}; known: {', '.join(WORLD_OF)}", file=sys.stderr)
         return EXIT_USAGE
     for world in worlds:
         print(f"{world}: {world_root(world, cfg)}")

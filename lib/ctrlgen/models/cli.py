@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 
 from ctrlgen.cli.common import EXIT_FAILED, EXIT_OK, EXIT_USAGE, add_profile_args, profile_from_args
 from ctrlgen.config import ConfigError
@@ -16,11 +17,7 @@ def _print(statuses) -> None:
 def _check(args: argparse.Namespace) -> int:
     from ctrlgen.models.registry import check_models
 
-    try:
-        cfg = profile_from_args(args)
-    except ConfigError as err:
-        print(f"error: {err}")
-        return EXIT_USAGE
+    cfg = profile_from_args(args)  # a ConfigError becomes exit 2 in ctrlgen.cli.main
     statuses = check_models(cfg)
     _print(statuses)
     return EXIT_OK if all(s.present for s in statuses) else EXIT_FAILED
@@ -29,11 +26,7 @@ def _check(args: argparse.Namespace) -> int:
 def _fetch(args: argparse.Namespace) -> int:
     from ctrlgen.models.registry import fetch_models
 
-    try:
-        cfg = profile_from_args(args)
-    except ConfigError as err:
-        print(f"error: {err}")
-        return EXIT_USAGE
+    cfg = profile_from_args(args)  # a ConfigError becomes exit 2 in ctrlgen.cli.main
     if cfg["models"]["kind"] != "pretrained":
         print(f"profile {args.profile!r} uses the book's mini models: they are trained by `ctrlgen pretrain`, "
               f"not downloaded (use --profile full)")
@@ -41,7 +34,7 @@ def _fetch(args: argparse.Namespace) -> int:
     try:
         statuses = fetch_models(cfg, tuple(args.only))
     except Exception as err:  # network, auth, disk: one clear line
-        print(f"error: {err}")
+        print(f"ctrlgen: error: {err}", file=sys.stderr)
         return EXIT_FAILED
     _print(statuses)
     return EXIT_OK if all(s.present for s in statuses) else EXIT_FAILED
