@@ -67,7 +67,7 @@ def test_real_data_resized_with_binary_masks(smoke_cfg, monkeypatch):
     image, mask = ds[0].load_image(), ds[0].load_mask()
     assert image.shape == (32, 32, 3) and mask.shape == (32, 32)
     original = ds[0].meta["original_image"]
-    assert original.startswith(str(SHARED_DATA))
+    assert original.startswith(str(SHARED_DATA.resolve()))
     ham = load_dataset("ham10000_segmentation", smoke_cfg, source="real", resolution=0)
     assert len(ham) == 5
 
