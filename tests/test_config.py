@@ -102,3 +102,19 @@ def test_relative_profile_paths_are_relative_to_the_project(monkeypatch):
     monkeypatch.delenv(paths.ENV_CACHE, raising=False)
     cfg = load_profile("smoke", {"paths.cache_root": "elsewhere/cache"})
     assert paths.cache_root(cfg) == paths.project_root() / "elsewhere" / "cache"
+
+
+def test_resolve_device(monkeypatch):
+    import torch
+
+    from ctrlgen.runtime import resolve_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert resolve_device(load_profile("smoke", {"device": "auto"})) == "cpu"
+    assert resolve_device(load_profile("smoke", {"device": "cpu"})) == "cpu"
+    with pytest.raises(ConfigError, match="no CUDA device is available"):
+        resolve_device(load_profile("smoke", {"device": "cuda"}))
+    with pytest.raises(ConfigError, match="device must be"):
+        resolve_device(load_profile("smoke", {"device": "tpu"}))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert resolve_device(load_profile("full")) == "cuda"
