@@ -146,3 +146,10 @@ def test_chapter_pages_show_their_recorded_figures(built_site, server, browser):
         shown = browser.execute_script(
             "return Array.from(document.querySelectorAll('main img, article img')).filter(i => i.naturalWidth > 0).length")
         assert shown >= len(record["figures"]), f"{chapter}: {shown} images shown, {len(record['figures'])} recorded"
+
+
+def test_chapter_pages_show_the_injected_parameters_only(built_site):
+    for chapter in toc_chapters():
+        text = (built_site / "chapters" / f"{chapter}.html").read_text()
+        assert "Parameters" in text and "smoke" in text, chapter
+        assert "&quot;mini&quot;" not in text and "&#34;mini&#34;" not in text, f"{chapter}: default parameters shown"

@@ -189,6 +189,10 @@ def run_chapter(chapter: str, profile: str = "mini", overrides: Mapping[str, Any
     notebook.metadata["kernelspec"] = {"name": KERNEL_NAME, "display_name": KERNEL_DISPLAY, "language": "python"}
     notebook.metadata.pop("jupytext", None)
     notebook.metadata["ctrlgen"] = {"chapter": chapter, "profile": profile, "overrides": checked, "cache_key": key}
+    for cell in notebook.cells:  # the book shows papermill's injected values, not the defaults they replace
+        tags = cell.metadata.setdefault("tags", [])
+        if "parameters" in tags and "remove-cell" not in tags:
+            tags.append("remove-cell")
     running = out_dir / f"{chapter}.running.ipynb"
     failed = out_dir / f"{chapter}.FAILED.ipynb"
     start = time.perf_counter()
