@@ -1,0 +1,80 @@
+"""DreamBooth baseline of Table 4.1 (Ruiz et al., 2023): finetuning with prior preservation.
+
+Instance images (the training lesions) with the instance prompt — the thesis uses
+"An image of lesion on skin." for DreamBooth as for SD-finetune (§4.4.2) — and *class* images
+generated beforehand by the frozen base model from a class prompt, trained together:
+
+    L = L_rec(instance) + λ · L_rec(class)                                 (Ruiz et al., Eq. 2)
+
+Each batch holds ``batch_size`` instance and ``batch_size`` class samples; per-sample weights 2 and
+2λ in ``train_diffusion``'s mean give exactly the sum above. The whole U-Net is trained (as in the
+paper's SD implementation without text-encoder training). The class prompt is this book's choice
+(the thesis does not give it): profile ``didgen.baselines.dreambooth_class_prompt``.
+"""
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping
+from typing import Any
+
+import numpy as np
+import torch
+
+from ctrlgen.methods.baselines.sd_finetune import PROMPT, _pixels
+from ctrlgen.models.sd import SDComponents
+from ctrlgen.sampling import initial_latents, sample
+from ctrlgen.training import TrainConfig, TrainResult, select_trainable, train_diffusion
+
+CLASS_PROMPT = "An image of skin."
+
+
+@torch.no_grad()
+def generate_class_images(model: SDComponents, class_prompt: str, n: int, num_steps: int, guidance_scale: float,
+                          seed: int = 0, batch_size: int = 16) -> np.ndarray:
+    """``n`` prior-preservation images ``(n, H, W, 3)`` uint8 from the *frozen* base model."""
+    g = torch.Generator().manual_seed(seed)
+    side = int(model.unet.config.sample_size)
+    uncond = model.encode_prompt([""])
+    out = []
+    for start in range(0, n, batch_size):
+        b = min(batch_size, n - start)
+        cond = model.encode_prompt([class_prompt] * b)
+        z = initial_latents(b, model.unet.config.in_channels, side, g, model.device, cond.dtype)
+        res = sample(model.unet, model.scheduler("ddim"), z, cond, uncond, num_steps=num_steps,
+                     guidance_scale=guidance_scale, generator=g, progress=False)
+        x = (model.decode_latents(res.latents).float().clamp(-1, 1) + 1) / 2
+        out.append((x.permute(0, 2, 3, 1).cpu().numpy() * 255 + 0.5).astype(np.uint8))
+    return np.concatenate(out)
+
+
+def prior_batches(model: SDComponents, instance: np.ndarray, class_images: np.ndarray, instance_prompt: str,
+                  class_prompt: str, batch_size: int, prior_weight: float, seed: int = 0) -> Iterator[dict[str, Any]]:
+    """Batches of ``batch_size`` instance + ``batch_size`` class images with weights 2 and 2λ."""
+    pi, pc = _pixels(np.asarray(instance)), _pixels(np.asarray(class_images))
+    ids = torch.cat([model.tokenize([instance_prompt]).expand(batch_size, -1),
+                     model.tokenize([class_prompt]).expand(batch_size, -1)])
+    weights = torch.tensor([2.0] * batch_size + [2.0 * prior_weight] * batch_size)
+    rng = np.random.default_rng(seed)
+    while True:
+        a = torch.as_tensor(rng.integers(0, len(pi), batch_size))
+        b = torch.as_tensor(rng.integers(0, len(pc), batch_size))
+        yield {"pixel_values": torch.cat([pi[a], pc[b]]), "input_ids": ids, "rec_weight": weights}
+
+
+def dreambooth_finetune(model: SDComponents, images: np.ndarray, class_images: np.ndarray, steps: int,
+                        batch_size: int, lr: float = 1e-5, weight_decay: float = 1e-2, prior_weight: float = 1.0,
+                        instance_prompt: str = PROMPT, class_prompt: str = CLASS_PROMPT, seed: int = 0,
+                        output_dir: str = "", train_config: Mapping[str, Any] | None = None,
+                        progress: bool = True) -> TrainResult:
+    """Finetune ``model``'s U-Net in place with prior preservation (class images from ``generate_class_images``)."""
+    if len(class_images) == 0:
+        raise ValueError("DreamBooth needs class images: generate_class_images(base model, class prompt, n, ...)")
+    trainable = select_trainable(model.unet, model.text_encoder, mode="full", weight_decay=weight_decay)
+    tc = TrainConfig(steps=steps, lr=lr, weight_decay=weight_decay, output_dir=output_dir, seed=seed,
+                     progress=progress, **dict(train_config or {}))
+    data = prior_batches(model, images, class_images, instance_prompt, class_prompt, batch_size, prior_weight, seed)
+    result = train_diffusion(model, data, tc, trainable)
+    model.unet.requires_grad_(False)
+    return result
+
+
+__all__ = ["CLASS_PROMPT", "generate_class_images", "prior_batches", "dreambooth_finetune"]

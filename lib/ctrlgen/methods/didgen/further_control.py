@@ -1,0 +1,120 @@
+"""Further controllability of the region-aware model (thesis §4.4.6, Fig. 4.8–4.10).
+
+* Text-guided attribute customisation (Fig. 4.8): prompts that change one DermPrompt attribute
+  (skin colour, lesion colour, marks) of a base attribute set, all from the DermPrompt vocabulary,
+  sampled from the same initial noise so that only the attribute differs.
+* Bounding-box layout guidance (Fig. 4.9): BoxDiff's box constraints on the ``<lesion>``
+  cross-attention (``ctrlgen.methods.baselines.boxdiff``) through the same sampling loop.
+* Real-image editing (Fig. 4.10): Null-text inversion with the image's prompt, then sampling with an
+  edited prompt (``ctrlgen.methods.baselines.null_text_inversion``).
+"""
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import replace
+from typing import Any
+
+import numpy as np
+import torch
+
+from ctrlgen.methods.baselines.boxdiff import BoxGuidance, box_masks
+from ctrlgen.methods.baselines.null_text_inversion import NullTextInversion, edit_image
+from ctrlgen.methods.didgen.dermprompt import (
+    LESION_COLOURS,
+    MARKS,
+    PREFIX,
+    SKIN_COLOURS,
+    DermAttributes,
+    compose_prompt,
+    fit_prompt,
+)
+from ctrlgen.models.sd import SDComponents
+from ctrlgen.sampling import initial_latents, sample
+
+CUSTOMISABLE = {"skin_colour": SKIN_COLOURS, "lesion_colour": LESION_COLOURS, "marks": tuple((m,) for m in MARKS) + ((),)}
+
+
+def customisation_prompts(base: DermAttributes, attribute: str, values: Sequence[Any] | None = None, tokenizer=None,
+                          prefix: str = PREFIX) -> list[tuple[Any, str]]:
+    """``(value, prompt)`` for each value of one attribute in ``CUSTOMISABLE`` (default: the whole vocabulary),
+    the rest of ``base`` unchanged. With a tokenizer the prompts are fitted to its limit (``fit_prompt``)."""
+    if attribute not in CUSTOMISABLE:
+        raise ValueError(f"attribute {attribute!r} cannot be customised; choose one of {', '.join(CUSTOMISABLE)}")
+    vals = list(values) if values is not None else list(CUSTOMISABLE[attribute])
+    out = []
+    for v in vals:
+        if attribute == "marks":
+            v = tuple(v) if not isinstance(v, str) else (v,)
+        attrs = replace(base, **{attribute: v})
+        text = compose_prompt(attrs, prefix) if tokenizer is None else fit_prompt(attrs, tokenizer, prefix)[0]
+        out.append((v, text))
+    return out
+
+
+@torch.no_grad()
+def generate(model: SDComponents, prompts: Sequence[str], num_steps: int, guidance_scale: float, seed: int = 0,
+             same_noise: bool = True) -> torch.Tensor:
+    """Images ``(B, 3, H, W)`` in [0, 1]; ``same_noise``: one z_T for every prompt (a customisation row)."""
+    g = torch.Generator().manual_seed(seed)
+    side = int(model.unet.config.sample_size)
+    ch = model.unet.config.in_channels
+    z = initial_latents(1, ch, side, g, model.device).expand(len(prompts), -1, -1, -1).clone() if same_noise else \
+        initial_latents(len(prompts), ch, side, g, model.device)
+    res = sample(model.unet, model.scheduler("ddim"), z, model.encode_prompt(list(prompts)), model.encode_prompt([""]),
+                 num_steps=num_steps, guidance_scale=guidance_scale, generator=g, progress=False)
+    return ((model.decode_latents(res.latents).float().clamp(-1, 1) + 1) / 2).cpu()
+
+
+def customise(model: SDComponents, base: DermAttributes, attribute: str, values: Sequence[Any] | None = None,
+              num_steps: int = 50, guidance_scale: float = 7.5, seed: int = 0) -> tuple[list[Any], list[str], torch.Tensor]:
+    """One row of Fig. 4.8: the values, their prompts and the images (same initial noise)."""
+    pairs = customisation_prompts(base, attribute, values, model.tokenizer)
+    prompts = [p for _, p in pairs]
+    return [v for v, _ in pairs], prompts, generate(model, prompts, num_steps, guidance_scale, seed)
+
+
+def box_guided_generate(model: SDComponents, prompts: Sequence[str], boxes: Sequence[Sequence[float]], num_steps: int,
+                        guidance_scale: float, eta: float, guidance_fraction: float, cross_res: int,
+                        lesion_token: str = "<lesion>", seed: int = 0, topk_frac: float = 0.8, corner_width: int = 2,
+                        smoothing: Mapping[str, Any] | None = None) -> tuple[torch.Tensor, list[dict[str, float]]]:
+    """Fig. 4.9: images whose lesion follows boxes ``(x0, y0, x1, y1)`` (image fractions), one box per prompt.
+
+    Returns images ``(B, 3, H, W)`` in [0, 1] and the guidance loss history (``ib``, ``ob``, ``cc``)."""
+    if len(prompts) != len(boxes):
+        raise ValueError("give one box per prompt")
+    ids = model.tokenize(list(prompts))
+    tid = model.tokenizer.convert_tokens_to_ids(lesion_token)
+    eos = model.tokenizer.eos_token_id
+    rows = ids.tolist()
+    if any(tid not in r for r in rows):
+        raise ValueError(f"every prompt must contain {lesion_token!r}")
+    pos = {r.index(tid) for r in rows}
+    if len(pos) != 1:
+        raise ValueError(f"{lesion_token!r} must sit at the same position in every prompt")
+    lasts = tuple(r.index(eos, 1) if eos in r[1:] else len(r) - 1 for r in rows)
+    sm = dict(smoothing or {})
+    guide = BoxGuidance(mask=box_masks(boxes, cross_res), token_index=pos.pop(), last=max(lasts), cross_res=cross_res,
+                        self_res=0, eta=eta, lasts=lasts, topk_frac=topk_frac, corner_width=corner_width,
+                        smoothing_kernel=int(sm.get("kernel", 3)), smoothing_sigma=float(sm.get("sigma", 0.5)),
+                        softmax_scale=float(sm.get("softmax_scale", 100.0)))
+    g = torch.Generator().manual_seed(seed)
+    side = int(model.unet.config.sample_size)
+    with torch.no_grad():
+        cond, uncond = model.encode_ids(ids), model.encode_prompt([""])
+    z = initial_latents(len(prompts), model.unet.config.in_channels, side, g, model.device, cond.dtype)
+    res = sample(model.unet, model.scheduler("ddim"), z, cond, uncond, num_steps=num_steps, guidance_scale=guidance_scale,
+                 refine=guide, refine_fraction=guidance_fraction, generator=g, progress=False)
+    with torch.no_grad():
+        images = ((model.decode_latents(res.latents).float().clamp(-1, 1) + 1) / 2).cpu()
+    return images, guide.history
+
+
+def edit_real_image(model: SDComponents, image: np.ndarray, prompt: str, edited_prompts: Sequence[str], num_steps: int,
+                    guidance_scale: float = 7.5, inner_steps: int = 10) -> tuple[torch.Tensor, NullTextInversion]:
+    """Fig. 4.10: a real image ``(H, W, 3)`` uint8 at the model's resolution, edited by prompt after
+    Null-text inversion. Returns ``(1 + E, 3, H, W)`` in [0, 1] (reconstruction, then the edits)."""
+    x = torch.from_numpy(np.ascontiguousarray(image)).float().permute(2, 0, 1)[None] / 255.0 * 2 - 1
+    return edit_image(model, x.to(model.device), prompt, edited_prompts, num_steps, guidance_scale, inner_steps)
+
+
+__all__ = ["CUSTOMISABLE", "customisation_prompts", "generate", "customise", "box_guided_generate", "edit_real_image"]

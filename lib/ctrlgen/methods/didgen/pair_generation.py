@@ -1,0 +1,406 @@
+"""Training-free lesion–mask pair generation (thesis §4.3.4, Eq. 4.7–4.11).
+
+Given a conditioning mask M (a real training mask, optionally flipped/rotated/scaled) and a prompt
+``"An image of <lesion> on <skin>, ..."``, sample from the region-aware model with layout guidance
+
+    ẑ_t ← z_t − η ∇_{z_t} (L_CA + L_SA)                                             (Eq. 4.10)
+
+on the first ``guidance_fraction`` of the DDIM steps (thesis: 50%, η = 20), where L_CA (Eq. 4.7) is
+computed on the Attend-and-Excite softmax over text tokens of the ``<lesion>`` cross-attention map,
+Gaussian-smoothed, and L_SA (Eq. 4.8–4.9) on the self-attention maps — both from
+``ctrlgen.guidance`` through ``ctrlgen.sampling.sample``. Then annotate the generated lesion from the
+maps of the **final** denoising step (t̂ = 0):
+
+    A_CS = (A_S)^τ · A_C,  M̂ = Otsu(A_CS), then dilation followed by erosion        (Eq. 4.11)
+
+with τ = 4 (matrix power, as in Dataset Diffusion, ``ctrlgen.attention.cross_self_map``), A_C the
+raw ``<lesion>`` map resized to the self-attention side, and A_CS upsampled (bilinear) to the image
+side before Otsu (``ctrlgen.attention.otsu_mask``). The τ = 0 annotation Otsu(A_C) is always
+computed beside it (NOTES-mini-feasibility.md: in a from-scratch mini model A_S is near uniform and
+τ > 0 blurs the mask).
+
+Bad input and degenerate maps — never a silent empty mask:
+* a conditioning mask that is all zero or all one (L_CA divides by Σ M and Σ (1 − M)), of the wrong
+  size, or not 2-D per sample raises ``ValueError`` (``validate_condition_masks``);
+* an annotation map that is constant (Otsu has no threshold), or an Otsu mask that comes out empty
+  or full, is a *failure*: the τ annotation falls back to the τ = 0 annotation (counted in
+  ``PairResult.fallback``); if that fails too the pair is marked invalid (``PairResult.ok`` False,
+  reason in ``PairResult.failure``) and ``PairResult.valid()`` leaves it out. ``counts()`` reports all.
+"""
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import numpy as np
+import torch
+
+from ctrlgen.attention import AttentionCapture, AttentionStore, cross_self_map, gaussian_smooth, otsu_mask, resize_maps
+from ctrlgen.attention.maps import text_token_softmax
+from ctrlgen.guidance import LayoutGuidance, cross_attention_layout_loss, self_attention_layout_loss
+from ctrlgen.models import PlaceholderTokens
+from ctrlgen.models.sd import SDComponents
+from ctrlgen.sampling import initial_latents, predict_noise, sample
+
+CONSTANT_EPS = 1e-8
+
+
+# ================================================================================================ masks in
+def validate_condition_masks(masks: np.ndarray | torch.Tensor, size: int | tuple[int, int]) -> torch.Tensor:
+    """Conditioning masks as a float tensor ``(B, H, W)`` in {0, 1}; ValueError for unusable ones.
+
+    Refused: not ``(H, W)`` or ``(B, H, W)`` (or ``(B, 1, H, W)``); a side other than ``size`` (the
+    image side — resize real masks with ``condition_masks_from`` first); values outside [0, 1];
+    an all-zero or all-one mask (Eq. 4.7 is undefined, nothing to lay out). The message names the
+    offending sample indices.
+    """
+    m = torch.as_tensor(np.asarray(masks) if not isinstance(masks, torch.Tensor) else masks).float()
+    if m.ndim == 2:
+        m = m[None]
+    if m.ndim == 4 and m.shape[1] == 1:
+        m = m[:, 0]
+    if m.ndim != 3:
+        raise ValueError(f"conditioning masks must be (B, H, W), got shape {tuple(m.shape)}")
+    hw = (size, size) if isinstance(size, int) else tuple(size)
+    if tuple(m.shape[-2:]) != hw:
+        raise ValueError(f"conditioning masks are {tuple(m.shape[-2:])}, the model generates {hw}: resize them "
+                         "(nearest neighbour) with condition_masks_from(..., size=) first")
+    if m.numel() and (m.min() < 0 or m.max() > 1):
+        raise ValueError("conditioning mask values must lie in [0, 1]")
+    area = m.flatten(1).mean(1)
+    empty = torch.nonzero(area == 0).flatten().tolist()
+    full = torch.nonzero(area == 1).flatten().tolist()
+    if empty or full:
+        raise ValueError(f"conditioning masks without a lesion (all zero: {empty}) or without skin (all one: {full}); "
+                         "L_CA (Eq. 4.7) needs both regions")
+    return (m > 0.5).float()
+
+
+def augment_masks(masks: np.ndarray, rng: np.random.Generator, flip: bool = True, rotate: bool = True,
+                  scale: tuple[float, float] = (0.8, 1.2), max_tries: int = 10) -> tuple[np.ndarray, int]:
+    """Random geometric augmentation of boolean masks ``(N, H, W)``: flips, rotation (any angle) and
+    isotropic scaling about the centre (scikit-image, nearest neighbour).
+
+    An augmented mask that loses its lesion, fills the image, or touches more of the border than the
+    original is redrawn (up to ``max_tries``; then the original is kept). Returns the masks and how
+    many were kept un-augmented for that reason.
+    """
+    from skimage.transform import AffineTransform, warp
+
+    masks = np.asarray(masks, bool)
+    out = np.empty_like(masks)
+    kept = 0
+    for i, m in enumerate(masks):
+        h, w = m.shape
+        border0 = m[0].sum() + m[-1].sum() + m[:, 0].sum() + m[:, -1].sum()
+        for _ in range(max_tries):
+            x = m
+            if flip and rng.uniform() < 0.5:
+                x = x[:, ::-1]
+            if flip and rng.uniform() < 0.5:
+                x = x[::-1]
+            angle = np.radians(rng.uniform(0, 360)) if rotate else 0.0
+            s = rng.uniform(*scale) if scale else 1.0
+            centre = np.array([w / 2 - 0.5, h / 2 - 0.5])
+            tf = (AffineTransform(translation=-centre) + AffineTransform(rotation=angle, scale=s)
+                  + AffineTransform(translation=centre))
+            y = warp(x.astype(np.float32), tf.inverse, order=0, preserve_range=True) > 0.5
+            border = y[0].sum() + y[-1].sum() + y[:, 0].sum() + y[:, -1].sum()
+            if 0 < y.mean() < 1 and border <= border0:
+                out[i] = y
+                break
+        else:
+            out[i] = m
+            kept += 1
+    return out, kept
+
+
+def condition_masks_from(masks: np.ndarray, n: int, size: int, seed: int = 0, augment: bool = True,
+                         scale: tuple[float, float] = (0.8, 1.2)) -> tuple[np.ndarray, np.ndarray, dict[str, int]]:
+    """``n`` conditioning masks drawn (with replacement once all are used) from real training masks.
+
+    Masks are resized to ``size`` (nearest neighbour), masks that are empty or full at that size are
+    skipped (counted), then optionally augmented. Returns masks ``(n, size, size)`` bool, the index of
+    the source mask of each, and counts ``{"skipped_unusable", "kept_unaugmented"}``.
+    """
+    from skimage.transform import resize
+
+    rng = np.random.default_rng(seed)
+    src = np.asarray(masks, bool)
+    if src.shape[-1] != size:
+        src = np.stack([resize(m.astype(np.float32), (size, size), order=0, anti_aliasing=False) > 0.5 for m in src])
+    area = src.reshape(len(src), -1).mean(1)
+    usable = np.flatnonzero((area > 0) & (area < 1))
+    if len(usable) == 0:
+        raise ValueError("no usable conditioning mask: every training mask is empty or full at this size")
+    order = np.concatenate([rng.permutation(usable) for _ in range(int(np.ceil(n / len(usable))))])[:n]
+    out = src[order]
+    kept = 0
+    if augment:
+        out, kept = augment_masks(out, rng, scale=scale)
+    return out, order, {"skipped_unusable": int(len(src) - len(usable)), "kept_unaugmented": int(kept)}
+
+
+# ================================================================================================ annotation
+def _annotate_one(a: torch.Tensor, dilate: int, erode: int) -> tuple[torch.Tensor, str]:
+    if float(a.max() - a.min()) <= CONSTANT_EPS * max(1.0, float(a.abs().max())):
+        return torch.zeros(a.shape, dtype=torch.bool), "constant map"
+    m = otsu_mask(a, dilate, erode)
+    frac = float(m.float().mean())
+    if frac == 0.0:
+        return m, "empty mask"
+    if frac == 1.0:
+        return m, "full mask"
+    return m, ""
+
+
+def annotate_masks(cross: torch.Tensor, self_attn: torch.Tensor | None, size: int, tau: int = 4, dilate: int = 1,
+                   erode: int = 1, power: Literal["matrix", "elementwise"] = "matrix") -> dict[str, Any]:
+    """Eq. (4.11) for a batch, with the τ = 0 annotation beside it and the fallback rule of the module doc.
+
+    Args:
+        cross: raw ``<lesion>`` cross-attention maps ``(B, h, w)`` of the final step.
+        self_attn: self-attention ``(B, N, N)`` of the final step (None: only τ = 0).
+        size: image side the masks are produced at.
+    Returns ``{"mask", "mask_tau0", "ok", "fallback", "failure", "failure_tau", "a_cs"}``: ``mask``
+    is the τ annotation or its τ = 0 fallback, ``ok`` False where both failed.
+    """
+    cross = cross.detach().float()
+    b = cross.shape[0]
+    if self_attn is not None and tau > 0:
+        side = int(round(self_attn.shape[-1] ** 0.5))
+        a_c = resize_maps(cross, side) if cross.shape[-1] != side else cross
+        a_cs = cross_self_map(a_c, self_attn.detach().float(), tau, power)
+    else:
+        a_cs = cross
+    up = lambda x: resize_maps(x, size) if x.shape[-1] != size else x  # noqa: E731
+    a_cs_img, a_c_img = up(a_cs), up(cross)
+    masks, masks0, ok, fallback, failure, failure_tau = [], [], [], [], [], []
+    for i in range(b):
+        m0, why0 = _annotate_one(a_c_img[i], dilate, erode)
+        if self_attn is not None and tau > 0:
+            m, why = _annotate_one(a_cs_img[i], dilate, erode)
+        else:
+            m, why = m0, why0
+        fb = bool(why) and not why0
+        if fb:
+            m = m0
+        masks.append(m.cpu())
+        masks0.append(m0.cpu())
+        ok.append(not why or fb)
+        fallback.append(fb)
+        failure.append("" if (not why or fb) else why)
+        failure_tau.append(why)
+    return {"mask": torch.stack(masks), "mask_tau0": torch.stack(masks0), "ok": torch.tensor(ok),
+            "fallback": torch.tensor(fallback), "failure": failure, "failure_tau": failure_tau, "a_cs": a_cs_img.cpu()}
+
+
+# ================================================================================================ guidance
+@dataclass
+class PromptLayoutGuidance(LayoutGuidance):
+    """``LayoutGuidance`` for a batch whose prompts differ in length (one end position per sample) and
+    with switchable terms for the ablations of §4.4.5 (``use_ca=False``: no cross-attention guidance;
+    ``self_res=0``: no L_SA). L_CA is Eq. (4.7) on ``gaussian_smooth(text_token_softmax(A_C))[<lesion>]``."""
+
+    lasts: tuple[int, ...] = ()
+    use_ca: bool = True
+
+    def losses(self, store: AttentionStore, latents: torch.Tensor, t: int) -> dict[str, torch.Tensor]:
+        out: dict[str, torch.Tensor] = {}
+        cross_all = store.cross(self.cross_res)
+        lasts = self.lasts or (self.last,) * cross_all.shape[0]
+        cross = torch.stack([text_token_softmax(cross_all[i], lasts[i], self.softmax_scale)[..., self.token_index]
+                             for i in range(cross_all.shape[0])])
+        cross = gaussian_smooth(cross, self.smoothing_kernel, self.smoothing_sigma)
+        ca = cross_attention_layout_loss(cross, self._mask_at(self.cross_res, cross))
+        out["ca"] = ca if self.use_ca else ca.detach()
+        if self.self_res:
+            sa = store.self_attention(self.self_res)
+            out["sa"] = self_attention_layout_loss(sa, self._mask_at(self.self_res, sa), self.sa_normalize)
+        return out
+
+    def total(self, terms: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        ca = terms["ca"] if self.use_ca else terms["ca"] * 0
+        sa = terms.get("sa")
+        total = ca + (sa if sa is not None else 0.0)
+        if not total.requires_grad:  # nothing to guide with: a zero that still has a graph to z
+            raise ValueError("layout guidance with neither L_CA nor L_SA: use guidance=False instead")
+        return self.lambda_attn * total
+
+
+# ================================================================================================ generator
+@dataclass(frozen=True)
+class PairConfig:
+    """Pair-generation settings (full profile: §4.3.4 — η = 20, first 50% of 50 DDIM steps, τ = 4)."""
+
+    num_steps: int = 50
+    guidance_scale: float = 7.5
+    eta: float = 20.0
+    guidance_fraction: float = 0.5
+    cross_res: int = 16
+    self_res: int = 32
+    tau: int = 4
+    dilate: int = 1
+    erode: int = 1
+    smoothing_kernel: int = 3
+    smoothing_sigma: float = 0.5
+    softmax_scale: float = 100.0
+    iterations: int = 1
+    use_ca: bool = True
+    use_sa: bool = True
+    guidance: bool = True  # False: plain sampling (the "unguided" rows), still annotated
+    sa_normalize: Literal["background", "queries"] = "background"
+
+    @classmethod
+    def from_profile(cls, cfg: Mapping[str, Any], **overrides: Any) -> "PairConfig":
+        p = cfg["didgen"]["pairs"]
+        kw = dict(num_steps=int(p["num_steps"]), guidance_scale=float(p["guidance_scale"]), eta=float(p["eta"]),
+                  guidance_fraction=float(p["guidance_fraction"]), cross_res=int(cfg["attention"]["cross_res"][0]),
+                  self_res=int(cfg["attention"]["self_res"][0]), tau=int(p["tau"]), dilate=int(p["dilate"]),
+                  erode=int(p["erode"]), smoothing_kernel=int(cfg["attention"]["smoothing_kernel"]),
+                  smoothing_sigma=float(cfg["attention"]["smoothing_sigma"]),
+                  softmax_scale=float(cfg["attention"]["text_softmax_scale"]))
+        kw.update(overrides)
+        return cls(**kw)
+
+
+@dataclass
+class PairResult:
+    """A batch of generated pairs. Images ``(B, 3, H, W)`` in [0, 1]; masks ``(B, H, W)`` bool."""
+
+    images: torch.Tensor
+    masks: torch.Tensor           # Eq. (4.11) annotation with τ, or its τ = 0 fallback
+    masks_tau0: torch.Tensor      # Otsu(A_C), always reported (NOTES)
+    cond_masks: torch.Tensor
+    ok: torch.Tensor              # False: no usable annotation (left out by valid())
+    fallback: torch.Tensor        # True: the τ annotation failed and the τ = 0 one is used
+    failure: list[str]
+    failure_tau: list[str]
+    prompts: list[str]
+    cross_maps: torch.Tensor      # raw <lesion> maps of the last step (B, h, w)
+    a_cs: torch.Tensor            # processed map A_CS at image side (B, H, W)
+    history: list[dict[str, float]] = field(default_factory=list)
+
+    def valid(self) -> "PairResult":
+        """Only the pairs with a usable annotation."""
+        k = self.ok
+        idx = torch.nonzero(k).flatten().tolist()
+        pick = lambda x: x[k]  # noqa: E731
+        return PairResult(pick(self.images), pick(self.masks), pick(self.masks_tau0), pick(self.cond_masks), pick(self.ok),
+                          pick(self.fallback), [self.failure[i] for i in idx], [self.failure_tau[i] for i in idx],
+                          [self.prompts[i] for i in idx], pick(self.cross_maps), pick(self.a_cs), self.history)
+
+    def counts(self) -> dict[str, int]:
+        """How many pairs, how many τ annotations failed (and why), fell back to τ = 0, or were dropped."""
+        out = {"pairs": int(len(self.ok)), "ok": int(self.ok.sum()), "fallback_tau0": int(self.fallback.sum()),
+               "dropped": int((~self.ok).sum())}
+        for why in set(self.failure_tau) - {""}:
+            out[f"tau_failed: {why}"] = self.failure_tau.count(why)
+        for why in set(self.failure) - {""}:
+            out[f"dropped: {why}"] = self.failure.count(why)
+        return out
+
+    @staticmethod
+    def concat(parts: Sequence["PairResult"]) -> "PairResult":
+        cat = lambda name: torch.cat([getattr(p, name) for p in parts])  # noqa: E731
+        flat = lambda name: [x for p in parts for x in getattr(p, name)]  # noqa: E731
+        return PairResult(cat("images"), cat("masks"), cat("masks_tau0"), cat("cond_masks"), cat("ok"), cat("fallback"),
+                          flat("failure"), flat("failure_tau"), flat("prompts"), cat("cross_maps"), cat("a_cs"),
+                          flat("history"))
+
+
+class PairGenerator:
+    """Batched lesion–mask pair generation with a region-aware model (§4.3.4).
+
+    ``model`` holds the P-Tokens (``setup_placeholders``); every prompt must contain ``<lesion>`` at
+    the same position (the prefix guarantees it).
+    """
+
+    def __init__(self, model: SDComponents, config: PairConfig, tokens: PlaceholderTokens | None = None,
+                 lesion_token: str = "<lesion>"):
+        self.model, self.config = model, config
+        self.lesion_id = int(model.tokenizer.convert_tokens_to_ids(lesion_token)) if tokens is None else tokens.id_of(lesion_token)
+        self.lesion_token = lesion_token
+        self.image_size = int(model.unet.config.sample_size) * model.vae_scale_factor
+
+    def _positions(self, ids: torch.Tensor) -> tuple[int, tuple[int, ...]]:
+        pos, lasts = set(), []
+        eos = self.model.tokenizer.eos_token_id
+        for row in ids.tolist():
+            if self.lesion_id not in row:
+                raise ValueError(f"a prompt lacks {self.lesion_token!r}: {self.model.tokenizer.decode(row)!r}")
+            pos.add(row.index(self.lesion_id))
+            lasts.append(row.index(eos, 1) if eos in row[1:] else len(row) - 1)
+        if len(pos) != 1:
+            raise ValueError(f"{self.lesion_token!r} sits at different positions {sorted(pos)}: use one prefix for the batch")
+        return pos.pop(), tuple(lasts)
+
+    def generate(self, cond_masks: np.ndarray | torch.Tensor, prompts: Sequence[str], seed: int = 0,
+                 batch_size: int = 16, progress: bool = False) -> PairResult:
+        """Generate one pair per conditioning mask (``prompts``: one per mask, or one for all)."""
+        masks = validate_condition_masks(cond_masks, self.image_size)
+        prompts = list(prompts) if not isinstance(prompts, str) else [prompts]
+        if len(prompts) == 1:
+            prompts = prompts * len(masks)
+        if len(prompts) != len(masks):
+            raise ValueError(f"{len(prompts)} prompts for {len(masks)} masks")
+        g = torch.Generator().manual_seed(seed)
+        parts = [self._batch(masks[i:i + batch_size], prompts[i:i + batch_size], g, progress)
+                 for i in range(0, len(masks), batch_size)]
+        return PairResult.concat(parts)
+
+    def _batch(self, masks: torch.Tensor, prompts: list[str], g: torch.Generator, progress: bool) -> PairResult:
+        c, model = self.config, self.model
+        dev = model.device
+        ids = model.tokenize(prompts)
+        pos, lasts = self._positions(ids)
+        with torch.no_grad():
+            cond = model.encode_ids(ids)
+            uncond = model.encode_prompt([""])
+        latent_side = int(model.unet.config.sample_size)
+        z = initial_latents(len(prompts), model.unet.config.in_channels, latent_side, g, dev, cond.dtype)
+        refiner = None
+        if c.guidance:
+            refiner = PromptLayoutGuidance(mask=masks.to(dev), token_index=pos, last=max(lasts), cross_res=c.cross_res,
+                                           self_res=c.self_res if c.use_sa else 0, eta=c.eta, iterations=c.iterations,
+                                           smoothing_kernel=c.smoothing_kernel, smoothing_sigma=c.smoothing_sigma,
+                                           softmax_scale=c.softmax_scale, sa_normalize=c.sa_normalize, lasts=lasts,
+                                           use_ca=c.use_ca)
+        kept: dict[str, Any] = {}
+        sched = model.scheduler("ddim")
+
+        def keep_last_input(i: int, t: int, latents: torch.Tensor) -> None:
+            if i == c.num_steps - 2:
+                kept["z"] = latents.detach().clone()
+
+        out = sample(model.unet, sched, z, cond, uncond, num_steps=c.num_steps, guidance_scale=c.guidance_scale,
+                     refine=refiner, refine_fraction=c.guidance_fraction, generator=g, callback=keep_last_input,
+                     progress=progress)
+        # maps of the final step t̂: the conditional half of that step's U-Net call, recomputed with capture
+        z_last = kept.get("z", z * sched.init_noise_sigma)
+        t_last = out.timesteps[-1]
+        self_res = [c.self_res] if c.tau > 0 else []
+        with torch.no_grad(), AttentionCapture(model.unet, cross_res=[c.cross_res], self_res=self_res,
+                                               latent_size=latent_side) as store:
+            predict_noise(model.unet, sched.scale_model_input(z_last, t_last), t_last, cond, store=store)
+            cross = store.cross(c.cross_res)[..., pos]
+            sa = store.self_attention(c.self_res) if self_res else None
+        ann = annotate_masks(cross, sa, self.image_size, c.tau, c.dilate, c.erode)
+        with torch.no_grad():
+            images = ((model.decode_latents(out.latents).float().clamp(-1, 1) + 1) / 2).cpu()
+        return PairResult(images, ann["mask"], ann["mask_tau0"], masks.bool().cpu(), ann["ok"], ann["fallback"],
+                          ann["failure"], ann["failure_tau"], prompts, cross.cpu(), ann["a_cs"],
+                          list(refiner.history) if refiner is not None else [])
+
+
+def mask_iou(a: torch.Tensor | np.ndarray, b: torch.Tensor | np.ndarray) -> np.ndarray:
+    """Per-pair IoU of boolean masks ``(B, H, W)`` (1 where both are empty)."""
+    a, b = np.asarray(a, bool), np.asarray(b, bool)
+    inter = (a & b).reshape(len(a), -1).sum(1)
+    union = (a | b).reshape(len(a), -1).sum(1)
+    return np.where(union > 0, inter / np.maximum(union, 1), 1.0)
+
+
+__all__ = ["validate_condition_masks", "augment_masks", "condition_masks_from", "annotate_masks",
+           "PromptLayoutGuidance", "PairConfig", "PairResult", "PairGenerator", "mask_iou"]

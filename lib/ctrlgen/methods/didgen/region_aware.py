@@ -1,0 +1,169 @@
+"""Region-aware finetuning of SD (thesis §4.3.3, Eq. 4.3–4.6).
+
+Prompt: ``"An image of <lesion> on <skin>"`` + DermPrompt. ``<lesion>`` and ``<skin>`` are
+placeholder tokens (P-Tokens) added to the vocabulary, initialised from the embeddings of "lesion"
+and "skin" and **frozen** (the text encoder is not trained at all). The U-Net is finetuned on
+
+    L = L_rec + α · L_attn,   L_attn = ½ Σ_{i∈{l,s}} ‖A_C(v_i, z_t) − M_i‖²          (Eq. 4.5, 4.6)
+
+with ``M_l`` the lesion mask, ``M_s = 1 − M_l``, and ``A_C`` the head- and layer-mean cross-attention
+maps of the P-Tokens at the sides ``attention.train_cross_res`` of the profile (16x16 in the full
+profile as in the thesis; the mini profile uses every cross-attention side, 16 and 8, each map
+layer-averaged per side and the loss averaged over sides). Masks are area-pooled to each side.
+
+Normalisation (it sets the meaning of α): ‖·‖² is a **mean over pixels**, not a sum
+(``ctrlgen.training.losses.attention_alignment_loss``), so L_attn is in [0, 1] whatever the map
+side; the ½ Σ over the two tokens is their mean. NOTES-mini-feasibility.md measured that a pixel
+sum swamps L_rec at α = 0.1 on a 16x16 latent. L_rec is the mean squared error over latent
+channels and pixels (Eq. 4.3). The thesis does not say which normalisation it used.
+
+The loop is ``ctrlgen.training.train_diffusion`` with ``AttentionAlignmentTerm(weight=α)``.
+"""
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from ctrlgen.models import PlaceholderTokens, add_placeholder_tokens
+from ctrlgen.models.sd import SDComponents
+from ctrlgen.training import AttentionAlignmentTerm, TrainConfig, TrainResult, select_trainable, train_diffusion
+
+PLACEHOLDERS = ("<lesion>", "<skin>")
+INIT_WORDS = ("lesion", "skin")
+
+
+def setup_placeholders(model: SDComponents, tokens: Sequence[str] = PLACEHOLDERS, init_words: Sequence[str] = INIT_WORDS,
+                       keep_existing: bool = True) -> PlaceholderTokens:
+    """Add the P-Tokens (frozen) to ``model``'s tokenizer and text encoder, initialised from ``init_words``.
+
+    ``keep_existing``: a token the tokenizer already has (the mini base models are pretrained with
+    ``<lesion>``/``<skin>`` as words of their own) keeps its trained embedding instead of being
+    re-initialised — re-initialising would throw away what pretraining learned for it. A new token
+    is always initialised from its word (``ctrlgen.models.add_placeholder_tokens``).
+    """
+    vocab = model.tokenizer.get_vocab()
+    new = [(t, w) for t, w in zip(tokens, init_words) if not (keep_existing and t in vocab)]
+    if new:
+        add_placeholder_tokens(model.tokenizer, model.text_encoder, [t for t, _ in new], [w for _, w in new], trainable=False)
+    ids = tuple(int(model.tokenizer.convert_tokens_to_ids(t)) for t in tokens)
+    return PlaceholderTokens(tuple(tokens), ids, tuple(init_words), trainable=False)
+
+
+def token_indices(model: SDComponents, input_ids: torch.Tensor, tokens: PlaceholderTokens) -> torch.Tensor:
+    """``(B, K)`` first position of each P-Token in each tokenised prompt; ValueError if one is missing."""
+    out = torch.zeros(input_ids.shape[0], len(tokens.ids), dtype=torch.long)
+    for b, row in enumerate(input_ids.tolist()):
+        for k, tid in enumerate(tokens.ids):
+            if tid not in row:
+                raise ValueError(f"prompt {b} lacks {tokens.tokens[k]!r} after tokenisation (truncated?): "
+                                 f"{model.tokenizer.decode(row)!r}")
+            out[b, k] = row.index(tid)
+    return out
+
+
+def _to_pixels(images: np.ndarray) -> torch.Tensor:
+    x = torch.from_numpy(np.ascontiguousarray(images)).float()
+    if x.ndim == 3:
+        x = x[None]
+    if x.shape[-1] == 3:
+        x = x.permute(0, 3, 1, 2)
+    if images.dtype == np.uint8:
+        x = x / 255.0
+    return x * 2 - 1
+
+
+def region_aware_batches(model: SDComponents, images: np.ndarray, masks: np.ndarray, prompts: Sequence[str],
+                         tokens: PlaceholderTokens, batch_size: int, seed: int = 0, latents: torch.Tensor | None = None,
+                         hflip: bool = True) -> Iterator[dict[str, Any]]:
+    """Endless shuffled batches for ``train_diffusion``: pixels (or precomputed ``latents``), ids, P-Token
+    positions and their masks ``[M_l, 1 − M_l]`` (Eq. 4.5). ``hflip`` flips image and mask together."""
+    n = len(images)
+    if not (len(masks) == len(prompts) == n):
+        raise ValueError("images, masks and prompts must have the same length")
+    ids = model.tokenize(list(prompts))
+    pos = token_indices(model, ids, tokens)
+    m = torch.from_numpy(np.asarray(masks, bool)).float()[:, None]
+    pix = _to_pixels(np.asarray(images)) if latents is None else None
+    rng = np.random.default_rng(seed)
+    while True:
+        order = rng.permutation(n)
+        for start in range(0, n - batch_size + 1 if n >= batch_size else 1, batch_size):
+            idx = torch.as_tensor(order[start:start + batch_size])
+            mask = m[idx]
+            batch = {"input_ids": ids[idx], "token_indices": pos[idx]}
+            if latents is None:
+                x = pix[idx]
+                if hflip:
+                    flip = torch.as_tensor(rng.uniform(size=len(idx)) < 0.5)
+                    x = torch.where(flip[:, None, None, None], x.flip(-1), x)
+                    mask = torch.where(flip[:, None, None, None], mask.flip(-1), mask)
+                batch["pixel_values"] = x
+            else:
+                batch["latents"] = latents[idx]
+            batch["mask"] = mask
+            batch["token_masks"] = torch.cat([mask, 1 - mask], 1)
+            yield batch
+
+
+@dataclass(frozen=True)
+class RegionAwareConfig:
+    """Finetuning settings (full profile: §4.7.2 — 20k steps, batch 4, lr 1e-5, AdamW (0.9, 0.999), wd 1e-2; α = 0.1)."""
+
+    steps: int
+    batch_size: int
+    lr: float = 1e-5
+    weight_decay: float = 1e-2
+    alpha: float = 0.1
+    cross_res: tuple[int, ...] = (16,)
+    warmup_steps: int = 0
+    precompute_latents: bool = False  # encode every image once (distribution mean) instead of sampling each step
+    seed: int = 0
+
+    @classmethod
+    def from_profile(cls, cfg: Mapping[str, Any], **overrides: Any) -> "RegionAwareConfig":
+        f = cfg["didgen"]["finetune"]
+        kw = dict(steps=int(f["steps"]), batch_size=int(f["batch_size"]), lr=float(f["lr"]),
+                  weight_decay=float(f["weight_decay"]), alpha=float(f["alpha"]),
+                  cross_res=tuple(int(r) for r in cfg["attention"]["train_cross_res"]),
+                  warmup_steps=int(f["warmup_steps"]), precompute_latents=bool(f["precompute_latents"]),
+                  seed=int(cfg["seed"]))
+        kw.update(overrides)
+        return cls(**kw)
+
+
+@torch.no_grad()
+def encode_dataset(model: SDComponents, images: np.ndarray, batch_size: int = 32) -> torch.Tensor:
+    """Latents (distribution means) of a uint8 image array ``(N, H, W, 3)``."""
+    out = [model.encode_images(_to_pixels(np.asarray(images[i:i + batch_size])).to(model.device)).cpu()
+           for i in range(0, len(images), batch_size)]
+    return torch.cat(out)
+
+
+def region_aware_finetune(model: SDComponents, images: np.ndarray, masks: np.ndarray, prompts: Sequence[str],
+                          config: RegionAwareConfig, output_dir: str = "", train_config: Mapping[str, Any] | None = None,
+                          tokens: PlaceholderTokens | None = None, progress: bool = True) -> tuple[TrainResult, PlaceholderTokens]:
+    """Finetune the whole U-Net of ``model`` in place with L_rec + α L_attn (α = 0: plain finetuning, the ablation).
+
+    ``prompts`` must contain both P-Tokens (build them with ``compose_prompt``). ``train_config``
+    passes extra ``TrainConfig`` fields (mixed precision, checkpointing). Returns the training result
+    (per-step ``loss``, ``rec``, ``attn``) and the P-Tokens.
+    """
+    tokens = tokens or setup_placeholders(model)
+    lat = encode_dataset(model, images) if config.precompute_latents else None
+    data = region_aware_batches(model, images, masks, prompts, tokens, config.batch_size, config.seed, lat)
+    trainable = select_trainable(model.unet, model.text_encoder, mode="full", weight_decay=config.weight_decay)
+    terms = [AttentionAlignmentTerm(weight=config.alpha)] if config.alpha > 0 else []
+    tc = TrainConfig(steps=config.steps, lr=config.lr, weight_decay=config.weight_decay, warmup_steps=config.warmup_steps,
+                     cross_res=config.cross_res, output_dir=output_dir, seed=config.seed, progress=progress,
+                     **dict(train_config or {}))
+    result = train_diffusion(model, data, tc, trainable, terms)
+    model.unet.requires_grad_(False)
+    return result, tokens
+
+
+__all__ = ["PLACEHOLDERS", "INIT_WORDS", "setup_placeholders", "token_indices", "region_aware_batches",
+           "RegionAwareConfig", "encode_dataset", "region_aware_finetune"]

@@ -1,0 +1,94 @@
+"""Lesion–mask pair generation (§4.3.4): bad conditioning masks, Eq. (4.11) annotation against
+scikit-image's Otsu, fallbacks counted, and a batched run on a tiny random model."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from skimage.filters import threshold_otsu
+
+from ctrlgen.config import load_profile
+from ctrlgen.methods.didgen.pair_generation import (
+    PairConfig,
+    PairGenerator,
+    annotate_masks,
+    augment_masks,
+    condition_masks_from,
+    validate_condition_masks,
+)
+from ctrlgen.methods.didgen.region_aware import setup_placeholders
+from ctrlgen.models import build_caption_tokenizer, build_mini_components
+
+
+def disk_mask(side=32, r=8, cy=16, cx=16):
+    yy, xx = np.mgrid[:side, :side]
+    return (yy - cy) ** 2 + (xx - cx) ** 2 < r * r
+
+
+def test_bad_conditioning_masks_raise_clear_errors():
+    good = disk_mask()
+    assert validate_condition_masks(good, 32).shape == (1, 32, 32)
+    with pytest.raises(ValueError, match=r"all zero: \[1\]"):
+        validate_condition_masks(np.stack([good, np.zeros_like(good)]), 32)
+    with pytest.raises(ValueError, match=r"all one: \[0\]"):
+        validate_condition_masks(np.ones((1, 32, 32)), 32)
+    with pytest.raises(ValueError, match="resize them"):
+        validate_condition_masks(disk_mask(64, 16, 32, 32), 32)
+
+
+def test_annotation_tau0_is_scikit_image_otsu_and_identity_self_attention_changes_nothing():
+    g = torch.Generator().manual_seed(0)
+    cross = torch.rand(2, 8, 8, generator=g)
+    cross[:, 2:6, 2:6] += 1.0
+    out = annotate_masks(cross, None, 8, tau=0, dilate=0, erode=0)
+    for i in range(2):
+        ref = cross[i].numpy() > threshold_otsu(cross[i].numpy(), nbins=256)
+        assert np.array_equal(out["mask"][i].numpy(), ref)
+    eye = torch.eye(64).expand(2, 64, 64)
+    out4 = annotate_masks(cross, eye, 8, tau=4, dilate=0, erode=0)
+    assert torch.equal(out4["mask"], out["mask"]) and not out4["fallback"].any() and out4["ok"].all()
+
+
+def test_uniform_self_attention_and_constant_maps_fall_back_or_drop_counted():
+    cross = torch.zeros(3, 8, 8)
+    cross[:2, 2:6, 2:6] = 1.0  # samples 0, 1 have a lesion map; sample 2 is constant
+    uniform = torch.full((3, 64, 64), 1 / 64)
+    out = annotate_masks(cross, uniform, 16, tau=4, dilate=1, erode=1)
+    # A_S uniform: A_CS is constant -> τ annotation fails, τ = 0 is used (counted); sample 2 fails both
+    assert out["fallback"].tolist() == [True, True, False] and out["ok"].tolist() == [True, True, False]
+    assert out["failure_tau"] == ["constant map"] * 3 and out["failure"] == ["", "", "constant map"]
+    assert out["mask"][0].any() and not out["mask"][0].all() and out["mask"].shape == (3, 16, 16)
+
+
+def test_augmentation_and_real_mask_sampling():
+    masks = np.stack([disk_mask(64, 10, 30, 30), disk_mask(64, 14, 34, 28), np.zeros((64, 64), bool)])
+    out, src, counts = condition_masks_from(masks, 5, size=32, seed=0, augment=True)
+    assert out.shape == (5, 32, 32) and counts["skipped_unusable"] == 1 and set(src) <= {0, 1}
+    assert all(0 < m.mean() < 1 for m in out)
+    aug, kept = augment_masks(masks[:2], np.random.default_rng(1), scale=(1.0, 1.0))
+    assert kept == 0 and np.allclose(aug.mean((1, 2)), masks[:2].mean((1, 2)), rtol=0.15)
+
+
+def test_batched_generation_on_a_tiny_model():
+    cfg = load_profile("smoke")
+    tok = build_caption_tokenizer(["an image of a small lesion on skin"], model_max_length=16)
+    model = build_mini_components(cfg, tok)
+    setup_placeholders(model)
+    pc = PairConfig.from_profile(cfg, num_steps=4)
+    assert (pc.eta, pc.tau, pc.cross_res, pc.self_res, pc.guidance_fraction) == (30.0, 4, 8, 8, 0.5)
+    gen = PairGenerator(model, pc)
+    masks = np.stack([disk_mask(), disk_mask(32, 6, 10, 20), disk_mask(32, 9, 20, 12)])
+    prompts = ["an image of <lesion> on <skin>", "an image of <lesion> on <skin>, a small lesion",
+               "an image of <lesion> on <skin>"]
+    res = gen.generate(masks, prompts, seed=0, batch_size=2)
+    assert res.images.shape == (3, 3, 32, 32) and res.masks.shape == res.masks_tau0.shape == (3, 32, 32)
+    assert torch.equal(res.cond_masks, torch.from_numpy(masks))
+    assert len(res.history) == 2 * 2 and all({"ca", "sa"} <= set(h) for h in res.history)  # 2 batches x 2 guided steps
+    c = res.counts()
+    assert c["pairs"] == 3 and c["ok"] + c["dropped"] == 3
+    v = res.valid()
+    assert len(v.images) == c["ok"] and all(m.any() and not m.all() for m in v.masks)
+    again = gen.generate(masks, prompts, seed=0, batch_size=2)
+    assert torch.equal(again.images, res.images)  # same seed, same pairs
+    with pytest.raises(ValueError, match="lacks '<lesion>'"):
+        gen.generate(masks[:1], ["an image of skin"])

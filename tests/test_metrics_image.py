@@ -1,0 +1,75 @@
+"""Image metrics (§4.7.1) against references: the Fréchet closed form, MS-SSIM of identical images,
+Eq. (4.17) by hand."""
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch import nn
+
+from ctrlgen.config import load_profile
+from ctrlgen.metrics.image import (
+    PerceptualDistance,
+    VAEEncoderFeatures,
+    fid,
+    frechet_distance,
+    metric_extractors,
+    ms_ssim,
+    within_set_diversity,
+)
+from ctrlgen.models import build_caption_tokenizer, build_mini_components
+
+
+class Mean4(nn.Module):
+    """A fixed feature map: the image's four quadrant means of channel 0 (4 features)."""
+
+    def forward(self, x):
+        return nn.functional.adaptive_avg_pool2d(x[:, :1], 2).flatten(1)
+
+
+def test_fid_zero_on_itself_and_closed_form_on_a_shift():
+    g = torch.Generator().manual_seed(0)
+    base = torch.randn(400, 4, generator=g) * 0.1 + 0.5
+    shift = torch.tensor([0.05, -0.02, 0.0, 0.03])
+    fake_f = torch.randn(400, 4, generator=g) * 0.2 + 0.5 + shift
+    as_img = lambda f: f.view(-1, 1, 2, 2).repeat(1, 3, 1, 1).repeat_interleave(2, -1).repeat_interleave(2, -2)  # noqa: E731
+    real, fake = as_img(base), as_img(fake_f)
+    assert torch.allclose(Mean4()(real), base, atol=1e-6)
+    assert abs(fid(real, real, Mean4())) < 1e-6
+    a, b = base.double().numpy(), fake_f.double().numpy()
+    ref = frechet_distance(a.mean(0), np.cov(a, rowvar=False), b.mean(0), np.cov(b, rowvar=False))
+    assert abs(fid(real, fake, Mean4()) - ref) < 1e-4 * max(1.0, ref)
+    # and the population closed form: ||Δμ||² + Σ (σ₁ − σ₂)² = 0.0038 + 4·0.01
+    assert abs(ref - (float((shift ** 2).sum()) + 4 * 0.1 ** 2)) < 0.01
+
+
+def test_ms_ssim_identical_is_one_and_noise_lowers_it():
+    g = torch.Generator().manual_seed(1)
+    x = torch.rand(3, 3, 64, 64, generator=g)
+    assert torch.allclose(ms_ssim(x, x, scales=3), torch.ones(3), atol=1e-5)
+    y = (x + 0.3 * torch.randn(x.shape, generator=g)).clamp(0, 1)
+    assert (ms_ssim(x, y, scales=3) < 0.9).all()
+
+
+def test_perceptual_distance_is_eq_4_17_by_hand():
+    layers = lambda x: [x, nn.functional.avg_pool2d(x, 2)]  # noqa: E731
+    a, b = torch.rand(2, 3, 4, 4), torch.rand(2, 3, 4, 4)
+    w = [torch.tensor([1.0, 2.0, 0.5]), torch.tensor([0.0, 1.0, 1.0])]
+    d = PerceptualDistance(layers, w)(a, b)
+    unit = lambda f: f / (f.pow(2).sum(1, keepdim=True).sqrt() + 1e-10)  # noqa: E731
+    ref = sum(((unit(fa) - unit(fb)) ** 2 * wi.view(1, 3, 1, 1)).sum(1).mean((-1, -2))
+              for fa, fb, wi in zip(layers(a), layers(b), w))
+    assert torch.allclose(d, ref) and torch.allclose(PerceptualDistance(layers)(a, a), torch.zeros(2))
+    same = torch.rand(1, 3, 4, 4).expand(4, -1, -1, -1)
+    assert within_set_diversity(same, PerceptualDistance(layers)) < 1e-9
+    assert within_set_diversity(torch.rand(4, 3, 4, 4), PerceptualDistance(layers)) > 0
+
+
+def test_profile_extractors_mini_use_the_domain_vae():
+    cfg = load_profile("smoke")
+    model = build_mini_components(cfg, build_caption_tokenizer(["a lesion"], model_max_length=16))
+    feats, dist, text = metric_extractors(cfg, model.vae)
+    x = torch.rand(3, 3, 32, 32)
+    assert isinstance(feats, VAEEncoderFeatures) and "not Inception" in text
+    with torch.no_grad():
+        assert feats(x).shape[0] == 3 and float(dist(x, x).abs().max()) < 1e-6
+        assert float(dist(x, x.flip(0))[0]) > 0
