@@ -179,26 +179,17 @@ def cross_self_map(cross: torch.Tensor, self_attn: torch.Tensor, tau: int = 4, p
 
 
 def otsu_threshold(values: torch.Tensor | np.ndarray, nbins: int = 256) -> float:
-    """Otsu's threshold (Otsu, 1979) of all values, computed as scikit-image's ``threshold_otsu`` does.
+    """Otsu's threshold (Otsu, 1979) of all values: scikit-image's ``threshold_otsu``.
 
-    A 256-bin histogram over [min, max]; the threshold is the bin centre maximising the between-class
-    variance. A constant input returns that constant.
+    A constant input has no threshold; it returns that constant (so ``a > t`` selects nothing).
     """
+    from skimage.filters import threshold_otsu
+
     x = values.detach().double().cpu().numpy() if isinstance(values, torch.Tensor) else np.asarray(values, np.float64)
     x = x.ravel()
-    lo, hi = float(x.min()), float(x.max())
-    if lo == hi:
-        return lo
-    counts, edges = np.histogram(x, bins=nbins, range=(lo, hi))
-    counts = counts.astype(np.float64)
-    centers = (edges[:-1] + edges[1:]) / 2
-    w1 = np.cumsum(counts)
-    w2 = np.cumsum(counts[::-1])[::-1]
-    with np.errstate(divide="ignore", invalid="ignore"):
-        m1 = np.cumsum(counts * centers) / w1
-        m2 = (np.cumsum((counts * centers)[::-1]) / w2[::-1])[::-1]
-    var = np.nan_to_num(w1[:-1] * w2[1:] * (m1[:-1] - m2[1:]) ** 2)
-    return float(centers[int(np.argmax(var))])
+    if x.min() == x.max():
+        return float(x[0])
+    return float(threshold_otsu(x, nbins=nbins))
 
 
 def otsu_mask(a: torch.Tensor, dilate: int = 1, erode: int = 1) -> torch.Tensor:
@@ -206,7 +197,9 @@ def otsu_mask(a: torch.Tensor, dilate: int = 1, erode: int = 1) -> torch.Tensor:
 
     ``a`` is one ``(h, w)`` map or a stack ``(..., h, w)`` (each thresholded on its own). The
     morphology uses scikit-image with disk footprints of radius ``dilate`` and ``erode`` (0: skip).
-    Returns a boolean tensor of the same shape on the same device.
+    Returns a boolean tensor of the same shape on the same device. A constant map has no Otsu
+    threshold and yields an empty mask: callers that build datasets must check for it and count it
+    (``methods.didgen.pair_generation`` does).
     """
     from skimage.morphology import dilation, disk, erosion
 
