@@ -1,0 +1,145 @@
+"""Pretraining the mini base models: cache keys, cache hits, resume after an interruption, the CLI."""
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from ctrlgen import pretrain as P
+from ctrlgen.config import load_profile
+
+# the smallest run that still exercises every part (smoke architectures, a handful of images and steps)
+TINY = {"pretrain.max_train": 6, "pretrain.n_heldout": 2, "pretrain.vae.steps": 2, "pretrain.vae.batch_size": 2,
+        "pretrain.unet.steps": 4, "pretrain.unet.plain_steps": 4, "pretrain.unet.batch_size": 2,
+        "pretrain.unet.checkpoint_every": 2, "pretrain.measure.n_samples": 2, "pretrain.measure.sample_steps": 2}
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def isolated_cache(tmp_path_factory):
+    """One cache root for this module (resized data is shared; models are keyed by their settings)."""
+    import os
+
+    root = tmp_path_factory.mktemp("pretrain") / "cache"
+    old = os.environ.get("CTRLGEN_CACHE_ROOT")
+    os.environ["CTRLGEN_CACHE_ROOT"] = str(root)
+    yield root
+    if old is None:
+        os.environ.pop("CTRLGEN_CACHE_ROOT", None)
+    else:
+        os.environ["CTRLGEN_CACHE_ROOT"] = old
+
+
+def _cfg(**extra):
+    return load_profile("smoke", {**TINY, **extra})
+
+
+def test_key_changes_with_training_values_and_data_only():
+    cfg = _cfg()
+    fp = "data-a"
+    base = P._hash(P.unet_key_parts(cfg, fp, "selfattn"))
+    assert base == P._hash(P.unet_key_parts(_cfg(), fp, "selfattn"))  # deterministic
+    # values that do not affect training leave the key alone
+    assert base == P._hash(P.unet_key_parts(_cfg(**{"ch02.toy.train_steps": 7}), fp, "selfattn"))
+    assert base == P._hash(P.unet_key_parts(_cfg(**{"pretrain.measure.n_samples": 3}), fp, "selfattn"))
+    # the plain variant's own step count does not touch the selfattn key, and vice versa
+    assert base == P._hash(P.unet_key_parts(_cfg(**{"pretrain.unet.plain_steps": 9}), fp, "selfattn"))
+    for change in ({"pretrain.unet.lr": 1e-3}, {"pretrain.unet.steps": 5}, {"models.mini.unet.attention_heads": 2},
+                   {"pretrain.self_attention_loss.weight": 0.1}, {"pretrain.vae.steps": 3}, {"seed": 1}):
+        assert base != P._hash(P.unet_key_parts(_cfg(**change), fp, "selfattn")), change
+    assert base != P._hash(P.unet_key_parts(cfg, "data-b", "selfattn"))
+    assert base != P._hash(P.unet_key_parts(cfg, fp, "plain"))
+    # the plain key ignores the auxiliary loss settings
+    plain = P._hash(P.unet_key_parts(cfg, fp, "plain"))
+    assert plain == P._hash(P.unet_key_parts(_cfg(**{"pretrain.self_attention_loss.weight": 0.1}), fp, "plain"))
+    assert len(P.code_version()) == 12
+
+
+def test_data_fingerprint_follows_the_records(isolated_cache):
+    a = P.load_domain_data(_cfg(), "derm")
+    b = P.load_domain_data(_cfg(), "derm")
+    c = P.load_domain_data(_cfg(**{"pretrain.max_train": 5}), "derm")
+    assert a.fingerprint == b.fingerprint != c.fingerprint
+    assert all(cap.startswith("an image of a ") and cap.endswith("<lesion> on <skin>") for cap in a.captions)
+    assert a.images.shape[1:] == (32, 32, 3) and a.regions.shape == a.images.shape[:3]
+
+
+def test_second_call_loads_from_cache_and_resume_continues(isolated_cache, monkeypatch):
+    cfg = _cfg()
+    data = P.load_domain_data(cfg, "derm")
+    # interrupted after 2 of 4 steps: a checkpoint is left, no model is published
+    part = P.pretrain_domain(cfg, "derm", False, progress=False, stop_after=2, data=data)
+    assert part.steps == 2 and not part.metrics and not (part.folder / "unet").exists()
+    done = P.pretrain_domain(cfg, "derm", False, progress=False, data=data)
+    assert done.resumed_from == 2 and [h["step"] for h in done.history] == [1, 2, 3, 4]
+    assert (done.folder / "unet").is_dir() and (done.folder / "pretrain.json").is_file()
+    assert done.metrics["vae_psnr_heldout_db"] > 0 and "affinity (layer-mean map)" in done.metrics
+
+    # an uninterrupted run gives the same losses
+    again = P.pretrain_domain(cfg, "derm", False, progress=False, data=data, force=True, force_vae=False)
+    assert [round(h["loss"], 5) for h in again.history] == [round(h["loss"], 5) for h in done.history]
+
+    # a second call with the same key trains nothing
+    def boom(*a, **k):
+        raise AssertionError("trained although cached")
+
+    monkeypatch.setattr("ctrlgen.training.train_diffusion", boom)
+    monkeypatch.setattr("ctrlgen.training.train_vae", boom)
+    cached = P.pretrain_domain(cfg, "derm", False, progress=False, data=data)
+    assert cached.cached and cached.history == again.history
+    loaded = P.load_variant(cfg, "derm", "plain")
+    assert "<lesion>" in loaded.tokenizer.get_vocab() and loaded.scaling_factor == pytest.approx(
+        done.metrics["scaling_factor"])
+
+
+def test_region_loss_matches_the_two_region_loss():
+    from ctrlgen.training.losses import self_attention_structure_loss
+
+    torch.manual_seed(0)
+    sa = torch.softmax(torch.randn(2, 16, 16) * 3, -1)
+    mask = (torch.rand(2, 4, 4) > 0.5).float()
+    regions = torch.stack([1 - mask, mask], 1)
+    ours = P.region_self_attention_loss({4: sa}, regions)
+    theirs = self_attention_structure_loss({4: sa}, mask)
+    assert torch.allclose(ours, theirs, atol=1e-6)
+
+
+def test_cxr_has_only_the_plain_variant():
+    cfg = _cfg()
+    assert P.available_variants(cfg, "cxr") == ("plain",) and P.default_variant(cfg, "cxr") == "plain"
+    assert P.variant_dir(cfg, "cxr", "plain").name == "cxr"
+    assert P.variant_dir(cfg, "derm", "selfattn").name == "derm" and P.variant_dir(cfg, "derm", "plain").name == "derm-plain"
+    assert P.cxr_caption({"Cardiomegaly": 1.0, "Effusion": 1.0, "Mass": 0.0}) == "a chest x-ray with cardiomegaly and effusion"
+    assert P.cxr_caption({"No Finding": 1.0}) == "a chest x-ray with no finding"
+
+
+def test_cli_help_works_without_torch():
+    code = ("import sys; from ctrlgen.cli.main import main\n"
+            "try:\n    main(['pretrain', '--help'])\nexcept SystemExit as e:\n    assert e.code == 0\n"
+            "assert 'torch' not in sys.modules")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert "--no-self-attention-loss" in out.stdout and "{derm,scenes,cxr}" in out.stdout
+
+
+def test_cli_pretrain_end_to_end(isolated_cache, capsys):
+    from ctrlgen.cli.main import main
+
+    args = ["pretrain", "derm", "--profile", "smoke", "--quiet", "--no-self-attention-loss", "-p", "seed=1"]
+    for k, v in TINY.items():
+        args += ["-p", f"{k}={v}"]
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert "isic2018_task1" in out and "derm/plain" in out and "trained" in out
+    assert main(args) == 0
+    assert "cached" in capsys.readouterr().out
+    assert main(["pretrain", "cxr", "--profile", "smoke", "--self-attention-loss"]) == 2
