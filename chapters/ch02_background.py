@@ -198,8 +198,6 @@ from ctrlgen.analysis.self_attention import summarize_affinity
 from transformers.utils import logging as hf_logging
 
 hf_logging.disable_progress_bar()  # no "Loading weights" bars in the book
-if cfg.profile_name == "smoke":
-    torch.set_num_threads(1)  # smoke models are tiny: extra threads only add overhead (and stall on a shared CPU)
 
 datas, results = {}, {}
 for domain in P.DOMAINS:

@@ -7,6 +7,7 @@ ancestrally (Eq. 2.24, diffusers' ``DDPMScheduler``) or deterministically (``DDI
 """
 from __future__ import annotations
 
+import inspect
 import math
 from collections.abc import Callable
 
@@ -153,11 +154,12 @@ def sample(model: nn.Module, scheduler, x_T: torch.Tensor, num_inference_steps: 
     """
     scheduler.set_timesteps(num_inference_steps)
     generator = torch.Generator().manual_seed(seed)
+    takes_generator = "generator" in inspect.signature(scheduler.step).parameters  # DDPM does, DDIM (η=0) needs none
     x = x_T.clone()
     trajectory = [x.clone()] if keep_every else []
     for i, t in enumerate(scheduler.timesteps):
         eps = model(x, t)
-        kwargs = {"generator": generator} if "generator" in scheduler.step.__code__.co_varnames else {}
+        kwargs = {"generator": generator} if takes_generator else {}
         x = scheduler.step(eps, t, x, **kwargs).prev_sample
         if callback is not None:
             callback(i, x)
