@@ -143,3 +143,47 @@ def test_cli_pretrain_end_to_end(isolated_cache, capsys):
     assert main(args) == 0
     assert "cached" in capsys.readouterr().out
     assert main(["pretrain", "cxr", "--profile", "smoke", "--self-attention-loss"]) == 2
+
+
+def test_vae_resumes_exactly_where_it_stopped(tmp_path):
+    """An interrupted VAE run (2 of 4 steps, checkpointed) continued to 4 equals an uninterrupted 4-step run."""
+    from ctrlgen.models import build_caption_tokenizer, build_mini_components
+    from ctrlgen.training import VAETrainConfig, train_vae
+
+    cfg = _cfg()
+    tok = build_caption_tokenizer(["a b"], 64, 1, model_max_length=8)
+    x = torch.rand(8, 3, 32, 32) * 2 - 1
+
+    def run(steps, folder):
+        vae = build_mini_components(cfg, tok, seed=0).vae
+        res = train_vae(vae, P.Batches({"pixel_values": x}, 2, 0, augment=True),
+                        VAETrainConfig(steps=steps, seed=0, progress=False, output_dir=str(folder), checkpoint_every=1))
+        return vae, res
+
+    run(2, tmp_path / "a")
+    resumed_vae, resumed = run(4, tmp_path / "a")
+    whole_vae, whole = run(4, tmp_path / "b")
+    assert resumed.resumed_from == 2 and whole.resumed_from == 0
+    assert [h["loss"] for h in resumed.history] == pytest.approx([h["loss"] for h in whole.history], rel=1e-5)
+    for (n, a), b in zip(resumed_vae.state_dict().items(), whole_vae.state_dict().values()):
+        assert torch.allclose(a, b, atol=1e-6), n
+
+
+def test_derm_tokenizer_has_every_dermprompt_word_as_one_token(isolated_cache):
+    from ctrlgen.methods.didgen import dermprompt_vocabulary
+
+    data = P.load_domain_data(_cfg(), "derm")
+    tok = P._build_tokenizer(_cfg(), data)
+    import re
+
+    # CLIP's pre-tokenizer splits "blue-grey" into blue / - / grey: every letter run must be one token
+    words = {w for phrase in dermprompt_vocabulary() for w in re.findall(r"<\w+>|[a-z]+", phrase.lower())}
+    assert len(words) > 20 and "<lesion>" in words
+    for w in words:
+        assert len(tok(w, add_special_tokens=False)["input_ids"]) == 1, w
+
+
+def test_checkpoint_frequency_is_not_part_of_the_key():
+    fp = "data-a"
+    for part in ("pretrain.vae.checkpoint_every", "pretrain.unet.checkpoint_every"):
+        assert P._hash(P.unet_key_parts(_cfg(), fp, "selfattn")) == P._hash(P.unet_key_parts(_cfg(**{part: 7}), fp, "selfattn"))

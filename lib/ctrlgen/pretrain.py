@@ -70,6 +70,10 @@ def _plain(value: Any) -> Any:
     return value.to_dict() if hasattr(value, "to_dict") else value
 
 
+def _without(d: dict, *keys: str) -> dict:
+    return {k: v for k, v in d.items() if k not in keys}
+
+
 def _hash(obj: Any) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
@@ -78,7 +82,7 @@ def vae_key_parts(cfg: Mapping[str, Any], fingerprint: str) -> dict[str, Any]:
     p = cfg["pretrain"]
     return {"profile": getattr(cfg, "profile_name", "") or "custom", "seed": int(cfg["seed"]),
             "image_size": int(cfg["models"]["image_size"]), "vae": _plain(cfg["models"]["mini"]["vae"]),
-            "train": _plain(p["vae"]), "max_train": int(p["max_train"]), "n_heldout": int(p["n_heldout"]),
+            "train": _without(_plain(p["vae"]), "checkpoint_every"), "max_train": int(p["max_train"]), "n_heldout": int(p["n_heldout"]),
             "data": fingerprint, "code": code_version()}
 
 
@@ -88,6 +92,7 @@ def unet_key_parts(cfg: Mapping[str, Any], fingerprint: str, variant: str) -> di
     unet = _plain(p["unet"])
     unet["steps"] = variant_steps(cfg, variant)
     unet.pop("plain_steps", None)
+    unet.pop("checkpoint_every", None)  # where a run may resume does not change the model
     parts = {**vae_key_parts(cfg, fingerprint), "variant": variant, "mini": _plain(cfg["models"]["mini"]), "unet": unet,
              "low_contrast_threshold": float(cfg["data"]["attributes"]["low_contrast_threshold"])}
     if variant == "selfattn":
@@ -367,6 +372,11 @@ def default_variant(cfg: Mapping[str, Any], domain: str) -> str:
     return want if want in have else have[0]
 
 
+def _work_dir(cfg: Mapping[str, Any], name: str) -> Path:
+    """Where an unfinished training keeps its checkpoints (resumed by the next call with the same key)."""
+    return models_root(cfg) / f"mini-{getattr(cfg, 'profile_name', '') or 'custom'}" / ".work" / name
+
+
 def _read_json(path: Path) -> dict | None:
     try:
         return json.loads(path.read_text())
@@ -426,11 +436,22 @@ def _build_tokenizer(cfg, data: DomainData):
     from ctrlgen.models import build_caption_tokenizer
 
     t = cfg["models"]["mini"]["tokenizer"]
-    tok = build_caption_tokenizer(data.captions + data.heldout_captions, int(t["max_vocab"]), int(t["min_frequency"]),
+    tok = build_caption_tokenizer(tokenizer_corpus(data), int(t["max_vocab"]), int(t["min_frequency"]),
                                   model_max_length=int(cfg["models"]["mini"]["text_encoder"]["max_length"]))
     if data.tokens:
         tok.add_tokens(list(data.tokens))
     return tok
+
+
+def tokenizer_corpus(data: DomainData) -> list[str]:
+    """The texts the domain's tokenizer vocabulary is built from: its captions, and for derm every phrase the
+    DermPrompt attribute captioner can write (chapter 4 finetunes with them: each word must be one token)."""
+    corpus = data.captions + data.heldout_captions
+    if data.domain == "derm":
+        from ctrlgen.methods.didgen.dermprompt import dermprompt_vocabulary
+
+        corpus += dermprompt_vocabulary()
+    return corpus
 
 
 def ensure_vae(cfg: Mapping[str, Any], data: DomainData, force: bool = False, progress: bool = True) -> tuple[Path, dict, bool]:
@@ -451,22 +472,30 @@ def ensure_vae(cfg: Mapping[str, Any], data: DomainData, force: bool = False, pr
     model = build_mini_components(cfg, tok, seed=seed)
     p = cfg["pretrain"]["vae"]
     x = pixel_tensor(data.images)
+    work = _work_dir(cfg, f"{data.domain}-vae-{key}")
+    if force and work.exists():
+        shutil.rmtree(work)
+    work.mkdir(parents=True, exist_ok=True)
+    spent = _read_json(work / "seconds.json") or {"seconds": 0.0}
     res = train_vae(model.vae, Batches({"pixel_values": x}, int(p["batch_size"]), seed, augment=True),
-                    VAETrainConfig(steps=int(p["steps"]), lr=float(p["lr"]), seed=seed, progress=progress))
+                    VAETrainConfig(steps=int(p["steps"]), lr=float(p["lr"]), seed=seed, progress=progress,
+                                   output_dir=str(work), checkpoint_every=int(p["checkpoint_every"])))
+    (work / "seconds.json").write_text(json.dumps({"seconds": spent["seconds"] + time.perf_counter() - start}))
     with torch.no_grad():
         hx = pixel_tensor(data.heldout_images)
         rec = model.vae.decode(model.vae.encode(hx).latent_dist.mode()).sample.clamp(-1, 1)
     metrics = {"vae_psnr_heldout_db": float(np.mean(psnr(hx, rec))), "scaling_factor": res.scaling_factor,
                "vae_parameters": sum(q.numel() for q in model.vae.parameters())}
-    seconds = time.perf_counter() - start
+    seconds = spent["seconds"] + time.perf_counter() - start
     info = {"key": key, "key_parts": parts, "history": res.history, "metrics": metrics, "seconds": seconds,
-            "domain": data.domain}
+            "domain": data.domain, "resumed_from": res.resumed_from}
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{folder.name}-", dir=folder.parent))
     model.vae.save_pretrained(tmp / "vae")
     save_tokenizer(tok, tmp / "tokenizer")
     (tmp / "pretrain.json").write_text(json.dumps(info, indent=1, default=str))
     _publish(tmp, folder)
+    shutil.rmtree(work, ignore_errors=True)
     return folder, info, False
 
 
@@ -520,7 +549,7 @@ def pretrain_domain(cfg: Mapping[str, Any], domain: str, self_attention_loss: bo
     p = cfg["pretrain"]
     u = p["unet"]
     steps = variant_steps(cfg, variant)
-    work = models_root(cfg) / f"mini-{getattr(cfg, 'profile_name', '') or 'custom'}" / ".work" / f"{domain}-{variant}-{key}"
+    work = _work_dir(cfg, f"{domain}-{variant}-{key}")
     if force and work.exists():
         shutil.rmtree(work)
     work.mkdir(parents=True, exist_ok=True)

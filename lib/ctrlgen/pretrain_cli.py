@@ -41,6 +41,10 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
     except ConfigError as err:
         print(f"ctrlgen: error: {err}")
         return EXIT_USAGE
+    if args.quiet:  # every bar, the one-off data resize included (tqdm reads TQDM_DISABLE)
+        import os
+
+        os.environ["TQDM_DISABLE"] = "1"
     import torch
 
     from ctrlgen import pretrain as P

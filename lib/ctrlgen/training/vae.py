@@ -1,13 +1,20 @@
-"""Training the mini VAE (chapter 2 pretraining): MSE + 0.5·L1 + 1e-6·KL, then the latent scaling factor."""
+"""Training the mini VAE (chapter 2 pretraining): MSE + 0.5·L1 + 1e-6·KL, then the latent scaling factor.
+
+With ``output_dir`` and ``checkpoint_every`` the run writes atomic checkpoints (``ctrlgen.training.checkpoint``:
+weights, optimizer, RNG state, loss history) and a re-run with the same config resumes from the newest one,
+continuing the same batch stream (the data iterable must restart deterministically, as ``pretrain.Batches`` does).
+"""
 from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
 from tqdm.auto import tqdm
 
+from ctrlgen.training.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from ctrlgen.training.losses import vae_loss
 from ctrlgen.training.loop import _cycle
 
@@ -21,6 +28,9 @@ class VAETrainConfig:
     max_grad_norm: float = 1.0
     seed: int = 0
     progress: bool = True
+    output_dir: str = ""        # checkpoints go here; "" = none
+    checkpoint_every: int = 0
+    keep_checkpoints: int = 2
 
 
 @dataclass
@@ -28,6 +38,7 @@ class VAETrainResult:
     steps: int
     history: list[dict[str, float]] = field(default_factory=list)
     scaling_factor: float = 1.0
+    resumed_from: int = 0
 
 
 def train_vae(vae: torch.nn.Module, data: Iterable[dict[str, Any]], config: VAETrainConfig,
@@ -41,9 +52,21 @@ def train_vae(vae: torch.nn.Module, data: Iterable[dict[str, Any]], config: VAET
     gen = torch.Generator().manual_seed(config.seed)
     vae.to(device).train().requires_grad_(True)
     opt = torch.optim.AdamW(vae.parameters(), lr=config.lr)
+    run_dir = Path(config.output_dir) if config.output_dir else None
+    history: list[dict[str, float]] = []
+    start = 0
+    if run_dir is not None and (ckpt := latest_checkpoint(run_dir)) is not None:
+        tensors, state, _ = load_checkpoint(ckpt)
+        vae.load_state_dict(tensors)
+        opt.load_state_dict(state["optimizer"])
+        torch.set_rng_state(state["torch_rng"])
+        gen.set_state(state["gen_rng"])
+        history, start = list(state["history"]), int(state["step"])
     stream = _cycle(data)
-    history = []
-    for step in tqdm(range(config.steps), disable=not config.progress, desc="VAE", leave=False):
+    for _ in range(start):  # the batches the interrupted run already used
+        next(stream)
+    for step in tqdm(range(start, config.steps), initial=start, total=config.steps, disable=not config.progress,
+                     desc="VAE", leave=False):
         x = next(stream)["pixel_values"].to(device)
         dist = vae.encode(x).latent_dist
         z = dist.sample(gen if x.device.type == "cpu" else None)
@@ -55,10 +78,15 @@ def train_vae(vae: torch.nn.Module, data: Iterable[dict[str, Any]], config: VAET
             torch.nn.utils.clip_grad_norm_(vae.parameters(), config.max_grad_norm)
         opt.step()
         history.append({"step": step + 1, "loss": float(loss.detach())})
+        done = step + 1
+        if run_dir is not None and config.checkpoint_every and (done % config.checkpoint_every == 0 or done == config.steps):
+            state = {"optimizer": opt.state_dict(), "torch_rng": torch.get_rng_state(), "gen_rng": gen.get_state(),
+                     "history": history}
+            save_checkpoint(run_dir, done, dict(vae.state_dict()), state, keep=config.keep_checkpoints)
     vae.eval().requires_grad_(False)
     scale = latent_scaling_factor(vae, data, scale_batches, device)
     vae.register_to_config(scaling_factor=scale)
-    return VAETrainResult(config.steps, history, scale)
+    return VAETrainResult(config.steps, history, scale, start)
 
 
 @torch.no_grad()
