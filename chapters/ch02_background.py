@@ -189,7 +189,9 @@ distances.style.format("{:.4f}")
 # and in `NOTES-mini-feasibility.md`). Every domain therefore has two base models:
 # `selfattn`, trained with an auxiliary loss that penalises self-attention mass sent across the true
 # region boundaries (lesion/skin, object/background), and `plain`, trained on $L_{rec}$ alone.
-# The chest X-ray data has no region masks, so `cxr` has only the plain model.
+# The regions are the lesion masks (`derm`), the object masks (`scenes`) and, for chest X-rays, the
+# procedural world's true lung and heart masks or — NIH ChestX-ray14 ships none — lung fields segmented
+# with scikit-image (`ctrlgen.data.anatomy`; the line printed under each domain says which).
 
 # %%
 from ctrlgen import pretrain as P
@@ -379,8 +381,8 @@ run.note(f"default base models: {default}")
 # %% [markdown]
 # ### The choice
 #
-# **The default mini base model of `derm` and `scenes` is the `selfattn` variant** (profile key
-# `pretrain.default_variant`); `cxr`, which has no region masks, has only the plain model. The
+# **The default mini base model of every domain is the `selfattn` variant** (profile key
+# `pretrain.default_variant`), and so is that of `cxr`, whose regions are lung fields. The
 # evidence is the affinity table and the per-head heatmap above, computed by this run (on `mini`,
 # not on `smoke`, whose models train for a few steps):
 #

@@ -4,6 +4,7 @@ from __future__ import annotations
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 
@@ -113,13 +114,16 @@ def test_region_loss_matches_the_two_region_loss():
     assert torch.allclose(ours, theirs, atol=1e-6)
 
 
-def test_cxr_has_only_the_plain_variant():
+def test_every_domain_has_both_variants_and_cxr_has_regions(isolated_cache):
     cfg = _cfg()
-    assert P.available_variants(cfg, "cxr") == ("plain",) and P.default_variant(cfg, "cxr") == "plain"
-    assert P.variant_dir(cfg, "cxr", "plain").name == "cxr"
+    assert P.available_variants(cfg, "cxr") == ("selfattn", "plain") and P.default_variant(cfg, "cxr") == "selfattn"
+    assert P.variant_dir(cfg, "cxr", "selfattn").name == "cxr" and P.variant_dir(cfg, "cxr", "plain").name == "cxr-plain"
     assert P.variant_dir(cfg, "derm", "selfattn").name == "derm" and P.variant_dir(cfg, "derm", "plain").name == "derm-plain"
     assert P.cxr_caption({"Cardiomegaly": 1.0, "Effusion": 1.0, "Mass": 0.0}) == "a chest x-ray with cardiomegaly and effusion"
     assert P.cxr_caption({"No Finding": 1.0}) == "a chest x-ray with no finding"
+    data = P.load_domain_data(cfg, "cxr")
+    assert data.has_regions and data.regions.shape == data.images.shape[:3] and "regions:" in data.notes
+    assert set(np.unique(data.regions)) <= {0, 1, 2} and (data.regions == 1).mean() > 0.03
 
 
 def test_cli_help_works_without_torch():
@@ -142,7 +146,7 @@ def test_cli_pretrain_end_to_end(isolated_cache, capsys):
     assert "isic2018_task1" in out and "derm/plain" in out and "trained" in out
     assert main(args) == 0
     assert "cached" in capsys.readouterr().out
-    assert main(["pretrain", "cxr", "--profile", "smoke", "--self-attention-loss"]) == 2
+    assert main(["pretrain", "cxr", "--profile", "smoke", "--self-attention-loss", "-p", "pretrain.variants=[plain]"]) == 2
 
 
 def test_vae_resumes_exactly_where_it_stopped(tmp_path):

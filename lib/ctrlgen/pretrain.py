@@ -11,13 +11,14 @@ else on the procedural worlds:
   the thesis's low-contrast subset, §5.5.1). ``<lesion>`` and ``<skin>`` are single tokens.
 * scenes — chapter 3's multi-concept scenes with their captions; regions = background + each object.
 * cxr — NIH ChestX-ray14 (or the procedural MIMIC-CXR world) with label prompts
-  ``a chest x-ray with cardiomegaly and effusion`` / ``a chest x-ray with no finding``; no region masks.
+  ``a chest x-ray with cardiomegaly and effusion`` / ``a chest x-ray with no finding``; regions = the
+  procedural world's true anatomy masks (lungs, heart), else lung fields segmented by scikit-image
+  (``ctrlgen.data.anatomy``: NIH ships no masks).
 
 Two variants per domain (``pretrain.variants``): ``selfattn`` adds an auxiliary self-attention
 structure loss (``RegionSelfAttentionTerm``: the head/layer-mean self-attention mass each query
 pixel sends to other regions of the true masks, NOTES-mini-feasibility.md) to L_rec; ``plain`` is
-L_rec alone. The VAE is trained once per domain and shared by both. A domain without region masks
-(cxr) has only the plain variant.
+L_rec alone. The VAE is trained once per domain and shared by both.
 
 Cache: every model folder carries ``pretrain.json`` with its key = hash of (profile name, the profile
 values that affect the training, the data fingerprint, the code version = hash of the library files
@@ -51,7 +52,7 @@ DERM_TOKENS = ("<lesion>", "<skin>")
 # library files whose change must retrain the models (the code version of the cache key)
 CODE_FILES = ("pretrain.py", "models/mini.py", "models/sd.py", "models/tokenizer.py", "training/loop.py",
               "training/losses.py", "training/vae.py", "training/params.py", "training/checkpoint.py",
-              "attention/capture.py", "attention/layers.py", "data/attributes.py")
+              "attention/capture.py", "attention/layers.py", "data/attributes.py", "data/anatomy.py")
 CXR_PROMPT = "a chest x-ray with {}"
 
 
@@ -264,15 +265,19 @@ def _build_domain_data(cfg, domain: str, name: str, ds, train: list, held: list)
                           heldout_captions=[r.text for r in held], regions=lab, heldout_regions=hlab,
                           region_names=("background", *(f"object {i}" for i in range(1, k + 1))), **common)
     else:
+        from ctrlgen.data.anatomy import anatomy_regions
+
         im, _ = ds.load_arrays(train)
         him, _ = ds.load_arrays(held)
         im, _ = _resize_batch(im, None, size)
         him, _ = _resize_batch(him, None, size)
+        lab, how = anatomy_regions(ds, train, size)
+        hlab, _ = anatomy_regions(ds, held, size)
+        k = int(max(lab.max(), hlab.max()))
         data = DomainData(images=im, captions=[cxr_caption(r.labels) for r in train], heldout_images=him,
-                          heldout_captions=[cxr_caption(r.labels) for r in held],
-                          notes="no region masks: NIH ChestX-ray14 ships none and the procedural CXR world does not "
-                                "write its anatomy masks, so only the plain variant is trained and the affinity "
-                                "ratio is not measured", **common)
+                          heldout_captions=[cxr_caption(r.labels) for r in held], regions=lab.astype(np.int64),
+                          heldout_regions=hlab.astype(np.int64), region_names=("other", "lung fields", "heart")[:k + 1],
+                          notes=f"regions: {how}", **common)
     data.fingerprint = _fingerprint(name, ds.source, train + held, data.captions + data.heldout_captions)
     return data
 
@@ -361,9 +366,9 @@ def vae_dir(cfg: Mapping[str, Any], domain: str) -> Path:
 
 
 def available_variants(cfg: Mapping[str, Any], domain: str) -> tuple[str, ...]:
-    """Variants trained for ``domain``: the profile's ``pretrain.variants`` (only ``plain`` without region masks)."""
-    wanted = tuple(cfg["pretrain"]["variants"])
-    return tuple(v for v in wanted if v == "plain") if domain == "cxr" else wanted
+    """Variants trained for ``domain``: the profile's ``pretrain.variants`` (every domain has regions for the
+    self-attention loss: lesion masks, object masks, CXR anatomy)."""
+    return tuple(cfg["pretrain"]["variants"])
 
 
 def default_variant(cfg: Mapping[str, Any], domain: str) -> str:
@@ -530,8 +535,7 @@ def pretrain_domain(cfg: Mapping[str, Any], domain: str, self_attention_loss: bo
     variant = "selfattn" if self_attention_loss else "plain"
     if variant not in available_variants(cfg, domain):
         raise ValueError(f"variant {variant!r} is not trained for {domain}: "
-                         + ("it has no region masks for the self-attention loss" if domain == "cxr" else
-                            f"pretrain.variants = {list(cfg['pretrain']['variants'])}"))
+                         f"pretrain.variants = {list(cfg['pretrain']['variants'])}")
     data = data or load_domain_data(cfg, domain)
     folder = variant_dir(cfg, domain, variant)
     parts = unet_key_parts(cfg, data.fingerprint, variant)

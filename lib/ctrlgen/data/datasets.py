@@ -28,7 +28,7 @@ from ctrlgen.data.records import DataError, Dataset, Record
 from ctrlgen.data.registry import MULTICONCEPT, SPECS, WORLD_OF, spec
 from ctrlgen.paths import cache_root, data_root
 
-WORLD_VERSION = "1"  # bump when a generator's output changes, so cached worlds are rebuilt
+WORLD_VERSION = "2"  # bump when a generator's output changes, so cached worlds are rebuilt (2: CXR anatomy masks)
 
 
 def read_options(cfg: Mapping[str, Any], verify_cache: Path | None = None) -> ReadOptions:
@@ -125,25 +125,33 @@ def chexpert_label_table(cfg: Mapping[str, Any]) -> pd.DataFrame | None:
 
 def _build_cxr(root: Path, settings: dict[str, Any], cfg: Mapping[str, Any]) -> None:
     from ctrlgen.data.imageio import write_csv
-    from ctrlgen.data.worlds.cxr import render_cxr, sample_labels, write_mimic_cxr
+    from ctrlgen.data.worlds.cxr import render_cxr, sample_labels, write_anatomy_masks, write_mimic_cxr
 
     table = chexpert_label_table(cfg)
     labels = sample_labels(settings["n_images"], settings["seed"], table)
-    images, _ = render_cxr(labels, settings["resolution"], settings["seed"])
+    images, masks = render_cxr(labels, settings["resolution"], settings["seed"])
     folder = root / SPECS["mimic_cxr"].folder
     meta = write_mimic_cxr(folder, images, labels, settings["seed"])
+    anatomy = write_anatomy_masks(root, meta["dicom_id"], masks["anatomy"])
     write_csv(root / "cxr_truth.csv", pd.concat([meta[["dicom_id"]], labels], axis=1).assign(
-        labels_from="CheXpert label table" if table is not None else "built-in prevalences"))
+        labels_from="CheXpert label table" if table is not None else "built-in prevalences", anatomy_mask=anatomy))
 
 
 def _attach_truth(dataset: Dataset, world: Path) -> Dataset:
+    """``meta['truth']``: the world's ground-truth row of each record; for the CXR world also
+    ``meta['anatomy_mask']``, the absolute path of its anatomy label map (0 other, 1 lungs, 2 heart)."""
     truth_file = world / ("cxr_truth.csv" if dataset.name == "mimic_cxr" else "derm_truth.csv")
     if not truth_file.is_file():
         return dataset
     table = pd.read_csv(truth_file)
     key = "dicom_id" if "dicom_id" in table else "id"
     by_id = {str(r[key]): r for r in table.to_dict("records")}
-    dataset.records = [replace(r, meta={**r.meta, "truth": by_id.get(r.id, {})}) for r in dataset.records]
+    records = []
+    for r in dataset.records:
+        truth = by_id.get(r.id, {})
+        extra = {"anatomy_mask": str(world / truth["anatomy_mask"])} if isinstance(truth.get("anatomy_mask"), str) else {}
+        records.append(replace(r, meta={**r.meta, "truth": truth, **extra}))
+    dataset.records = records
     return dataset
 
 

@@ -8,7 +8,8 @@ Pleural Effusion, opacities, a nodule, a collapsed lung edge, tubes ...); uncert
 drawn at half strength. Label combinations are resampled from a real CheXpert label table when one
 is on disk (realistic co-occurrence), else drawn from built-in prevalences. Reports have FINDINGS and
 IMPRESSION sections with negations ("No pleural effusion.") and uncertainty ("Possible ...").
-``write_mimic_cxr`` writes the MIMIC-CXR-JPG v2.0.0 layout.
+``write_mimic_cxr`` writes the MIMIC-CXR-JPG v2.0.0 layout; ``write_anatomy_masks`` writes the world's
+anatomy label maps (which MIMIC does not have) beside it, as ground truth for region-level measurements.
 """
 from __future__ import annotations
 
@@ -25,6 +26,9 @@ PRIOR = {"Enlarged Cardiomediastinum": (0.05, 0.05), "Cardiomegaly": (0.12, 0.04
          "Pleural Other": (0.02, 0.01), "Fracture": (0.04, 0.003), "Support Devices": (0.52, 0.005)}
 FINDINGS = tuple(PRIOR)
 SIDES = ("right", "left", "bilateral")
+# Values of the anatomy label maps (``render_cxr(...)[1]["anatomy"]``, the world's anatomy PNGs).
+ANATOMY_BACKGROUND, ANATOMY_LUNG, ANATOMY_HEART = 0, 1, 2
+ANATOMY_CLASSES = ("other", "lung fields", "heart")
 
 POSITIVE = {
     "Enlarged Cardiomediastinum": "The cardiomediastinal silhouette is enlarged.",
@@ -106,7 +110,17 @@ def _side_weights(labels: pd.DataFrame, finding: str, xx: np.ndarray) -> np.ndar
 
 
 def render_cxr(labels: pd.DataFrame, resolution: int, seed: int) -> tuple[np.ndarray, dict[str, np.ndarray]]:
-    """Grayscale images (N, H, W) uint8 and anatomy masks (``lungs``, ``heart``) for a label table."""
+    """Grayscale images (N, H, W) uint8 and anatomy masks for a label table.
+
+    The masks: ``lungs`` and ``heart`` (N, H, W) bool, the shapes as constructed (the lung ellipses
+    overlap the mediastinum and heart drawn on top of them), and ``anatomy`` (N, H, W) uint8, the label
+    map of what is visible: 2 (``ANATOMY_HEART``) the heart silhouette, 1 (``ANATOMY_LUNG``) the aerated
+    lung fields, 0 everything else. Lung fields = ``lungs`` minus the heart and mediastinum drawn over
+    them and minus pleural fluid below an effusion's meniscus (opaque, as the lung border a reader
+    traces on a radiograph). A pneumothorax stays in the lung field (it is air inside the hemithorax,
+    darker still), as do opacities, nodules and ribs. Computing ``anatomy`` draws no random numbers, so
+    the images are the same as without it.
+    """
     n, s = len(labels), resolution
     rng = np.random.default_rng([seed, 12])
     yy, xx = grid(s, s)
@@ -127,7 +141,8 @@ def render_cxr(labels: pd.DataFrame, resolution: int, seed: int) -> tuple[np.nda
     img = np.where(lungs, 0.12 + ribs, img)
     # mediastinum, spine, clavicles
     width = 0.06 + 0.04 * strength["Enlarged Cardiomediastinum"] + jitter(0.004)
-    img = np.where((np.abs(X - 0.5) < width) & (Y > 0.08) & (Y < 0.62), 0.52, img)
+    mediastinum = (np.abs(X - 0.5) < width) & (Y > 0.08) & (Y < 0.62)
+    img = np.where(mediastinum, 0.52, img)
     img = img + 0.10 * ((np.abs(X - 0.5) < 0.025) & body)
     for sign in (-1, 1):
         img = img + 0.12 * (np.abs(Y - (0.17 + 0.12 * np.abs(X - 0.5))) < 0.015) * (np.abs(X - 0.5) < 0.3) * (sign * (X - 0.5) > 0)
@@ -169,7 +184,10 @@ def render_cxr(labels: pd.DataFrame, resolution: int, seed: int) -> tuple[np.nda
     end = top + np.array([[0.95, 0.12]], np.float32)
     img = img + 0.35 * draw_curves((n, s, s), owners, top, mid, end, width_px=1.0 + s / 128)
     img = img + 0.02 * rng.standard_normal((n, s, s)).astype(np.float32)
-    return (np.clip(img, 0, 1) * 255 + 0.5).astype(np.uint8), {"lungs": lungs, "heart": heart}
+    anatomy = np.full((n, s, s), ANATOMY_BACKGROUND, np.uint8)
+    anatomy[lungs & ~mediastinum & ~(fluid > 0)] = ANATOMY_LUNG
+    anatomy[heart] = ANATOMY_HEART
+    return (np.clip(img, 0, 1) * 255 + 0.5).astype(np.uint8), {"lungs": lungs, "heart": heart, "anatomy": anatomy}
 
 
 def _say(template: str, side: str) -> str:
@@ -197,6 +215,26 @@ def write_report(row: pd.Series) -> str:
     return ("                                 FINAL REPORT\n EXAMINATION:  CHEST (PA AND LAT)\n\n"
             " INDICATION:  ___ with shortness of breath.\n\n"
             f" FINDINGS: \n \n {' '.join(findings)}\n \n IMPRESSION: \n \n {summary}\n")
+
+
+def anatomy_mask_name(dicom_id: str) -> str:
+    """Path of one image's anatomy label map, relative to the world folder (beside ``cxr_truth.csv``)."""
+    return f"cxr_anatomy/{dicom_id}.png"
+
+
+def write_anatomy_masks(root, dicom_ids, anatomy: np.ndarray) -> list[str]:
+    """Write the anatomy label maps (N, H, W) uint8 (0 other, 1 lung fields, 2 heart) as 8-bit
+    greyscale PNGs, one per image at the image resolution, under ``root/cxr_anatomy/``. Kept out of
+    the MIMIC-CXR layout, which has no masks, so the reader sees exactly the official layout.
+    Returns the paths relative to ``root`` (the ``anatomy_mask`` column of ``cxr_truth.csv``)."""
+    from pathlib import Path
+
+    from ctrlgen.data.imageio import write_image
+
+    names = [anatomy_mask_name(str(d)) for d in dicom_ids]
+    for name, labels in zip(names, anatomy, strict=True):
+        write_image(Path(root) / name, np.asarray(labels, np.uint8))
+    return names
 
 
 def write_mimic_cxr(root, images: np.ndarray, labels: pd.DataFrame, seed: int,

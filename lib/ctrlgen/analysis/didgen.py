@@ -1,0 +1,501 @@
+"""Chapter 4 experiments (§4.4.2, §4.4.5, §4.4.6): DiDGen and its baselines trained once, cached, evaluated.
+
+The chapter calls these functions; the methods themselves live in ``ctrlgen.methods.didgen`` and
+``ctrlgen.methods.baselines``. Four models are finetuned from the derm base model (the stand-in for
+SD 2.1: ``ctrlgen.pretrain``, the default variant) on the same training images, steps and optimiser:
+
+* ``mine``           region-aware finetuning (L_rec + α L_attn, Eq. 4.6) with DermPrompt prompts (§4.3.3);
+* ``mine-noregion``  the same prompts, α = 0 (the "w/o region-aware finetuning" ablation, Fig. 4.7a);
+* ``sd-finetune``    L_rec with the one prompt "An image of lesion on skin." (§4.4.2);
+* ``dreambooth``     the same prompt with prior preservation on base-model class images (Ruiz et al. 2023).
+
+Each finetuned model is cached under ``<models>/mini-<profile>/didgen/<name>`` with a key = hash of
+(base model key, the profile values that affect it, the caption texts, the code version); a run
+that is interrupted resumes from its checkpoints (``training.checkpoint_every``).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import tempfile
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+
+MODEL_NAMES = ("mine", "mine-noregion", "sd-finetune", "dreambooth")
+CODE_FILES = ("analysis/didgen.py", "methods/didgen/region_aware.py", "methods/didgen/dermprompt.py",
+              "methods/baselines/sd_finetune.py", "methods/baselines/dreambooth.py", "training/loop.py",
+              "training/params.py", "training/losses.py", "attention/capture.py", "models/tokens.py")
+
+
+# ================================================================================================ data
+@dataclass
+class DermSets:
+    """Training images/masks (the pretraining train split) with their DermPrompts, and the real evaluation set."""
+
+    train_images: np.ndarray            # (N, H, W, 3) uint8
+    train_masks: np.ndarray             # (N, H, W) bool
+    train_ids: list[str]
+    captions: list[Any]                 # ctrlgen.methods.didgen.Caption per training image
+    eval_images: np.ndarray             # the real test images FID / MS-SSIM are computed against
+    eval_masks: np.ndarray
+    eval_name: str
+    source: str
+    provenance: str
+    fingerprint: str
+
+    @property
+    def prompts(self) -> list[str]:
+        return [c.text for c in self.captions]
+
+
+def derm_sets(cfg: Mapping[str, Any], tokenizer) -> DermSets:
+    """The derm training split of ``ctrlgen.pretrain`` captioned with DermPrompt (cached per image), and the
+    evaluation set: the dataset's ``test`` split (thesis: "the testing set of Task 1"), else the held-out images."""
+    from ctrlgen import pretrain as P
+    from ctrlgen.data import load_dataset
+    from ctrlgen.methods.didgen import AttributeCaptioner, CaptionCache
+    from ctrlgen.paths import cache_root
+
+    data = P.load_domain_data(cfg, "derm")
+    masks = data.regions.astype(bool)
+    captioner = AttributeCaptioner(tokenizer, prefix=str(cfg["didgen"]["prefix"]))
+    cache = CaptionCache(cache_root(cfg) / "captions" / f"{data.dataset}-{cfg['models']['image_size']}")
+    captions = captioner.caption_many(data.images, masks, data.ids, cache)
+    eval_images, eval_masks, eval_name = data.heldout_images, data.heldout_regions.astype(bool), "held-out images"
+    if data.dataset != "multiconcept":
+        ds = load_dataset(data.dataset, cfg, resolution=int(cfg["models"]["image_size"]), require_images=True)
+        test = [r for r in ds.with_images() if r.split == "test" and r.mask_path is not None]
+        if len(test) >= 2:
+            eval_images, m = ds.load_arrays(test)
+            eval_masks, eval_name = m.astype(bool), f"{data.dataset} test split"
+    fp = hashlib.sha256((data.fingerprint + "|" + "\n".join(c.text for c in captions)).encode()).hexdigest()[:16]
+    return DermSets(data.images, masks, data.ids, captions, eval_images, eval_masks, eval_name, data.source,
+                    data.provenance, fp)
+
+
+def pixels01(images: np.ndarray) -> torch.Tensor:
+    """uint8 ``(N, H, W, 3)`` -> float ``(N, 3, H, W)`` in [0, 1]."""
+    return torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).float() / 255.0
+
+
+# ================================================================================================ models
+@dataclass
+class Finetuned:
+    """One finetuned model of chapter 4, from the cache or trained by this call."""
+
+    name: str
+    model: Any                          # SDComponents
+    folder: Path
+    cached: bool
+    history: list[dict[str, float]]
+    train_seconds: float
+    key: str
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def _code_version() -> str:
+    root = Path(__file__).resolve().parents[1]
+    h = hashlib.sha256()
+    for rel in CODE_FILES:
+        h.update(rel.encode() + (root / rel).read_bytes())
+    return h.hexdigest()[:12]
+
+
+def _key(cfg: Mapping[str, Any], name: str, base_key: str, sets: DermSets) -> tuple[str, dict]:
+    d = cfg["didgen"]
+    plain = lambda v: v.to_dict() if hasattr(v, "to_dict") else v  # noqa: E731
+    parts = {"name": name, "base": base_key, "data": sets.fingerprint, "seed": int(cfg["seed"]),
+             "finetune": plain(d["finetune"]), "prefix": str(d["prefix"]), "code": _code_version(),
+             "cross_res": list(cfg["attention"]["train_cross_res"])}
+    if name in ("sd-finetune", "dreambooth"):
+        parts["baselines"] = plain(d["baselines"])
+        parts["sampling"] = [int(cfg["sampling"]["num_steps"]), float(cfg["sampling"]["guidance_scale"])]
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16], parts
+
+
+def models_dir(cfg: Mapping[str, Any]) -> Path:
+    from ctrlgen.models.registry import mini_model_dir
+
+    return mini_model_dir(cfg, "derm").parent / "didgen"
+
+
+def base_model(cfg: Mapping[str, Any], ensure: bool = True):
+    """The derm base model chapter 4 finetunes (mini/smoke: the default pretrained variant, trained now if the
+    cache lacks it — as ``ctrlgen pretrain derm`` would; full: SD 2.1)."""
+    from ctrlgen import pretrain as P
+    from ctrlgen.models import load_base_model
+
+    if ensure and str(cfg["models"]["kind"]) == "mini":
+        P.pretrain_domain(cfg, "derm", P.default_variant(cfg, "derm") == "selfattn", progress=False)
+    return load_base_model(cfg, "derm")
+
+
+def _base_key(cfg: Mapping[str, Any]) -> str:
+    from ctrlgen import pretrain as P
+
+    if str(cfg["models"]["kind"]) != "mini":
+        return f"pretrained:{cfg['models']['pretrained'][cfg['models']['domains']['derm']]}"
+    info = json.loads((P.variant_dir(cfg, "derm", P.default_variant(cfg, "derm")) / "pretrain.json").read_text())
+    return str(info["key"])
+
+
+def finetune(cfg: Mapping[str, Any], name: str, sets: DermSets, progress: bool = False, force: bool = False) -> Finetuned:
+    """The finetuned model ``name`` (one of ``MODEL_NAMES``), loaded from the cache or trained now."""
+    from ctrlgen import pretrain as P
+    from ctrlgen.models import load_components
+
+    if name not in MODEL_NAMES:
+        raise ValueError(f"unknown chapter-4 model {name!r}; choose one of {', '.join(MODEL_NAMES)}")
+    key, parts = _key(cfg, name, _base_key(cfg), sets)
+    folder = models_dir(cfg) / name
+    info = P._read_json(folder / "didgen.json")
+    if not force and info and info.get("key") == key:
+        model = load_components(folder, name=f"didgen/{name}")
+        return Finetuned(name, model, folder, True, info["history"], info["train_seconds"], key, info.get("extra", {}))
+    work = models_dir(cfg) / ".work" / f"{name}-{key}"
+    if force and work.exists():
+        shutil.rmtree(work)
+    work.mkdir(parents=True, exist_ok=True)
+    start = time.perf_counter()
+    model = base_model(cfg, ensure=False)
+    history, extra = _train(cfg, name, model, sets, work, progress)
+    seconds = time.perf_counter() - start
+    info = {"key": key, "key_parts": parts, "history": history, "train_seconds": seconds, "extra": extra}
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{name}-", dir=folder.parent))
+    model.save(tmp)
+    (tmp / "didgen.json").write_text(json.dumps(info, indent=1, default=str))
+    P._publish(tmp, folder)
+    shutil.rmtree(work, ignore_errors=True)
+    model.unet.eval()
+    return Finetuned(name, model, folder, False, history, seconds, key, extra)
+
+
+def _train(cfg, name: str, model, sets: DermSets, work: Path, progress: bool) -> tuple[list[dict], dict]:
+    from ctrlgen.methods.baselines.dreambooth import dreambooth_finetune, generate_class_images
+    from ctrlgen.methods.baselines.sd_finetune import sd_finetune
+    from ctrlgen.methods.didgen import RegionAwareConfig, region_aware_finetune
+
+    f, b = cfg["didgen"]["finetune"], cfg["didgen"]["baselines"]
+    seed = int(cfg["seed"])
+    ckpt = {"checkpoint_every": int(cfg["training"]["checkpoint_every"]), "keep_checkpoints": 2,
+            "mixed_precision": str(cfg["training"]["mixed_precision"])}
+    if name in ("mine", "mine-noregion"):
+        rc = RegionAwareConfig.from_profile(cfg, **({"alpha": 0.0} if name == "mine-noregion" else {}))
+        res, _ = region_aware_finetune(model, sets.train_images, sets.train_masks, sets.prompts, rc, output_dir=str(work),
+                                       train_config=ckpt, progress=progress)
+        return res.history, {"alpha": rc.alpha}
+    common = dict(steps=int(f["steps"]), batch_size=int(f["batch_size"]), lr=float(f["lr"]),
+                  weight_decay=float(f["weight_decay"]), seed=seed, output_dir=str(work), train_config=ckpt,
+                  progress=progress)
+    if name == "sd-finetune":
+        return sd_finetune(model, sets.train_images, prompt=str(b["prompt"]), **common).history, {"prompt": str(b["prompt"])}
+    s = cfg["sampling"]
+    class_images = generate_class_images(model, str(b["dreambooth_class_prompt"]), int(b["dreambooth_class_images"]),
+                                         int(s["num_steps"]), float(s["guidance_scale"]), seed=seed)
+    res = dreambooth_finetune(model, sets.train_images, class_images, prior_weight=float(b["dreambooth_prior_weight"]),
+                              instance_prompt=str(b["prompt"]), class_prompt=str(b["dreambooth_class_prompt"]), **common)
+    return res.history, {"prompt": str(b["prompt"]), "class_prompt": str(b["dreambooth_class_prompt"]),
+                         "class_images": int(len(class_images))}
+
+
+# ================================================================================================ Table 4.1
+@torch.no_grad()
+def sample_images(model, prompts: Sequence[str], num_steps: int, guidance_scale: float, seed: int = 0,
+                  batch_size: int = 64) -> torch.Tensor:
+    """Text-to-image samples ``(N, 3, H, W)`` in [0, 1], a fresh initial noise per image (seeded per batch)."""
+    from ctrlgen.methods.didgen.further_control import generate
+
+    out = [generate(model, list(prompts[i:i + batch_size]), num_steps, guidance_scale, seed=seed + i, same_noise=False)
+           for i in range(0, len(prompts), batch_size)]
+    return torch.cat(out)
+
+
+def table_4_1_prompts(cfg: Mapping[str, Any], sets: DermSets, tokenizer, n: int) -> dict[str, list[str]]:
+    """The prompts of each Table 4.1 row: new DermPrompts (attribute values seen in training, recombined),
+    the prefix alone, and the baselines' fixed prompt."""
+    from ctrlgen.methods.didgen import PromptSampler
+
+    sampler = PromptSampler(sets.captions, tokenizer, prefix=str(cfg["didgen"]["prefix"]))
+    new = [c.text for c in sampler.sample(n, seed=int(cfg["seed"]) + 7, mode="marginal")]
+    fixed = str(cfg["didgen"]["baselines"]["prompt"])
+    return {"Mine-DermPrompt": new, "Mine-prefix": [str(cfg["didgen"]["prefix"])] * n,
+            "SD-Finetune": [fixed] * n, "DreamBooth": [fixed] * n}
+
+
+ROW_MODEL = {"Mine-DermPrompt": "mine", "Mine-prefix": "mine", "SD-Finetune": "sd-finetune", "DreamBooth": "dreambooth"}
+
+
+def quality_row(samples: torch.Tensor, real: torch.Tensor, fid_features, distance, cfg: Mapping[str, Any]) -> dict[str, float]:
+    """FID and MS-SSIM against the real evaluation images, LPIPS within the generated set (Table 4.1)."""
+    from ctrlgen.metrics.image import fid, ms_ssim_between, within_set_diversity
+
+    e, seed = cfg["didgen"]["eval"], int(cfg["seed"])
+    return {"FID ↓": fid(real, samples, fid_features),
+            "MS-SSIM ↑": ms_ssim_between(samples, real, 0, seed, int(e["ms_ssim_scales"]), int(e["ms_ssim_kernel"])),
+            "LPIPS ↑": within_set_diversity(samples, distance, int(e["lpips_pairs"]), seed)}
+
+
+# ================================================================================================ Fig. 4.7a
+@torch.no_grad()
+def token_maps_on_real(model, images: np.ndarray, prompts: Sequence[str], tokens: Sequence[str], t: int, res: int,
+                       seed: int = 0, batch_size: int = 32) -> torch.Tensor:
+    """Cross-attention maps ``(N, K, res, res)`` of ``tokens`` on noised real images at timestep ``t`` (one
+    U-Net call with capture on side ``res`` only)."""
+    from ctrlgen.attention import AttentionCapture
+    from ctrlgen.methods.didgen.region_aware import _to_pixels
+
+    ids_all = model.tokenize(list(prompts))
+    tids = [int(model.tokenizer.convert_tokens_to_ids(tok)) for tok in tokens]
+    gen = torch.Generator().manual_seed(seed)
+    sched = model.noise_scheduler()
+    out = []
+    for i in range(0, len(images), batch_size):
+        z = model.encode_images(_to_pixels(np.asarray(images[i:i + batch_size])).to(model.device))
+        noise = torch.randn(z.shape, generator=gen).to(z)
+        tt = torch.full((len(z),), t, dtype=torch.long, device=z.device)
+        ids = ids_all[i:i + batch_size]
+        pos = torch.tensor([[row.index(tid) if tid in row else 0 for tid in tids] for row in ids.tolist()])
+        with AttentionCapture(model.unet, cross_res=[res], self_res=[], latent_size=tuple(z.shape[-2:])) as store:
+            model.unet(sched.add_noise(z, noise, tt), tt, encoder_hidden_states=model.encode_ids(ids.to(z.device)))
+            maps = store.cross(res)  # (B, h, w, T)
+        out.append(torch.stack([maps[b, :, :, pos[b]].permute(2, 0, 1) for b in range(len(z))]).cpu())
+    return torch.cat(out)
+
+
+def otsu_iou(maps: torch.Tensor, masks: np.ndarray) -> np.ndarray:
+    """IoU of ``Otsu(map)`` (bilinear-upsampled to the mask side, no morphology) against the true masks."""
+    from ctrlgen.attention import otsu_mask, resize_maps
+    from ctrlgen.methods.didgen.pair_generation import mask_iou
+
+    side = masks.shape[-1]
+    pred = otsu_mask(resize_maps(maps.float(), side), dilate=0, erode=0)
+    return mask_iou(pred.numpy(), masks)
+
+
+def blob_baseline_iou(train_masks: np.ndarray, masks: np.ndarray) -> np.ndarray:
+    """IoU of one fixed mask — the thresholded mean training mask — against each mask (what a map that
+    ignores the image would score; NOTES-mini-feasibility.md reports 0.40 for ISIC at 64 px)."""
+    from ctrlgen.methods.didgen.pair_generation import mask_iou
+
+    mean = train_masks.mean(0) > 0.5 if (train_masks.mean(0) > 0.5).any() else train_masks.mean(0) >= train_masks.mean(0).max()
+    return mask_iou(np.broadcast_to(mean, masks.shape), masks)
+
+
+# ================================================================================================ pairs
+@dataclass
+class PairRun:
+    """One pair-generation condition of §4.4.5: the result and its wall time per pair."""
+
+    label: str
+    result: Any                         # PairResult
+    seconds_per_pair: float
+
+
+def run_pairs(model, cfg: Mapping[str, Any], cond_masks: np.ndarray, prompts: Sequence[str], label: str, seed: int,
+              progress: bool = False, **overrides: Any) -> PairRun:
+    """Generate pairs with ``PairConfig.from_profile(cfg, **overrides)`` (e.g. ``use_ca=False``, ``guidance=False``)."""
+    from ctrlgen.methods.didgen import PairConfig, PairGenerator
+
+    gen = PairGenerator(model, PairConfig.from_profile(cfg, **overrides))
+    t0 = time.perf_counter()
+    res = gen.generate(cond_masks, list(prompts), seed=seed, batch_size=int(cfg["didgen"]["eval"]["pair_batch"]),
+                       progress=progress)
+    return PairRun(label, res, (time.perf_counter() - t0) / max(1, len(cond_masks)))
+
+
+def first_pairs(run: PairRun, n: int, label: str) -> PairRun:
+    """The first ``n`` pairs of a run (the masks the ablations share), same time per pair."""
+    r = run.result
+    res = type(r)(r.images[:n], r.masks[:n], r.masks_tau0[:n], r.cond_masks[:n], r.ok[:n], r.fallback[:n], r.failure[:n],
+                  r.failure_tau[:n], r.prompts[:n], r.cross_maps[:n], r.a_cs[:n], r.history)
+    return PairRun(label, res, run.seconds_per_pair)
+
+
+def pair_summary(run: PairRun, segmenter=None) -> dict[str, float]:
+    """Agreement and failure figures of one pair run (§4.4.5): IoU of the annotation against the conditioning
+    mask (τ and τ = 0), failures, and — with a segmenter trained on real data — against the lesion drawn."""
+    from ctrlgen.methods.didgen.pair_generation import mask_iou
+
+    r = run.result
+    iou = mask_iou(r.masks.numpy(), r.cond_masks.numpy())[r.ok.numpy()]
+    iou0 = mask_iou(r.masks_tau0.numpy(), r.cond_masks.numpy())
+    n = len(r.ok)
+    out = {"pairs": float(n), "IoU(annotation, condition) mean": float(iou.mean()) if len(iou) else float("nan"),
+           "IoU(annotation, condition) sd": float(iou.std()) if len(iou) else float("nan"),
+           "IoU(τ=0 annotation, condition) mean": float(iou0.mean()),
+           "τ annotation failed [%]": 100.0 * sum(bool(w) for w in r.failure_tau) / n,
+           "dropped (no usable mask) [%]": 100.0 * float((~r.ok).sum()) / n,
+           "seconds per pair": run.seconds_per_pair}
+    if segmenter is not None:
+        drawn = segmenter.predict(r.images)
+        out["IoU(annotation, drawn lesion) mean"] = float(mask_iou(r.masks.numpy(), drawn)[r.ok.numpy()].mean())
+        out["IoU(condition, drawn lesion) mean"] = float(mask_iou(r.cond_masks.numpy(), drawn).mean())
+    return out
+
+
+# ================================================================================================ segmenter
+@dataclass
+class Segmenter:
+    """A small MONAI U-Net trained on the real training pairs: measures the lesion actually drawn in a
+    generated image (the annotation's agreement with the image, not with the condition)."""
+
+    net: torch.nn.Module
+    history: list[float]
+    heldout_iou: float = float("nan")
+
+    @torch.no_grad()
+    def predict(self, images: torch.Tensor, batch_size: int = 64) -> np.ndarray:
+        """Boolean masks ``(N, H, W)`` for images ``(N, 3, H, W)`` in [0, 1]."""
+        self.net.eval()
+        out = [self.net(images[i:i + batch_size].float() * 2 - 1)[:, 0] > 0 for i in range(0, len(images), batch_size)]
+        return torch.cat(out).cpu().numpy()
+
+
+def train_segmenter(images: np.ndarray, masks: np.ndarray, steps: int, batch_size: int, lr: float,
+                    channels: Sequence[int], seed: int = 0, progress: bool = False) -> Segmenter:
+    """MONAI ``UNet`` (2-D, strided convolutions, residual units) trained with Dice + BCE (``monai.losses.DiceCELoss``)
+    and random flips."""
+    from monai.losses import DiceCELoss
+    from monai.networks.nets import UNet
+    from tqdm.auto import tqdm
+
+    torch.manual_seed(seed)
+    net = UNet(spatial_dims=2, in_channels=3, out_channels=1, channels=tuple(channels),
+               strides=tuple([2] * (len(channels) - 1)), num_res_units=1)
+    x = pixels01(images) * 2 - 1
+    y = torch.from_numpy(np.asarray(masks, np.float32))[:, None]
+    loss_fn = DiceCELoss(sigmoid=True)
+    opt = torch.optim.AdamW(net.parameters(), lr=lr)
+    rng = np.random.default_rng(seed)
+    history = []
+    net.train()
+    for _ in tqdm(range(steps), disable=not progress, desc="segmenter", leave=False):
+        idx = torch.as_tensor(rng.integers(0, len(x), batch_size))
+        xb, yb = x[idx], y[idx]
+        if rng.uniform() < 0.5:
+            xb, yb = xb.flip(-1), yb.flip(-1)
+        if rng.uniform() < 0.5:
+            xb, yb = xb.flip(-2), yb.flip(-2)
+        loss = loss_fn(net(xb), yb)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        history.append(float(loss.detach()))
+    net.eval()
+    return Segmenter(net, history)
+
+
+# ================================================================================================ figures
+def image_grid_figure(rows: Mapping[str, torch.Tensor], n: int = 8, title: str = ""):
+    """One row of ``n`` images ``(N, 3, H, W)`` in [0, 1] per label."""
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(len(rows), n, figsize=(1.3 * n, 1.4 * len(rows)), squeeze=False)
+    for r, (label, imgs) in enumerate(rows.items()):
+        for c in range(n):
+            ax = axes[r, c]
+            ax.axis("off")
+            if c < len(imgs):
+                x = imgs[c]
+                ax.imshow(x.permute(1, 2, 0).clamp(0, 1).numpy() if x.ndim == 3 else x.numpy(), cmap="gray",
+                          vmin=0, vmax=1)
+        axes[r, 0].set_title(label, fontsize=8, loc="left")
+    if title:
+        fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    return fig
+
+
+def maps_figure(images_by_model: Mapping[str, torch.Tensor], maps_by_model: Mapping[str, torch.Tensor],
+                tokens: Sequence[str], n: int = 4):
+    """Fig. 4.7a: per model, generated images and the cross-attention maps of each P-Token beneath them."""
+    import matplotlib.pyplot as plt
+
+    models = list(images_by_model)
+    rows = len(models) * (1 + len(tokens))
+    fig, axes = plt.subplots(rows, n, figsize=(1.5 * n, 1.45 * rows), squeeze=False)
+    r = 0
+    for m in models:
+        for c in range(n):
+            axes[r, c].imshow(images_by_model[m][c].permute(1, 2, 0).clamp(0, 1).numpy())
+        axes[r, 0].set_title(f"{m}: image", fontsize=8, loc="left")
+        for k, tok in enumerate(tokens):
+            for c in range(n):
+                axes[r + 1 + k, c].imshow(maps_by_model[m][c, k].numpy(), cmap="viridis")
+            axes[r + 1 + k, 0].set_title(f"{m}: A_C({tok})", fontsize=8, loc="left")
+        r += 1 + len(tokens)
+    for ax in axes.flat:
+        ax.axis("off")
+    fig.tight_layout()
+    return fig
+
+
+def pairs_figure(runs: Sequence[PairRun], n: int = 6):
+    """Per condition: generated images, conditioning masks, annotated masks (Eq. 4.11) and A_CS."""
+    import matplotlib.pyplot as plt
+
+    kinds = ("image", "condition", "annotation", "A_CS")
+    fig, axes = plt.subplots(len(runs) * len(kinds), n, figsize=(1.4 * n, 1.3 * len(runs) * len(kinds)), squeeze=False)
+    for i, run in enumerate(runs):
+        r = run.result
+        for k, kind in enumerate(kinds):
+            row = i * len(kinds) + k
+            for c in range(min(n, len(r.ok))):
+                if kind == "image":
+                    axes[row, c].imshow(r.images[c].permute(1, 2, 0).clamp(0, 1).numpy())
+                elif kind == "A_CS":
+                    axes[row, c].imshow(r.a_cs[c].numpy(), cmap="viridis")
+                else:
+                    m = r.cond_masks[c] if kind == "condition" else r.masks[c]
+                    axes[row, c].imshow(m.numpy(), cmap="gray", vmin=0, vmax=1)
+            axes[row, 0].set_title(f"{run.label}: {kind}", fontsize=8, loc="left")
+    for ax in axes.flat:
+        ax.axis("off")
+    fig.tight_layout()
+    return fig
+
+
+def boxes_figure(images: torch.Tensor, boxes: Sequence[Sequence[float]], prompts: Sequence[str] = ()):
+    """Fig. 4.9: box-guided samples with their boxes drawn."""
+    import matplotlib.pyplot as plt
+    from matplotlib.patches import Rectangle
+
+    n = len(images)
+    fig, axes = plt.subplots(1, n, figsize=(1.8 * n, 2.0), squeeze=False)
+    side = images.shape[-1]
+    for c in range(n):
+        ax = axes[0, c]
+        ax.imshow(images[c].permute(1, 2, 0).clamp(0, 1).numpy())
+        x0, y0, x1, y1 = (v * side for v in boxes[c])
+        ax.add_patch(Rectangle((x0 - 0.5, y0 - 0.5), x1 - x0, y1 - y0, fill=False, edgecolor="yellow", linewidth=1.5))
+        ax.axis("off")
+    fig.tight_layout()
+    return fig
+
+
+def loss_table(models: Mapping[str, Finetuned], tail: float = 0.1) -> pd.DataFrame:
+    """Mean of each logged loss over the last ``tail`` of the steps, per finetuned model."""
+    rows = {}
+    for name, ft in models.items():
+        h = pd.DataFrame(ft.history)
+        k = max(1, int(len(h) * tail))
+        rows[name] = {c: float(h[c].iloc[-k:].mean()) for c in h.columns if c != "step"}
+        rows[name]["steps"] = int(h["step"].iloc[-1]) if len(h) else 0
+        rows[name]["from cache"] = ft.cached
+        rows[name]["training wall time [s]"] = round(ft.train_seconds, 1)
+    return pd.DataFrame(rows).T
+
+
+__all__ = ["MODEL_NAMES", "DermSets", "derm_sets", "pixels01", "Finetuned", "finetune", "models_dir", "base_model",
+           "sample_images", "table_4_1_prompts", "ROW_MODEL", "quality_row", "token_maps_on_real", "otsu_iou",
+           "blob_baseline_iou", "PairRun", "run_pairs", "first_pairs", "pair_summary", "Segmenter", "train_segmenter",
+           "image_grid_figure", "maps_figure", "pairs_figure", "boxes_figure", "loss_table"]
