@@ -52,16 +52,18 @@ DERM_TOKENS = ("<lesion>", "<skin>")
 # library files whose change must retrain the models (the code version of the cache key)
 CODE_FILES = ("pretrain.py", "models/mini.py", "models/sd.py", "models/tokenizer.py", "training/loop.py",
               "training/losses.py", "training/vae.py", "training/params.py", "training/checkpoint.py",
-              "attention/capture.py", "attention/layers.py", "data/attributes.py", "data/anatomy.py")
+              "attention/capture.py", "attention/layers.py", "data/attributes.py")
+# files only one domain's training reads (a change there retrains that domain only)
+DOMAIN_CODE_FILES = {"cxr": ("data/anatomy.py",)}
 CXR_PROMPT = "a chest x-ray with {}"
 
 
 # ================================================================================================ keys
-def code_version() -> str:
-    """Hash of the library files the training depends on (``CODE_FILES``)."""
+def code_version(domain: str = "") -> str:
+    """Hash of the library files the training of ``domain`` depends on (``CODE_FILES`` + ``DOMAIN_CODE_FILES``)."""
     root = Path(__file__).resolve().parent
     h = hashlib.sha256()
-    for rel in CODE_FILES:
+    for rel in CODE_FILES + DOMAIN_CODE_FILES.get(domain, ()):
         h.update(rel.encode())
         h.update((root / rel).read_bytes())
     return h.hexdigest()[:12]
@@ -79,22 +81,22 @@ def _hash(obj: Any) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-def vae_key_parts(cfg: Mapping[str, Any], fingerprint: str) -> dict[str, Any]:
+def vae_key_parts(cfg: Mapping[str, Any], fingerprint: str, domain: str = "") -> dict[str, Any]:
     p = cfg["pretrain"]
     return {"profile": getattr(cfg, "profile_name", "") or "custom", "seed": int(cfg["seed"]),
             "image_size": int(cfg["models"]["image_size"]), "vae": _plain(cfg["models"]["mini"]["vae"]),
             "train": _without(_plain(p["vae"]), "checkpoint_every"), "max_train": int(p["max_train"]), "n_heldout": int(p["n_heldout"]),
-            "data": fingerprint, "code": code_version()}
+            "data": fingerprint, "code": code_version(domain)}
 
 
-def unet_key_parts(cfg: Mapping[str, Any], fingerprint: str, variant: str) -> dict[str, Any]:
+def unet_key_parts(cfg: Mapping[str, Any], fingerprint: str, variant: str, domain: str = "") -> dict[str, Any]:
     """What the U-Net/text-encoder model of ``variant`` depends on (the cache key is its hash)."""
     p = cfg["pretrain"]
     unet = _plain(p["unet"])
     unet["steps"] = variant_steps(cfg, variant)
     unet.pop("plain_steps", None)
     unet.pop("checkpoint_every", None)  # where a run may resume does not change the model
-    parts = {**vae_key_parts(cfg, fingerprint), "variant": variant, "mini": _plain(cfg["models"]["mini"]), "unet": unet,
+    parts = {**vae_key_parts(cfg, fingerprint, domain), "variant": variant, "mini": _plain(cfg["models"]["mini"]), "unet": unet,
              "low_contrast_threshold": float(cfg["data"]["attributes"]["low_contrast_threshold"])}
     if variant == "selfattn":
         parts["self_attention_loss"] = _plain(p["self_attention_loss"])
@@ -466,7 +468,7 @@ def ensure_vae(cfg: Mapping[str, Any], data: DomainData, force: bool = False, pr
     from ctrlgen.training import VAETrainConfig, train_vae
 
     folder = vae_dir(cfg, data.domain)
-    parts = vae_key_parts(cfg, data.fingerprint)
+    parts = vae_key_parts(cfg, data.fingerprint, data.domain)
     key = _hash(parts)
     info = _read_json(folder / "pretrain.json")
     if not force and info and info.get("key") == key and (folder / "vae").is_dir():
@@ -538,7 +540,7 @@ def pretrain_domain(cfg: Mapping[str, Any], domain: str, self_attention_loss: bo
                          f"pretrain.variants = {list(cfg['pretrain']['variants'])}")
     data = data or load_domain_data(cfg, domain)
     folder = variant_dir(cfg, domain, variant)
-    parts = unet_key_parts(cfg, data.fingerprint, variant)
+    parts = unet_key_parts(cfg, data.fingerprint, variant, domain)
     key = _hash(parts)
     info = _read_json(folder / "pretrain.json")
     common = dict(domain=domain, variant=variant, folder=folder, vae_folder=vae_dir(cfg, domain), source=data.source,
