@@ -7,6 +7,12 @@ the steps (target ≤ 2.2), plus the peak memory of each mode (CUDA: max allocat
 peak RSS). ``--arch sd21_base --device cuda --dtype float16`` times the real SD 2.1 shape with random
 weights. Each mode runs ``--repeats`` times interleaved after a warm-up; medians are reported and
 written to ``<output>/bench/attention-<profile>.json``.
+
+``ctrlgen bench pairs --profile mini`` reports DiDGen's lesion–mask pair generation (§4.3.4, the
+profile's ``didgen.pairs`` settings, annotation included) in pairs per minute, guided (L_CA + L_SA on
+the first ``guidance_fraction`` of the steps) against the same generator unguided, batched as the
+chapter runs it (``didgen.eval.pair_batch``); ratios of medians over interleaved repeats, written to
+``<output>/bench/pairs-<profile>.json``.
 """
 from __future__ import annotations
 
@@ -100,6 +106,63 @@ def bench_attention(cfg, arch: str = "", device: str = "cpu", dtype_name: str = 
     }
 
 
+def bench_pairs(cfg, n_pairs: int = 0, repeats: int = 3) -> dict[str, Any]:
+    """Pairs per minute of guided vs unguided lesion–mask pair generation on a mini-architecture model."""
+    import statistics
+    import time
+
+    import numpy as np
+    import torch
+
+    from ctrlgen.methods.didgen import PairConfig, PairGenerator, setup_placeholders
+    from ctrlgen.models import build_caption_tokenizer, build_mini_components
+
+    prefix = str(cfg.didgen.prefix)
+    tok = build_caption_tokenizer([prefix.replace("<lesion>", "lesion").replace("<skin>", "skin") + ", a brown lesion"],
+                                  model_max_length=int(cfg.models.mini.text_encoder.max_length))
+    model = build_mini_components(cfg, tok)
+    setup_placeholders(model)
+    side = int(model.unet.config.sample_size) * model.vae_scale_factor
+    batch = int(cfg.didgen.eval.pair_batch)
+    n = n_pairs or batch
+    yy, xx = np.mgrid[:side, :side]
+    masks = np.stack([(yy - side / 2 + i % 5) ** 2 + (xx - side / 2) ** 2 <= (side / 4) ** 2 for i in range(n)])
+    prompt = f"{prefix}, a brown lesion"
+    gens = {"guided": PairGenerator(model, PairConfig.from_profile(cfg)),
+            "unguided": PairGenerator(model, PairConfig.from_profile(cfg, guidance=False))}
+
+    def run(mode: str) -> float:
+        start = time.perf_counter()
+        gens[mode].generate(masks, [prompt], seed=0, batch_size=batch)
+        return time.perf_counter() - start
+
+    times: dict[str, list[float]] = {m: [] for m in gens}
+    for mode in gens:  # warm-up
+        run(mode)
+    for _ in range(repeats):
+        for mode in gens:
+            times[mode].append(run(mode))
+    median = {m: statistics.median(v) for m, v in times.items()}
+    return {"model": f"mini architecture ({cfg.profile_name}), random weights", "pairs": n, "batch": batch,
+            "steps": int(cfg.didgen.pairs.num_steps), "guidance_fraction": float(cfg.didgen.pairs.guidance_fraction),
+            "threads": torch.get_num_threads(), "seconds_median": median,
+            "pairs_per_minute": {m: 60 * n / t for m, t in median.items()},
+            "ratio_guided_vs_unguided": median["guided"] / median["unguided"]}
+
+
+def _pairs(args: argparse.Namespace) -> int:
+    from ctrlgen import paths
+    from ctrlgen.results import atomic_write_json
+
+    cfg = profile_from_args(args)
+    report = bench_pairs(cfg, args.pairs, args.repeats)
+    target = paths.output_root(cfg) / "bench" / f"pairs-{cfg.profile_name}.json"
+    atomic_write_json(target, report)
+    json.dump(report, sys.stdout, indent=2)
+    print(f"\nwritten to {target}")
+    return EXIT_OK
+
+
 def _attention(args: argparse.Namespace) -> int:
     from ctrlgen import paths
     from ctrlgen.results import atomic_write_json
@@ -127,3 +190,9 @@ def add_bench_parser(subparsers) -> None:
     attention.add_argument("--steps", type=int, default=0, help="sampling steps (default: the profile's sampling.num_steps)")
     attention.add_argument("--repeats", type=int, default=3, help="interleaved repetitions per mode (medians reported)")
     attention.set_defaults(func=_attention)
+    pairs = groups.add_parser("pairs", help="DiDGen lesion-mask pairs per minute, guided vs unguided",
+                              description=bench_pairs.__doc__)
+    add_profile_args(pairs)
+    pairs.add_argument("--pairs", type=int, default=0, help="pairs per timed run (default: one batch, didgen.eval.pair_batch)")
+    pairs.add_argument("--repeats", type=int, default=3, help="interleaved repetitions per mode (medians reported)")
+    pairs.set_defaults(func=_pairs)
