@@ -186,17 +186,19 @@ plt.show()
 #
 # The thesis shows that without the region-aware loss the P-Token maps do not highlight the lesion and the
 # skin. Measured here: the `<lesion>` cross-attention map of each model on noised real evaluation images
-# (t = 500, the profile's cross-attention side), thresholded with Otsu, against the true lesion mask — and,
-# as the floor any image-blind map reaches, one fixed blob (the thresholded mean training mask).
+# with their own DermPrompts (t = 500, the profile's cross-attention side), thresholded with Otsu, against
+# the true lesion mask — and, as the floor any image-blind map reaches, one fixed blob (the thresholded
+# mean training mask).
 
 # %%
 tokens = ("<lesion>", "<skin>")
-eval_prompts = [str(cfg.didgen.prefix)] * len(sets.eval_images)
+eval_prompts = [c.text for c in sets.eval_captions]  # each evaluation image's own DermPrompt
 res = int(cfg.attention.cross_res[0])
 iou_rows, real_maps = {}, {}
-for name in ("mine", "mine-noregion"):
-    maps = D.token_maps_on_real(models[name].model, sets.eval_images, eval_prompts, tokens, int(e.attention_timestep),
-                                res, seed=cfg.seed)
+for name, model in {"base model (before finetuning)": base, "mine": models["mine"].model,
+                    "mine-noregion": models["mine-noregion"].model}.items():
+    maps = D.token_maps_on_real(model, sets.eval_images, eval_prompts, tokens, int(e.attention_timestep), res,
+                                seed=cfg.seed)
     real_maps[name] = maps
     iou = D.otsu_iou(maps[:, 0], sets.eval_masks)
     iou_rows[name] = {"IoU(Otsu(A_C(<lesion>)), true mask) mean": float(iou.mean()), "sd": float(iou.std())}

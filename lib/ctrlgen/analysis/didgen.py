@@ -47,6 +47,7 @@ class DermSets:
     eval_images: np.ndarray             # the real test images FID / MS-SSIM are computed against
     eval_masks: np.ndarray
     eval_name: str
+    eval_captions: list[Any]            # their DermPrompts (for attention maps on real images)
     source: str
     provenance: str
     fingerprint: str
@@ -70,15 +71,16 @@ def derm_sets(cfg: Mapping[str, Any], tokenizer) -> DermSets:
     cache = CaptionCache(cache_root(cfg) / "captions" / f"{data.dataset}-{cfg['models']['image_size']}")
     captions = captioner.caption_many(data.images, masks, data.ids, cache)
     eval_images, eval_masks, eval_name = data.heldout_images, data.heldout_regions.astype(bool), "held-out images"
-    if data.dataset != "multiconcept":
-        ds = load_dataset(data.dataset, cfg, resolution=int(cfg["models"]["image_size"]), require_images=True)
-        test = [r for r in ds.with_images() if r.split == "test" and r.mask_path is not None]
-        if len(test) >= 2:
-            eval_images, m = ds.load_arrays(test)
-            eval_masks, eval_name = m.astype(bool), f"{data.dataset} test split"
+    eval_ids = data.heldout_ids
+    ds = load_dataset(data.dataset, cfg, resolution=int(cfg["models"]["image_size"]), require_images=True)
+    test = [r for r in ds.with_images() if r.split == "test" and r.mask_path is not None]
+    if len(test) >= 2:
+        eval_images, m = ds.load_arrays(test)
+        eval_masks, eval_name, eval_ids = m.astype(bool), f"{data.dataset} test split", [r.id for r in test]
+    eval_captions = captioner.caption_many(eval_images, eval_masks, eval_ids, cache)
     fp = hashlib.sha256((data.fingerprint + "|" + "\n".join(c.text for c in captions)).encode()).hexdigest()[:16]
-    return DermSets(data.images, masks, data.ids, captions, eval_images, eval_masks, eval_name, data.source,
-                    data.provenance, fp)
+    return DermSets(data.images, masks, data.ids, captions, eval_images, eval_masks, eval_name, eval_captions,
+                    data.source, data.provenance, fp)
 
 
 def pixels01(images: np.ndarray) -> torch.Tensor:
