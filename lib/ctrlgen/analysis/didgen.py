@@ -30,8 +30,8 @@ import pandas as pd
 import torch
 
 MODEL_NAMES = ("mine", "mine-noregion", "sd-finetune", "dreambooth")
-CODE_FILES = ("analysis/didgen.py", "methods/didgen/region_aware.py", "methods/didgen/dermprompt.py",
-              "methods/baselines/sd_finetune.py", "methods/baselines/dreambooth.py", "training/loop.py",
+# the captions' texts are in the key already (DermSets.fingerprint), so the captioner's code is not listed
+CODE_FILES = ("analysis/didgen.py", "methods/didgen/region_aware.py", "methods/baselines/sd_finetune.py", "methods/baselines/dreambooth.py", "training/loop.py",
               "training/params.py", "training/losses.py", "attention/capture.py", "models/tokens.py")
 
 
