@@ -31,8 +31,8 @@ import torch
 
 MODEL_NAMES = ("mine", "mine-noregion", "sd-finetune", "dreambooth")
 # the captions' texts are in the key already (DermSets.fingerprint), so the captioner's code is not listed
-CODE_FILES = ("analysis/didgen.py", "methods/didgen/region_aware.py", "methods/baselines/sd_finetune.py", "methods/baselines/dreambooth.py", "training/loop.py",
-              "training/params.py", "training/losses.py", "attention/capture.py", "models/tokens.py")
+CODE_FILES = ("analysis/didgen.py", "methods/didgen/region_aware.py", "methods/baselines/sd_finetune.py",
+              "methods/baselines/dreambooth.py", "training/loop.py", "training/params.py", "training/losses.py", "attention/capture.py", "models/tokens.py")
 
 
 # ================================================================================================ data
