@@ -450,7 +450,12 @@ class HFChatVLM:
     """``generate_fn`` backed by a transformers chat VLM in a local folder (never downloads).
 
     Loads ``AutoProcessor`` and ``AutoModelForImageTextToText`` with ``local_files_only=True``;
-    greedy decoding; returns the newly generated text.
+    greedy decoding; returns the newly generated text (the prompt tokens are cut off, special tokens
+    skipped). The chat template is rendered to text and then tokenised by the processor together with
+    the image; when the rendered prompt already starts with the BOS token (Llama 3.x templates do), the
+    tokeniser must not add a second one (``add_special_tokens=False``, as in the Llama-3.2-Vision model
+    card and transformers' own ``apply_chat_template(tokenize=True)``). Floating-point inputs (pixel
+    values) are cast to the model's dtype.
     """
 
     def __init__(self, path: str | Path, device: str = "cpu", dtype: str = "float32", max_new_tokens: int = 160):
@@ -471,8 +476,11 @@ class HFChatVLM:
         import torch
 
         text = self.processor.apply_chat_template(messages, add_generation_prompt=True)
-        kw = {"images": image} if image is not None else {}
-        inputs = self.processor(text=text, return_tensors="pt", **kw).to(self.model.device)
+        kw: dict[str, Any] = {"images": image} if image is not None else {}
+        bos = getattr(getattr(self.processor, "tokenizer", self.processor), "bos_token", None)
+        if bos and text.startswith(bos):  # the template wrote BOS: do not let the tokeniser add another
+            kw["add_special_tokens"] = False
+        inputs = self.processor(text=text, return_tensors="pt", **kw).to(self.model.device, dtype=self.model.dtype)
         with torch.no_grad():
             out = self.model.generate(**inputs, max_new_tokens=self.max_new_tokens, do_sample=False)
         new = out[0, inputs["input_ids"].shape[1]:]
