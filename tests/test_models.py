@@ -128,3 +128,15 @@ def test_cli_check_and_fetch(tmp_path, capsys):
     assert "HF_HUB_OFFLINE" in capsys.readouterr().err
     args = parser.parse_args(["models", "fetch", "--profile", "mini"])
     assert args.func(args) == EXIT_USAGE
+
+
+def test_caption_tokenizer_ids_are_the_same_in_every_process():
+    """Bytes absent from the corpus get their ids from the byte alphabet: its order must not depend on hashing."""
+    import subprocess
+    import sys
+
+    code = ("from ctrlgen.models import build_caption_tokenizer as b; t = b(['an image of a lesion']); "
+            "print(t.convert_tokens_to_ids(['.</w>', 'z</w>', '!', 'q']))")
+    outs = {subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                           env={**__import__("os").environ, "PYTHONHASHSEED": str(seed)}).stdout for seed in (1, 2)}
+    assert len(outs) == 1 and outs.pop().strip().startswith("[")

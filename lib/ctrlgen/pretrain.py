@@ -280,7 +280,9 @@ def _build_domain_data(cfg, domain: str, name: str, ds, train: list, held: list)
                           heldout_captions=[cxr_caption(r.labels) for r in held], regions=lab.astype(np.int64),
                           heldout_regions=hlab.astype(np.int64), region_names=("other", "lung fields", "heart")[:k + 1],
                           notes=f"regions: {how}", **common)
-    data.fingerprint = _fingerprint(name, ds.source, train + held, data.captions + data.heldout_captions)
+    # the extra vocabulary shapes the tokenizer, so it is part of the data the models are keyed by
+    data.fingerprint = _fingerprint(name, ds.source, train + held,
+                                    data.captions + data.heldout_captions + extra_vocabulary(domain))
     return data
 
 
@@ -450,15 +452,19 @@ def _build_tokenizer(cfg, data: DomainData):
     return tok
 
 
-def tokenizer_corpus(data: DomainData) -> list[str]:
-    """The texts the domain's tokenizer vocabulary is built from: its captions, and for derm every phrase the
-    DermPrompt attribute captioner can write (chapter 4 finetunes with them: each word must be one token)."""
-    corpus = data.captions + data.heldout_captions
-    if data.domain == "derm":
-        from ctrlgen.methods.didgen.dermprompt import dermprompt_vocabulary
+def extra_vocabulary(domain: str) -> list[str]:
+    """Texts beyond the captions whose words must be single tokens: for derm every phrase the DermPrompt
+    attribute captioner can write and the baselines' prompt (chapter 4 finetunes with them)."""
+    if domain != "derm":
+        return []
+    from ctrlgen.methods.didgen.dermprompt import dermprompt_vocabulary
 
-        corpus += dermprompt_vocabulary()
-    return corpus
+    return dermprompt_vocabulary() + ["An image of lesion on skin.", "An image of skin."]
+
+
+def tokenizer_corpus(data: DomainData) -> list[str]:
+    """The texts the domain's tokenizer vocabulary is built from: its captions and ``extra_vocabulary``."""
+    return data.captions + data.heldout_captions + extra_vocabulary(data.domain)
 
 
 def ensure_vae(cfg: Mapping[str, Any], data: DomainData, force: bool = False, progress: bool = True) -> tuple[Path, dict, bool]:

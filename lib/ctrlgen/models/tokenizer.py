@@ -33,7 +33,7 @@ def build_caption_tokenizer(corpora: Iterable[str], max_vocab: int = 4096, min_f
     bpe = Tokenizer(models.BPE(unk_token=EOS, end_of_word_suffix="</w>", continuing_subword_prefix="", fuse_unk=False))
     bpe.normalizer = template.backend_tokenizer.normalizer
     bpe.pre_tokenizer = template.backend_tokenizer.pre_tokenizer
-    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())  # a set's order changes between processes: ids would too
     trainer = trainers.BpeTrainer(
         vocab_size=max_vocab, min_frequency=min_frequency, show_progress=False, special_tokens=[BOS, EOS],
         initial_alphabet=alphabet, end_of_word_suffix="</w>", limit_alphabet=len(alphabet),

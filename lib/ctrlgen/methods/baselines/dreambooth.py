@@ -30,7 +30,10 @@ CLASS_PROMPT = "An image of skin."
 @torch.no_grad()
 def generate_class_images(model: SDComponents, class_prompt: str, n: int, num_steps: int, guidance_scale: float,
                           seed: int = 0, batch_size: int = 16) -> np.ndarray:
-    """``n`` prior-preservation images ``(n, H, W, 3)`` uint8 from the *frozen* base model."""
+    """``n`` prior-preservation images ``(n, H, W, 3)`` uint8 from the *frozen* base model (DDIM, one noise
+    stream per ``seed``)."""
+    if n < 1:
+        raise ValueError(f"generate at least one class image (n={n})")
     g = torch.Generator().manual_seed(seed)
     side = int(model.unet.config.sample_size)
     uncond = model.encode_prompt([""])
@@ -50,6 +53,9 @@ def prior_batches(model: SDComponents, instance: np.ndarray, class_images: np.nd
                   class_prompt: str, batch_size: int, prior_weight: float, seed: int = 0) -> Iterator[dict[str, Any]]:
     """Batches of ``batch_size`` instance + ``batch_size`` class images with weights 2 and 2λ."""
     pi, pc = _pixels(np.asarray(instance)), _pixels(np.asarray(class_images))
+    if pi.shape[1:] != pc.shape[1:]:
+        raise ValueError(f"instance images {tuple(pi.shape[2:])} and class images {tuple(pc.shape[2:])} must have the "
+                         "same size (generate the class images with the model being finetuned)")
     ids = torch.cat([model.tokenize([instance_prompt]).expand(batch_size, -1),
                      model.tokenize([class_prompt]).expand(batch_size, -1)])
     weights = torch.tensor([2.0] * batch_size + [2.0 * prior_weight] * batch_size)

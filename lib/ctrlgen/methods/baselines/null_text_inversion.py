@@ -8,9 +8,13 @@
    z̄_{t−1} = that step with the optimised ∅_t. Guidance scale w = 7.5 as in the paper.
 3. Sampling from z*_T with the per-step ∅_t and the prompt C reconstructs the image; with an edited
    prompt (e.g. a benign lesion's prompt changed to melanoma-like colours) it edits it.
-
-Prompt-to-Prompt attention injection, which Mokady et al. combine with the inversion for local
-edits, is not implemented here: edits are made by re-sampling with the edited prompt only.
+4. Edits use Prompt-to-Prompt attention control (Hertz et al., 2022), as Mokady et al. combine it
+   with the inversion (``sample_edits`` with ``ctrlgen.attention.prompt_to_prompt.PromptToPrompt``):
+   the reconstruction and the edited branches share one batched U-Net call per step, and the edited
+   branches take the source's cross-attention maps for the first ``cross_replace_fraction`` of the
+   steps (word swap for prompts of equal token count, refinement alignment otherwise) and its
+   self-attention maps for the first ``self_replace_fraction`` (defaults 0.8 / 0.4). ``p2p=False``
+   re-samples with the edited prompt only.
 """
 from __future__ import annotations
 
@@ -21,8 +25,10 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from ctrlgen.attention.prompt_to_prompt import AlignMode, PromptToPrompt
 from ctrlgen.inversion import ddim_invert
 from ctrlgen.models import make_scheduler
+from ctrlgen.models.sd import SDComponents
 from ctrlgen.sampling import predict_noise
 
 
@@ -106,23 +112,57 @@ def sample_plain(unet: torch.nn.Module, scheduler_config: Mapping[str, Any], z_T
     return z
 
 
-def edit_image(model, image: torch.Tensor, prompt: str, edited_prompts: Sequence[str], num_steps: int = 50,
-               guidance_scale: float = 7.5, inner_steps: int = 10) -> tuple[torch.Tensor, NullTextInversion]:
-    """Edit one real image ``(1, 3, H, W)`` in [-1, 1] of an ``SDComponents`` ``model``: null-text inversion with
-    ``prompt``, then one sample per edited prompt. Returns images ``(1 + E, 3, H, W)`` in [0, 1]: the
-    reconstruction first, then the edits."""
-    z0 = model.encode_images(image)
+@torch.no_grad()
+def sample_edits(unet: torch.nn.Module, scheduler_config: Mapping[str, Any], inversion: NullTextInversion,
+                 edit_cond: torch.Tensor, guidance_scale: float = 7.5,
+                 controller: PromptToPrompt | None = None) -> torch.Tensor:
+    """The source branch (reconstruction) and ``E`` edited branches ``edit_cond`` ``(E, L, D)`` sampled from z*_T
+    with the per-step null embeddings in ONE batched U-Net call per step (``[∅ rows; prompt rows]``).
+
+    A ``controller`` (an entered ``PromptToPrompt``) is told the step index before each call. Returns z_0
+    ``(1 + E, C, h, w)``, row 0 the reconstruction. Needs a single-image inversion."""
+    if inversion.z_T.shape[0] != 1:
+        raise ValueError("sample_edits edits one image: the inversion must have batch 1")
+    sched = make_scheduler("ddim", dict(scheduler_config))
+    sched.set_timesteps(len(inversion.timesteps), device=inversion.z_T.device)
+    cond = torch.cat([inversion.cond, edit_cond.to(inversion.cond)])
+    z = inversion.z_T.expand(cond.shape[0], -1, -1, -1).clone()
+    for i, (t, null) in enumerate(zip(sched.timesteps, inversion.null_embeddings)):
+        if controller is not None:
+            controller.step = i
+        eps = predict_noise(unet, z, t, cond, null, guidance_scale)
+        z = sched.step(eps, t, z).prev_sample
+    return z
+
+
+def edit_image(model: SDComponents, image: torch.Tensor, prompt: str, edited_prompts: Sequence[str],
+               num_steps: int = 50, guidance_scale: float = 7.5, inner_steps: int = 10, p2p: bool = True,
+               cross_replace_fraction: float = 0.8, self_replace_fraction: float = 0.4,
+               alignment: AlignMode = "auto") -> tuple[torch.Tensor, NullTextInversion]:
+    """Edit one real image ``(1, 3, H, W)`` in [-1, 1] of ``model``: null-text inversion with ``prompt``, then
+    one sample per edited prompt — with Prompt-to-Prompt control (module docstring, step 4) unless
+    ``p2p=False``. Returns images ``(1 + E, 3, H, W)`` in [0, 1]: the reconstruction first, then the edits."""
     with torch.no_grad():
+        z0 = model.encode_images(image)
         cond, uncond = model.encode_prompt([prompt]), model.encode_prompt([""])
         edits = model.encode_prompt(list(edited_prompts)) if edited_prompts else None
-    inv = null_text_invert(model.unet, model.scheduler_config, z0.detach(), cond, uncond, num_steps, guidance_scale,
+    inv = null_text_invert(model.unet, model.scheduler_config, z0, cond, uncond, num_steps, guidance_scale,
                            inner_steps)
-    outs = [sample_with_nulls(model.unet, model.scheduler_config, inv, None, guidance_scale)]
-    for k in range(0 if edits is None else len(edits)):
-        outs.append(sample_with_nulls(model.unet, model.scheduler_config, inv, edits[k:k + 1], guidance_scale))
+    if edits is not None and p2p:
+        ctrl = PromptToPrompt.for_prompts(model.unet, model.tokenize([prompt]), model.tokenize(list(edited_prompts)),
+                                          model.tokenizer.eos_token_id, num_steps, alignment,
+                                          cross_replace_fraction=cross_replace_fraction,
+                                          self_replace_fraction=self_replace_fraction)
+        with ctrl:
+            z = sample_edits(model.unet, model.scheduler_config, inv, edits, guidance_scale, ctrl)
+    else:
+        outs = [sample_with_nulls(model.unet, model.scheduler_config, inv, None, guidance_scale)]
+        for k in range(0 if edits is None else len(edits)):
+            outs.append(sample_with_nulls(model.unet, model.scheduler_config, inv, edits[k:k + 1], guidance_scale))
+        z = torch.cat(outs)
     with torch.no_grad():
-        images = (model.decode_latents(torch.cat(outs)).float().clamp(-1, 1) + 1) / 2
+        images = (model.decode_latents(z).float().clamp(-1, 1) + 1) / 2
     return images.cpu(), inv
 
 
-__all__ = ["NullTextInversion", "null_text_invert", "sample_with_nulls", "sample_plain", "edit_image"]
+__all__ = ["NullTextInversion", "null_text_invert", "sample_with_nulls", "sample_plain", "sample_edits", "edit_image"]

@@ -6,7 +6,8 @@
 * Bounding-box layout guidance (Fig. 4.9): BoxDiff's box constraints on the ``<lesion>``
   cross-attention (``ctrlgen.methods.baselines.boxdiff``) through the same sampling loop.
 * Real-image editing (Fig. 4.10): Null-text inversion with the image's prompt, then sampling with an
-  edited prompt (``ctrlgen.methods.baselines.null_text_inversion``).
+  edited prompt under Prompt-to-Prompt attention control, as Mokady et al. (2023) edit
+  (``ctrlgen.methods.baselines.null_text_inversion``, ``ctrlgen.attention.prompt_to_prompt``).
 """
 from __future__ import annotations
 
@@ -17,16 +18,19 @@ from typing import Any
 import numpy as np
 import torch
 
+from ctrlgen.attention.prompt_to_prompt import AlignMode
 from ctrlgen.methods.baselines.boxdiff import BoxGuidance, box_masks
 from ctrlgen.methods.baselines.null_text_inversion import NullTextInversion, edit_image
 from ctrlgen.methods.didgen.dermprompt import (
+    DROP_ORDER,
     LESION_COLOURS,
     MARKS,
     PREFIX,
     SKIN_COLOURS,
     DermAttributes,
+    PromptTooLongError,
     compose_prompt,
-    fit_prompt,
+    count_tokens,
 )
 from ctrlgen.models.sd import SDComponents
 from ctrlgen.sampling import initial_latents, sample
@@ -37,18 +41,26 @@ CUSTOMISABLE = {"skin_colour": SKIN_COLOURS, "lesion_colour": LESION_COLOURS, "m
 def customisation_prompts(base: DermAttributes, attribute: str, values: Sequence[Any] | None = None, tokenizer=None,
                           prefix: str = PREFIX) -> list[tuple[Any, str]]:
     """``(value, prompt)`` for each value of one attribute in ``CUSTOMISABLE`` (default: the whole vocabulary),
-    the rest of ``base`` unchanged. With a tokenizer the prompts are fitted to its limit (``fit_prompt``)."""
+    the rest of ``base`` unchanged. With a tokenizer the prompts are fitted to its limit: other attributes are
+    dropped in ``DROP_ORDER`` — the same ones for the whole row, so that only ``attribute`` differs — and the
+    customised attribute never (``PromptTooLongError`` if the row cannot fit with it)."""
     if attribute not in CUSTOMISABLE:
         raise ValueError(f"attribute {attribute!r} cannot be customised; choose one of {', '.join(CUSTOMISABLE)}")
     vals = list(values) if values is not None else list(CUSTOMISABLE[attribute])
-    out = []
-    for v in vals:
-        if attribute == "marks":
-            v = tuple(v) if not isinstance(v, str) else (v,)
-        attrs = replace(base, **{attribute: v})
-        text = compose_prompt(attrs, prefix) if tokenizer is None else fit_prompt(attrs, tokenizer, prefix)[0]
-        out.append((v, text))
-    return out
+    vals = [(tuple(v) if not isinstance(v, str) else (v,)) if attribute == "marks" else v for v in vals]
+    rows = [replace(base, **{attribute: v}) for v in vals]
+    if tokenizer is not None:
+        limit = int(tokenizer.model_max_length)
+        droppable = [d for d in DROP_ORDER if d != attribute]
+        dropped: list[str] = []
+        while any(count_tokens(tokenizer, compose_prompt(a.without(dropped), prefix)) > limit for a in rows):
+            left = [d for d in droppable if d not in dropped and any(getattr(a, d) for a in rows)]
+            if not left:
+                raise PromptTooLongError(f"a {attribute} row does not fit the text encoder's {limit} tokens even "
+                                         f"without {', '.join(dropped) or 'any other attribute'}")
+            dropped.append(left[0])
+        rows = [a.without(dropped) for a in rows]
+    return [(v, compose_prompt(a, prefix)) for v, a in zip(vals, rows)]
 
 
 @torch.no_grad()
@@ -58,10 +70,11 @@ def generate(model: SDComponents, prompts: Sequence[str], num_steps: int, guidan
     g = torch.Generator().manual_seed(seed)
     side = int(model.unet.config.sample_size)
     ch = model.unet.config.in_channels
-    z = initial_latents(1, ch, side, g, model.device).expand(len(prompts), -1, -1, -1).clone() if same_noise else \
-        initial_latents(len(prompts), ch, side, g, model.device)
-    res = sample(model.unet, model.scheduler("ddim"), z, model.encode_prompt(list(prompts)), model.encode_prompt([""]),
-                 num_steps=num_steps, guidance_scale=guidance_scale, generator=g, progress=False)
+    cond, uncond = model.encode_prompt(list(prompts)), model.encode_prompt([""])
+    z = initial_latents(1, ch, side, g, model.device, cond.dtype).expand(len(prompts), -1, -1, -1).clone() if same_noise \
+        else initial_latents(len(prompts), ch, side, g, model.device, cond.dtype)
+    res = sample(model.unet, model.scheduler("ddim"), z, cond, uncond, num_steps=num_steps,
+                 guidance_scale=guidance_scale, generator=g, progress=False)
     return ((model.decode_latents(res.latents).float().clamp(-1, 1) + 1) / 2).cpu()
 
 
@@ -110,11 +123,17 @@ def box_guided_generate(model: SDComponents, prompts: Sequence[str], boxes: Sequ
 
 
 def edit_real_image(model: SDComponents, image: np.ndarray, prompt: str, edited_prompts: Sequence[str], num_steps: int,
-                    guidance_scale: float = 7.5, inner_steps: int = 10) -> tuple[torch.Tensor, NullTextInversion]:
+                    guidance_scale: float = 7.5, inner_steps: int = 10, p2p: bool = True,
+                    cross_replace_fraction: float = 0.8, self_replace_fraction: float = 0.4,
+                    alignment: AlignMode = "auto") -> tuple[torch.Tensor, NullTextInversion]:
     """Fig. 4.10: a real image ``(H, W, 3)`` uint8 at the model's resolution, edited by prompt after
-    Null-text inversion. Returns ``(1 + E, 3, H, W)`` in [0, 1] (reconstruction, then the edits)."""
+    Null-text inversion, with Prompt-to-Prompt attention control unless ``p2p=False``
+    (``ctrlgen.methods.baselines.null_text_inversion.edit_image``). Returns ``(1 + E, 3, H, W)`` in [0, 1]
+    (reconstruction, then the edits)."""
     x = torch.from_numpy(np.ascontiguousarray(image)).float().permute(2, 0, 1)[None] / 255.0 * 2 - 1
-    return edit_image(model, x.to(model.device), prompt, edited_prompts, num_steps, guidance_scale, inner_steps)
+    return edit_image(model, x.to(model.device), prompt, edited_prompts, num_steps, guidance_scale, inner_steps, p2p=p2p,
+                      cross_replace_fraction=cross_replace_fraction, self_replace_fraction=self_replace_fraction,
+                      alignment=alignment)
 
 
 __all__ = ["CUSTOMISABLE", "customisation_prompts", "generate", "customise", "box_guided_generate", "edit_real_image"]
