@@ -368,9 +368,11 @@ run.save_figure(fig, "fig_4_9_boxes")
 plt.show()
 
 # %% [markdown]
-# **Editing a real image (Fig. 4.10).** Null-text inversion of a real evaluation image with its
-# DermPrompt, then sampling with the prompt changed towards melanoma-like colour (dark brown to black,
-# blue-grey). The first image is the reconstruction from the inversion.
+# **Editing a real image (Fig. 4.10).** Null-text inversion (Mokady et al., 2023) of a real evaluation
+# image with its DermPrompt, then sampling with the lesion colour changed towards melanoma-like colours,
+# with Prompt-to-Prompt attention control (Hertz et al., 2022: the edited branch takes the source's
+# cross-attention maps for the first 80% of the steps and its self-attention maps for the first 40%), so
+# that the layout stays and the colour changes. The second image is the reconstruction from the inversion.
 
 # %%
 from ctrlgen.methods.didgen import AttributeCaptioner
