@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ctrlgen.methods.baselines.sd_finetune import PROMPT, _pixels
+from ctrlgen.methods.baselines.sd_finetune import PROMPT, _pixels, mean_latents
 from ctrlgen.models.sd import SDComponents
 from ctrlgen.sampling import initial_latents, sample
 from ctrlgen.training import TrainConfig, TrainResult, select_trainable, train_diffusion
@@ -50,8 +50,10 @@ def generate_class_images(model: SDComponents, class_prompt: str, n: int, num_st
 
 
 def prior_batches(model: SDComponents, instance: np.ndarray, class_images: np.ndarray, instance_prompt: str,
-                  class_prompt: str, batch_size: int, prior_weight: float, seed: int = 0) -> Iterator[dict[str, Any]]:
-    """Batches of ``batch_size`` instance + ``batch_size`` class images with weights 2 and 2λ."""
+                  class_prompt: str, batch_size: int, prior_weight: float, seed: int = 0,
+                  precompute_latents: bool = False) -> Iterator[dict[str, Any]]:
+    """Batches of ``batch_size`` instance + ``batch_size`` class images with weights 2 and 2λ
+    (``precompute_latents``: their posterior-mean latents, encoded once)."""
     pi, pc = _pixels(np.asarray(instance)), _pixels(np.asarray(class_images))
     if pi.shape[1:] != pc.shape[1:]:
         raise ValueError(f"instance images {tuple(pi.shape[2:])} and class images {tuple(pc.shape[2:])} must have the "
@@ -59,25 +61,29 @@ def prior_batches(model: SDComponents, instance: np.ndarray, class_images: np.nd
     ids = torch.cat([model.tokenize([instance_prompt]).expand(batch_size, -1),
                      model.tokenize([class_prompt]).expand(batch_size, -1)])
     weights = torch.tensor([2.0] * batch_size + [2.0 * prior_weight] * batch_size)
+    key = "pixel_values"
+    if precompute_latents:
+        pi, pc, key = mean_latents(model, pi), mean_latents(model, pc), "latents"
     rng = np.random.default_rng(seed)
     while True:
         a = torch.as_tensor(rng.integers(0, len(pi), batch_size))
         b = torch.as_tensor(rng.integers(0, len(pc), batch_size))
-        yield {"pixel_values": torch.cat([pi[a], pc[b]]), "input_ids": ids, "rec_weight": weights}
+        yield {key: torch.cat([pi[a], pc[b]]), "input_ids": ids, "rec_weight": weights}
 
 
 def dreambooth_finetune(model: SDComponents, images: np.ndarray, class_images: np.ndarray, steps: int,
                         batch_size: int, lr: float = 1e-5, weight_decay: float = 1e-2, prior_weight: float = 1.0,
                         instance_prompt: str = PROMPT, class_prompt: str = CLASS_PROMPT, seed: int = 0,
                         output_dir: str = "", train_config: Mapping[str, Any] | None = None,
-                        progress: bool = True) -> TrainResult:
+                        progress: bool = True, precompute_latents: bool = False) -> TrainResult:
     """Finetune ``model``'s U-Net in place with prior preservation (class images from ``generate_class_images``)."""
     if len(class_images) == 0:
         raise ValueError("DreamBooth needs class images: generate_class_images(base model, class prompt, n, ...)")
     trainable = select_trainable(model.unet, model.text_encoder, mode="full", weight_decay=weight_decay)
     tc = TrainConfig(steps=steps, lr=lr, weight_decay=weight_decay, output_dir=output_dir, seed=seed,
                      progress=progress, **dict(train_config or {}))
-    data = prior_batches(model, images, class_images, instance_prompt, class_prompt, batch_size, prior_weight, seed)
+    data = prior_batches(model, images, class_images, instance_prompt, class_prompt, batch_size, prior_weight, seed,
+                         precompute_latents)
     result = train_diffusion(model, data, tc, trainable)
     model.unet.requires_grad_(False)
     return result

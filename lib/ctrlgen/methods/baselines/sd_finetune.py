@@ -21,10 +21,22 @@ def _pixels(images: np.ndarray) -> torch.Tensor:
     return (x / 255.0 if images.dtype == np.uint8 else x) * 2 - 1
 
 
+@torch.no_grad()
+def mean_latents(model: SDComponents, pixels: torch.Tensor, batch_size: int = 32) -> torch.Tensor:
+    """Scaled latents (posterior means) of pixel tensors in [-1, 1], encoded once (``precompute_latents``)."""
+    return torch.cat([model.encode_images(pixels[i:i + batch_size].to(model.device)).cpu()
+                      for i in range(0, len(pixels), batch_size)])
+
+
 def fixed_prompt_batches(model: SDComponents, images: np.ndarray, prompt: str, batch_size: int, seed: int = 0,
-                         hflip: bool = True) -> Iterator[dict[str, Any]]:
-    """Endless shuffled batches of ``images`` (uint8 ``(N, H, W, 3)``) all with one ``prompt``."""
+                         hflip: bool = True, precompute_latents: bool = False) -> Iterator[dict[str, Any]]:
+    """Endless shuffled batches of ``images`` (uint8 ``(N, H, W, 3)``) all with one ``prompt``.
+
+    ``precompute_latents``: yield the posterior-mean latents encoded once (no flips), as the region-aware
+    finetuning does with ``precompute_latents`` — the same data for both; otherwise pixels (the loop samples
+    a latent per step, the SD convention)."""
     pix = _pixels(np.asarray(images))
+    lat = mean_latents(model, pix) if precompute_latents else None
     ids = model.tokenize([prompt])
     rng = np.random.default_rng(seed)
     n = len(pix)
@@ -32,6 +44,9 @@ def fixed_prompt_batches(model: SDComponents, images: np.ndarray, prompt: str, b
         order = rng.permutation(n)
         for start in range(0, max(1, n - batch_size + 1), batch_size):
             idx = torch.as_tensor(order[start:start + batch_size])
+            if lat is not None:
+                yield {"latents": lat[idx], "input_ids": ids.expand(len(idx), -1)}
+                continue
             x = pix[idx]
             if hflip:
                 flip = torch.as_tensor(rng.uniform(size=len(idx)) < 0.5)
@@ -41,14 +56,16 @@ def fixed_prompt_batches(model: SDComponents, images: np.ndarray, prompt: str, b
 
 def sd_finetune(model: SDComponents, images: np.ndarray, steps: int, batch_size: int, lr: float = 1e-5,
                 weight_decay: float = 1e-2, prompt: str = PROMPT, seed: int = 0, output_dir: str = "",
-                train_config: Mapping[str, Any] | None = None, progress: bool = True) -> TrainResult:
+                train_config: Mapping[str, Any] | None = None, progress: bool = True,
+                precompute_latents: bool = False) -> TrainResult:
     """Finetune ``model``'s U-Net in place on ``images`` with ``prompt`` (L_rec, Eq. 4.3)."""
     trainable = select_trainable(model.unet, model.text_encoder, mode="full", weight_decay=weight_decay)
     tc = TrainConfig(steps=steps, lr=lr, weight_decay=weight_decay, output_dir=output_dir, seed=seed,
                      progress=progress, **dict(train_config or {}))
-    result = train_diffusion(model, fixed_prompt_batches(model, images, prompt, batch_size, seed), tc, trainable)
+    data = fixed_prompt_batches(model, images, prompt, batch_size, seed, precompute_latents=precompute_latents)
+    result = train_diffusion(model, data, tc, trainable)
     model.unet.requires_grad_(False)
     return result
 
 
-__all__ = ["PROMPT", "fixed_prompt_batches", "sd_finetune"]
+__all__ = ["PROMPT", "mean_latents", "fixed_prompt_batches", "sd_finetune"]
