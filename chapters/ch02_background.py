@@ -368,7 +368,7 @@ def _ratio(d, v):
     return summary.get((d, v), {}).get("affinity (layer-mean map)", float("nan"))
 
 default = {d: P.default_variant(cfg, d) for d in P.DOMAINS}
-for d in ("derm", "scenes"):
+for d in P.DOMAINS:
     print(f"{d}: affinity ratio of the layer-mean 16x16 map — selfattn {_ratio(d, 'selfattn'):.3f}, "
           f"plain {_ratio(d, 'plain'):.3f}; held-out eps-MSE at t=500 — "
           f"selfattn {quality.loc[(d, 'selfattn'), 'heldout eps-MSE t=500']:.4f}, "
