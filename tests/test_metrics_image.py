@@ -73,3 +73,18 @@ def test_profile_extractors_mini_use_the_domain_vae():
     with torch.no_grad():
         assert feats(x).shape[0] == 3 and float(dist(x, x).abs().max()) < 1e-6
         assert float(dist(x, x.flip(0))[0]) > 0
+
+
+def test_within_set_diversity_from_cached_features_equals_the_pair_by_pair_mean(monkeypatch):
+    import ctrlgen.metrics.image as M
+
+    layers = lambda x: [x, nn.functional.avg_pool2d(x, 2)]  # noqa: E731
+    dist = PerceptualDistance(layers, [torch.tensor([1.0, 2.0, 0.5]), torch.tensor([0.3, 1.0, 1.0])])
+    x = torch.rand(9, 3, 4, 4)
+    i, j = np.triu_indices(9, 1)
+    by_hand = float(torch.stack([dist(x[a:a + 1], x[b:b + 1])[0] for a, b in zip(i, j)]).mean())
+    cached = within_set_diversity(x, dist, batch_size=4)
+    monkeypatch.setattr(M, "FEATURE_CACHE_BYTES", 0)  # forces the pair-by-pair path
+    direct = within_set_diversity(x, dist, batch_size=4)
+    assert abs(cached - by_hand) < 1e-6 and abs(direct - by_hand) < 1e-6
+    assert abs(within_set_diversity(x, dist, n_pairs=10, seed=3) - M.within_set_diversity(x, dist, n_pairs=10, seed=3)) == 0

@@ -154,15 +154,22 @@ class PerceptualDistance(nn.Module):
             return x.float()
         return ((x.float() * 2 - 1) - self.shift.to(x.device)) / self.scale.to(x.device)
 
-    def forward(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-        fa, fb = self.layers_fn(self._prep(a)), self.layers_fn(self._prep(b))
-        total = torch.zeros(a.shape[0], device=a.device)
+    def unit_features(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """The channel-unit-normalised feature maps r̂_l of images ``x`` in [0, 1]."""
+        return [_unit(f) for f in self.layers_fn(self._prep(x))]
+
+    def from_features(self, fa: Sequence[torch.Tensor], fb: Sequence[torch.Tensor]) -> torch.Tensor:
+        """Eq. (4.17) from ``unit_features`` of two aligned batches."""
+        total = torch.zeros(fa[0].shape[0], device=fa[0].device)
         for i, (x, y) in enumerate(zip(fa, fb)):
-            d = (_unit(x) - _unit(y)) ** 2
+            d = (x - y) ** 2
             if self.weights is not None:
                 d = d * self.weights[i].to(d.device).view(1, -1, 1, 1)
             total = total + d.sum(1).mean((-2, -1))
         return total
+
+    def forward(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        return self.from_features(self.unit_features(a), self.unit_features(b))
 
 
 def alexnet_lpips(alexnet_weights: str | Path, lpips_weights: str | Path) -> PerceptualDistance:
@@ -223,8 +230,26 @@ def within_set_diversity(images: torch.Tensor, distance: nn.Module, n_pairs: int
     if x.shape[1] == 1:
         x = x.expand(-1, 3, -1, -1)
     i, j = _pairs(len(x), n_pairs, seed)
-    vals = [distance(x[i[s:s + batch_size]], x[j[s:s + batch_size]]) for s in range(0, len(i), batch_size)]
+    if isinstance(distance, PerceptualDistance) and _feature_bytes(distance, x) <= FEATURE_CACHE_BYTES:
+        # each image's features once, then every pair from them (a pair-by-pair pass re-encodes each image
+        # ~2·n_pairs/N times)
+        chunks = [distance.unit_features(x[s:s + batch_size]) for s in range(0, len(x), batch_size)]
+        feats = [torch.cat(layer) for layer in zip(*chunks)]
+        pick = lambda idx: [f[torch.as_tensor(idx)] for f in feats]  # noqa: E731
+        vals = [distance.from_features(pick(i[s:s + batch_size]), pick(j[s:s + batch_size]))
+                for s in range(0, len(i), batch_size)]
+    else:
+        vals = [distance(x[i[s:s + batch_size]], x[j[s:s + batch_size]]) for s in range(0, len(i), batch_size)]
     return float(torch.cat(vals).mean())
+
+
+FEATURE_CACHE_BYTES = 2 * 2**30  # keep every image's features in memory only below this (peak memory bounded)
+
+
+def _feature_bytes(distance: "PerceptualDistance", x: torch.Tensor) -> int:
+    with torch.no_grad():
+        one = distance.unit_features(x[:1])
+    return len(x) * sum(f.numel() * f.element_size() for f in one)
 
 
 # ================================================================================================ MS-SSIM
