@@ -19,13 +19,7 @@ SIDE = 32
 CLASS = "An image of skin."
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """The tiny models are ~4x faster on one thread when the machine's two cores are shared."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def tiny(seed: int = 0):

@@ -32,13 +32,7 @@ SWAP = "An image of <lesion> on <skin>, a small round black lesion"  # same toke
 REFINE = "An image of <lesion> on <skin>, a small round dark black lesion"  # one token more: refinement
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """The tiny models are several times faster on one thread when the machine's two cores are shared."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def tiny_sd(seed: int = 0, sharpen: float = 1.0):
