@@ -43,7 +43,7 @@ from ctrlgen import load_profile
 from ctrlgen.analysis import didgen as D
 from ctrlgen.results import ChapterRun
 from ctrlgen.seeding import seed_everything
-from ctrlgen.thesis import compare
+from ctrlgen.thesis import compare, in_text
 
 cfg = load_profile(profile, overrides)
 run = ChapterRun("ch04_didgen", cfg)
@@ -65,8 +65,7 @@ print(f"profile {cfg.profile_name}: finetuning {cfg.didgen.finetune.steps} steps
 # compare samples with real images the models never saw.
 
 # %%
-base = D.base_model(cfg)
-sets = D.derm_sets(cfg, base.tokenizer)
+base, sets = D.load_base_and_sets(cfg)
 print(f"training: {len(sets.train_images)} image–mask pairs ({sets.source}); {sets.provenance}")
 print(f"evaluation: {len(sets.eval_images)} real images ({sets.eval_name})")
 run.note(f"training pairs: {len(sets.train_images)} ({sets.source}); evaluation images: {len(sets.eval_images)} ({sets.eval_name})")
@@ -267,7 +266,7 @@ seg_iou = mask_iou(segmenter.predict(real), sets.eval_masks)
 run.log_metric("ch04.segmenter", "MONAI U-Net", "IoU on real evaluation images", float(seg_iou.mean()))
 print(f"segmenter: IoU {seg_iou.mean():.3f} ± {seg_iou.std():.3f} on the real evaluation images")
 agreement = pd.DataFrame({label: D.pair_summary(r, segmenter) for label, r in runs.items()}).T
-agreement.insert(0, "thesis IoU(annotation, condition)", ["0.67 ± 0.21"] + [""] * (len(agreement) - 1))
+agreement.insert(0, "thesis IoU(annotation, condition)", [in_text("didgen.pair_iou").value] + [""] * (len(agreement) - 1))
 run.log_table("ch04.pairs", agreement.drop(columns="thesis IoU(annotation, condition)"))
 agreement
 

@@ -197,13 +197,14 @@ def test_dreambooth_lowers_instance_l_rec_and_needs_class_images():
 def test_precomputed_latents_are_the_posterior_means_for_both_baselines():
     """With ``precompute_latents`` SD-finetune and DreamBooth see the same latents as region-aware finetuning."""
     from ctrlgen.methods.baselines.dreambooth import prior_batches
-    from ctrlgen.methods.baselines.sd_finetune import _pixels, fixed_prompt_batches
+    from ctrlgen.data.tensors import image_tensor
+    from ctrlgen.methods.baselines.sd_finetune import fixed_prompt_batches
 
     model = tiny()
     rng = np.random.default_rng(0)
     images = rng.integers(0, 256, (4, SIDE, SIDE, 3), dtype=np.uint8)
     with torch.no_grad():
-        means = model.encode_images(_pixels(images))
+        means = model.encode_images(image_tensor(images))
     batch = next(iter(fixed_prompt_batches(model, images, "an image of lesion on skin", 4, precompute_latents=True)))
     assert "pixel_values" not in batch
     assert any(torch.allclose(batch["latents"][0], m, atol=1e-5) for m in means)

@@ -10,6 +10,7 @@ import torch
 
 from ctrlgen import pretrain as P
 from ctrlgen.config import load_profile
+from ctrlgen.models.cache import key_hash
 
 # the smallest run that still exercises every part (smoke architectures, a handful of images and steps)
 TINY = {"pretrain.max_train": 6, "pretrain.n_heldout": 2, "pretrain.vae.steps": 2, "pretrain.vae.batch_size": 2,
@@ -42,21 +43,21 @@ def _cfg(**extra):
 def test_key_changes_with_training_values_and_data_only():
     cfg = _cfg()
     fp = "data-a"
-    base = P._hash(P.unet_key_parts(cfg, fp, "selfattn"))
-    assert base == P._hash(P.unet_key_parts(_cfg(), fp, "selfattn"))  # deterministic
+    base = key_hash(P.unet_key_parts(cfg, fp, "selfattn"))
+    assert base == key_hash(P.unet_key_parts(_cfg(), fp, "selfattn"))  # deterministic
     # values that do not affect training leave the key alone
-    assert base == P._hash(P.unet_key_parts(_cfg(**{"ch02.toy.train_steps": 7}), fp, "selfattn"))
-    assert base == P._hash(P.unet_key_parts(_cfg(**{"pretrain.measure.n_samples": 3}), fp, "selfattn"))
+    assert base == key_hash(P.unet_key_parts(_cfg(**{"ch02.toy.train_steps": 7}), fp, "selfattn"))
+    assert base == key_hash(P.unet_key_parts(_cfg(**{"pretrain.measure.n_samples": 3}), fp, "selfattn"))
     # the plain variant's own step count does not touch the selfattn key, and vice versa
-    assert base == P._hash(P.unet_key_parts(_cfg(**{"pretrain.unet.plain_steps": 9}), fp, "selfattn"))
+    assert base == key_hash(P.unet_key_parts(_cfg(**{"pretrain.unet.plain_steps": 9}), fp, "selfattn"))
     for change in ({"pretrain.unet.lr": 1e-3}, {"pretrain.unet.steps": 5}, {"models.mini.unet.attention_heads": 2},
                    {"pretrain.self_attention_loss.weight": 0.1}, {"pretrain.vae.steps": 3}, {"seed": 1}):
-        assert base != P._hash(P.unet_key_parts(_cfg(**change), fp, "selfattn")), change
-    assert base != P._hash(P.unet_key_parts(cfg, "data-b", "selfattn"))
-    assert base != P._hash(P.unet_key_parts(cfg, fp, "plain"))
+        assert base != key_hash(P.unet_key_parts(_cfg(**change), fp, "selfattn")), change
+    assert base != key_hash(P.unet_key_parts(cfg, "data-b", "selfattn"))
+    assert base != key_hash(P.unet_key_parts(cfg, fp, "plain"))
     # the plain key ignores the auxiliary loss settings
-    plain = P._hash(P.unet_key_parts(cfg, fp, "plain"))
-    assert plain == P._hash(P.unet_key_parts(_cfg(**{"pretrain.self_attention_loss.weight": 0.1}), fp, "plain"))
+    plain = key_hash(P.unet_key_parts(cfg, fp, "plain"))
+    assert plain == key_hash(P.unet_key_parts(_cfg(**{"pretrain.self_attention_loss.weight": 0.1}), fp, "plain"))
     assert len(P.code_version()) == 12
 
 
@@ -185,4 +186,4 @@ def test_derm_tokenizer_has_every_dermprompt_word_as_one_token(isolated_cache):
 def test_checkpoint_frequency_is_not_part_of_the_key():
     fp = "data-a"
     for part in ("pretrain.vae.checkpoint_every", "pretrain.unet.checkpoint_every"):
-        assert P._hash(P.unet_key_parts(_cfg(), fp, "selfattn")) == P._hash(P.unet_key_parts(_cfg(**{part: 7}), fp, "selfattn"))
+        assert key_hash(P.unet_key_parts(_cfg(), fp, "selfattn")) == key_hash(P.unet_key_parts(_cfg(**{part: 7}), fp, "selfattn"))

@@ -102,3 +102,19 @@ def test_layout_guidance_descends_and_runs_on_the_first_half(unet):
            refine_fraction=0.5, progress=False)
     assert [h["step"] for h in guide.history] == [0, 1, 2, 3]
     assert len(unet._forward_pre_hooks) == 0
+
+
+def test_layout_guidance_step_of_a_sample_does_not_depend_on_its_batch(unet):
+    """Reference: each sample refined alone. In a batch of two, each must take the same step (losses are
+    per sample; a batch mean would halve every step)."""
+    g = torch.Generator().manual_seed(5)
+    z, cond = torch.randn(2, 4, 16, 16, generator=g), torch.randn(2, 7, 32, generator=g)
+    masks = torch.zeros(2, 64, 64)
+    masks[0, 8:40, 16:48] = 1
+    masks[1, 30:60, 4:30] = 1
+    t = torch.tensor(700)
+    alone = [LayoutGuidance(mask=masks[i], token_index=2, last=6, cross_res=16, self_res=16, eta=5.0)(
+        unet, z[i:i + 1], t, cond[i:i + 1], 0) - z[i:i + 1] for i in range(2)]
+    together = LayoutGuidance(mask=masks, token_index=2, last=6, cross_res=16, self_res=16, eta=5.0)(unet, z, t, cond, 0) - z
+    assert alone[0].abs().max() > 0
+    torch.testing.assert_close(together, torch.cat(alone), rtol=1e-4, atol=1e-6)

@@ -71,3 +71,15 @@ def test_side_by_side_never_copies_thesis_numbers_into_the_run_column():
 def test_unknown_table_lists_the_known_ones():
     with pytest.raises(KeyError, match="known tables: 2.1, 3.1"):
         load_table("9.9")
+
+def test_in_text_numbers_are_quoted_verbatim_from_the_thesis(thesis_text):
+    """Each in-text number's quote occurs in the thesis (whitespace-normalised) and contains its value."""
+    from ctrlgen.thesis import _in_text, in_text
+
+    flat = " ".join(thesis_text.split())
+    for key in _in_text():
+        number = in_text(key)
+        assert number.quote in flat, key
+        assert number.value in number.quote, key
+    with pytest.raises(KeyError, match="didgen.pair_iou"):
+        in_text("no.such.number")

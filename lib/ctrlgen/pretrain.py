@@ -32,9 +32,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import shutil
-import tempfile
 import time
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
@@ -44,6 +41,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from ctrlgen.data.tensors import image_tensor
+from ctrlgen.models import cache
 from ctrlgen.models.registry import mini_model_dir, models_root
 
 DOMAINS = ("derm", "scenes", "cxr")
@@ -52,7 +51,7 @@ DERM_TOKENS = ("<lesion>", "<skin>")
 # library files whose change must retrain the models (the code version of the cache key)
 CODE_FILES = ("pretrain.py", "models/mini.py", "models/sd.py", "models/tokenizer.py", "training/loop.py",
               "training/losses.py", "training/vae.py", "training/params.py", "training/checkpoint.py",
-              "attention/capture.py", "attention/layers.py", "data/attributes.py")
+              "attention/capture.py", "attention/layers.py", "data/attributes.py", "data/tensors.py")
 # files only one domain's training reads (a change there retrains that domain only)
 DOMAIN_CODE_FILES = {"cxr": ("data/anatomy.py",)}
 CXR_PROMPT = "a chest x-ray with {}"
@@ -61,45 +60,32 @@ CXR_PROMPT = "a chest x-ray with {}"
 # ================================================================================================ keys
 def code_version(domain: str = "") -> str:
     """Hash of the library files the training of ``domain`` depends on (``CODE_FILES`` + ``DOMAIN_CODE_FILES``)."""
-    root = Path(__file__).resolve().parent
-    h = hashlib.sha256()
-    for rel in CODE_FILES + DOMAIN_CODE_FILES.get(domain, ()):
-        h.update(rel.encode())
-        h.update((root / rel).read_bytes())
-    return h.hexdigest()[:12]
-
-
-def _plain(value: Any) -> Any:
-    return value.to_dict() if hasattr(value, "to_dict") else value
+    return cache.code_version(CODE_FILES + DOMAIN_CODE_FILES.get(domain, ()))
 
 
 def _without(d: dict, *keys: str) -> dict:
     return {k: v for k, v in d.items() if k not in keys}
 
 
-def _hash(obj: Any) -> str:
-    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
-
-
 def vae_key_parts(cfg: Mapping[str, Any], fingerprint: str, domain: str = "") -> dict[str, Any]:
     p = cfg["pretrain"]
     return {"profile": getattr(cfg, "profile_name", "") or "custom", "seed": int(cfg["seed"]),
-            "image_size": int(cfg["models"]["image_size"]), "vae": _plain(cfg["models"]["mini"]["vae"]),
-            "train": _without(_plain(p["vae"]), "checkpoint_every"), "max_train": int(p["max_train"]), "n_heldout": int(p["n_heldout"]),
+            "image_size": int(cfg["models"]["image_size"]), "vae": cache.plain(cfg["models"]["mini"]["vae"]),
+            "train": _without(cache.plain(p["vae"]), "checkpoint_every"), "max_train": int(p["max_train"]), "n_heldout": int(p["n_heldout"]),
             "data": fingerprint, "code": code_version(domain)}
 
 
 def unet_key_parts(cfg: Mapping[str, Any], fingerprint: str, variant: str, domain: str = "") -> dict[str, Any]:
     """What the U-Net/text-encoder model of ``variant`` depends on (the cache key is its hash)."""
     p = cfg["pretrain"]
-    unet = _plain(p["unet"])
+    unet = cache.plain(p["unet"])
     unet["steps"] = variant_steps(cfg, variant)
     unet.pop("plain_steps", None)
     unet.pop("checkpoint_every", None)  # where a run may resume does not change the model
-    parts = {**vae_key_parts(cfg, fingerprint, domain), "variant": variant, "mini": _plain(cfg["models"]["mini"]), "unet": unet,
+    parts = {**vae_key_parts(cfg, fingerprint, domain), "variant": variant, "mini": cache.plain(cfg["models"]["mini"]), "unet": unet,
              "low_contrast_threshold": float(cfg["data"]["attributes"]["low_contrast_threshold"])}
     if variant == "selfattn":
-        parts["self_attention_loss"] = _plain(p["self_attention_loss"])
+        parts["self_attention_loss"] = cache.plain(p["self_attention_loss"])
     return parts
 
 
@@ -353,11 +339,6 @@ class Batches:
             epoch += 1
 
 
-def pixel_tensor(images: np.ndarray) -> torch.Tensor:
-    """(N, H, W, 3) uint8 -> (N, 3, H, W) float in [-1, 1]."""
-    return torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1
-
-
 # ================================================================================================ folders
 def variant_dir(cfg: Mapping[str, Any], domain: str, variant: str) -> Path:
     """Folder of a variant: the default one at ``mini_model_dir`` (what ``load_base_model`` loads), the other beside it."""
@@ -381,25 +362,9 @@ def default_variant(cfg: Mapping[str, Any], domain: str) -> str:
     return want if want in have else have[0]
 
 
-def _work_dir(cfg: Mapping[str, Any], name: str) -> Path:
+def _work_dir(cfg: Mapping[str, Any], name: str, fresh: bool = False) -> Path:
     """Where an unfinished training keeps its checkpoints (resumed by the next call with the same key)."""
-    return models_root(cfg) / f"mini-{getattr(cfg, 'profile_name', '') or 'custom'}" / ".work" / name
-
-
-def _read_json(path: Path) -> dict | None:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
-
-
-def _publish(tmp: Path, final: Path) -> None:
-    """Replace ``final`` by the complete folder ``tmp`` (rename; the old one is removed first)."""
-    if final.exists():
-        old = final.with_name(f".old-{final.name}-{os.getpid()}")
-        os.replace(final, old)
-        shutil.rmtree(old, ignore_errors=True)
-    os.replace(tmp, final)
+    return cache.work_dir(models_root(cfg) / f"mini-{getattr(cfg, 'profile_name', '') or 'custom'}", name, fresh)
 
 
 # ================================================================================================ result
@@ -475,46 +440,42 @@ def ensure_vae(cfg: Mapping[str, Any], data: DomainData, force: bool = False, pr
 
     folder = vae_dir(cfg, data.domain)
     parts = vae_key_parts(cfg, data.fingerprint, data.domain)
-    key = _hash(parts)
-    info = _read_json(folder / "pretrain.json")
-    if not force and info and info.get("key") == key and (folder / "vae").is_dir():
+    key = cache.key_hash(parts)
+    info = None if force else cache.cached_record(folder, "pretrain.json", key, "vae")
+    if info is not None:
         return folder, info, True
     seed = int(cfg["seed"])
     start = time.perf_counter()
     tok = _build_tokenizer(cfg, data)
     model = build_mini_components(cfg, tok, seed=seed)
     p = cfg["pretrain"]["vae"]
-    x = pixel_tensor(data.images)
-    work = _work_dir(cfg, f"{data.domain}-vae-{key}")
-    if force and work.exists():
-        shutil.rmtree(work)
-    work.mkdir(parents=True, exist_ok=True)
-    spent = _read_json(work / "seconds.json") or {"seconds": 0.0}
+    x = image_tensor(data.images)
+    work = _work_dir(cfg, f"{data.domain}-vae-{key}", fresh=force)
+    spent = cache.read_json(work / "seconds.json") or {"seconds": 0.0}
     res = train_vae(model.vae, Batches({"pixel_values": x}, int(p["batch_size"]), seed, augment=True),
                     VAETrainConfig(steps=int(p["steps"]), lr=float(p["lr"]), seed=seed, progress=progress,
                                    output_dir=str(work), checkpoint_every=int(p["checkpoint_every"])))
     (work / "seconds.json").write_text(json.dumps({"seconds": spent["seconds"] + time.perf_counter() - start}))
     with torch.no_grad():
-        hx = pixel_tensor(data.heldout_images)
+        hx = image_tensor(data.heldout_images)
         rec = model.vae.decode(model.vae.encode(hx).latent_dist.mode()).sample.clamp(-1, 1)
     metrics = {"vae_psnr_heldout_db": float(np.mean(psnr(hx, rec))), "scaling_factor": res.scaling_factor,
                "vae_parameters": sum(q.numel() for q in model.vae.parameters())}
     seconds = spent["seconds"] + time.perf_counter() - start
     info = {"key": key, "key_parts": parts, "history": res.history, "metrics": metrics, "seconds": seconds,
             "domain": data.domain, "resumed_from": res.resumed_from}
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{folder.name}-", dir=folder.parent))
-    model.vae.save_pretrained(tmp / "vae")
-    save_tokenizer(tok, tmp / "tokenizer")
-    (tmp / "pretrain.json").write_text(json.dumps(info, indent=1, default=str))
-    _publish(tmp, folder)
-    shutil.rmtree(work, ignore_errors=True)
+
+    def write(tmp: Path) -> None:
+        model.vae.save_pretrained(tmp / "vae")
+        save_tokenizer(tok, tmp / "tokenizer")
+
+    cache.save_folder(folder, write, "pretrain.json", info, work)
     return folder, info, False
 
 
 def _train_tensors(model, data: DomainData, cfg, variant: str) -> dict[str, torch.Tensor]:
     with torch.no_grad():
-        x = pixel_tensor(data.images)
+        x = image_tensor(data.images)
         latents = torch.cat([model.encode_images(x[i:i + 64]) for i in range(0, len(x), 64)])
     tensors = {"latents": latents, "input_ids": model.tokenize(data.captions)}
     if variant == "selfattn":
@@ -547,11 +508,11 @@ def pretrain_domain(cfg: Mapping[str, Any], domain: str, self_attention_loss: bo
     data = data or load_domain_data(cfg, domain)
     folder = variant_dir(cfg, domain, variant)
     parts = unet_key_parts(cfg, data.fingerprint, variant, domain)
-    key = _hash(parts)
-    info = _read_json(folder / "pretrain.json")
+    key = cache.key_hash(parts)
+    info = None if force else cache.cached_record(folder, "pretrain.json", key, "unet")
     common = dict(domain=domain, variant=variant, folder=folder, vae_folder=vae_dir(cfg, domain), source=data.source,
                   dataset=data.dataset, provenance=data.provenance, key=key)
-    if not force and info and info.get("key") == key and (folder / "unet").is_dir():
+    if info is not None:
         return PretrainResult(**common, cached=True, steps=info["steps"], vae_history=info["vae_history"],
                               history=info["history"], metrics=info["metrics"], seconds=time.perf_counter() - t0,
                               train_seconds=info["train_seconds"], resumed_from=info.get("resumed_from", 0))
@@ -561,10 +522,7 @@ def pretrain_domain(cfg: Mapping[str, Any], domain: str, self_attention_loss: bo
     p = cfg["pretrain"]
     u = p["unet"]
     steps = variant_steps(cfg, variant)
-    work = _work_dir(cfg, f"{domain}-{variant}-{key}")
-    if force and work.exists():
-        shutil.rmtree(work)
-    work.mkdir(parents=True, exist_ok=True)
+    work = _work_dir(cfg, f"{domain}-{variant}-{key}", fresh=force)
     hist_file = work / "history.jsonl"
     ckpt = latest_checkpoint(work)
     resumed_from = int(ckpt.name.split("-")[1]) if ckpt is not None else 0
@@ -616,11 +574,7 @@ def pretrain_domain(cfg: Mapping[str, Any], domain: str, self_attention_loss: bo
             "data": {"dataset": data.dataset, "source": data.source, "provenance": data.provenance,
                      "n_train": len(data.images), "n_heldout": len(data.heldout_images), "notes": data.notes}}
     model.extras = {"ctrlgen_variant": variant, "ctrlgen_key": key}
-    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{folder.name}-", dir=folder.parent))
-    model.save(tmp)
-    (tmp / "pretrain.json").write_text(json.dumps(info, indent=1, default=str))
-    _publish(tmp, folder)
-    shutil.rmtree(work, ignore_errors=True)
+    cache.save_folder(folder, model.save, "pretrain.json", info, work)
     return PretrainResult(**common, cached=False, steps=steps, vae_history=vinfo["history"], history=history,
                           metrics=metrics, seconds=time.perf_counter() - t0, train_seconds=train_seconds,
                           resumed_from=resumed_from)
@@ -649,7 +603,7 @@ def generate(model, prompts: list[str], steps: int, guidance: float = 3.0, seed:
 @torch.no_grad()
 def heldout_noise_error(model, data: DomainData, timesteps=(250, 500, 750), seed: int = 0) -> dict[str, float]:
     """Mean ‖ε − ε_θ(z_t, t, y)‖² on the held-out images at fixed timesteps and a fixed noise draw."""
-    x = pixel_tensor(data.heldout_images)
+    x = image_tensor(data.heldout_images)
     z = model.encode_images(x)
     ids = model.tokenize(data.heldout_captions)
     emb = model.encode_ids(ids)
@@ -671,7 +625,7 @@ def affinity_for(cfg, model, data: DomainData, places=("down", "mid", "up")):
     if not data.has_regions:
         return None
     with torch.no_grad():
-        z = model.encode_images(pixel_tensor(data.heldout_images))
+        z = model.encode_images(image_tensor(data.heldout_images))
     side = z.shape[-1]
     return affinity_table(model, z, model.tokenize(data.heldout_captions), torch.from_numpy(data.heldout_regions),
                           t=int(cfg["pretrain"]["measure"]["timestep"]), res=(side,), places=places, seed=int(cfg["seed"]))

@@ -60,11 +60,11 @@ def vae_round_trip_figure(models: Mapping[str, Any], datas: Mapping[str, Any], n
     """Held-out images (top) and their VAE reconstructions (bottom) for each domain."""
     import matplotlib.pyplot as plt
 
-    from ctrlgen.pretrain import pixel_tensor
+    from ctrlgen.data.tensors import image_tensor
 
     fig, axes = plt.subplots(2 * len(models), n, figsize=(1.4 * n, 2.9 * len(models)), squeeze=False)
     for k, (domain, model) in enumerate(models.items()):
-        x = pixel_tensor(datas[domain].heldout_images[:n])
+        x = image_tensor(datas[domain].heldout_images[:n])
         rec = model.decode_latents(model.encode_images(x)).clamp(-1, 1)
         for i in range(n):
             for row, src in ((2 * k, x), (2 * k + 1, rec)):
@@ -188,10 +188,10 @@ def real_maps(model, data, indices: Sequence[int], t: int = 500, seed: int = 0) 
     Returns ``cross`` (B, s, s, T) and ``self`` (B, s*s, s*s) at the latent side (layer means over
     every place), ``labels`` (B, s, s) the true regions at that side (nearest), ``images`` (B, H, W, 3).
     """
-    from ctrlgen.pretrain import pixel_tensor
+    from ctrlgen.data.tensors import image_tensor
 
     idx = list(indices)
-    x = pixel_tensor(data.heldout_images[idx])
+    x = image_tensor(data.heldout_images[idx])
     z = model.encode_images(x)
     side = z.shape[-1]
     gen = torch.Generator().manual_seed(seed)

@@ -17,6 +17,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from ctrlgen.data.tensors import image_tensor
 from ctrlgen.analysis.didgen_models import MODEL_NAMES, Finetuned, base_model, finetune, models_dir  # noqa: F401
 
 
@@ -42,15 +43,17 @@ class DermSets:
         return [c.text for c in self.captions]
 
 
-def derm_sets(cfg: Mapping[str, Any], tokenizer) -> DermSets:
+def derm_sets(cfg: Mapping[str, Any], tokenizer, data=None) -> DermSets:
     """The derm training split of ``ctrlgen.pretrain`` captioned with DermPrompt (cached per image), and the
-    evaluation set: the dataset's ``test`` split (thesis: "the testing set of Task 1"), else the held-out images."""
+    evaluation set: the dataset's ``test`` split (thesis: "the testing set of Task 1"), else the held-out images.
+
+    ``data``: the domain's ``pretrain.DomainData`` if already loaded (see ``load_base_and_sets``)."""
     from ctrlgen import pretrain as P
     from ctrlgen.data import load_dataset
     from ctrlgen.methods.didgen import AttributeCaptioner, CaptionCache
     from ctrlgen.paths import cache_root
 
-    data = P.load_domain_data(cfg, "derm")
+    data = data or P.load_domain_data(cfg, "derm")
     masks = data.regions.astype(bool)
     captioner = AttributeCaptioner(tokenizer, prefix=str(cfg["didgen"]["prefix"]))
     cache = CaptionCache(cache_root(cfg) / "captions" / f"{data.dataset}-{cfg['models']['image_size']}")
@@ -68,9 +71,18 @@ def derm_sets(cfg: Mapping[str, Any], tokenizer) -> DermSets:
                     data.source, data.provenance, fp)
 
 
+def load_base_and_sets(cfg: Mapping[str, Any]):
+    """The derm base model (pretrained now if the cache lacks it) and its ``DermSets``, the data read once."""
+    from ctrlgen import pretrain as P
+
+    data = P.load_domain_data(cfg, "derm")
+    base = base_model(cfg, data=data)
+    return base, derm_sets(cfg, base.tokenizer, data=data)
+
+
 def pixels01(images: np.ndarray) -> torch.Tensor:
-    """uint8 ``(N, H, W, 3)`` -> float ``(N, 3, H, W)`` in [0, 1]."""
-    return torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).float() / 255.0
+    """uint8 ``(N, H, W, 3)`` -> float ``(N, 3, H, W)`` in [0, 1] (what metrics and figures take)."""
+    return image_tensor(images, signed=False)
 
 
 # ================================================================================================ Table 4.1
@@ -117,7 +129,6 @@ def token_maps_on_real(model, images: np.ndarray, prompts: Sequence[str], tokens
     """Cross-attention maps ``(N, K, res, res)`` of ``tokens`` on noised real images at timestep ``t`` (one
     U-Net call with capture on side ``res`` only)."""
     from ctrlgen.attention import AttentionCapture
-    from ctrlgen.methods.didgen.region_aware import _to_pixels
 
     ids_all = model.tokenize(list(prompts))
     tids = [int(model.tokenizer.convert_tokens_to_ids(tok)) for tok in tokens]
@@ -125,7 +136,7 @@ def token_maps_on_real(model, images: np.ndarray, prompts: Sequence[str], tokens
     sched = model.noise_scheduler()
     out = []
     for i in range(0, len(images), batch_size):
-        z = model.encode_images(_to_pixels(np.asarray(images[i:i + batch_size])).to(model.device))
+        z = model.encode_images(image_tensor(images[i:i + batch_size]).to(model.device))
         noise = torch.randn(z.shape, generator=gen).to(z)
         tt = torch.full((len(z),), t, dtype=torch.long, device=z.device)
         ids = ids_all[i:i + batch_size]
@@ -237,7 +248,7 @@ def train_segmenter(images: np.ndarray, masks: np.ndarray, steps: int, batch_siz
     torch.manual_seed(seed)
     net = UNet(spatial_dims=2, in_channels=3, out_channels=1, channels=tuple(channels),
                strides=tuple([2] * (len(channels) - 1)), num_res_units=1)
-    x = pixels01(images) * 2 - 1
+    x = image_tensor(images)
     y = torch.from_numpy(np.asarray(masks, np.float32))[:, None]
     loss_fn = DiceCELoss(sigmoid=True)
     opt = torch.optim.AdamW(net.parameters(), lr=lr)
@@ -361,7 +372,7 @@ def loss_table(models: Mapping[str, Finetuned], tail: float = 0.1) -> pd.DataFra
     return pd.DataFrame(rows).T
 
 
-__all__ = ["MODEL_NAMES", "DermSets", "derm_sets", "pixels01", "Finetuned", "finetune", "models_dir", "base_model",
+__all__ = ["MODEL_NAMES", "DermSets", "derm_sets", "load_base_and_sets", "pixels01", "Finetuned", "finetune", "models_dir", "base_model",
            "sample_images", "table_4_1_prompts", "ROW_MODEL", "quality_row", "token_maps_on_real", "otsu_iou",
            "blob_baseline_iou", "PairRun", "run_pairs", "first_pairs", "pair_summary", "Segmenter", "train_segmenter",
            "image_grid_figure", "maps_figure", "pairs_figure", "boxes_figure", "loss_table"]

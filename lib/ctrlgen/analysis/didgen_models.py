@@ -14,19 +14,18 @@ an interrupted run resumes from its checkpoints (``training.checkpoint_every``).
 """
 from __future__ import annotations
 
-import hashlib
 import json
-import shutil
-import tempfile
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ctrlgen.models import cache
+
 MODEL_NAMES = ("mine", "mine-noregion", "sd-finetune", "dreambooth")
 # the captions' texts are in the key already (the data fingerprint), so the captioner's code is not listed
-CODE_FILES = ("analysis/didgen_models.py", "methods/didgen/region_aware.py", "methods/baselines/sd_finetune.py",
+CODE_FILES = ("analysis/didgen_models.py", "data/tensors.py", "methods/didgen/region_aware.py", "methods/baselines/sd_finetune.py",
               "methods/baselines/dreambooth.py", "training/loop.py", "training/params.py", "training/losses.py",
               "attention/capture.py", "models/tokens.py")
 
@@ -45,24 +44,15 @@ class Finetuned:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
-def _code_version() -> str:
-    root = Path(__file__).resolve().parents[1]
-    h = hashlib.sha256()
-    for rel in CODE_FILES:
-        h.update(rel.encode() + (root / rel).read_bytes())
-    return h.hexdigest()[:12]
-
-
 def _key(cfg: Mapping[str, Any], name: str, base_key: str, sets) -> tuple[str, dict]:
-    d = cfg["didgen"]
-    plain = lambda v: v.to_dict() if hasattr(v, "to_dict") else v  # noqa: E731
+    d, plain = cfg["didgen"], cache.plain
     parts = {"name": name, "base": base_key, "data": sets.fingerprint, "seed": int(cfg["seed"]),
-             "finetune": plain(d["finetune"]), "prefix": str(d["prefix"]), "code": _code_version(),
+             "finetune": plain(d["finetune"]), "prefix": str(d["prefix"]), "code": cache.code_version(CODE_FILES),
              "cross_res": list(cfg["attention"]["train_cross_res"])}
     if name in ("sd-finetune", "dreambooth"):
         parts["baselines"] = plain(d["baselines"])
         parts["sampling"] = [int(cfg["sampling"]["num_steps"]), float(cfg["sampling"]["guidance_scale"])]
-    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16], parts
+    return cache.key_hash(parts), parts
 
 
 def models_dir(cfg: Mapping[str, Any]) -> Path:
@@ -71,14 +61,15 @@ def models_dir(cfg: Mapping[str, Any]) -> Path:
     return mini_model_dir(cfg, "derm").parent / "didgen"
 
 
-def base_model(cfg: Mapping[str, Any], ensure: bool = True):
+def base_model(cfg: Mapping[str, Any], ensure: bool = True, data=None):
     """The derm base model chapter 4 finetunes (mini/smoke: the default pretrained variant, trained now if the
-    cache lacks it — as ``ctrlgen pretrain derm`` would; full: SD 2.1)."""
+    cache lacks it — as ``ctrlgen pretrain derm`` would; full: SD 2.1). ``data``: the derm ``DomainData``
+    if already loaded (the cache check needs its fingerprint)."""
     from ctrlgen import pretrain as P
     from ctrlgen.models import load_base_model
 
     if ensure and str(cfg["models"]["kind"]) == "mini":
-        P.pretrain_domain(cfg, "derm", P.default_variant(cfg, "derm") == "selfattn", progress=False)
+        P.pretrain_domain(cfg, "derm", P.default_variant(cfg, "derm") == "selfattn", progress=False, data=data)
     return load_base_model(cfg, "derm")
 
 
@@ -93,32 +84,23 @@ def _base_key(cfg: Mapping[str, Any]) -> str:
 
 def finetune(cfg: Mapping[str, Any], name: str, sets, progress: bool = False, force: bool = False) -> Finetuned:
     """The finetuned model ``name`` (one of ``MODEL_NAMES``), loaded from the cache or trained now."""
-    from ctrlgen import pretrain as P
     from ctrlgen.models import load_components
 
     if name not in MODEL_NAMES:
         raise ValueError(f"unknown chapter-4 model {name!r}; choose one of {', '.join(MODEL_NAMES)}")
     key, parts = _key(cfg, name, _base_key(cfg), sets)
     folder = models_dir(cfg) / name
-    info = P._read_json(folder / "didgen.json")
-    if not force and info and info.get("key") == key:
+    info = None if force else cache.cached_record(folder, "didgen.json", key, "unet")
+    if info is not None:
         model = load_components(folder, name=f"didgen/{name}")
         return Finetuned(name, model, folder, True, info["history"], info["train_seconds"], key, info.get("extra", {}))
-    work = models_dir(cfg) / ".work" / f"{name}-{key}"
-    if force and work.exists():
-        shutil.rmtree(work)
-    work.mkdir(parents=True, exist_ok=True)
+    work = cache.work_dir(models_dir(cfg), f"{name}-{key}", fresh=force)
     start = time.perf_counter()
     model = base_model(cfg, ensure=False)
     history, extra = _train(cfg, name, model, sets, work, progress)
     seconds = time.perf_counter() - start
     info = {"key": key, "key_parts": parts, "history": history, "train_seconds": seconds, "extra": extra}
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{name}-", dir=folder.parent))
-    model.save(tmp)
-    (tmp / "didgen.json").write_text(json.dumps(info, indent=1, default=str))
-    P._publish(tmp, folder)
-    shutil.rmtree(work, ignore_errors=True)
+    cache.save_folder(folder, model.save, "didgen.json", info, work)
     model.unet.eval()
     return Finetuned(name, model, folder, False, history, seconds, key, extra)
 

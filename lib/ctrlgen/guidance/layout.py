@@ -6,7 +6,8 @@ the conditional prompt with attention capture (maps keep their graph), computes
 
     L = λ_attn (L_CA + L_SA) + λ_style L_style
 
-and returns ``ẑ_t = z_t − η ∇_{z_t} L`` (repeated ``iterations`` times). The sampling loop applies it
+and returns ``ẑ_t = z_t − η ∇_{z_t} L`` (repeated ``iterations`` times), L per sample: a sample's
+update does not depend on the batch it is generated in. The sampling loop applies it
 on the first fraction of the steps (the thesis: 50%, η = 20; λ_attn = 1, λ_style = 50 in §5.3.3).
 """
 from __future__ import annotations
@@ -89,7 +90,9 @@ class LayoutGuidance:
                 unet(z, t, encoder_hidden_states=encoder_hidden_states)
                 terms = self.losses(store, z, int(t))
                 loss = self.total(terms)
-                grad = torch.autograd.grad(loss, z)[0]
+                # the terms are batch means: differentiate their sum over the batch so that each sample
+                # takes the step η of its own loss whatever the batch size (a mean shrinks it by 1/B)
+                grad = torch.autograd.grad(loss * z.shape[0], z)[0]
             self.history.append({"step": step_index, "t": int(t), "loss": float(loss.detach()),
                                  **{k: float(v.detach()) for k, v in terms.items()}})
             z = (z - self.eta * grad).detach()

@@ -109,6 +109,31 @@ def load_table(table_id: str) -> ThesisTable:
     )
 
 
+@dataclass(frozen=True)
+class InTextNumber:
+    """A number the thesis states in its text (not in a table), e.g. ``in_text("didgen.pair_iou")``."""
+
+    key: str
+    value: str
+    section: str
+    quote: str
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+@lru_cache(maxsize=None)
+def _in_text() -> dict[str, Any]:
+    return yaml.safe_load(resources.files(__name__).joinpath("in_text.yaml").read_text(encoding="utf-8"))
+
+
+def in_text(key: str) -> InTextNumber:
+    """An in-text thesis number by key; KeyError naming the known keys when absent."""
+    data = _in_text()
+    if key not in data:
+        raise KeyError(f"no in-text thesis number {key!r}; known: {', '.join(sorted(data))}")
+    entry = dict(data[key])
+    return InTextNumber(key, str(entry.pop("value")), str(entry.pop("section")), " ".join(str(entry.pop("quote")).split()), entry)
+
+
 def thesis_frame(table_id: str):
     """Shorthand for ``load_table(table_id).frame()``."""
     return load_table(table_id).frame()

@@ -19,7 +19,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from ctrlgen.methods.baselines.sd_finetune import PROMPT, _pixels, mean_latents
+from ctrlgen.data.tensors import image_tensor
+from ctrlgen.methods.baselines.sd_finetune import PROMPT, mean_latents
 from ctrlgen.models.sd import SDComponents
 from ctrlgen.sampling import initial_latents, sample
 from ctrlgen.training import TrainConfig, TrainResult, select_trainable, train_diffusion
@@ -54,7 +55,7 @@ def prior_batches(model: SDComponents, instance: np.ndarray, class_images: np.nd
                   precompute_latents: bool = False) -> Iterator[dict[str, Any]]:
     """Batches of ``batch_size`` instance + ``batch_size`` class images with weights 2 and 2λ
     (``precompute_latents``: their posterior-mean latents, encoded once)."""
-    pi, pc = _pixels(np.asarray(instance)), _pixels(np.asarray(class_images))
+    pi, pc = image_tensor(instance), image_tensor(class_images)
     if pi.shape[1:] != pc.shape[1:]:
         raise ValueError(f"instance images {tuple(pi.shape[2:])} and class images {tuple(pc.shape[2:])} must have the "
                          "same size (generate the class images with the model being finetuned)")

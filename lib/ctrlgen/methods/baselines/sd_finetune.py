@@ -10,15 +10,11 @@ from typing import Any
 import numpy as np
 import torch
 
+from ctrlgen.data.tensors import image_tensor
 from ctrlgen.models.sd import SDComponents
 from ctrlgen.training import TrainConfig, TrainResult, select_trainable, train_diffusion
 
 PROMPT = "An image of lesion on skin."
-
-
-def _pixels(images: np.ndarray) -> torch.Tensor:
-    x = torch.from_numpy(np.ascontiguousarray(images)).float().permute(0, 3, 1, 2)
-    return (x / 255.0 if images.dtype == np.uint8 else x) * 2 - 1
 
 
 @torch.no_grad()
@@ -35,7 +31,7 @@ def fixed_prompt_batches(model: SDComponents, images: np.ndarray, prompt: str, b
     ``precompute_latents``: yield the posterior-mean latents encoded once (no flips), as the region-aware
     finetuning does with ``precompute_latents`` — the same data for both; otherwise pixels (the loop samples
     a latent per step, the SD convention)."""
-    pix = _pixels(np.asarray(images))
+    pix = image_tensor(images)
     lat = mean_latents(model, pix) if precompute_latents else None
     ids = model.tokenize([prompt])
     rng = np.random.default_rng(seed)

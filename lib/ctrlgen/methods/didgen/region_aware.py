@@ -28,6 +28,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from ctrlgen.data.tensors import image_tensor
 from ctrlgen.models import PlaceholderTokens, add_placeholder_tokens
 from ctrlgen.models.sd import SDComponents
 from ctrlgen.training import AttentionAlignmentTerm, TrainConfig, TrainResult, select_trainable, train_diffusion
@@ -65,17 +66,6 @@ def token_indices(model: SDComponents, input_ids: torch.Tensor, tokens: Placehol
     return out
 
 
-def _to_pixels(images: np.ndarray) -> torch.Tensor:
-    x = torch.from_numpy(np.ascontiguousarray(images)).float()
-    if x.ndim == 3:
-        x = x[None]
-    if x.shape[-1] == 3:
-        x = x.permute(0, 3, 1, 2)
-    if images.dtype == np.uint8:
-        x = x / 255.0
-    return x * 2 - 1
-
-
 def region_aware_batches(model: SDComponents, images: np.ndarray, masks: np.ndarray, prompts: Sequence[str],
                          tokens: PlaceholderTokens, batch_size: int, seed: int = 0, latents: torch.Tensor | None = None,
                          hflip: bool = True) -> Iterator[dict[str, Any]]:
@@ -87,7 +77,7 @@ def region_aware_batches(model: SDComponents, images: np.ndarray, masks: np.ndar
     ids = model.tokenize(list(prompts))
     pos = token_indices(model, ids, tokens)
     m = torch.from_numpy(np.asarray(masks, bool)).float()[:, None]
-    pix = _to_pixels(np.asarray(images)) if latents is None else None
+    pix = image_tensor(images) if latents is None else None
     rng = np.random.default_rng(seed)
     while True:
         order = rng.permutation(n)
@@ -138,7 +128,7 @@ class RegionAwareConfig:
 @torch.no_grad()
 def encode_dataset(model: SDComponents, images: np.ndarray, batch_size: int = 32) -> torch.Tensor:
     """Latents (distribution means) of a uint8 image array ``(N, H, W, 3)``."""
-    out = [model.encode_images(_to_pixels(np.asarray(images[i:i + batch_size])).to(model.device)).cpu()
+    out = [model.encode_images(image_tensor(images[i:i + batch_size]).to(model.device)).cpu()
            for i in range(0, len(images), batch_size)]
     return torch.cat(out)
 
