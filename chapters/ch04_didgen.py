@@ -79,7 +79,8 @@ run.note(f"training pairs: {len(sets.train_images)} ({sets.source}); evaluation 
 # use the offline **attribute captioner** behind the same interface: it measures the same attributes from
 # the image and its mask (CIELAB colour names, area ratio, centroid, circularity and axis ratio, ITA skin
 # tone, hair by a morphological black-hat, dark frame and ink marks) and writes the same sentence
-# structure. Prompts are checked against the model's own tokenizer and never truncated silently: an
+# structure. The `full` profile uses the VLM (`didgen.dermprompt.captioner: vlm`); an answer it cannot
+# parse is captioned by the attribute captioner instead and counted below as `attributes-fallback`. Prompts are checked against the model's own tokenizer and never truncated silently: an
 # attribute that does not fit is dropped, in a fixed order, and counted.
 
 # %%
@@ -100,6 +101,10 @@ limit = base.tokenizer.model_max_length
 run.log_metric("ch04.dermprompt", "captions", "count", len(sets.captions))
 run.log_metric("ch04.dermprompt", "captions", "max tokens", max(c.n_tokens for c in sets.captions))
 run.log_metric("ch04.dermprompt", "captions", "with an attribute dropped to fit", dropped)
+sources = pd.Series([c.source for c in sets.captions]).value_counts()  # vlm / vlm-template / attributes(-fallback)
+for source, count in sources.items():
+    run.log_metric("ch04.dermprompt", "captions by source", source, int(count))
+print("captions by source:", dict(sources))
 print(f"{len(sets.captions)} captions, at most {max(c.n_tokens for c in sets.captions)} of {limit} tokens; "
       f"{dropped} needed an attribute dropped to fit")
 # the most frequent values of each attribute and their share of the training captions

@@ -219,3 +219,34 @@ def test_dtype_keyword_loads_in_bfloat16_and_casts_the_pixels(folder):
     assert isinstance(vlm(_text_message(EXTRACTION_PROMPT, True), tiny_image()), str)
     (kw, _), = calls
     assert kw["pixel_values"].dtype == torch.bfloat16 and kw["input_ids"].dtype == torch.long
+
+
+# ------------------------------------------------------------------------------------------ from the profile
+def test_profile_captioner_is_the_vlm_on_the_profile_folder_with_dtype_and_a_counted_fallback(folder):
+    from ctrlgen.config import load_profile
+    from ctrlgen.methods.didgen import AttributeCaptioner, captioner_from_profile
+
+    smoke = load_profile("smoke")
+    assert type(captioner_from_profile(smoke, clip_tokenizer())) is AttributeCaptioner
+    cfg = load_profile("smoke", {"didgen.dermprompt.captioner": "vlm", "didgen.dermprompt.vlm_model": str(folder),
+                                 "didgen.dermprompt.vlm_dtype": "bfloat16", "didgen.dermprompt.vlm_max_new_tokens": 3,
+                                 "device": "cpu"})
+    c = captioner_from_profile(cfg, clip_tokenizer())
+    assert isinstance(c, VLMCaptioner) and isinstance(c.generate_fn, HFChatVLM)
+    assert c.generate_fn.model.dtype == torch.bfloat16 and c.generate_fn.max_new_tokens == 3
+    rng = np.random.default_rng(4)
+    image, mask = rng.integers(0, 256, (16, 16, 3), dtype=np.uint8), np.zeros((16, 16), bool)
+    mask[4:12, 4:12] = True
+    cap = c.caption(image, mask)  # the random model answers gibberish: the attribute captioner steps in
+    assert cap.source == "attributes-fallback"
+    assert cap.text == AttributeCaptioner(clip_tokenizer(), prefix=str(cfg.didgen.prefix)).caption(image, mask).text
+
+
+def test_profile_captioner_errors_name_the_key():
+    from ctrlgen.config import ConfigError, load_profile
+    from ctrlgen.methods.didgen import captioner_from_profile
+
+    with pytest.raises(ConfigError, match="vlm_model is empty"):
+        captioner_from_profile(load_profile("smoke", {"didgen.dermprompt.captioner": "vlm"}), clip_tokenizer())
+    with pytest.raises(ConfigError, match="'attributes' or 'vlm'"):
+        captioner_from_profile(load_profile("smoke", {"didgen.dermprompt.captioner": "llm"}), clip_tokenizer())

@@ -44,18 +44,19 @@ class DermSets:
 
 
 def derm_sets(cfg: Mapping[str, Any], tokenizer, data=None) -> DermSets:
-    """The derm training split of ``ctrlgen.pretrain`` captioned with DermPrompt (cached per image), and the
-    evaluation set: the dataset's ``test`` split (thesis: "the testing set of Task 1"), else the held-out images.
+    """The derm training split of ``ctrlgen.pretrain`` captioned with the profile's DermPrompt captioner
+    (cached per image), and the evaluation set: the dataset's ``test`` split (thesis: "the testing set of
+    Task 1"), else the held-out images.
 
     ``data``: the domain's ``pretrain.DomainData`` if already loaded (see ``load_base_and_sets``)."""
     from ctrlgen import pretrain as P
     from ctrlgen.data import load_dataset
-    from ctrlgen.methods.didgen import AttributeCaptioner, CaptionCache
+    from ctrlgen.methods.didgen import CaptionCache, captioner_from_profile
     from ctrlgen.paths import cache_root
 
     data = data or P.load_domain_data(cfg, "derm")
     masks = data.regions.astype(bool)
-    captioner = AttributeCaptioner(tokenizer, prefix=str(cfg["didgen"]["prefix"]))
+    captioner = captioner_from_profile(cfg, tokenizer)
     cache = CaptionCache(cache_root(cfg) / "captions" / f"{data.dataset}-{cfg['models']['image_size']}")
     captions = captioner.caption_many(data.images, masks, data.ids, cache)
     eval_images, eval_masks, eval_name = data.heldout_images, data.heldout_regions.astype(bool), "held-out images"

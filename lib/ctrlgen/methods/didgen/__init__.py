@@ -10,6 +10,7 @@ from ctrlgen.methods.didgen.dermprompt import (
     PromptSampler,
     PromptTooLongError,
     VLMCaptioner,
+    captioner_from_profile,
     compose_prompt,
     dermprompt_vocabulary,
 )
@@ -32,7 +33,7 @@ from ctrlgen.methods.didgen.region_aware import (
 
 __all__ = [
     "AttributeCaptioner", "Caption", "CaptionCache", "CaptionerConfig", "DermAttributes", "DermPromptCaptioner",
-    "PromptSampler", "PromptTooLongError", "VLMCaptioner", "compose_prompt", "dermprompt_vocabulary",
+    "PromptSampler", "PromptTooLongError", "VLMCaptioner", "captioner_from_profile", "compose_prompt", "dermprompt_vocabulary",
     "PairConfig", "PairGenerator", "PairResult", "annotate_masks", "augment_masks", "condition_masks_from",
     "validate_condition_masks", "PLACEHOLDERS", "RegionAwareConfig", "region_aware_batches", "region_aware_finetune",
     "setup_placeholders",

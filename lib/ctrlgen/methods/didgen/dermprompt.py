@@ -164,7 +164,9 @@ class Caption:
     attributes: DermAttributes
     n_tokens: int
     dropped: tuple[str, ...] = ()
-    source: str = "attributes"  # attributes | vlm | vlm-template (VLM attributes, sentence from the template)
+    # attributes | vlm | vlm-template (VLM attributes, sentence from the template) | attributes-fallback
+    # (the VLM's answer could not be parsed and the captioner has an attribute fallback)
+    source: str = "attributes"
     measurements: dict[str, float] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
@@ -497,7 +499,8 @@ class VLMCaptioner(DermPromptCaptioner):
     """
 
     def __init__(self, tokenizer, model_path: str | Path = "", generate_fn: GenerateFn | None = None,
-                 prefix: str = PREFIX, max_tokens: int | None = None, max_words: int = 40, model_name: str = ""):
+                 prefix: str = PREFIX, max_tokens: int | None = None, max_words: int = 40, model_name: str = "",
+                 fallback: DermPromptCaptioner | None = None):
         super().__init__(tokenizer, prefix, max_tokens)
         if generate_fn is None:
             if not model_path:
@@ -506,10 +509,12 @@ class VLMCaptioner(DermPromptCaptioner):
         self.generate_fn = generate_fn
         self.max_words = max_words
         self.model_name = model_name or str(model_path) or getattr(generate_fn, "name", "custom")
+        self.fallback = fallback  # captions an image whose VLM answer cannot be parsed (else CaptionError)
 
     def fingerprint(self) -> str:
         blob = json.dumps({"kind": "vlm", "v": 1, "model": self.model_name, "prefix": self.prefix, "max": self.max_tokens,
-                           "extract": EXTRACTION_PROMPT, "rephrase": REPHRASE_PROMPT, "words": self.max_words})
+                           "extract": EXTRACTION_PROMPT, "rephrase": REPHRASE_PROMPT, "words": self.max_words,
+                           "fallback": self.fallback.fingerprint() if self.fallback is not None else None})
         return hashlib.sha256(blob.encode()).hexdigest()[:12]
 
     def extract(self, image: np.ndarray) -> DermAttributes:
@@ -523,7 +528,12 @@ class VLMCaptioner(DermPromptCaptioner):
         return clean_sentence(self.generate_fn(_text_message(prompt, False), None))
 
     def caption(self, image: np.ndarray, mask: np.ndarray | None = None) -> Caption:
-        attrs = self.extract(image)
+        try:
+            attrs = self.extract(image)
+        except CaptionError:
+            if self.fallback is None:
+                raise
+            return replace(self.fallback.caption(image, mask), source="attributes-fallback")  # counted by source
         line = self.rephrase(attrs)
         if line:
             text = f"{self.prefix}, {line}"
@@ -532,6 +542,34 @@ class VLMCaptioner(DermPromptCaptioner):
                 return Caption(text, attrs, n, (), "vlm")
         text, kept, dropped, n = self._fit(attrs)
         return Caption(text, kept, n, dropped, "vlm-template")
+
+
+def captioner_from_profile(cfg, tokenizer, generate_fn: GenerateFn | None = None) -> DermPromptCaptioner:
+    """The profile's DermPrompt captioner (``didgen.dermprompt.captioner``): ``attributes`` (offline, measured
+    from image and mask) or ``vlm`` — ``HFChatVLM`` on ``vlm_model`` (a local folder, or a hub id resolved
+    under ``models.root``) on the profile's device in ``vlm_dtype``, with the attribute captioner as the
+    counted fallback for answers that cannot be parsed. ``generate_fn`` replaces the VLM (tests, remote
+    services)."""
+    from ctrlgen.config import ConfigError
+    from ctrlgen.models.registry import local_folder
+    from ctrlgen.runtime import resolve_device
+
+    d, prefix = cfg["didgen"]["dermprompt"], str(cfg["didgen"]["prefix"])
+    kind = str(d["captioner"])
+    attributes = AttributeCaptioner(tokenizer, prefix=prefix)
+    if kind == "attributes":
+        return attributes
+    if kind != "vlm":
+        raise ConfigError(f"didgen.dermprompt.captioner must be 'attributes' or 'vlm', got {kind!r}")
+    source = str(d["vlm_model"])
+    if generate_fn is None:
+        if not source:
+            raise ConfigError("didgen.dermprompt.captioner is 'vlm' but didgen.dermprompt.vlm_model is empty: "
+                              "give a local chat-VLM folder (e.g. Llama-3.2-11B-Vision-Instruct)")
+        generate_fn = HFChatVLM(local_folder(cfg, source), device=resolve_device(cfg), dtype=str(d["vlm_dtype"]),
+                                max_new_tokens=int(d["vlm_max_new_tokens"]))
+    return VLMCaptioner(tokenizer, generate_fn=generate_fn, prefix=prefix, max_words=int(d["max_words"]),
+                        model_name=source or getattr(generate_fn, "name", "custom"), fallback=attributes)
 
 
 # ================================================================================================ recombination
@@ -580,6 +618,7 @@ __all__ = [
     "PREFIX", "SIZES", "SHAPES", "LESION_COLOURS", "SKIN_COLOURS", "POSITIONS", "MARKS", "DROP_ORDER",
     "PromptTooLongError", "CaptionError", "DermAttributes", "Caption", "CaptionCache", "DermPromptCaptioner",
     "CaptionerConfig", "AttributeCaptioner", "VLMCaptioner", "HFChatVLM", "PromptSampler", "sentence",
+    "captioner_from_profile",
     "compose_prompt", "count_tokens", "fit_prompt", "dermprompt_vocabulary", "name_lesion_colour",
     "skin_colour_name", "position_name", "parse_attribute_answer", "clean_sentence",
 ]
