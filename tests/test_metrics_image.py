@@ -3,6 +3,7 @@ Eq. (4.17) by hand."""
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import torch
 from torch import nn
 
@@ -88,3 +89,18 @@ def test_within_set_diversity_from_cached_features_equals_the_pair_by_pair_mean(
     direct = within_set_diversity(x, dist, batch_size=4)
     assert abs(cached - by_hand) < 1e-6 and abs(direct - by_hand) < 1e-6
     assert abs(within_set_diversity(x, dist, n_pairs=10, seed=3) - M.within_set_diversity(x, dist, n_pairs=10, seed=3)) == 0
+
+
+def test_mask_set_diversity_hand_computed():
+    from ctrlgen.metrics.image import mask_set_diversity
+
+    a = np.zeros((4, 4), bool)
+    a[:2, :2] = True            # 4 px
+    b = np.zeros((4, 4), bool)
+    b[:2, :] = True             # 8 px, contains a: IoU 4/8
+    c = np.zeros((4, 4), bool)
+    c[2:, 2:] = True            # disjoint from a and b: IoU 0
+    # pairs (a,b) (a,c) (b,c): 1 - IoU = 0.5, 1, 1
+    assert mask_set_diversity(np.stack([a, b, c])) == pytest.approx((0.5 + 1 + 1) / 3)
+    assert mask_set_diversity(np.stack([a, a, a])) == 0.0
+    assert mask_set_diversity(np.zeros((2, 4, 4), bool)) == 0.0

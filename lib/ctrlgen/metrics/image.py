@@ -243,6 +243,18 @@ def within_set_diversity(images: torch.Tensor, distance: nn.Module, n_pairs: int
     return float(torch.cat(vals).mean())
 
 
+def mask_set_diversity(masks: torch.Tensor | np.ndarray, n_pairs: int = 0, seed: int = 0) -> float:
+    """Mean 1 − IoU over pairs of distinct binary masks ``(N, H, W)`` of one set (same pairs as
+    ``within_set_diversity`` with the same ``n_pairs``/``seed``): shape diversity with no feature
+    extractor, 0 for identical masks, 1 for disjoint ones (two empty masks count as identical)."""
+    m = torch.as_tensor(np.asarray(masks)).bool().flatten(1)
+    i, j = _pairs(len(m), n_pairs, seed)
+    a, b = m[torch.as_tensor(i)], m[torch.as_tensor(j)]
+    inter, union = (a & b).sum(1).float(), (a | b).sum(1).float()
+    iou = torch.where(union > 0, inter / union.clamp_min(1), torch.ones_like(union))
+    return float((1 - iou).mean())
+
+
 FEATURE_CACHE_BYTES = 2 * 2**30  # keep every image's features in memory only below this (peak memory bounded)
 
 
@@ -305,4 +317,4 @@ def metric_extractors(cfg, vae: nn.Module | None = None) -> tuple[nn.Module, nn.
 
 
 __all__ = ["frechet_distance", "fid", "InceptionFeatures", "VAEEncoderFeatures", "PerceptualDistance", "alexnet_lpips",
-           "encoder_perceptual_distance", "within_set_diversity", "ms_ssim", "ms_ssim_between", "metric_extractors"]
+           "encoder_perceptual_distance", "within_set_diversity", "mask_set_diversity", "ms_ssim", "ms_ssim_between", "metric_extractors"]
