@@ -83,3 +83,18 @@ def test_in_text_numbers_are_quoted_verbatim_from_the_thesis(thesis_text):
         assert number.value in number.quote, key
     with pytest.raises(KeyError, match="didgen.pair_iou"):
         in_text("no.such.number")
+
+
+def test_direction_table_reads_lower_and_higher_is_better_and_claims():
+    from ctrlgen.thesis import Direction, direction_table
+
+    t = direction_table([
+        Direction("FID: mine vs sd", 10.0, 12.0, higher_is_better=False, thesis_a=8.9, thesis_b=12.8),
+        Direction("LPIPS: w/ vs w/o", 0.2, 0.3, higher_is_better=True, thesis_a=0.403, thesis_b=0.172),
+        Direction("IoU: mine vs noregion", 0.6, 0.1, higher_is_better=True, thesis_claim="Fig. 4.7a"),
+        Direction("speed", 1.0, 1.0, higher_is_better=True, thesis_claim="faster"),
+        Direction("no thesis", 1.0, 2.0, higher_is_better=True),
+    ])
+    assert list(t["same direction"]) == ["yes", "no", "yes", "no", "–"]
+    assert t.loc["FID: mine vs sd", "thesis"] == "A better (8.900 vs 12.800)"
+    assert t.loc["speed", "this run"].startswith("tie")

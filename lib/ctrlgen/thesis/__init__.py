@@ -134,6 +134,51 @@ def in_text(key: str) -> InTextNumber:
     return InTextNumber(key, str(entry.pop("value")), str(entry.pop("section")), " ".join(str(entry.pop("quote")).split()), entry)
 
 
+@dataclass(frozen=True)
+class Direction:
+    """One comparison "A vs B on a metric" in this run and, where the thesis reports it, in the thesis.
+
+    ``thesis_a``/``thesis_b``: the thesis's numbers (from ``load_table``/``in_text``), or None with
+    ``thesis_claim`` stating what the thesis shows without a number (e.g. a figure)."""
+
+    comparison: str
+    run_a: float
+    run_b: float
+    higher_is_better: bool
+    thesis_a: float | None = None
+    thesis_b: float | None = None
+    thesis_claim: str = ""
+
+    def run_says_a_better(self) -> bool:
+        return self.run_a > self.run_b if self.higher_is_better else self.run_a < self.run_b
+
+    def thesis_says_a_better(self) -> bool | None:
+        if self.thesis_a is None or self.thesis_b is None:
+            return True if self.thesis_claim else None
+        return self.thesis_a > self.thesis_b if self.higher_is_better else self.thesis_a < self.thesis_b
+
+
+def direction_table(directions: list[Direction], precision: int = 3):
+    """A DataFrame, one row per comparison: the thesis's direction, this run's numbers and whether they agree.
+    A claim-only thesis entry counts as "A better than B"; a tie in this run never agrees."""
+    import pandas as pd
+
+    def verdict(a_better: bool | None) -> str:
+        return "–" if a_better is None else ("A better" if a_better else "B better")
+
+    rows = []
+    for d in directions:
+        thesis = d.thesis_says_a_better()
+        numbers = (f" ({d.thesis_a:.{precision}f} vs {d.thesis_b:.{precision}f})"
+                   if d.thesis_a is not None and d.thesis_b is not None else f" ({d.thesis_claim})" if d.thesis_claim else "")
+        tie = d.run_a == d.run_b
+        rows.append({"comparison (A vs B)": d.comparison, "thesis": verdict(thesis) + numbers,
+                     "this run": ("tie" if tie else verdict(d.run_says_a_better()))
+                     + f" ({d.run_a:.{precision}f} vs {d.run_b:.{precision}f})",
+                     "same direction": "–" if thesis is None else ("yes" if not tie and thesis == d.run_says_a_better() else "no")})
+    return pd.DataFrame(rows).set_index("comparison (A vs B)")
+
+
 def thesis_frame(table_id: str):
     """Shorthand for ``load_table(table_id).frame()``."""
     return load_table(table_id).frame()
