@@ -80,8 +80,9 @@ run.note(f"training pairs: {len(sets.train_images)} ({sets.source}); evaluation 
 # the image and its mask (CIELAB colour names, area ratio, centroid, circularity and axis ratio, ITA skin
 # tone, hair by a morphological black-hat, dark frame and ink marks) and writes the same sentence
 # structure. The `full` profile uses the VLM (`didgen.dermprompt.captioner: vlm`); an answer it cannot
-# parse is captioned by the attribute captioner instead and counted below as `attributes-fallback`. Prompts are checked against the model's own tokenizer and never truncated silently: an
-# attribute that does not fit is dropped, in a fixed order, and counted.
+# parse is captioned by the attribute captioner instead and counted below as `attributes-fallback`.
+# Prompts are checked against the model's own tokenizer and never truncated silently: an attribute that
+# does not fit is dropped, in a fixed order, and counted.
 
 # %%
 examples = pd.DataFrame({"id": sets.train_ids[:6], "DermPrompt": [c.text for c in sets.captions[:6]],

@@ -140,3 +140,17 @@ def test_caption_tokenizer_ids_are_the_same_in_every_process():
     outs = {subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                            env={**__import__("os").environ, "PYTHONHASHSEED": str(seed)}).stdout for seed in (1, 2)}
     assert len(outs) == 1 and outs.pop().strip().startswith("[")
+
+
+def test_encode_dataset_equals_encoding_everything_at_once():
+    """Chunked encoding (arrays converted per batch, or a pixel tensor) gives the one-batch posterior means."""
+    import numpy as np
+
+    from ctrlgen.data.tensors import image_tensor
+
+    model = build_mini_components(load_profile("smoke"), build_caption_tokenizer(["a lesion"]), seed=0)
+    images = np.random.default_rng(0).integers(0, 256, (5, 16, 16, 3), dtype=np.uint8)
+    with torch.no_grad():
+        whole = model.encode_images(image_tensor(images))
+    torch.testing.assert_close(model.encode_dataset(images, batch_size=2), whole, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(model.encode_dataset(image_tensor(images), batch_size=3), whole, rtol=1e-5, atol=1e-5)

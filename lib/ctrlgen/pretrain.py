@@ -474,9 +474,7 @@ def ensure_vae(cfg: Mapping[str, Any], data: DomainData, force: bool = False, pr
 
 
 def _train_tensors(model, data: DomainData, cfg, variant: str) -> dict[str, torch.Tensor]:
-    with torch.no_grad():
-        x = image_tensor(data.images)
-        latents = torch.cat([model.encode_images(x[i:i + 64]) for i in range(0, len(x), 64)])
+    latents = model.encode_dataset(data.images, batch_size=64)
     tensors = {"latents": latents, "input_ids": model.tokenize(data.captions)}
     if variant == "selfattn":
         tensors["regions"] = region_maps(data.regions, data.n_regions, latents.shape[-1])

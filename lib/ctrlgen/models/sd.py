@@ -12,9 +12,12 @@ from importlib import resources
 from pathlib import Path
 from typing import Any, Literal
 
+import numpy as np
 import torch
 from diffusers import AutoencoderKL, DDIMScheduler, DDPMScheduler, PNDMScheduler, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+from ctrlgen.data.tensors import image_tensor
 
 ARCHES = ("sd21_base", "sd14")
 SCHEDULERS = {"ddim": DDIMScheduler, "pndm": PNDMScheduler, "ddpm": DDPMScheduler}
@@ -112,6 +115,18 @@ class SDComponents:
         dist = self.vae.encode(images.to(self.vae.device, self.vae.dtype)).latent_dist
         z = dist.sample(generator) if sample else dist.mode()
         return z * self.scaling_factor
+
+    @torch.no_grad()
+    def encode_dataset(self, images: np.ndarray | torch.Tensor, batch_size: int = 32) -> torch.Tensor:
+        """Posterior-mean latents of a whole image set, ``batch_size`` images at a time, returned on the CPU
+        (training data encoded once). ``images``: uint8/unit-float arrays ``(N, H, W, 3)``, converted per
+        batch so the full set never exists as float pixels, or a pixel tensor in [-1, 1] ``(N, 3, H, W)``."""
+        out = []
+        for i in range(0, len(images), batch_size):
+            chunk = images[i:i + batch_size]
+            x = chunk if isinstance(chunk, torch.Tensor) else image_tensor(chunk)
+            out.append(self.encode_images(x).cpu())
+        return torch.cat(out)
 
     def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
         """Images in [-1, 1] ``(B, 3, H, W)`` from latents (inverse of ``encode_images``)."""

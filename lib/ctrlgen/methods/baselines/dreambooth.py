@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from ctrlgen.data.tensors import image_tensor
-from ctrlgen.methods.baselines.sd_finetune import PROMPT, mean_latents
+from ctrlgen.methods.baselines.sd_finetune import PROMPT
 from ctrlgen.models.sd import SDComponents
 from ctrlgen.sampling import initial_latents, sample
 from ctrlgen.training import TrainConfig, TrainResult, select_trainable, train_diffusion
@@ -64,7 +64,7 @@ def prior_batches(model: SDComponents, instance: np.ndarray, class_images: np.nd
     weights = torch.tensor([2.0] * batch_size + [2.0 * prior_weight] * batch_size)
     key = "pixel_values"
     if precompute_latents:
-        pi, pc, key = mean_latents(model, pi), mean_latents(model, pc), "latents"
+        pi, pc, key = model.encode_dataset(pi), model.encode_dataset(pc), "latents"
     rng = np.random.default_rng(seed)
     while True:
         a = torch.as_tensor(rng.integers(0, len(pi), batch_size))

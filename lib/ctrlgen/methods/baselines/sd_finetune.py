@@ -17,13 +17,6 @@ from ctrlgen.training import TrainConfig, TrainResult, select_trainable, train_d
 PROMPT = "An image of lesion on skin."
 
 
-@torch.no_grad()
-def mean_latents(model: SDComponents, pixels: torch.Tensor, batch_size: int = 32) -> torch.Tensor:
-    """Scaled latents (posterior means) of pixel tensors in [-1, 1], encoded once (``precompute_latents``)."""
-    return torch.cat([model.encode_images(pixels[i:i + batch_size].to(model.device)).cpu()
-                      for i in range(0, len(pixels), batch_size)])
-
-
 def fixed_prompt_batches(model: SDComponents, images: np.ndarray, prompt: str, batch_size: int, seed: int = 0,
                          hflip: bool = True, precompute_latents: bool = False) -> Iterator[dict[str, Any]]:
     """Endless shuffled batches of ``images`` (uint8 ``(N, H, W, 3)``) all with one ``prompt``.
@@ -32,7 +25,7 @@ def fixed_prompt_batches(model: SDComponents, images: np.ndarray, prompt: str, b
     finetuning does with ``precompute_latents`` — the same data for both; otherwise pixels (the loop samples
     a latent per step, the SD convention)."""
     pix = image_tensor(images)
-    lat = mean_latents(model, pix) if precompute_latents else None
+    lat = model.encode_dataset(pix) if precompute_latents else None
     ids = model.tokenize([prompt])
     rng = np.random.default_rng(seed)
     n = len(pix)
@@ -64,4 +57,4 @@ def sd_finetune(model: SDComponents, images: np.ndarray, steps: int, batch_size:
     return result
 
 
-__all__ = ["PROMPT", "mean_latents", "fixed_prompt_batches", "sd_finetune"]
+__all__ = ["PROMPT", "fixed_prompt_batches", "sd_finetune"]

@@ -125,14 +125,6 @@ class RegionAwareConfig:
         return cls(**kw)
 
 
-@torch.no_grad()
-def encode_dataset(model: SDComponents, images: np.ndarray, batch_size: int = 32) -> torch.Tensor:
-    """Latents (distribution means) of a uint8 image array ``(N, H, W, 3)``."""
-    out = [model.encode_images(image_tensor(images[i:i + batch_size]).to(model.device)).cpu()
-           for i in range(0, len(images), batch_size)]
-    return torch.cat(out)
-
-
 def region_aware_finetune(model: SDComponents, images: np.ndarray, masks: np.ndarray, prompts: Sequence[str],
                           config: RegionAwareConfig, output_dir: str = "", train_config: Mapping[str, Any] | None = None,
                           tokens: PlaceholderTokens | None = None, progress: bool = True) -> tuple[TrainResult, PlaceholderTokens]:
@@ -143,7 +135,7 @@ def region_aware_finetune(model: SDComponents, images: np.ndarray, masks: np.nda
     (per-step ``loss``, ``rec``, ``attn``) and the P-Tokens.
     """
     tokens = tokens or setup_placeholders(model)
-    lat = encode_dataset(model, images) if config.precompute_latents else None
+    lat = model.encode_dataset(images) if config.precompute_latents else None
     data = region_aware_batches(model, images, masks, prompts, tokens, config.batch_size, config.seed, lat)
     trainable = select_trainable(model.unet, model.text_encoder, mode="full", weight_decay=config.weight_decay)
     terms = [AttentionAlignmentTerm(weight=config.alpha)] if config.alpha > 0 else []
@@ -156,4 +148,4 @@ def region_aware_finetune(model: SDComponents, images: np.ndarray, masks: np.nda
 
 
 __all__ = ["PLACEHOLDERS", "INIT_WORDS", "setup_placeholders", "token_indices", "region_aware_batches",
-           "RegionAwareConfig", "encode_dataset", "region_aware_finetune"]
+           "RegionAwareConfig", "region_aware_finetune"]
