@@ -130,16 +130,38 @@ def test_cli_check_and_fetch(tmp_path, capsys):
     assert args.func(args) == EXIT_USAGE
 
 
-def test_caption_tokenizer_ids_are_the_same_in_every_process():
-    """Bytes absent from the corpus get their ids from the byte alphabet: its order must not depend on hashing."""
+def test_caption_tokenizer_files_are_byte_identical_in_every_process(tmp_path):
+    """Two fresh processes (any hash seed) write the same tokenizer files: tied pair counts are broken by
+    order, not by a hash map (the old BpeTrainer gave different vocabularies, so fresh caches differed)."""
+    import hashlib
+    import os
     import subprocess
     import sys
 
-    code = ("from ctrlgen.models import build_caption_tokenizer as b; t = b(['an image of a lesion']); "
-            "print(t.convert_tokens_to_ids(['.</w>', 'z</w>', '!', 'q']))")
-    outs = {subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                           env={**__import__("os").environ, "PYTHONHASHSEED": str(seed)}).stdout for seed in (1, 2)}
-    assert len(outs) == 1 and outs.pop().strip().startswith("[")
+    corpus = ["a red cross and an orange checkered square", "a blue circle and a green square"] * 3 + \
+        ["two red crosses", "a lesion on light skin", "an image of a dark lesion"]
+    digests = set()
+    for seed in (1, 2, 3):
+        out = tmp_path / f"tok{seed}"
+        code = (f"from ctrlgen.models import build_caption_tokenizer as b, save_tokenizer as s; "
+                f"s(b({corpus!r}, extra_words=['melanoma']), {str(out)!r})")
+        subprocess.run([sys.executable, "-c", code], check=True, env={**os.environ, "PYTHONHASHSEED": str(seed)})
+        digests.add(tuple(hashlib.sha256(f.read_bytes()).hexdigest() for f in sorted(out.iterdir())))
+    assert len(digests) == 1
+    tok = load_tokenizer(tmp_path / "tok1")
+    assert tok.tokenize("checkered melanoma") == ["checkered</w>", "melanoma</w>"]
+    assert tok.convert_tokens_to_ids(".</w>") != tok.convert_tokens_to_ids("z</w>")
+
+
+def test_bpe_merges_prefer_frequent_pairs_and_break_ties_by_order():
+    """Hand-computed: in {"ab": 2, "ac": 2} the pairs (a, b</w>) and (a, c</w>) tie at 2; the smaller goes first."""
+    from collections import Counter
+
+    from ctrlgen.models.tokenizer import _learn_merges
+
+    assert _learn_merges(Counter({"ab": 2, "ac": 2}), budget=10, min_frequency=1) == [("a", "b</w>"), ("a", "c</w>")]
+    assert _learn_merges(Counter({"ab": 1, "ac": 3}), budget=10, min_frequency=2) == [("a", "c</w>")]
+    assert _learn_merges(Counter({"abc": 1}), budget=1, min_frequency=1) == [("a", "b")]
 
 
 def test_encode_dataset_equals_encoding_everything_at_once():
