@@ -13,9 +13,66 @@ def _uniform_lab(lightness, a, b, size=16):
 
 
 def test_ita_hand_computed():
-    # arctan((L-50)/b): (70, 20) -> 45 deg, (50, x) -> 0, (30, 20) -> -45, (50 + 20*sqrt(3), 20) -> 60
+    # b* > 0 (Eq. 5.1 as printed): (70, 20) -> 45 deg, (50, x) -> 0, (30, 20) -> -45, (50 + 20*sqrt(3), 20) -> 60
     got = A.ita_from_lab([70, 50, 30, 50 + 20 * np.sqrt(3)], [20, 15, 20, 20])
     np.testing.assert_allclose(got, [45, 0, -45, 60], atol=1e-9)
+
+
+@pytest.mark.parametrize("lightness, b, expected, arctan", [
+    (70.0, 20.0, 45.0, 45.0),                          # L* > 50, b* > 0: both formulas agree
+    (70.0, -20.0, 135.0, -45.0),                       # L* > 50, b* < 0: light bluish skin, above 90 (arctan: -45)
+    (50 + 20 * np.sqrt(3), -20.0, 120.0, -60.0),       # L* > 50, b* < 0: 180 - 60
+    (30.0, 20.0, -45.0, -45.0),                        # L* < 50, b* > 0: both agree
+    (30.0, -20.0, -135.0, 45.0),                       # L* < 50, b* < 0: dark bluish, below -90 (arctan: +45)
+    (50 - 20 * np.sqrt(3), -20.0, -120.0, 60.0),       # L* < 50, b* < 0: -(180 - 60)
+    (80.0, 0.0, 90.0, 90.0),                           # b* = 0, L* > 50: +90
+    (20.0, 0.0, -90.0, -90.0),                         # b* = 0, L* < 50: -90
+    (80.0, -0.0, 90.0, -90.0),                         # negative zero b* is zero (arctan: -inf, -90)
+    (50.0, 0.0, 0.0, np.nan),                          # L* = 50, b* = 0: atan2(0, 0) = 0 (arctan: 0/0 = NaN)
+    (50.0, -0.0, 0.0, np.nan),                         # ... and not 180 for a negative zero
+])
+def test_ita_every_quadrant(lightness, b, expected, arctan):
+    assert A.ita_from_lab(lightness, b) == pytest.approx(expected, abs=1e-9)
+    np.testing.assert_allclose(A.ita_arctan(lightness, b), arctan, atol=1e-9)
+
+
+def test_ita_above_90_is_the_lightest_type_and_word():
+    from ctrlgen.methods.didgen.dermprompt import skin_colour_name
+
+    light_bluish, dark_bluish = A.ita_from_lab(70.0, -20.0), A.ita_from_lab(30.0, -20.0)
+    assert list(A.fitzpatrick_type([light_bluish, dark_bluish, 180.0, -180.0])) == ["I", "VI", "I", "VI"]
+    assert list(A.fitzpatrick_group([light_bluish, dark_bluish])) == ["I-II", "V-VI"]
+    assert skin_colour_name(light_bluish) == "very light" and skin_colour_name(dark_bluish) == "dark"
+
+
+def test_empty_region_gives_nan_ita_and_no_type():
+    image = _uniform_lab(70, 12, 16)[None]
+    full = np.ones((1, 16, 16), bool)
+    frame = A.lesion_attributes(image, full)  # no skin left outside the lesion
+    assert np.isnan(frame.ita_skin[0]) and np.isnan(frame.ita_difference[0]) and frame.fitzpatrick[0] == ""
+    assert np.isfinite(frame.ita_lesion[0])
+    assert np.isnan(A.ita_from_lab(np.nan, 10.0)) and np.isnan(A.ita_from_lab(60.0, np.nan))
+
+
+def test_ita_difference_of_light_bluish_skin_is_high_contrast():
+    # skin L* 72, b* -4 (light, slightly blue); lesion L* 40, b* 18 (brown): clearly high contrast
+    skin, lesion = _uniform_lab(72, 2, -4), _uniform_lab(40, 15, 18)
+    mask = np.zeros((16, 16), bool)
+    mask[4:12, 4:12] = True
+    image = np.where(mask[..., None], lesion, skin)
+    lab = rgb2lab(image / 255.0)
+    skin_l, skin_b = lab[~mask, 0].mean(), lab[~mask, 2].mean()
+    lesion_l, lesion_b = lab[mask, 0].mean(), lab[mask, 2].mean()
+    assert skin_b < 0 < lesion_b
+    expected_skin = 180.0 - np.degrees(np.arctan((skin_l - 50) / -skin_b))  # second quadrant by hand
+    frame = A.lesion_attributes(image[None], mask[None])
+    assert frame.ita_skin[0] == pytest.approx(expected_skin, abs=1e-9) and frame.ita_skin[0] > 90
+    assert frame.ita_difference[0] > 30 and frame.fitzpatrick[0] == "I"
+    changes = A.ita_formula_changes(image[None], mask[None], 30.0)
+    assert changes.ita_skin_old[0] < -60 and bool(changes.low_contrast_old[0]) and not changes.low_contrast_new[0]
+    assert changes.fitzpatrick_old[0] == "VI" and bool(changes.changed_type[0] and changes.changed_group[0])
+    summary = A.summarize_ita_changes(changes)
+    assert summary.loc["low-contrast label changed", "count"] == 1 and summary.loc["skin b* < 0", "count"] == 1
 
 
 @pytest.mark.parametrize("ita, fst, group", [

@@ -1,7 +1,10 @@
 """Lesion attributes of dermoscopic images (thesis §5.3.2) and the ITA skin-tone baselines of Table 5.1.
 
 * ITA = arctan((L* − 50) / b*) · 180/π (Eq. 5.1) from CIELAB (scikit-image), computed from the mean
-  L* and b* of a region (skin = outside the lesion mask, lesion = inside it);
+  L* and b* of a region (skin = outside the lesion mask, lesion = inside it), as the quadrant-aware
+  angle atan2(L* − 50, b*) in (−180°, 180°]: for b* > 0 it equals Eq. (5.1); for b* < 0 (bluish
+  regions, 5–12% of ISIC 2018 Task 1 skins) the plain arctangent would flip light skin (L* > 50) to a
+  negative, "dark" angle, while atan2 puts it above 90° (lighter than any b* > 0 skin of the same L*).
   ITA Difference = ITA Skin − ITA Lesion (lesion–skin colour contrast).
 * Fitzpatrick skin type from ITA (thesis §5.2): I > 55, II (41, 55], III (28, 41], IV (19, 28],
   V (10, 19], VI ≤ 10, and the aggregated groups I-II, III-IV, V-VI used with DDI.
@@ -40,9 +43,25 @@ def _as_float_batch(images: np.ndarray) -> np.ndarray:
 
 
 def ita_from_lab(lightness: np.ndarray | float, b: np.ndarray | float) -> np.ndarray:
-    """Individual Typology Angle in degrees, Eq. (5.1): arctan((L* − 50) / b*) · 180/π.
+    """Individual Typology Angle in degrees, Eq. (5.1), as the quadrant-aware angle atan2(L* − 50, b*).
 
-    ``b* = 0`` gives ±90° (the limit of the arctangent), NaN inputs give NaN.
+    * b* > 0: identical to arctan((L* − 50) / b*) · 180/π, in (−90°, 90°).
+    * b* < 0: the angle lies in (90°, 180°] when L* ≥ 50 (light, bluish: lighter than every b* > 0 value,
+      so Fitzpatrick I) and in (−180°, −90°) when L* < 50 (dark, bluish: Fitzpatrick VI). The plain
+      arctangent gave these the opposite sign. The branch cut of atan2 lies on b* < 0, L* = 50, where the
+      angle jumps from 180° to −180°: a mid-grey bluish region is the one case the angle cannot order.
+    * b* = 0: +90° for L* > 50, −90° for L* < 50 (the limits of Eq. 5.1), 0° for L* = 50 (atan2(0, 0));
+      a negative zero b* counts as zero, so it never turns 0° into 180°.
+    * NaN inputs (the mean of an empty region, see ``region_lab_means``) give NaN.
+    """
+    lightness, b = np.asarray(lightness, dtype=float), np.asarray(b, dtype=float)
+    return np.degrees(np.arctan2(lightness - 50.0, b + 0.0))  # + 0.0 maps b* = -0.0 to +0.0
+
+
+def ita_arctan(lightness: np.ndarray | float, b: np.ndarray | float) -> np.ndarray:
+    """Eq. (5.1) read literally, arctan((L* − 50) / b*) · 180/π: wrong for b* < 0 (see ``ita_from_lab``).
+
+    Kept only to measure what the quadrant-aware angle changes (``ita_formula_changes``).
     """
     lightness, b = np.asarray(lightness, dtype=float), np.asarray(b, dtype=float)
     with np.errstate(divide="ignore", invalid="ignore"):
@@ -50,7 +69,12 @@ def ita_from_lab(lightness: np.ndarray | float, b: np.ndarray | float) -> np.nda
 
 
 def region_lab_means(images: np.ndarray, regions: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Mean L* and b* of each image over its boolean region (NaN where the region is empty)."""
+    """Mean L* and b* of each image over its boolean region.
+
+    An empty region (a mask covering the whole image leaves no skin; an empty mask no lesion) gives NaN,
+    hence NaN ITA and an empty Fitzpatrick type, rather than an error: one such image must not stop a
+    batch, and NaN is visibly "no value" in every table (``pandas`` skips it in means and counts).
+    """
     lab = rgb2lab(_as_float_batch(images))
     regions = np.asarray(regions, dtype=bool).reshape(lab.shape[:3])
     count = regions.sum(axis=(1, 2)).astype(float)
@@ -113,6 +137,60 @@ def lesion_attributes(images: np.ndarray, masks: np.ndarray, ids: list[str] | No
     if ids is not None:
         frame.insert(0, "id", list(ids))
     return frame
+
+
+def ita_formula_changes(images: np.ndarray, masks: np.ndarray, low_contrast_threshold: float,
+                        ids: list[str] | None = None) -> pd.DataFrame:
+    """Per image: skin/lesion ITA by the quadrant-aware angle (``ita_from_lab``) and by the plain arctangent
+    (``ita_arctan``), with the labels each gives: Fitzpatrick type and group of the skin ITA, and the
+    low-contrast label (ITA Difference < ``low_contrast_threshold``, thesis §5.5.1).
+
+    Columns ``*_new`` / ``*_old`` and ``changed_type``, ``changed_group``, ``changed_contrast``.
+    """
+    masks = np.asarray(masks, dtype=bool)
+    masks = masks[None] if masks.ndim == 2 else masks
+    skin_l, skin_b = region_lab_means(images, ~masks)
+    lesion_l, lesion_b = region_lab_means(images, masks)
+    frame = pd.DataFrame({"skin_L": skin_l, "skin_b": skin_b, "lesion_L": lesion_l, "lesion_b": lesion_b})
+    for tag, angle in (("new", ita_from_lab), ("old", ita_arctan)):
+        skin, lesion = angle(skin_l, skin_b), angle(lesion_l, lesion_b)
+        frame[f"ita_skin_{tag}"], frame[f"ita_lesion_{tag}"] = skin, lesion
+        frame[f"ita_difference_{tag}"] = skin - lesion
+        frame[f"fitzpatrick_{tag}"] = fitzpatrick_type(skin)
+        frame[f"fst_group_{tag}"] = fitzpatrick_group(skin)
+        frame[f"low_contrast_{tag}"] = (skin - lesion) < low_contrast_threshold
+    for label, column in (("type", "fitzpatrick"), ("group", "fst_group"), ("contrast", "low_contrast")):
+        frame[f"changed_{label}"] = frame[f"{column}_new"] != frame[f"{column}_old"]
+    if ids is not None:
+        frame.insert(0, "id", list(ids))
+    return frame
+
+
+def dataset_ita_changes(records, low_contrast_threshold: float) -> pd.DataFrame:
+    """``ita_formula_changes`` for records with image and mask (``Record.load_image``/``load_mask``),
+    one image at a time so that any image size works and memory stays at one image."""
+    rows = [ita_formula_changes(r.load_image()[None], r.load_mask()[None], low_contrast_threshold, [r.id])
+            for r in records if r.image_path is not None and r.mask_path is not None]
+    if not rows:
+        raise ValueError("no record with both an image and a mask: nothing to measure ITA on")
+    return pd.concat(rows, ignore_index=True)
+
+
+def summarize_ita_changes(changes: pd.DataFrame) -> pd.DataFrame:
+    """Counts of ``dataset_ita_changes``: images, b* < 0 regions, changed type / group / contrast label,
+    and the low-contrast subset size under each formula."""
+    n = len(changes)
+    counts = {
+        "images": n,
+        "skin b* < 0": int((changes.skin_b < 0).sum()),
+        "lesion b* < 0": int((changes.lesion_b < 0).sum()),
+        "Fitzpatrick type changed": int(changes.changed_type.sum()),
+        "Fitzpatrick group changed": int(changes.changed_group.sum()),
+        "low-contrast label changed": int(changes.changed_contrast.sum()),
+        "low-contrast (arctan)": int(changes.low_contrast_old.sum()),
+        "low-contrast (atan2)": int(changes.low_contrast_new.sum()),
+    }
+    return pd.DataFrame({"count": counts, "share": {k: (v / n if n else np.nan) for k, v in counts.items()}})
 
 
 def ycbcr_skin_mask(images: np.ndarray) -> np.ndarray:
