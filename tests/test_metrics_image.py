@@ -108,3 +108,114 @@ def test_mask_set_diversity_hand_computed():
     assert mask_set_diversity(np.stack([a, b, c])) == pytest.approx((0.5 + 1 + 1) / 3)
     assert mask_set_diversity(np.stack([a, a, a])) == 0.0
     assert mask_set_diversity(np.zeros((2, 4, 4), bool)) == 0.0
+
+
+# ------------------------------------------------------------------------------------------- standard FID / LPIPS
+@pytest.fixture(scope="module")
+def inception_file(tmp_path_factory):
+    """A stand-in for the FID-Inception weights file, made here (no download): torchvision's Inception3 with the
+    FID network's 1008 classes and no aux head (the same keys as torch-fidelity's state dict), random weights whose
+    BatchNorm statistics are set from one batch so the 2048-d features are O(1) rather than vanishing."""
+    from torchvision.models import Inception3
+
+    torch.manual_seed(0)
+    net = Inception3(num_classes=1008, aux_logits=False, init_weights=False)
+    for m in net.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.momentum = None  # running stats = this batch's stats
+            m.reset_running_stats()
+    with torch.no_grad():
+        net.train()(torch.rand(4, 3, 299, 299) * 2 - 1)
+    path = tmp_path_factory.mktemp("fid") / "weights-inception-2015-12-05-test.pth"
+    torch.save(net.state_dict(), path)
+    return path
+
+
+def test_inception_features_equal_torchmetrics_and_torch_fidelity(inception_file):
+    from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
+    from torchmetrics.image.fid import FrechetInceptionDistance
+
+    from ctrlgen.metrics.image import InceptionFeatures
+
+    x = torch.rand(3, 3, 48, 40, generator=torch.Generator().manual_seed(2))
+    as_uint8 = (x * 255).byte()  # torchmetrics' normalize=True conversion
+    with torch.no_grad():
+        ours = InceptionFeatures(inception_file)(x)
+        tm = FrechetInceptionDistance(feature=2048, normalize=True, feature_extractor_weights_path=str(inception_file))
+        theirs = tm.inception(as_uint8)
+        # torch-fidelity's own forward (its TF1-style resize) against ours with antialias=False
+        tf_ref = FeatureExtractorInceptionV3("inception-v3-compat", ["2048"], str(inception_file))(as_uint8)[0]
+        ours_tf = InceptionFeatures(inception_file, antialias=False)(x)
+    assert ours.shape == (3, 2048) and float(ours.std(0).mean()) > 0.1  # features that differ between images
+    torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(ours_tf, tf_ref, rtol=1e-5, atol=1e-5)
+    # the two resizes give different features, so each equality above pins one definition
+    assert not torch.allclose(ours, ours_tf, rtol=1e-3, atol=1e-3)
+
+
+def test_fid_with_inception_equals_torchmetrics_fid(inception_file):
+    from torchmetrics.image.fid import FrechetInceptionDistance
+
+    from ctrlgen.metrics.image import InceptionFeatures
+
+    g = torch.Generator().manual_seed(3)
+    real = torch.rand(5, 3, 32, 32, generator=g) * 0.6
+    fake = (torch.rand(5, 3, 32, 32, generator=g) * 0.6 + 0.4).clamp(0, 1)
+    ref = FrechetInceptionDistance(feature=2048, normalize=True, feature_extractor_weights_path=str(inception_file))
+    ref.update(real, real=True)
+    ref.update(fake, real=False)
+    expected = float(ref.compute())
+    got = fid(real, fake, InceptionFeatures(inception_file), batch_size=2)  # batching must not change it
+    assert expected > 1.0 and got == pytest.approx(expected, rel=1e-4)
+
+
+def test_inception_features_missing_or_wrong_weights_and_bad_range(tmp_path, inception_file):
+    from torchvision.models import inception_v3
+
+    from ctrlgen.metrics.image import INCEPTION_WEIGHTS_NAME, InceptionFeatures
+
+    missing = tmp_path / "metrics" / INCEPTION_WEIGHTS_NAME
+    with pytest.raises(FileNotFoundError, match=str(missing).replace("\\", "\\\\")) as err:
+        InceptionFeatures(missing)
+    assert INCEPTION_WEIGHTS_NAME in str(err.value) and "inception_weights" in str(err.value)
+    torchvision_file = tmp_path / "inception_v3_google.pth"  # what the profile named before: the wrong network
+    torch.save(inception_v3(weights=None, init_weights=False).state_dict(), torchvision_file)
+    with pytest.raises(ValueError, match="not the FID Inception-v3 state dict"):
+        InceptionFeatures(torchvision_file)
+    with pytest.raises(ValueError, match=r"in \[0, 1\]"):
+        InceptionFeatures(inception_file)(torch.full((1, 3, 8, 8), 2.0))
+
+
+def test_profile_full_names_the_fid_weights_and_errors_offline(tmp_path):
+    from ctrlgen.metrics.image import INCEPTION_WEIGHTS_NAME
+
+    cfg = load_profile("full", overrides={"models.root": str(tmp_path)})
+    assert cfg["didgen"]["metrics"]["inception_weights"].endswith(INCEPTION_WEIGHTS_NAME)
+    with pytest.raises(FileNotFoundError, match=str(tmp_path / cfg["didgen"]["metrics"]["inception_weights"])):
+        metric_extractors(cfg)
+
+
+def test_alexnet_lpips_equals_torchmetrics_lpips(tmp_path):
+    from torchmetrics.functional.image.lpips import _LPIPS
+    from torchvision.models import alexnet
+
+    from ctrlgen.metrics.image import alexnet_lpips
+
+    torch.manual_seed(4)
+    weights = tmp_path / "alexnet.pth"
+    state = alexnet(weights=None).state_dict()
+    torch.save(state, weights)
+    ref = _LPIPS(pretrained=True, net="alex", pnet_rand=True)  # random backbone (no download) + shipped alex.pth
+    with torch.no_grad():
+        for name, p in ref.net.named_parameters():  # slice{k}.{index in alexnet.features}.{weight|bias}
+            _, index, kind = name.split(".")
+            p.copy_(state[f"features.{index}.{kind}"])
+    g = torch.Generator().manual_seed(5)
+    a, b = torch.rand(3, 3, 64, 64, generator=g), torch.rand(3, 3, 64, 64, generator=g)
+    with torch.no_grad():
+        expected = ref(a, b, normalize=True).flatten()
+        got = alexnet_lpips(weights)(a, b)  # None: torchmetrics' shipped lpips v0.1 linear layers
+    assert float(expected.min()) > 0
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-6)
+    with pytest.raises(FileNotFoundError, match="alexnet_weights"):
+        alexnet_lpips(tmp_path / "none.pth")

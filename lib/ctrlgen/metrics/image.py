@@ -2,11 +2,15 @@
 
 Feature extractors come from the profile (``didgen.metrics``) and are never downloaded:
 
-* full — FID on Inception-v3 pool features (2048-d) loaded from a local weights file
-  (``inception_weights``: torchvision's ``inception_v3`` state dict; the TF-FID "pt_inception" weights
-  differ slightly, so numbers are Inception-FID but not bit-identical to torch-fidelity's), LPIPS with
-  AlexNet + the LPIPS linear layers from local files (``alexnet_weights``: torchvision state dict;
-  ``lpips_weights``: the ``alex.pth`` of the lpips package, keys ``lin{l}.model.1.weight``).
+* full — FID on the **standard FID network** (Heusel et al. 2017's TensorFlow Inception-v3 of
+  2015-12-05, ported to PyTorch by torch-fidelity; torchmetrics' ``FrechetInceptionDistance`` runs it
+  as ``NoTrainInceptionV3``): 2048-d pool3 features of images quantised to uint8 and scaled to
+  [-1, 1] inside the network, weights from a local file (``inception_weights``: torch-fidelity's
+  ``weights-inception-2015-12-05-6726825d.pth``; pytorch-fid's ``pt_inception-2015-12-05-6726825d.pth``
+  has the same keys). FID values are torchmetrics' FID with those weights. LPIPS with AlexNet + the
+  LPIPS linear layers (``alexnet_weights``: torchvision's ``alexnet-owt-7be5be79.pth`` state dict;
+  ``lpips_weights``: the lpips package's v0.1 ``alex.pth``, keys ``lin{l}.model.1.weight``; "" = the
+  copy torchmetrics ships in ``functional/image/lpips_models/alex.pth``).
 * mini/smoke — no ImageNet network exists offline, so the extractor is an **encoder trained on the
   domain's real images**: the mini VAE encoder that ``ctrlgen pretrain`` trained on the training
   images (``VAEEncoderFeatures``). FID is then the Fréchet distance of pooled encoder activations and
@@ -42,16 +46,18 @@ def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma
 
 
 def fid(real: torch.Tensor, fake: torch.Tensor, extractor: nn.Module, batch_size: int = 64) -> float:
-    """FID between image sets ``(N, 3, H, W)`` in [0, 1] with ``extractor`` as the feature network
-    (torchmetrics ``FrechetInceptionDistance(feature=extractor)``)."""
+    """Eq. (4.12) between image sets ``(N, 3, H, W)`` in [0, 1] with ``extractor`` as the feature network
+    (torchmetrics ``FrechetInceptionDistance(feature=extractor)``; with ``InceptionFeatures`` this is
+    torchmetrics' standard FID). Batches run on the extractor's device."""
     from torchmetrics.image.fid import FrechetInceptionDistance
 
-    metric = FrechetInceptionDistance(feature=_WithFeatureCount(extractor, real[:1]), normalize=True)
+    device = next((t.device for t in extractor.parameters()), torch.device("cpu"))
     with torch.no_grad():
-        for start in range(0, len(real), batch_size):
-            metric.update(real[start:start + batch_size], real=True)
-        for start in range(0, len(fake), batch_size):
-            metric.update(fake[start:start + batch_size], real=False)
+        metric = FrechetInceptionDistance(feature=_WithFeatureCount(extractor, real[:1].to(device)),
+                                          normalize=True).to(device)
+        for images, is_real in ((real, True), (fake, False)):
+            for start in range(0, len(images), batch_size):
+                metric.update(images[start:start + batch_size].to(device), real=is_real)
         return float(metric.compute())
 
 
@@ -61,38 +67,59 @@ class _WithFeatureCount(nn.Module):
     def __init__(self, extractor: nn.Module, example: torch.Tensor):
         super().__init__()
         self.extractor = extractor.eval()
-        with torch.no_grad():
-            self.num_features = int(self.extractor(example).reshape(1, -1).shape[1])
+        count = getattr(extractor, "num_features", None)
+        if count is None:
+            with torch.no_grad():
+                count = self.extractor(example).reshape(1, -1).shape[1]
+        self.num_features = int(count)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.extractor(x).reshape(x.shape[0], -1)
 
 
+INCEPTION_WEIGHTS_NAME = "weights-inception-2015-12-05-6726825d.pth"  # torch-fidelity's release file of the FID network
+
+
+def inception_weights_file(weights_path: str | Path) -> Path:
+    """The local FID-Inception weights file, or one ``FileNotFoundError`` naming the path expected (never downloads)."""
+    p = Path(weights_path).expanduser()
+    if not p.is_file():
+        raise FileNotFoundError(
+            f"no FID Inception-v3 weights at {p}: put torch-fidelity's {INCEPTION_WEIGHTS_NAME} there (the file of "
+            "torch_fidelity.feature_extractor_inceptionv3.URL_INCEPTION_V3; pytorch-fid's "
+            "pt_inception-2015-12-05-6726825d.pth is the same network) or set didgen.metrics.inception_weights")
+    return p
+
+
 class InceptionFeatures(nn.Module):
-    """Inception-v3 2048-d pool features from a local torchvision weights file (full profile; never downloads).
+    """The standard FID feature network for Eq. (4.12): 2048-d pool3 features of the TF Inception-v3 (2015-12-05).
 
-    Input ``(B, 3, H, W)`` in [0, 1], resized to 299x299 and ImageNet-normalised."""
+    torchmetrics' ``NoTrainInceptionV3`` (torch-fidelity's ``FeatureExtractorInceptionV3``) with its weights from
+    the local file ``weights_path``. Input ``(B, 3, H, W)`` in [0, 1], turned to uint8 as torchmetrics'
+    ``FrechetInceptionDistance(normalize=True)`` does (``(x * 255).byte()``); the network resizes to 299x299
+    (``antialias=True``: torchmetrics' default bilinear resize; False: torch-fidelity's TF1-style resize) and
+    scales to [-1, 1] itself, as the TF graph did.
+    """
 
-    def __init__(self, weights_path: str | Path):
+    num_features = 2048
+
+    def __init__(self, weights_path: str | Path, antialias: bool = True):
         super().__init__()
-        from torchvision.models import inception_v3
+        from torchmetrics.image.fid import NoTrainInceptionV3
 
-        p = Path(weights_path).expanduser()
-        if not p.is_file():
-            raise FileNotFoundError(f"no Inception-v3 weights at {p}: put torchvision's inception_v3 state dict there "
-                                    "(inception_v3_google-0cc3c7bd.pth) or set didgen.metrics.inception_weights")
-        net = inception_v3(weights=None, aux_logits=True, init_weights=False)
-        net.load_state_dict(torch.load(p, map_location="cpu", weights_only=True))
-        net.fc = nn.Identity()
-        net.aux_logits, net.AuxLogits = False, None
-        self.net = net.eval()
-        self.register_buffer("mean", torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1))
-        self.register_buffer("std", torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1))
-        self.num_features = 2048
+        p = inception_weights_file(weights_path)
+        try:
+            self.net = NoTrainInceptionV3(name="inception-v3-compat", features_list=[str(self.num_features)],
+                                          feature_extractor_weights_path=str(p), antialias=antialias)
+        except RuntimeError as err:  # load_state_dict: missing/unexpected keys or shape mismatches
+            raise ValueError(f"{p} is not the FID Inception-v3 state dict ({INCEPTION_WEIGHTS_NAME}: "
+                             f"Conv2d_1a_3x3 … Mixed_7c, fc 2048→1008): {str(err).splitlines()[0]}") from None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = F.interpolate(x.float(), size=(299, 299), mode="bilinear", align_corners=False, antialias=True)
-        return self.net((x - self.mean) / self.std)
+        lo, hi = float(x.min()), float(x.max())
+        if lo < 0 or hi > 1:
+            raise ValueError(f"InceptionFeatures expects images in [0, 1], got values in [{lo:.3g}, {hi:.3g}]")
+        return self.net((x * 255).byte())
 
 
 # ================================================================================================ domain encoder
@@ -172,15 +199,24 @@ class PerceptualDistance(nn.Module):
         return self.from_features(self.unit_features(a), self.unit_features(b))
 
 
-def alexnet_lpips(alexnet_weights: str | Path, lpips_weights: str | Path) -> PerceptualDistance:
-    """The published LPIPS (AlexNet, v0.1) from local files: torchvision AlexNet weights and the lpips
-    package's ``alex.pth`` linear layers (full profile; nothing is downloaded)."""
+def shipped_lpips_alex() -> Path:
+    """The lpips package's v0.1 AlexNet linear layers as torchmetrics ships them (``lpips_models/alex.pth``)."""
+    import torchmetrics.functional.image.lpips as tm_lpips
+
+    return Path(tm_lpips.__file__).parent / "lpips_models" / "alex.pth"
+
+
+def alexnet_lpips(alexnet_weights: str | Path, lpips_weights: str | Path | None = None) -> PerceptualDistance:
+    """The published LPIPS (AlexNet, v0.1; Eq. 4.17 with learned w_l) from local files: torchvision AlexNet
+    weights and the lpips package's ``alex.pth`` linear layers (None: the copy torchmetrics ships).
+    Full profile; nothing is downloaded."""
     from torchvision.models import alexnet
 
-    for p, what in ((alexnet_weights, "torchvision alexnet state dict (alexnet-owt-7be5be79.pth)"),
-                    (lpips_weights, "LPIPS linear weights (lpips/weights/v0.1/alex.pth)")):
+    lpips_weights = shipped_lpips_alex() if lpips_weights is None else lpips_weights
+    for p, what, key in ((alexnet_weights, "torchvision alexnet state dict (alexnet-owt-7be5be79.pth)", "alexnet"),
+                         (lpips_weights, "LPIPS linear weights (lpips/weights/v0.1/alex.pth)", "lpips")):
         if not Path(p).expanduser().is_file():
-            raise FileNotFoundError(f"no {what} at {p}")
+            raise FileNotFoundError(f"no {what} at {p}: put the file there or set didgen.metrics.{key}_weights")
     net = alexnet(weights=None)
     net.load_state_dict(torch.load(Path(alexnet_weights).expanduser(), map_location="cpu", weights_only=True))
     feats = net.features.eval()
@@ -304,8 +340,9 @@ def metric_extractors(cfg, vae: nn.Module | None = None) -> tuple[nn.Module, nn.
 
         root = models_root(cfg)
         path = lambda key: Path(m[key]).expanduser() if Path(m[key]).expanduser().is_absolute() else root / m[key]  # noqa: E731
-        return (InceptionFeatures(path("inception_weights")), alexnet_lpips(path("alexnet_weights"), path("lpips_weights")),
-                "FID on Inception-v3 pool features; LPIPS (AlexNet, v0.1)")
+        lpips_lin = path("lpips_weights") if str(m["lpips_weights"]) else None  # "": torchmetrics' shipped copy
+        return (InceptionFeatures(path("inception_weights")), alexnet_lpips(path("alexnet_weights"), lpips_lin),
+                "FID on the standard FID Inception-v3 (torchmetrics/torch-fidelity, 2048-d pool3); LPIPS (AlexNet, v0.1)")
     if kind == "domain_vae":
         if vae is None:
             raise ValueError("didgen.metrics.extractor is 'domain_vae': pass the domain's VAE (trained on its real images)")
@@ -316,5 +353,6 @@ def metric_extractors(cfg, vae: nn.Module | None = None) -> tuple[nn.Module, nn.
     raise ValueError(f"unknown didgen.metrics.extractor {kind!r}: inception or domain_vae")
 
 
-__all__ = ["frechet_distance", "fid", "InceptionFeatures", "VAEEncoderFeatures", "PerceptualDistance", "alexnet_lpips",
+__all__ = ["frechet_distance", "fid", "INCEPTION_WEIGHTS_NAME", "inception_weights_file", "InceptionFeatures",
+           "shipped_lpips_alex", "VAEEncoderFeatures", "PerceptualDistance", "alexnet_lpips",
            "encoder_perceptual_distance", "within_set_diversity", "mask_set_diversity", "ms_ssim", "ms_ssim_between", "metric_extractors"]
