@@ -155,6 +155,9 @@ def test_cli_refusals_and_check(tmp_path, monkeypatch, capsys):
     assert _cli(["data", "fetch", "mimic_cxr"]) == 2
     out = capsys.readouterr().err
     assert "credentialed" in out and "physionet.org" in out
+    assert _cli(["data", "check", "--profile", "smoke"]) == 1  # a data root that does not exist is an error
+    assert f"the data root {tmp_path / 'absent'} does not exist" in capsys.readouterr().err
+    (tmp_path / "absent").mkdir()
     assert _cli(["data", "check", "--profile", "smoke"]) == 0
     out = capsys.readouterr().out
     assert out.count(" missing ") >= 12 and "put it at:" in out

@@ -1,4 +1,11 @@
-"""``ctrlgen data check``: every dataset found / partial / missing, with counts and where to get it."""
+"""``ctrlgen data check``: every dataset found / partial / missing, with counts, every unusable file with
+its reason, and where to get what is missing.
+
+By default every image and mask is decoded in full (a truncated JPEG passes a header read and fails
+later inside a chapter); each file's verdict is cached by (size, mtime) under
+``<cache>/data/verified/`` — the same cache ``load_dataset`` uses — so a second check only stats files.
+``verify="header"`` reads headers only (quick, misses truncated bodies).
+"""
 from __future__ import annotations
 
 from collections.abc import Mapping
@@ -6,10 +13,10 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from ctrlgen.data.datasets import dataset_folder, read_options
-from ctrlgen.data.imageio import image_size
+from ctrlgen.data.datasets import dataset_folder, read_options, verify_cache_path
+from ctrlgen.data.imageio import ImageReadError, image_size
 from ctrlgen.data.readers.cxr import read_chexpert_labels
-from ctrlgen.data.records import DataError
+from ctrlgen.data.records import DataError, ReadIssue
 from ctrlgen.data.registry import SPECS, DatasetSpec
 
 
@@ -24,10 +31,11 @@ class CheckResult:
     issues: int = 0
     resolution: str = ""
     detail: str = ""
+    bad: tuple[ReadIssue, ...] = ()   # every file not used, with its reason
 
 
-def check_dataset(s: DatasetSpec, cfg: Mapping[str, Any]) -> CheckResult:
-    """Read one dataset with header-only verification and classify it."""
+def check_dataset(s: DatasetSpec, cfg: Mapping[str, Any], verify: str = "full") -> CheckResult:
+    """Read one dataset, decoding every file (``verify="full"``, cached) or headers only, and classify it."""
     folder = dataset_folder(s.name, cfg)
     if s.labels_only:
         try:
@@ -35,7 +43,7 @@ def check_dataset(s: DatasetSpec, cfg: Mapping[str, Any]) -> CheckResult:
             return CheckResult(s.name, "found", folder, records=rows, detail="label table")
         except DataError as err:
             return CheckResult(s.name, "missing", folder, detail=str(err))
-    options = replace(read_options(cfg), verify="header", max_samples=0, strict=False)
+    options = replace(read_options(cfg, verify_cache_path(s.name, cfg)), verify=verify, max_samples=0, strict=False)
     try:
         from ctrlgen.paths import data_root
 
@@ -44,16 +52,25 @@ def check_dataset(s: DatasetSpec, cfg: Mapping[str, Any]) -> CheckResult:
         return CheckResult(s.name, "missing", folder, detail=str(err).split(";")[0])
     images = [r for r in ds.records if r.image_path is not None]
     masks = sum(r.mask_path is not None for r in ds.records)
-    sizes = sorted({image_size(r.image_path) for r in images[:20]})
+    sizes = sorted({_size(r.image_path) for r in images[:20]} - {None})
     resolution = ", ".join(f"{w}x{h}" for w, h in sizes[:3]) + (" ..." if len(sizes) > 3 else "")
     complete = ds.records and len(images) == len(ds.records) and not ds.issues
     return CheckResult(s.name, "found" if complete else "partial", folder, len(ds.records), len(images), masks,
                        len(ds.issues), resolution,
-                       "" if complete else f"{len(ds.records) - len(images)} records without image, {len(ds.issues)} issue(s)")
+                       "" if complete else f"{len(ds.records) - len(images)} records without image, {len(ds.issues)} issue(s)",
+                       tuple(ds.issues))
 
 
-def check_all(cfg: Mapping[str, Any]) -> list[CheckResult]:
-    return [check_dataset(s, cfg) for s in SPECS.values()]
+def _size(path) -> tuple[int, int] | None:
+    try:
+        return image_size(path)
+    except ImageReadError:  # already listed among the issues under verify="full"
+        return None
+
+
+def check_all(cfg: Mapping[str, Any], verify: str = "full") -> list[CheckResult]:
+    """``check_dataset`` for every dataset of the registry."""
+    return [check_dataset(s, cfg, verify) for s in SPECS.values()]
 
 
 def format_report(results: list[CheckResult]) -> str:
@@ -68,4 +85,7 @@ def format_report(results: list[CheckResult]) -> str:
             lines += ["", f"{r.name} ({s.title}) is {r.status}: {r.detail}",
                       f"  get it from: {s.obtain}", f"  licence: {s.licence}",
                       f"  put it at:   {r.folder}  ({s.expect}){world}"]
+    for r in results:
+        if r.bad:
+            lines += ["", f"{r.name}: {len(r.bad)} file(s) not used:"] + [f"  {issue}" for issue in r.bad]
     return "\n".join(lines)

@@ -13,8 +13,19 @@ def _check(args: argparse.Namespace) -> int:
     from ctrlgen.paths import data_root
 
     cfg = profile_from_args(args)  # a ConfigError becomes exit 2 in ctrlgen.cli.main
-    print(f"data root: {data_root(cfg)}")
-    print(format_report(check_all(cfg)))
+    root = data_root(cfg)
+    if not root.is_dir():
+        print(f"ctrlgen: error: the data root {root} does not exist; create it and put the datasets there in their "
+              f"official layouts, or point $CTRLGEN_DATA_ROOT / paths.data_root at the folder that holds them",
+              file=sys.stderr)
+        return EXIT_FAILED
+    print(f"data root: {root}")
+    results = check_all(cfg, verify="header" if args.quick else "full")
+    print(format_report(results))
+    bad = sum(len(r.bad) for r in results)
+    if bad and cfg["data"]["strict"]:  # the profile's strict mode: any unusable file is a failure
+        print(f"ctrlgen: error: data.strict is set and {bad} file(s) are not usable (listed above)", file=sys.stderr)
+        return EXIT_FAILED
     return EXIT_OK
 
 
@@ -57,8 +68,12 @@ def add_data_parser(subparsers: argparse._SubParsersAction) -> None:
     data = subparsers.add_parser("data", help="inspect, download or generate the datasets",
                                  description="Datasets: what the data root holds, downloads, procedural worlds.")
     sub = data.add_subparsers(dest="data_command", required=True, metavar="{check,fetch,generate}")
-    check = sub.add_parser("check", help="list every dataset: found / partial / missing, counts, where to get it",
-                           description="Report each dataset under the data root (a missing root is not an error).")
+    check = sub.add_parser("check", help="list every dataset: found / partial / missing, counts, bad files, where to get it",
+                           description="Report each dataset under the data root, decoding every image and mask "
+                                       "(verdicts cached by size and mtime) and naming every unusable file; "
+                                       "a data root that does not exist is an error.")
+    check.add_argument("--quick", action="store_true",
+                       help="read file headers only (misses truncated files; nothing is decoded)")
     add_profile_args(check)
     check.set_defaults(func=_check)
     fetch = sub.add_parser("fetch", help="download an openly available dataset into the data root",

@@ -38,6 +38,11 @@ def read_options(cfg: Mapping[str, Any], verify_cache: Path | None = None) -> Re
                        verify=d["verify"], strict=bool(d["strict"]), verify_cache=verify_cache)
 
 
+def verify_cache_path(name: str, cfg: Mapping[str, Any]) -> Path:
+    """Per-file verdicts of full verification of dataset ``name`` (shared by ``load_dataset`` and ``data check``)."""
+    return cache_root(cfg) / "data" / "verified" / f"{name}.json"
+
+
 def dataset_folder(name: str, cfg: Mapping[str, Any] | None = None, root: Path | None = None) -> Path:
     """Where dataset ``name`` is expected: ``data.locations.<key>`` if set, else ``<data root>/<folder>``."""
     s = spec(name)
@@ -168,8 +173,7 @@ def load_dataset(name: str, cfg: Mapping[str, Any], source: str = "", resolution
     source = source or cfg["data"]["source"]
     if source not in ("auto", "real", "procedural"):
         raise ValueError(f"source must be auto, real or procedural, got {source!r}")
-    verify_cache = cache_root(cfg) / "data" / "verified" / f"{name}.json"
-    options = read_options(cfg, verify_cache)
+    options = read_options(cfg, verify_cache_path(name, cfg))
     if name == MULTICONCEPT:
         return load_multiconcept(cfg)
     s = spec(name)
@@ -204,7 +208,12 @@ def load_dataset(name: str, cfg: Mapping[str, Any], source: str = "", resolution
 
 
 def _resized_path(out: Path, record: Record, kind: str) -> Path:
-    return out / kind / f"{record.id}.png"
+    """``<out>/<kind>/<id>.png``; an id that already ends in an image suffix (NIH ``00000001_000.png``)
+    loses it, so the copy is ``00000001_000.png`` and not ``00000001_000.png.png``."""
+    from ctrlgen.data.readers.common import IMAGE_SUFFIXES
+
+    stem = record.id[: -len(Path(record.id).suffix)] if Path(record.id).suffix.lower() in IMAGE_SUFFIXES else record.id
+    return out / kind / f"{stem}.png"
 
 
 def resize_dataset(dataset: Dataset, resolution: int, cfg: Mapping[str, Any]) -> Dataset:

@@ -12,13 +12,47 @@ from typing import Any
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+from ctrlgen.data.records import DataError
+
 MASK_THRESHOLD = 127  # masks are stored 0/255; anything above this is lesion
+# What PIL raises for a file it cannot decode: not an image, a bad header, a truncated or corrupt body.
+PIL_ERRORS = (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError)
+
+
+class ImageReadError(DataError):
+    """An image or mask file that cannot be decoded; the message names the file and the reason."""
+
+    def __init__(self, path: Path | str, reason: str):
+        super().__init__(f"{path}: {reason}")
+        self.path, self.reason = str(path), reason
+
+
+def decode_reason(err: BaseException, path: Path | str | None = None) -> str:
+    """One-line reason for a PIL decoding error: "truncated file: ..." or "unreadable file: ..."."""
+    text = str(err) or type(err).__name__
+    said = text.replace(str(path), "") if path is not None else text  # classify PIL's words, not the file's name
+    kind = "truncated file" if "truncated" in said.lower() or "broken" in said.lower() else "unreadable file"
+    return f"{kind}: {text}"
+
+
+def _decode(path: Path | str, convert):
+    """Open ``path``, decode it fully and return ``convert(image)``; PIL errors become ImageReadError."""
+    try:
+        with Image.open(path) as im:
+            im.load()  # the whole file, so a truncated body fails here and not deep inside a chapter
+            return convert(im)
+    except FileNotFoundError:
+        raise ImageReadError(path, "no such file") from None
+    except PIL_ERRORS as err:
+        raise ImageReadError(path, decode_reason(err, path)) from err
 
 
 def read_image(path: Path | str, mode: str = "RGB") -> np.ndarray:
-    """Decode an image file to a uint8 array in ``mode`` (RGB -> (H, W, 3), L -> (H, W))."""
-    with Image.open(path) as im:
-        return np.asarray(im.convert(mode))
+    """Decode an image file to a uint8 array in ``mode`` (RGB -> (H, W, 3), L -> (H, W)).
+
+    Raises ``ImageReadError`` (a ``DataError``) naming the file and why when it cannot be decoded.
+    """
+    return _decode(path, lambda im: np.asarray(im.convert(mode)))
 
 
 def binarize(mask: np.ndarray) -> np.ndarray:
@@ -32,15 +66,19 @@ def binarize(mask: np.ndarray) -> np.ndarray:
 
 
 def read_mask(path: Path | str) -> np.ndarray:
-    """Decode a binary mask file (PNG / BMP, 0/255 or 0/1) to a boolean array (H, W)."""
-    with Image.open(path) as im:
-        return binarize(np.asarray(im.convert("L")))
+    """Decode a binary mask file (PNG / BMP, 0/255 or 0/1) to a boolean array (H, W); ``ImageReadError`` if it cannot."""
+    return _decode(path, lambda im: binarize(np.asarray(im.convert("L"))))
 
 
 def image_size(path: Path | str) -> tuple[int, int]:
-    """(width, height) from the file header, without decoding the pixels."""
-    with Image.open(path) as im:
-        return im.size
+    """(width, height) from the file header, without decoding the pixels; ``ImageReadError`` if unreadable."""
+    try:
+        with Image.open(path) as im:
+            return im.size
+    except FileNotFoundError:
+        raise ImageReadError(path, "no such file") from None
+    except PIL_ERRORS as err:
+        raise ImageReadError(path, decode_reason(err, path)) from err
 
 
 def check_image(path: Path, is_mask: bool = False) -> tuple[str, tuple[int, int]]:
@@ -56,9 +94,8 @@ def check_image(path: Path, is_mask: bool = False) -> tuple[str, tuple[int, int]
             if is_mask and not binarize(np.asarray(im.convert("L"))).any():
                 return "empty mask: no foreground pixel", size
             return "", size
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
-        kind = "truncated file" if "truncated" in str(err).lower() or "broken" in str(err).lower() else "unreadable file"
-        return f"{kind}: {err}", (0, 0)
+    except PIL_ERRORS as err:
+        return decode_reason(err, path), (0, 0)
 
 
 def _atomic_write(path: Path, write: Callable[[Any], None], binary: bool = True) -> None:

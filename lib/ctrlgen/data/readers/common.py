@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ctrlgen.data.imageio import check_image, image_size, write_json
+from ctrlgen.data.imageio import ImageReadError, check_image, image_size, write_json
 from ctrlgen.data.records import DataError, Dataset, ReadIssue, Record
 from ctrlgen.data.splits import assign_splits, split_counts
 
@@ -104,8 +104,8 @@ def verify_files(pairs: Iterable[tuple[str, Path | None, Path | None]], options:
             else:
                 try:
                     reason, size = "", image_size(file)
-                except Exception as err:  # noqa: BLE001 — PIL raises several types for bad headers
-                    reason, size = f"unreadable file: {err}", (0, 0)
+                except ImageReadError as err:
+                    reason, size = err.reason, (0, 0)
             if reason:
                 issues.append(ReadIssue(str(file), reason))
                 ok = False
