@@ -8,7 +8,7 @@ import torch
 from diffusers.models.attention_processor import Attention
 
 from ctrlgen.attention import KVInjector, KVRecorder, KVSelection, KVStore, interleave_branches, split_branches
-from ctrlgen.attention.kv import _InjectProcessor
+from ctrlgen.attention.kv import KVInjectProcessor
 from ctrlgen.attention.layers import AttentionLayer
 
 from test_attention import tiny_unet
@@ -20,8 +20,8 @@ def test_inject_processor_equals_manual_attention():
     layout, style_in, style_ref = torch.randn(3, 1, 9, 16).unbind(0)
     store = KVStore()
     store.put(7, "layer", attn.to_k(style_ref), attn.to_v(style_ref))
-    owner = SimpleNamespace(active=True, branches=2, style_branch=1, query_from=0, store=store, hook=SimpleNamespace(t=7))
-    proc = _InjectProcessor(owner, AttentionLayer("layer", attn, "self", "up", 0, 1))
+    owner = SimpleNamespace(injecting=lambda: True, branches=2, style_branch=1, query_from=0, store=store, timestep=7)
+    proc = KVInjectProcessor(AttentionLayer("layer", attn, "self", "up", 0, 1), owner)
     with torch.no_grad():
         out = proc(attn, interleave_branches(layout, style_in))
         out_layout, out_style = split_branches(out)

@@ -10,7 +10,11 @@ Under classifier-free guidance the U-Net batch is ``[unconditional; conditional]
 ``store.cfg_batch = True`` (the sampling loop does) and only the conditional half is computed
 explicitly and stored, the unconditional half going through SDPA.
 
-On exit (also after an exception) the original processors are put back and the hook is removed.
+``CaptureProcessor`` overrides only the attention step of ``processor.AttentionProcessorBase`` and
+``AttentionCapture`` is a ``processor.ProcessorSwap``: on exit (also after an exception) the original
+processors are put back and the hook is removed. Chapter 3's suppression/enhancement (Eq. 3.2) need no
+processor of their own: they are map operations on what this captures (``maps.suppress``,
+``maps.self_enhance``).
 """
 from __future__ import annotations
 
@@ -18,10 +22,10 @@ from collections.abc import Iterable, Sequence
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from diffusers.models.attention_processor import Attention
 
 from ctrlgen.attention.layers import PLACES, AttentionLayer, available_resolutions, latent_hw_of, select_layers
+from ctrlgen.attention.processor import AttentionProcessorBase, ProcessorSwap, Projected
 
 # Self-attention maps are N x N: at 64x64 a single map is 4096 x 4096 (64 MiB in float32 per image).
 # Sides above this need ``allow_large_self=True``.
@@ -34,16 +38,21 @@ class AttentionStore:
     Maps are kept per kind ("cross", "self") and map side as a running sum over layers (and calls)
     with a count, so ``cross(16)`` is the mean over every captured 16x16 cross-attention layer.
     Shapes: cross ``(B, h, w, T)`` (T text tokens), self ``(B, h*w, h*w)`` (rows are query pixels).
+    ``timesteps`` lists the timestep of every U-Net call captured since the last ``clear``.
+    With ``per_layer``, ``layers[name]`` holds each layer's head-mean map ``(B, N, M)``, or with
+    ``per_head`` its per-head probabilities ``(B, heads, N, M)``.
     """
 
     def __init__(self, latent_hw: tuple[int, int], keep_grad: bool = False, accumulate: bool = False,
-                 per_layer: bool = False):
+                 per_layer: bool = False, per_head: bool = False):
         self.latent_hw = latent_hw
         self.keep_grad = keep_grad
         self.accumulate = accumulate
-        self.per_layer = per_layer
+        self.per_layer = per_layer or per_head
+        self.per_head = per_head
         self.cfg_batch = False  # the batch is [uncond; cond]: store the conditional half only
         self.calls = 0
+        self.timesteps: list[int | None] = []
         self._sums: dict[tuple[str, int], torch.Tensor] = {}
         self._counts: dict[tuple[str, int], int] = {}
         self._sides: dict[tuple[str, int], tuple[int, int]] = {}
@@ -55,16 +64,23 @@ class AttentionStore:
         self._sums.clear()
         self._counts.clear()
         self.layers.clear()
+        self.timesteps.clear()
 
-    def _begin_call(self) -> None:
+    def begin_call(self, timestep: int | None = None) -> None:
+        """Start a U-Net call at ``timestep``: forget the previous call's maps unless ``accumulate``."""
         if not self.accumulate:
             self.clear()
         self.calls += 1
+        self.timesteps.append(timestep)
 
-    def add(self, kind: str, name: str, hw: tuple[int, int], maps: torch.Tensor) -> None:
+    def _kept(self, maps: torch.Tensor) -> torch.Tensor:
         maps = maps if maps.dtype == torch.float64 else maps.float()
-        if not self.keep_grad:
-            maps = maps.detach()
+        return maps if self.keep_grad else maps.detach()
+
+    def add(self, kind: str, name: str, hw: tuple[int, int], maps: torch.Tensor,
+            heads: torch.Tensor | None = None) -> None:
+        """Add one layer's head-mean ``maps`` ``(B, N, M)`` (and, for ``per_head``, its ``heads``)."""
+        maps = self._kept(maps)
         key = (kind, hw[0])
         if key in self._sums and self._sums[key].shape != maps.shape:
             raise RuntimeError(
@@ -75,7 +91,7 @@ class AttentionStore:
         self._counts[key] = self._counts.get(key, 0) + 1
         self._sides[key] = hw
         if self.per_layer:
-            self.layers[name] = maps
+            self.layers[name] = self._kept(heads) if self.per_head and heads is not None else maps
 
     # -- read by methods -------------------------------------------------------------------
     def resolutions(self, kind: str) -> list[int]:
@@ -117,87 +133,39 @@ class AttentionStore:
         return self._counts.get((kind, res), 0)
 
 
-def _sdpa(attn: Attention, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-          mask: torch.Tensor | None) -> torch.Tensor:
-    b = query.shape[0]
-    head_dim = key.shape[-1] // attn.heads
-    q = query.view(b, -1, attn.heads, head_dim).transpose(1, 2)
-    k = key.view(b, -1, attn.heads, head_dim).transpose(1, 2)
-    v = value.view(b, -1, attn.heads, head_dim).transpose(1, 2)
-    if mask is not None:
-        mask = attn.prepare_attention_mask(mask, key.shape[1], b).view(b, attn.heads, -1, mask.shape[-1])
-    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=0.0, is_causal=False, scale=attn.scale)
-    return out.transpose(1, 2).reshape(b, -1, attn.heads * head_dim).to(query.dtype)
-
-
-def _explicit(attn: Attention, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-              mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Attention output and head-averaged probabilities ``(B, N, M)``, computed explicitly."""
-    b, n = query.shape[:2]
-    if mask is not None:
-        mask = attn.prepare_attention_mask(mask, key.shape[1], b)
-    q, k, v = attn.head_to_batch_dim(query), attn.head_to_batch_dim(key), attn.head_to_batch_dim(value)
-    probs = attn.get_attention_scores(q, k, mask)  # (B*heads, N, M)
-    out = attn.batch_to_head_dim(torch.bmm(probs, v))
-    return out, probs.view(b, attn.heads, n, -1).mean(dim=1)
-
-
-class CaptureProcessor:
+class CaptureProcessor(AttentionProcessorBase):
     """Attention processor that computes ``softmax(QK^T/sqrt(d))`` explicitly and hands the head mean to a store.
 
-    Follows diffusers' ``AttnProcessor`` step by step (group/spatial norms, residual, rescale) so the
-    module output equals the SDPA processor's to floating-point precision.
+    Overrides only the attention step of ``AttentionProcessorBase`` (norms, residual and rescale are the
+    base's, i.e. ``AttnProcessor2_0``'s), so the module output equals the SDPA processor's to
+    floating-point precision.
     """
 
-    def __init__(self, store: AttentionStore, layer: AttentionLayer):
+    def __init__(self, store: AttentionStore, layer: AttentionLayer, swap: ProcessorSwap | None = None):
+        super().__init__(layer, swap)
         self.store = store
-        self.layer = layer
 
-    def __call__(self, attn: Attention, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None = None,
-                 attention_mask: torch.Tensor | None = None, temb: torch.Tensor | None = None, *args: Any,
-                 **kwargs: Any) -> torch.Tensor:
-        if attn.norm_q is not None or attn.norm_k is not None:
-            raise TypeError(f"{self.layer.name}: attention with q/k normalisation layers is not supported by the "
-                            "capturing processor (Stable Diffusion 1.x/2.x and the mini models have none)")
-        residual = hidden_states
-        if attn.spatial_norm is not None:
-            hidden_states = attn.spatial_norm(hidden_states, temb)
-        input_ndim = hidden_states.ndim
-        if input_ndim == 4:
-            batch, channel, height, width = hidden_states.shape
-            hidden_states = hidden_states.view(batch, channel, height * width).transpose(1, 2)
-        if attn.group_norm is not None:
-            hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
-
-        query = attn.to_q(hidden_states)
-        context = hidden_states if encoder_hidden_states is None else encoder_hidden_states
-        if encoder_hidden_states is not None and attn.norm_cross:
-            context = attn.norm_encoder_hidden_states(context)
-        key, value = attn.to_k(context), attn.to_v(context)
-
-        b, n = query.shape[:2]
+    def attend(self, attn: Attention, p: Projected) -> torch.Tensor:
         lh, lw = self.store.latent_hw
         hw = (lh // self.layer.factor, lw // self.layer.factor)
-        if hw[0] * hw[1] != n:
-            raise RuntimeError(f"{self.layer.name}: {n} query pixels, expected {hw[0]}x{hw[1]} for latent {lh}x{lw}")
-        if self.store.cfg_batch and b % 2 == 0 and attention_mask is None:
+        if hw[0] * hw[1] != p.n_queries:
+            raise RuntimeError(f"{self.layer.name}: {p.n_queries} query pixels, expected {hw[0]}x{hw[1]} "
+                               f"for latent {lh}x{lw}")
+        q, k, v, b = p.query, p.key, p.value, p.batch
+        if self.store.cfg_batch and b % 2 == 0 and p.mask is None:
+            # [uncond; cond]: the unconditional half is never read, so it stays on fused SDPA
             half = b // 2
-            out_u = _sdpa(attn, query[:half], key[:half], value[:half], None)
-            out_c, maps = _explicit(attn, query[half:], key[half:], value[half:], None)
-            out = torch.cat([out_u, out_c])
+            probs = self.probabilities(attn, q[half:], k[half:])
+            out = torch.cat([self.sdpa(attn, q[:half], k[:half], v[:half]),
+                             self.apply_probabilities(attn, probs, v[half:])])
         else:
-            out, maps = _explicit(attn, query, key, value, attention_mask)
-        self.store.add(self.layer.kind, self.layer.name, hw, maps)
-
-        out = attn.to_out[1](attn.to_out[0](out))
-        if input_ndim == 4:
-            out = out.transpose(-1, -2).reshape(batch, channel, height, width)
-        if attn.residual_connection:
-            out = out + residual
-        return out / attn.rescale_output_factor
+            probs = self.probabilities(attn, q, k, p.mask)
+            out = self.apply_probabilities(attn, probs, v)
+        self.store.add(self.layer.kind, self.layer.name, hw, probs.mean(dim=1), heads=probs)
+        return out
 
 
-class AttentionCapture:
+class AttentionCapture(ProcessorSwap):
     """Context manager that captures head-averaged attention maps of chosen layers.
 
     ``with AttentionCapture(unet, cross_res=(16,), self_res=(32,)) as store: unet(...)`` leaves
@@ -213,58 +181,40 @@ class AttentionCapture:
         latent_size: latent side (int or (h, w)); defaults to ``unet.config.sample_size``.
         allow_large_self: permit self-attention sides above 32 (a 64x64 map is 4096x4096 per image).
         per_layer: also keep every layer's own map in ``store.layers`` (diagnostics).
+        per_head: keep every layer's per-head probabilities ``(B, heads, N, M)`` in ``store.layers``.
+    The capture object is the ``ProcessorSwap`` (its ``timestep`` and ``step`` follow the U-Net calls);
+    ``store.timesteps`` has the timestep of each captured call.
     """
 
     def __init__(self, unet: torch.nn.Module, cross_res: Iterable[int] = (16,), self_res: Iterable[int] = (),
                  places: Sequence[str] = PLACES, self_places: Sequence[str] | None = None, keep_grad: bool = False,
                  accumulate: bool = False, latent_size: int | Sequence[int] | None = None,
-                 allow_large_self: bool = False, per_layer: bool = False):
-        self.unet = unet
-        self.latent_hw = latent_hw_of(unet, latent_size)
+                 allow_large_self: bool = False, per_layer: bool = False, per_head: bool = False):
+        latent_hw = latent_hw_of(unet, latent_size)
         self.cross_res, self.self_res = tuple(int(r) for r in cross_res), tuple(int(r) for r in self_res)
         big = [r for r in self.self_res if r > MAX_SELF_SIDE]
         if big and not allow_large_self:
             raise ValueError(f"self-attention maps of side {big} are {big[0]**2}x{big[0]**2} per image; "
                              f"pass allow_large_self=True if that is really wanted")
-        self.layers = select_layers(unet, "cross", self.cross_res, places, self.latent_hw) + select_layers(
-            unet, "self", self.self_res, places if self_places is None else self_places, self.latent_hw)
+        layers = select_layers(unet, "cross", self.cross_res, places, latent_hw) + select_layers(
+            unet, "self", self.self_res, places if self_places is None else self_places, latent_hw)
         for kind, wanted in (("cross", self.cross_res), ("self", self.self_res)):
-            got = {l.side(self.latent_hw)[0] for l in self.layers if l.kind == kind}
+            got = {l.side(latent_hw)[0] for l in layers if l.kind == kind}
             missing = set(wanted) - got
             if missing:
                 raise ValueError(f"no {kind}-attention layers of side {sorted(missing)} in the chosen places; "
                                  f"this U-Net has {kind}-attention at sides "
-                                 f"{available_resolutions(unet, kind, self.latent_hw)} for latent {self.latent_hw}")
-        self.store = AttentionStore(self.latent_hw, keep_grad=keep_grad, accumulate=accumulate, per_layer=per_layer)
-        self._saved: list[tuple[Attention, Any]] = []
-        self._hook = None
+                                 f"{available_resolutions(unet, kind, latent_hw)} for latent {latent_hw}")
+        super().__init__(unet, layers, latent_size=latent_hw, check_latent=True)
+        self.store = AttentionStore(latent_hw, keep_grad=keep_grad, accumulate=accumulate, per_layer=per_layer,
+                                    per_head=per_head)
 
-    def _pre_hook(self, module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
-        sample = args[0] if args else kwargs.get("sample")
-        if sample is not None and tuple(sample.shape[-2:]) != self.latent_hw:
-            raise RuntimeError(f"AttentionCapture was set up for a {self.latent_hw} latent but the U-Net got "
-                               f"{tuple(sample.shape[-2:])}: pass latent_size=")
-        self.store._begin_call()
+    def make_processor(self, layer: AttentionLayer) -> CaptureProcessor:
+        return CaptureProcessor(self.store, layer, self)
 
-    def __enter__(self) -> AttentionStore:
-        try:
-            for layer in self.layers:
-                self._saved.append((layer.module, layer.module.processor))
-                layer.module.set_processor(CaptureProcessor(self.store, layer))
-            self._hook = self.unet.register_forward_pre_hook(self._pre_hook, with_kwargs=True)
-        except BaseException:
-            self._restore()
-            raise
+    def on_call(self, sample: torch.Tensor | None, timestep: int | None) -> None:
+        self.store.begin_call(timestep)
+
+    def __enter__(self) -> AttentionStore:  # type: ignore[override]  # DAAM style: ``as store``
+        super().__enter__()
         return self.store
-
-    def _restore(self) -> None:
-        for module, processor in reversed(self._saved):
-            module.set_processor(processor)
-        self._saved.clear()
-        if self._hook is not None:
-            self._hook.remove()
-            self._hook = None
-
-    def __exit__(self, *exc: Any) -> None:
-        self._restore()
-

@@ -11,20 +11,23 @@ while the layout branch keeps its ordinary self-attention. Both branches share o
 the batch is read as ``groups x branches`` rows, ``[g0 b0, g0 b1, g1 b0, g1 b1, ...]`` — with
 classifier-free guidance, groups are (unconditional, conditional) and branches are (layout, style).
 
-The timestep of each U-Net call is read from the call itself (a forward pre-hook), so the loops
-that drive the U-Net need not know about recording or injection.
+The timestep of each U-Net call is read from the call itself (the forward pre-hook of
+``processor.ProcessorSwap``), so the loops that drive the U-Net need not know about recording or
+injection. Both processors override only the attention step of ``processor.AttentionProcessorBase``;
+chapter 5's dual-branch generation (bifurcation at T/2) is ``dual_branch.DualBranchInjector``.
 """
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from diffusers.models.attention_processor import Attention
 
 from ctrlgen.attention.layers import AttentionLayer, attention_layers, latent_hw_of
+from ctrlgen.attention.processor import AttentionProcessorBase, ProcessorSwap, Projected
 
 
 @dataclass(frozen=True)
@@ -70,76 +73,33 @@ class KVStore:
                    for layer in self.data.values() for k, v in layer.values())
 
 
-def _attend(attn: Attention, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    b, hd = q.shape[0], k.shape[-1] // attn.heads
-    split = lambda x: x.view(x.shape[0], -1, attn.heads, hd).transpose(1, 2)
-    out = F.scaled_dot_product_attention(split(q), split(k), split(v), scale=attn.scale)
-    return out.transpose(1, 2).reshape(b, -1, attn.heads * hd).to(q.dtype)
+class KVRecordProcessor(AttentionProcessorBase):
+    """Self-attention as usual (SDPA), keeping K and V of the swap's ``rows`` under the current timestep."""
+
+    def attend(self, attn: Attention, p: Projected) -> torch.Tensor:
+        rec = self.swap
+        rec.store.put(rec.timestep, self.layer.name, p.key[rec.rows], p.value[rec.rows])
+        return self.sdpa(attn, p.query, p.key, p.value, p.mask)
 
 
-def _finish(attn: Attention, out: torch.Tensor, residual: torch.Tensor, shape4: tuple | None) -> torch.Tensor:
-    out = attn.to_out[1](attn.to_out[0](out))
-    if shape4 is not None:
-        out = out.transpose(-1, -2).reshape(*shape4)
-    if attn.residual_connection:
-        out = out + residual
-    return out / attn.rescale_output_factor
+class KVInjectProcessor(AttentionProcessorBase):
+    """Self-attention of a ``groups x branches`` batch where the style branch attends to stored K/V (Fig. 5.3):
 
+        out_style = softmax(Q_src K_style^T / sqrt(d)) V_style,   Q_src the ``query_from`` branch's queries,
 
-def _prepare(attn: Attention, hidden_states: torch.Tensor, temb: torch.Tensor | None):
-    residual, shape4 = hidden_states, None
-    if attn.spatial_norm is not None:
-        hidden_states = attn.spatial_norm(hidden_states, temb)
-    if hidden_states.ndim == 4:
-        shape4 = tuple(hidden_states.shape)
-        b, c, h, w = shape4
-        hidden_states = hidden_states.view(b, c, h * w).transpose(1, 2)
-    if attn.group_norm is not None:
-        hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
-    return hidden_states, residual, shape4
+    every other branch keeps its own self-attention; K/V are those stored for the current timestep.
+    """
 
-
-class _TimestepHook:
-    """Forward pre-hook that remembers the timestep of the current U-Net call."""
-
-    def __init__(self) -> None:
-        self.t: int | None = None
-
-    def __call__(self, module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
-        t = args[1] if len(args) > 1 else kwargs.get("timestep")
-        self.t = int(torch.as_tensor(t).flatten()[0].item())
-
-
-class _RecordProcessor:
-    def __init__(self, owner: "KVRecorder", layer: AttentionLayer):
-        self.owner, self.layer = owner, layer
-
-    def __call__(self, attn: Attention, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None = None,
-                 attention_mask: torch.Tensor | None = None, temb: torch.Tensor | None = None, *a: Any, **kw: Any):
-        x, residual, shape4 = _prepare(attn, hidden_states, temb)
-        q, k, v = attn.to_q(x), attn.to_k(x), attn.to_v(x)
-        rows = self.owner.rows
-        self.owner.store.put(self.owner.hook.t, self.layer.name, k[rows], v[rows])
-        return _finish(attn, _attend(attn, q, k, v), residual, shape4)
-
-
-class _InjectProcessor:
-    def __init__(self, owner: "KVInjector", layer: AttentionLayer):
-        self.owner, self.layer = owner, layer
-
-    def __call__(self, attn: Attention, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None = None,
-                 attention_mask: torch.Tensor | None = None, temb: torch.Tensor | None = None, *a: Any, **kw: Any):
-        o = self.owner
-        x, residual, shape4 = _prepare(attn, hidden_states, temb)
-        q, k, v = attn.to_q(x), attn.to_k(x), attn.to_v(x)
-        if not o.active:
-            return _finish(attn, _attend(attn, q, k, v), residual, shape4)
-        b, n, c = q.shape
+    def attend(self, attn: Attention, p: Projected) -> torch.Tensor:
+        o = self.swap
+        if not o.injecting():
+            return self.sdpa(attn, p.query, p.key, p.value, p.mask)
+        b, n, _ = p.query.shape
         if b % o.branches:
-            raise RuntimeError(f"batch {b} is not a multiple of {o.branches} branches")
+            raise RuntimeError(f"{self.name}: batch {b} is not a multiple of {o.branches} branches")
         g = b // o.branches
-        qg, kg, vg = (t.view(g, o.branches, n, -1) for t in (q, k, v))
-        ks, vs = o.store.get(o.hook.t, self.layer.name, q.device, q.dtype)  # (Bs, N, C)
+        qg, kg, vg = (t.view(g, o.branches, t.shape[1], -1) for t in (p.query, p.key, p.value))
+        ks, vs = o.store.get(o.timestep, self.layer.name, p.query.device, p.query.dtype)  # (Bs, N, C)
         if ks.shape[0] not in (1, g):
             raise RuntimeError(f"stored keys have batch {ks.shape[0]}; expected 1 or {g} (one per group)")
         ks, vs = ks.expand(g, -1, -1), vs.expand(g, -1, -1)
@@ -147,50 +107,23 @@ class _InjectProcessor:
         for br in range(o.branches):
             if br == o.style_branch:
                 src = br if o.query_from is None else o.query_from
-                outs.append(_attend(attn, qg[:, src], ks, vs))
+                outs.append(self.sdpa(attn, qg[:, src], ks, vs))
             else:
-                outs.append(_attend(attn, qg[:, br], kg[:, br], vg[:, br]))
-        out = torch.stack(outs, dim=1).reshape(b, n, -1)
-        return _finish(attn, out, residual, shape4)
+                outs.append(self.sdpa(attn, qg[:, br], kg[:, br], vg[:, br]))
+        return torch.stack(outs, dim=1).reshape(b, n, -1)
 
 
-class _ProcessorSwap:
-    """Shared enter/exit: set processors on layers, add a timestep hook, restore everything on exit."""
-
-    def _make(self, layer: AttentionLayer) -> Any:
-        """The processor for ``layer``; each subclass (recorder, injector) defines its own."""
-        raise TypeError(f"{type(self).__name__} must define _make")  # only subclasses are instantiated
+class _KVSwap(ProcessorSwap):
+    """Swap on the self-attention layers of a ``KVSelection``; the timestep comes from the swap's hook."""
 
     def __init__(self, unet: torch.nn.Module, selection: KVSelection, latent_size: int | Sequence[int] | None):
-        self.unet = unet
-        self.layers = selection.layers(unet, latent_size)
-        if not self.layers:
+        layers = selection.layers(unet, latent_size)
+        if not layers:
             raise ValueError(f"no self-attention layers match {selection}")
-        self.hook = _TimestepHook()
-        self._saved: list[tuple[Attention, Any]] = []
-        self._handle = None
-
-    def __enter__(self):
-        try:
-            for layer in self.layers:
-                self._saved.append((layer.module, layer.module.processor))
-                layer.module.set_processor(self._make(layer))
-            self._handle = self.unet.register_forward_pre_hook(self.hook, with_kwargs=True)
-        except BaseException:
-            self.__exit__()
-            raise
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        for module, processor in reversed(self._saved):
-            module.set_processor(processor)
-        self._saved.clear()
-        if self._handle is not None:
-            self._handle.remove()
-            self._handle = None
+        super().__init__(unet, layers, latent_size=latent_size)
 
 
-class KVRecorder(_ProcessorSwap):
+class KVRecorder(_KVSwap):
     """Record self-attention K/V of the selected layers at every U-Net call, keyed by its timestep.
 
     ``rows`` picks the batch rows to keep (default all; e.g. ``slice(1, 2)`` for the conditional
@@ -203,15 +136,17 @@ class KVRecorder(_ProcessorSwap):
         self.store = store if store is not None else KVStore()
         self.rows = rows
 
-    def _make(self, layer: AttentionLayer) -> Any:
-        return _RecordProcessor(self, layer)
+    def make_processor(self, layer: AttentionLayer) -> KVRecordProcessor:
+        return KVRecordProcessor(layer, self)
 
 
-class KVInjector(_ProcessorSwap):
-    """Inject stored style K/V into the style branch of a batched U-Net call (Fig. 5.3).
+class KVInjector(_KVSwap):
+    """Inject stored style K/V into the style branch of a batched U-Net call (§5.3.3, Fig. 5.3).
 
     Args:
         store: keys/values recorded by ``KVRecorder`` (batch 1, or one row per group).
+        selection: the self-attention layers that inject (default: every decoder layer, the thesis's
+            "U-Net decoder blocks"; ``KVSelection(resolutions=...)`` narrows it).
         branches: branches per group in the batch (2: layout, style).
         style_branch: the branch that attends to the stored keys/values.
         query_from: the branch whose queries the style branch uses (thesis: the layout branch, 0);
@@ -228,8 +163,21 @@ class KVInjector(_ProcessorSwap):
         self.store, self.branches, self.style_branch, self.query_from = store, branches, style_branch, query_from
         self.active = True
 
-    def _make(self, layer: AttentionLayer) -> Any:
-        return _InjectProcessor(self, layer)
+    def injecting(self) -> bool:
+        """Whether the current U-Net call injects (``active``; subclasses add conditions on the step)."""
+        return self.active
+
+    @contextmanager
+    def paused(self) -> Iterator[None]:
+        """Ordinary self-attention inside the block (e.g. guidance calls on the layout branch alone)."""
+        was, self.active = self.active, False
+        try:
+            yield
+        finally:
+            self.active = was
+
+    def make_processor(self, layer: AttentionLayer) -> KVInjectProcessor:
+        return KVInjectProcessor(layer, self)
 
 
 def interleave_branches(*branches: torch.Tensor) -> torch.Tensor:

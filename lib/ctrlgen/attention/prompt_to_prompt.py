@@ -18,19 +18,22 @@ under guidance, the whole batch without). At sampling step i of N:
   ``self_max_pixels`` queries (the released Null-text + P2P code: 32×32).
 
 The edited probabilities multiply the edited branch's own values V*. Defaults 0.8 / 0.4 are the
-values of the Stable Diffusion examples released with Hertz et al. (2022). Processors go in through
-``unet.set_attn_processor`` and the originals are restored on exit, also after an exception.
+values of the Stable Diffusion examples released with Hertz et al. (2022). ``PromptToPrompt`` is a
+``processor.ProcessorSwap``: its processor (which overrides only the attention step of
+``processor.AttentionProcessorBase``) goes on the layers it edits only, and the originals are restored
+on exit, also after an exception.
 """
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import Any, Literal
 
 import torch
 from diffusers.models.attention_processor import Attention
 
-from ctrlgen.attention.capture import _sdpa
-from ctrlgen.attention.kv import _finish, _prepare
+from ctrlgen.attention.layers import attention_layers, latent_hw_of
+from ctrlgen.attention.processor import AttentionProcessorBase, ProcessorSwap, Projected
 
 AlignMode = Literal["auto", "replace", "refine"]
 
@@ -87,36 +90,24 @@ def token_alignment(source: Sequence[int], edit: Sequence[int], length: int,
     return mapper, alphas
 
 
-class _P2PProcessor:
-    """Diffusers attention processor that lets a ``PromptToPrompt`` edit the probabilities of its layer."""
+class _P2PProcessor(AttentionProcessorBase):
+    """Lets a ``PromptToPrompt`` edit the explicit probabilities of its layer; SDPA on steps it does not edit."""
 
-    def __init__(self, owner: "PromptToPrompt", name: str):
-        self.owner, self.name = owner, name
-
-    def __call__(self, attn: Attention, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None = None,
-                 attention_mask: torch.Tensor | None = None, temb: torch.Tensor | None = None, *a: Any,
-                 **kw: Any) -> torch.Tensor:
-        if attn.norm_q is not None or attn.norm_k is not None:
-            raise TypeError(f"{self.name}: attention with q/k normalisation is not supported by Prompt-to-Prompt")
-        is_cross = encoder_hidden_states is not None
-        x, residual, shape4 = _prepare(attn, hidden_states, temb)
-        context = x if encoder_hidden_states is None else encoder_hidden_states
-        if is_cross and attn.norm_cross:
-            context = attn.norm_encoder_hidden_states(context)
-        q, k, v = attn.to_q(x), attn.to_k(context), attn.to_v(context)
-        if not self.owner.replaces(is_cross, q.shape[1]):
-            return _finish(attn, _sdpa(attn, q, k, v, attention_mask), residual, shape4)
-        b, n = q.shape[:2]
-        mask = attn.prepare_attention_mask(attention_mask, k.shape[1], b) if attention_mask is not None else None
-        qh, kh, vh = attn.head_to_batch_dim(q), attn.head_to_batch_dim(k), attn.head_to_batch_dim(v)
-        probs = attn.get_attention_scores(qh, kh, mask).view(b, attn.heads, n, -1)
-        probs = self.owner.edit(probs, is_cross).reshape(b * attn.heads, n, -1)
-        return _finish(attn, attn.batch_to_head_dim(torch.bmm(probs, vh)), residual, shape4)
+    def attend(self, attn: Attention, p: Projected) -> torch.Tensor:
+        owner = self.swap
+        if not owner.replaces(p.is_cross, p.n_queries):
+            return self.sdpa(attn, p.query, p.key, p.value, p.mask)
+        probs = owner.edit(self.probabilities(attn, p.query, p.key, p.mask), p.is_cross)
+        return self.apply_probabilities(attn, probs, p.value)
 
 
-class PromptToPrompt:
-    """Context manager: ``with PromptToPrompt(unet, alignments, num_steps) as p2p:`` then, per step i,
-    ``p2p.step = i`` before the batched U-Net call.
+class PromptToPrompt(ProcessorSwap):
+    """Context manager: ``with PromptToPrompt(unet, alignments, num_steps) as p2p:`` around the batched calls.
+
+    The step index i is the swap's (0 at the first U-Net call, advancing with each new timestep); a loop
+    may set ``p2p.step = i`` before each call instead. Only the layers it can edit get its processor:
+    every cross-attention layer (if ⌊cross_replace_fraction·N⌋ > 0) and the self-attention layers with at
+    most ``self_max_pixels`` queries (if ⌊self_replace_fraction·N⌋ > 0); all others keep their processor.
 
     Args:
         alignments: one ``(A, α)`` per edited branch (``token_alignment``; ``for_prompts`` builds them).
@@ -124,17 +115,19 @@ class PromptToPrompt:
         cross_replace_fraction, self_replace_fraction: replace for steps i < ⌊fraction·N⌋.
         self_max_pixels: self-attention is replaced only in layers with at most this many queries.
         edit_groups: groups whose edited rows are changed (default the last: the conditional half under CFG).
+        latent_size: the latent side (default ``unet.config.sample_size``); query counts of the layers follow
+            from it, and a U-Net call with another latent size raises.
     """
 
     def __init__(self, unet: torch.nn.Module, alignments: Sequence[tuple[torch.Tensor, torch.Tensor]], num_steps: int,
                  cross_replace_fraction: float = 0.8, self_replace_fraction: float = 0.4,
-                 self_max_pixels: int = 32 * 32, edit_groups: Sequence[int] = (-1,)):
+                 self_max_pixels: int = 32 * 32, edit_groups: Sequence[int] = (-1,),
+                 latent_size: int | Sequence[int] | None = None):
         for f in (cross_replace_fraction, self_replace_fraction):
             if not 0.0 <= f <= 1.0:
                 raise ValueError(f"replace fractions lie in [0, 1], got {f}")
         if not alignments:
             raise ValueError("Prompt-to-Prompt needs at least one edited branch")
-        self.unet = unet
         self.mappers = [m.long() for m, _ in alignments]
         self.alphas = [a.float() for _, a in alignments]
         self.branches = 1 + len(alignments)
@@ -142,8 +135,11 @@ class PromptToPrompt:
         self.n_self = int(self_replace_fraction * num_steps + 1e-9)
         self.self_max_pixels = self_max_pixels
         self.edit_groups = tuple(edit_groups)
-        self.step = 0
-        self._saved: dict[str, Any] | None = None
+        hw = latent_hw_of(unet, latent_size)
+        edited = [l for l in attention_layers(unet)
+                  if (l.kind == "cross" and self.n_cross > 0)
+                  or (l.kind == "self" and self.n_self > 0 and math.prod(l.side(hw)) <= self_max_pixels)]
+        super().__init__(unet, edited, factory=_P2PProcessor, latent_size=hw, check_latent=True)
 
     @classmethod
     def for_prompts(cls, unet: torch.nn.Module, source_ids: torch.Tensor, edit_ids: torch.Tensor, eos_token_id: int,
@@ -176,23 +172,6 @@ class PromptToPrompt:
                 else:
                     p[g, e] = src
         return p.reshape(probs.shape)
-
-    def __enter__(self) -> "PromptToPrompt":
-        self._saved = dict(self.unet.attn_processors)
-        try:
-            self.unet.set_attn_processor({name: _P2PProcessor(self, name) for name in self._saved})
-        except BaseException:
-            self._restore()
-            raise
-        return self
-
-    def _restore(self) -> None:
-        if self._saved is not None:
-            self.unet.set_attn_processor(dict(self._saved))  # set_attn_processor pops from the dict it gets
-            self._saved = None
-
-    def __exit__(self, *exc: Any) -> None:
-        self._restore()
 
 
 __all__ = ["PromptToPrompt", "token_alignment", "global_alignment", "real_tokens"]
