@@ -125,3 +125,19 @@ def test_resized_nih_copies_have_one_suffix(tmp_path):
 
     assert _resized_path(tmp_path, Record("00000001_000.png", tmp_path / "x.png"), "images").name == "00000001_000.png"
     assert _resized_path(tmp_path, Record("ISIC_0000000", tmp_path / "x.jpg"), "images").name == "ISIC_0000000.png"
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o027])
+def test_written_images_tables_and_worlds_get_the_umask_permissions(tmp_path, umask, monkeypatch):
+    import os
+
+    from ctrlgen.data.imageio import write_image, write_json
+
+    old = os.umask(umask)
+    try:
+        write_image(tmp_path / "a.png", np.zeros((4, 4), bool))
+        write_json(tmp_path / "b.json", {"x": 1})
+    finally:
+        os.umask(old)
+    for name in ("a.png", "b.json"):
+        assert (tmp_path / name).stat().st_mode & 0o777 == 0o666 & ~umask, name

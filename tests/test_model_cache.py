@@ -52,3 +52,30 @@ def test_work_dir_fresh_discards_old_checkpoints(tmp_path):
     (work / "checkpoint-5").mkdir()
     assert (cache.work_dir(tmp_path, "run") / "checkpoint-5").exists()
     assert not (cache.work_dir(tmp_path, "run", fresh=True) / "checkpoint-5").exists()
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o027])
+def test_published_model_folders_and_checkpoints_get_the_umask_permissions(tmp_path, umask):
+    import os
+
+    from safetensors.torch import save_file
+
+    from ctrlgen.training.checkpoint import save_checkpoint
+
+    old = os.umask(umask)
+    try:
+        folder = tmp_path / "models" / "m"
+        def write(tmp):  # safetensors writes 0600 files itself (so does diffusers' save_pretrained)
+            (tmp / "unet").mkdir()
+            save_file({"w": torch.zeros(2)}, str(tmp / "unet" / "weights.safetensors"))
+
+        cache.save_folder(folder, write, "rec.json", {"key": "k1"})
+        ckpt = save_checkpoint(tmp_path / "run", 3, {"w": torch.zeros(2)}, {"lr": 1.0})
+    finally:
+        os.umask(old)
+    folder_mode, file_mode = 0o777 & ~umask, 0o666 & ~umask  # 0755/0644 under 022; mkdtemp would give 0700
+    assert folder.stat().st_mode & 0o777 == folder_mode and ckpt.stat().st_mode & 0o777 == folder_mode
+    assert (folder / "unet").stat().st_mode & 0o777 == folder_mode
+    assert (folder / "unet" / "weights.safetensors").stat().st_mode & 0o777 == file_mode
+    assert (folder / "rec.json").stat().st_mode & 0o777 == file_mode
+    assert (ckpt / "trainable.safetensors").stat().st_mode & 0o777 == file_mode

@@ -75,3 +75,25 @@ def test_seed_everything_is_deterministic():
     assert np.array_equal(a[0], b[0]) and torch.equal(a[1], b[1]) and torch.equal(a[2], b[2])
     seed_everything(12)
     assert not torch.equal(torch.rand(3), a[1])
+
+
+@pytest.fixture(params=[0o022, 0o027])
+def umask(request):
+    old = os.umask(request.param)
+    yield request.param
+    os.umask(old)
+
+
+def test_published_records_and_figures_get_the_umask_permissions(tmp_path, umask, monkeypatch):
+    from ctrlgen import paths
+
+    assert paths.current_umask() == umask
+    expected = 0o666 & ~umask  # 0644 under 022, 0640 under 027 (never mkstemp's 0600)
+    written = atomic_write_text(tmp_path / "out" / "a.txt", "x")
+    assert written.stat().st_mode & 0o777 == expected
+    assert (tmp_path / "out").stat().st_mode & 0o777 == 0o777 & ~umask
+    monkeypatch.setenv("CTRLGEN_OUTPUT_ROOT", str(tmp_path / "build"))
+    run = ChapterRun("ch99", load_profile("smoke"))
+    run.log_metric("t", "r", "c", 1.0)
+    record = run.save()
+    assert record.stat().st_mode & 0o777 == expected

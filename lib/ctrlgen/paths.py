@@ -1,4 +1,4 @@
-"""Where things live: project, data, cache and output roots.
+"""Where things live: project, data, cache and output roots; the permissions published files get.
 
 Resolution order for each root: an environment variable, then the profile's ``paths.*`` value,
 then a folder inside the project. The data root is *read-only* for the product: datasets a user
@@ -104,3 +104,45 @@ def executed_dir(profile: str, cfg: Mapping[str, Any] | None = None) -> Path:
 def html_dir(profile: str, cfg: Mapping[str, Any] | None = None) -> Path:
     """``<output>/html/<profile>/``: the rendered book for one profile."""
     return output_root(cfg) / "html" / profile
+
+
+# ------------------------------------------------------------------ permissions of published files
+def current_umask() -> int:
+    """The process umask, read without changing it (Linux ``/proc``); else by setting and restoring it."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as status:
+            for line in status:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def publish_mode(folder: bool = False) -> int:
+    """Mode of a file (0o666) or folder (0o777) created the usual way under the process umask: 0o644 /
+    0o755 under umask 022. ``tempfile`` creates 0o600 files and 0o700 folders, which would leave a cache
+    or a built site shared between users unreadable to all but its writer."""
+    return (0o777 if folder else 0o666) & ~current_umask()
+
+
+def make_public(path: str | os.PathLike) -> Path:
+    """Give a file, or a folder and everything in it, the usual permissions (``publish_mode``) before it is
+    renamed into place. The whole tree, because libraries write 0600 files too (``safetensors.save_file``,
+    hence diffusers' ``save_pretrained``), not only ``tempfile``. Symbolic links are left alone."""
+    path = Path(path)
+    file_mode, folder_mode = publish_mode(), publish_mode(folder=True)
+    if path.is_dir() and not path.is_symlink():
+        for folder, dirs, files in os.walk(path):
+            for name in dirs:
+                if not os.path.islink(os.path.join(folder, name)):
+                    os.chmod(os.path.join(folder, name), folder_mode)
+            for name in files:
+                if not os.path.islink(os.path.join(folder, name)):
+                    os.chmod(os.path.join(folder, name), file_mode)
+        os.chmod(path, folder_mode)
+    else:
+        os.chmod(path, file_mode)
+    return path

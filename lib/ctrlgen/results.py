@@ -25,7 +25,8 @@ from ctrlgen.config import Config
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
     """Write ``data`` to ``path`` via a temporary file in the same folder and ``os.replace``.
 
-    A reader sees either the old file or the complete new one, never a partial write.
+    A reader sees either the old file or the complete new one, never a partial write. The file gets
+    the usual permissions under the process umask (``paths.publish_mode``), not the temporary file's 0600.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -35,6 +36,7 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
             handle.write(data)
             handle.flush()
             os.fsync(handle.fileno())
+        paths.make_public(tmp)  # mkstemp's 0600 would hide the record from other users of the site
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

@@ -26,7 +26,7 @@ from ctrlgen.data.readers.common import ReadOptions
 from ctrlgen.data.readers.cxr import read_chexpert_labels
 from ctrlgen.data.records import DataError, Dataset, Record
 from ctrlgen.data.registry import MULTICONCEPT, SPECS, WORLD_OF, spec
-from ctrlgen.paths import cache_root, data_root
+from ctrlgen.paths import cache_root, data_root, make_public
 
 WORLD_VERSION = "2"  # bump when a generator's output changes, so cached worlds are rebuilt (2: CXR anatomy masks)
 
@@ -88,6 +88,7 @@ def _build_world(world: str, settings: dict[str, Any], folder: Path, cfg: Mappin
         else:
             raise KeyError(f"unknown world {world!r}; known: {', '.join(WORLD_OF)}")
         (tmp / "world.json").write_text(json.dumps({**settings, "world": world, "seconds": time.perf_counter() - start}, indent=1))
+        make_public(tmp)  # usual umask permissions, not mkdtemp's 0700 nor safetensors' 0600
         try:
             os.replace(tmp, folder)
         except OSError:  # another process finished first

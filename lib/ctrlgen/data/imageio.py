@@ -13,6 +13,7 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from ctrlgen.data.records import DataError
+from ctrlgen.paths import make_public
 
 MASK_THRESHOLD = 127  # masks are stored 0/255; anything above this is lesion
 # What PIL raises for a file it cannot decode: not an image, a bad header, a truncated or corrupt body.
@@ -104,6 +105,7 @@ def _atomic_write(path: Path, write: Callable[[Any], None], binary: bool = True)
     try:
         with os.fdopen(fd, "wb" if binary else "w", **({} if binary else {"encoding": "utf-8"})) as handle:
             write(handle)
+        make_public(tmp)  # usual umask permissions, not mkstemp's 0600
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

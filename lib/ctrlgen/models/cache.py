@@ -18,6 +18,8 @@ from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
+from ctrlgen.paths import make_public
+
 LIB_ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -82,6 +84,7 @@ def save_folder(folder: Path, write: Callable[[Path], None], record_name: str, r
     tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{folder.name}-", dir=folder.parent))
     write(tmp)
     (tmp / record_name).write_text(json.dumps(dict(record), indent=1, default=str))
+    make_public(tmp)  # mkdtemp 0700 and safetensors 0600 would hide the model from other users
     publish(tmp, folder)
     if work is not None:
         shutil.rmtree(work, ignore_errors=True)

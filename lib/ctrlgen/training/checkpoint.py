@@ -17,6 +17,8 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
+from ctrlgen.paths import make_public
+
 PATTERN = re.compile(r"^checkpoint-(\d+)$")
 
 
@@ -36,6 +38,7 @@ def save_checkpoint(run_dir: str | Path, step: int, trainable: dict[str, torch.T
         if ema is not None:
             save_file(_tensors(ema), str(tmp / "ema.safetensors"))
         torch.save({**state, "step": step}, tmp / "state.pt")
+        make_public(tmp)  # usual umask permissions, not mkdtemp's 0700 nor safetensors' 0600
         if final.exists():
             shutil.rmtree(final)
         os.replace(tmp, final)
