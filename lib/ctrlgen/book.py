@@ -2,6 +2,10 @@
 
 ``run_chapter`` converts ``chapters/<name>.py`` to a notebook in memory and executes it with
 papermill into ``<output>/executed/<profile>/<name>.ipynb`` — the source is never written back.
+The executed copy's metadata keeps what the run depended on (``chapter_stamp``: the chapter's source,
+the library files it imports transitively, the profile values it read, the data fingerprint), so a
+later run re-executes a chapter only when one of *its* inputs changed. While a chapter runs, a status
+line shows the current cell, the kernel's progress bars and an estimate (``ctrlgen.progress``).
 ``build_book`` executes every chapter of ``_toc.yml`` in order, assembles a staging folder with
 the front/back matter and the executed notebooks, runs ``jupyter-book build`` (execution off,
 warnings as errors) into a new folder, and only then swaps it in place of the previous site.
@@ -9,22 +13,26 @@ warnings as errors) into a new folder, and only then swaps it in place of the pr
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import json
 import os
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
 import yaml
+from papermill.engines import NBClientEngine, papermill_engines
 
-from ctrlgen import paths
-from ctrlgen.config import load_profile
+from ctrlgen import paths, result_cache
+from ctrlgen.config import READS_ENV, Config, flatten, load_profile
+from ctrlgen.progress import PROGRESS_ENV, ProgressMonitor
 
 KERNEL_NAME = "ctrlgen"
 KERNEL_DISPLAY = "Python (ctrlgen)"
@@ -105,42 +113,110 @@ def ensure_kernel() -> str:
     return KERNEL_NAME
 
 
-# ---------------------------------------------------------------- execution
-def _tree_digest(folder: Path, patterns: tuple[str, ...] = ("*.py", "*.yaml", "*.json")) -> str:
-    digest = hashlib.sha256()
-    for pattern in patterns:
-        for file in sorted(folder.rglob(pattern)):
-            if "__pycache__" in file.parts:
+# ---------------------------------------------------------------- what a chapter depends on
+def data_fingerprint(cfg: Mapping[str, Any]) -> str:
+    """A hash of the data root's listing: every file's path, size and modification time.
+
+    The data root is read-only for the product, so a changed listing means a user added, removed or
+    replaced a dataset. Procedural data is not here: it is generated from code and profile values,
+    which are keyed on their own. Stat only (no file is read), once per root and process.
+    """
+    return _listing_digest(str(paths.data_root(cfg)))
+
+
+@functools.lru_cache(maxsize=8)
+def _listing_digest(root: str) -> str:
+    digest = hashlib.sha256(root.encode())
+    for folder, dirs, files in os.walk(root):
+        dirs.sort()
+        for name in sorted(files):
+            try:
+                info = os.stat(os.path.join(folder, name))
+            except OSError:
                 continue
-            digest.update(str(file.relative_to(folder)).encode())
-            digest.update(file.read_bytes())
+            rel = os.path.relpath(os.path.join(folder, name), root)
+            digest.update(f"{rel}\0{info.st_size}\0{info.st_mtime_ns}\n".encode())
     return digest.hexdigest()
 
 
-def cache_key(chapter: str, profile: str, overrides: Mapping[str, Any], root: Path) -> str:
-    """What an executed chapter depends on: its source, the library (code + profiles), the overrides."""
-    digest = hashlib.sha256()
-    digest.update((root / "chapters" / f"{chapter}.py").read_bytes())
-    digest.update(_tree_digest(root / "lib" / "ctrlgen").encode())
-    digest.update(json.dumps({"profile": profile, "overrides": dict(overrides)}, sort_keys=True).encode())
-    return digest.hexdigest()
+def code_inputs(chapter: str, root: Path) -> dict[str, Any]:
+    """The chapter's source hash and the hashes of the library files it imports, transitively."""
+    source = root / "chapters" / f"{chapter}.py"
+    files = result_cache.code_files(sources=[source], root=root)
+    return {"source": hashlib.sha256(source.read_bytes()).hexdigest(),
+            "code": result_cache.file_digests(files, root)}
 
 
-def _is_up_to_date(executed: Path, key: str, record: Path) -> bool:
-    if not executed.is_file() or not record.is_file():
-        return False
+def chapter_stamp(chapter: str, cfg: Config, reads: set[str], code: Mapping[str, Any], data: str) -> dict[str, Any]:
+    """What an executed chapter depended on: its code (``code_inputs``), the values of the profile keys
+    it read during the run, and the data fingerprint. Stored in the executed notebook's metadata."""
+    flat = flatten(cfg.to_dict())
+    return {"profile": cfg.profile_name, **code, "config": {k: flat[k] for k in sorted(reads) if k in flat}, "data": data}
+
+
+def stale_reasons(stamp: Mapping[str, Any] | None, chapter: str, cfg: Config, root: Path) -> list[str]:
+    """Why an executed chapter with ``stamp`` is out of date for ``cfg`` now (empty: up to date).
+
+    Only the chapter's own inputs count: a library file it does not import or a profile value it did
+    not read can change without re-executing it.
+    """
+    if not stamp:
+        return ["no record of its inputs"]
+    reasons = []
+    if stamp.get("profile") != cfg.profile_name:
+        reasons.append(f"profile {stamp.get('profile')!r} -> {cfg.profile_name!r}")
+    now = code_inputs(chapter, root)
+    if stamp.get("source") != now["source"]:
+        reasons.append(f"chapters/{chapter}.py changed")
+    before = stamp.get("code", {})
+    changed = sorted(f for f in set(before) | set(now["code"]) if before.get(f) != now["code"].get(f))
+    if changed:
+        reasons.append(f"{', '.join(changed[:3])}{' and more' if len(changed) > 3 else ''} changed")
+    flat = flatten(cfg.to_dict())
+    values = [f"{k}={v!r} -> {flat.get(k, '(no such key)')!r}" for k, v in stamp.get("config", {}).items()
+              if k not in flat or flat[k] != v]
+    if values:
+        reasons.append("profile values it read changed: " + ", ".join(values[:3]) + (" ..." if len(values) > 3 else ""))
+    if stamp.get("data") != data_fingerprint(cfg):
+        reasons.append("the data root's contents changed")
+    return reasons
+
+
+def _read_stamp(executed: Path) -> dict[str, Any] | None:
     try:
         meta = json.loads(executed.read_text(encoding="utf-8")).get("metadata", {})
     except (OSError, json.JSONDecodeError):
-        return False
-    return meta.get("ctrlgen", {}).get("cache_key") == key
+        return None
+    return meta.get("ctrlgen", {}).get("inputs")
 
 
+def _write_stamp(notebook: Path, stamp: Mapping[str, Any]) -> None:
+    data = json.loads(notebook.read_text(encoding="utf-8"))
+    data.setdefault("metadata", {}).setdefault("ctrlgen", {})["inputs"] = dict(stamp)
+    notebook.write_text(json.dumps(data, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
+
+
+def _read_reads(path: Path) -> set[str]:
+    try:
+        return set(json.loads(path.read_text(encoding="utf-8")))
+    except (OSError, json.JSONDecodeError):
+        return set()  # the chapter read no profile value
+
+
+def _last_wall_time(record: Path) -> float | None:
+    try:
+        return float(json.loads(record.read_text(encoding="utf-8"))["wall_time_s"])
+    except (OSError, KeyError, TypeError, ValueError):
+        return None
+
+
+# ---------------------------------------------------------------- execution
 @contextlib.contextmanager
-def _kernel_environment():
-    """Environment the chapter kernel inherits: offline hub, no progress bars in the rendered book."""
+def _kernel_environment(extra: Mapping[str, str] | None = None):
+    """Environment the chapter kernel inherits: offline hub, no progress bars in the rendered book,
+    and the files where it reports the profile keys it reads and its progress bars' state."""
     settings = {"TQDM_DISABLE": "1", "HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "1"),
-                "MPLBACKEND": "module://matplotlib_inline.backend_inline"}
+                "MPLBACKEND": "module://matplotlib_inline.backend_inline", **(extra or {})}
     saved = {k: os.environ.get(k) for k in settings}
     os.environ.update(settings)
     try:
@@ -153,22 +229,82 @@ def _kernel_environment():
                 os.environ[key] = value
 
 
+def _cell_sections(nb: Any) -> dict[int, tuple[int, str]]:
+    """``{cell index: (1-based code-cell number, the heading of the section it is in)}``."""
+    sections, heading, number = {}, "", 0
+    for index, cell in enumerate(nb.cells):
+        if cell.cell_type == "markdown":
+            titles = [line.lstrip("#").strip() for line in cell.source.splitlines() if line.startswith("#")]
+            heading = titles[-1] if titles else heading
+        elif cell.cell_type == "code":
+            number += 1
+            sections[index] = (number, heading)
+    return sections
+
+
+class _ReportingEngine(NBClientEngine):
+    """papermill's nbclient engine, telling ``monitor`` when each code cell starts (papermill's
+    registered-engine extension point; the notebook is executed exactly as by the default engine)."""
+
+    monitor: ProgressMonitor | None = None
+
+    @classmethod
+    def execute_managed_notebook(cls, nb_man: Any, kernel_name: str, **kwargs: Any) -> Any:
+        monitor = cls.monitor
+        if monitor is not None:
+            sections = _cell_sections(nb_man.nb)
+            total = len(sections)
+            original = nb_man.cell_start
+
+            def cell_start(cell: Any, cell_index: int | None = None, **kw: Any) -> Any:
+                if cell_index in sections:
+                    number, heading = sections[cell_index]
+                    monitor.set_cell(number, total, heading)
+                return original(cell, cell_index, **kw)
+
+            nb_man.cell_start = cell_start
+        return super().execute_managed_notebook(nb_man, kernel_name, **kwargs)
+
+
+papermill_engines.register("ctrlgen", _ReportingEngine)
+
+
 @dataclass
 class ChapterResult:
+    """One chapter's outcome: where the executed notebook is, how long it took, why it ran."""
+
     chapter: str
     notebook: Path
     seconds: float
     cached: bool
+    reasons: list[str] = field(default_factory=list)
+
+
+def _prepare_notebook(chapter: str, profile: str, checked: Mapping[str, Any], root: Path) -> Any:
+    import jupytext
+
+    notebook = jupytext.read(root / "chapters" / f"{chapter}.py")
+    notebook.metadata["kernelspec"] = {"name": KERNEL_NAME, "display_name": KERNEL_DISPLAY, "language": "python"}
+    notebook.metadata.pop("jupytext", None)
+    notebook.metadata["ctrlgen"] = {"chapter": chapter, "profile": profile, "overrides": dict(checked)}
+    for cell in notebook.cells:  # the book shows papermill's injected values, not the defaults they replace
+        tags = cell.metadata.setdefault("tags", [])
+        if "parameters" in tags and "remove-cell" not in tags:
+            tags.append("remove-cell")
+    return notebook
 
 
 def run_chapter(chapter: str, profile: str = "mini", overrides: Mapping[str, Any] | None = None,
-                force: bool = True, log_output: bool = False) -> ChapterResult:
+                force: bool = True, log_output: bool = False, progress: str | None = None,
+                stream: TextIO | None = None) -> ChapterResult:
     """Execute one chapter with papermill on ``profile``; raise ChapterFailed on an error.
 
-    Overrides are validated against the profile before a kernel starts. The executed copy is written
-    beside the previous one and swapped in only on success; a failure leaves ``<name>.FAILED.ipynb``.
+    Overrides are validated (keys, types, ranges) before a kernel starts. Unless ``force``, a chapter
+    whose executed copy's inputs (``stale_reasons``) are unchanged is not run again. The executed copy
+    is written beside the previous one and swapped in only on success; a failure leaves
+    ``<name>.FAILED.ipynb``. ``progress`` is a label (``"[1/3]"``): when given, a status line with the
+    current cell, the kernel's bars and the elapsed time is shown on ``stream`` (stderr) while it runs.
     """
-    import jupytext
     import papermill
     from papermill.exceptions import PapermillExecutionError
 
@@ -180,38 +316,45 @@ def run_chapter(chapter: str, profile: str = "mini", overrides: Mapping[str, Any
     out_dir = paths.executed_dir(profile, cfg)
     out_dir.mkdir(parents=True, exist_ok=True)
     target = out_dir / f"{chapter}.ipynb"
-    key = cache_key(chapter, profile, checked, root)
     record = paths.results_dir(profile, cfg) / f"{chapter}.json"
-    if not force and _is_up_to_date(target, key, record):
+    reasons = ["--force"] if force else (
+        stale_reasons(_read_stamp(target), chapter, cfg, root) if target.is_file() and record.is_file()
+        else ["never executed on this profile"])
+    if not reasons:
         return ChapterResult(chapter, target, 0.0, cached=True)
 
-    notebook = jupytext.read(root / "chapters" / f"{chapter}.py")
-    notebook.metadata["kernelspec"] = {"name": KERNEL_NAME, "display_name": KERNEL_DISPLAY, "language": "python"}
-    notebook.metadata.pop("jupytext", None)
-    notebook.metadata["ctrlgen"] = {"chapter": chapter, "profile": profile, "overrides": checked, "cache_key": key}
-    for cell in notebook.cells:  # the book shows papermill's injected values, not the defaults they replace
-        tags = cell.metadata.setdefault("tags", [])
-        if "parameters" in tags and "remove-cell" not in tags:
-            tags.append("remove-cell")
+    code, data = code_inputs(chapter, root), data_fingerprint(cfg)  # what runs, taken before it runs
+    notebook = _prepare_notebook(chapter, profile, checked, root)
     running = out_dir / f"{chapter}.running.ipynb"
     failed = out_dir / f"{chapter}.FAILED.ipynb"
+    expected = _last_wall_time(record)
     start = time.perf_counter()
-    try:
-        with _kernel_environment():
-            papermill.execute_notebook(
-                notebook, str(running), parameters={"profile": profile, "overrides": checked},
-                kernel_name=ensure_kernel(), cwd=str(root / "chapters"), progress_bar=False, log_output=log_output,
-            )
-    except PapermillExecutionError as err:
-        os.replace(running, failed)
-        raise ChapterFailed(chapter, failed, f"{err.ename}: {err.evalue}") from None
-    except Exception as err:  # kernel died, timeout, ...
-        if running.exists():
+    with tempfile.TemporaryDirectory(prefix=f"ctrlgen-{chapter}-") as scratch:
+        reads_file, bars_file = Path(scratch) / "reads.json", Path(scratch) / "progress.json"
+        monitor = (ProgressMonitor(f"{progress} {chapter}".strip(), bars_file, stream, expected)
+                   if progress is not None else None)
+        _ReportingEngine.monitor = monitor
+        try:
+            with _kernel_environment({READS_ENV: str(reads_file), PROGRESS_ENV: str(bars_file)}), \
+                    (monitor or contextlib.nullcontext()):
+                papermill.execute_notebook(
+                    notebook, str(running), parameters={"profile": profile, "overrides": checked},
+                    kernel_name=ensure_kernel(), cwd=str(root / "chapters"), progress_bar=False,
+                    log_output=log_output, engine_name="ctrlgen",
+                )
+        except PapermillExecutionError as err:
             os.replace(running, failed)
-        raise ChapterFailed(chapter, failed, f"{type(err).__name__}: {err}") from None
+            raise ChapterFailed(chapter, failed, f"{err.ename}: {err.evalue}") from None
+        except Exception as err:  # kernel died, timeout, ...
+            if running.exists():
+                os.replace(running, failed)
+            raise ChapterFailed(chapter, failed, f"{type(err).__name__}: {err}") from None
+        finally:
+            _ReportingEngine.monitor = None
+        _write_stamp(running, chapter_stamp(chapter, cfg, _read_reads(reads_file), code, data))
     os.replace(running, target)
     failed.unlink(missing_ok=True)
-    return ChapterResult(chapter, target, time.perf_counter() - start, cached=False)
+    return ChapterResult(chapter, target, time.perf_counter() - start, cached=False, reasons=reasons)
 
 
 # ---------------------------------------------------------------- site

@@ -31,17 +31,34 @@ def _err(message: str) -> None:
     print(f"ctrlgen: error: {message}", file=sys.stderr)
 
 
+def _say(args: argparse.Namespace, text: str) -> None:
+    if not args.quiet:
+        print(text, flush=True)
+
+
+def _progress_label(args: argparse.Namespace, label: str) -> str | None:
+    """The status-line label, or None for no live progress (``--quiet``; ``-v`` streams the output instead)."""
+    return None if args.quiet or args.verbose else label
+
+
+def _outcome(result) -> str:
+    if result.cached:
+        return "up to date (cached)"
+    why = f" ({'; '.join(result.reasons)})" if result.reasons else ""
+    return f"executed in {result.seconds:.1f} s{why}"
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     from ctrlgen.book import ChapterFailed, run_chapter
 
     overrides = parse_assignments(args.params)
     try:
-        result = run_chapter(args.chapter, args.profile, overrides, force=not args.cached, log_output=args.verbose)
+        result = run_chapter(args.chapter, args.profile, overrides, force=not args.cached, log_output=args.verbose,
+                             progress=_progress_label(args, "[1/1]"))
     except ChapterFailed as err:
         _err(str(err))
         return EXIT_FAILED
-    state = "up to date (cached)" if result.cached else f"executed in {result.seconds:.1f} s"
-    print(f"{result.chapter}: {state} -> {result.notebook}")
+    _say(args, f"{result.chapter}: {_outcome(result)} -> {result.notebook}")
     return EXIT_OK
 
 
@@ -49,26 +66,28 @@ def cmd_book(args: argparse.Namespace) -> int:
     from ctrlgen.book import ChapterFailed, build_site, run_chapter, toc_chapters
 
     overrides = parse_assignments(args.params)
-    paths.check_data_root(load_profile(args.profile, overrides))  # refuse bad keys or roots before anything runs
+    paths.check_data_root(load_profile(args.profile, overrides))  # refuse bad keys, values or roots before anything runs
     start = time.perf_counter()
     chapters = toc_chapters()
     for i, chapter in enumerate(chapters, 1):
-        print(f"[{i}/{len(chapters)}] {chapter} on {args.profile} ...", flush=True)
+        label = f"[{i}/{len(chapters)}]"
+        _say(args, f"{label} {chapter} on {args.profile} ...")
         try:
-            result = run_chapter(chapter, args.profile, overrides, force=args.force, log_output=args.verbose)
+            result = run_chapter(chapter, args.profile, overrides, force=args.force, log_output=args.verbose,
+                                 progress=_progress_label(args, label))
         except ChapterFailed as err:
             _err(f"{err}\nthe book was not rebuilt; the previous site (if any) is untouched")
             return EXIT_FAILED
-        print(f"    {'cached' if result.cached else f'{result.seconds:.1f} s'} -> {result.notebook}", flush=True)
+        _say(args, f"    {_outcome(result)} -> {result.notebook}")
     if args.no_html:
         return EXIT_OK
-    print("building the HTML book with jupyter-book ...", flush=True)
+    _say(args, "building the HTML book with jupyter-book ...")
     try:
         site = build_site(args.profile, strict=not args.no_strict)
     except (RuntimeError, FileNotFoundError) as err:
         _err(str(err))
         return EXIT_FAILED
-    print(f"book built in {time.perf_counter() - start:.0f} s: {site / 'index.html'}")
+    _say(args, f"book built in {time.perf_counter() - start:.0f} s: {site / 'index.html'}")
     return EXIT_OK
 
 
@@ -107,21 +126,26 @@ def build_parser(argv: Sequence[str] | None = None, load_all: bool = False) -> a
 
     run = sub.add_parser("run", help="execute one chapter with papermill", description=(
         "Convert chapters/CHAPTER.py to a notebook and execute it with papermill into "
-        "_build/executed/<profile>/CHAPTER.ipynb (the source is never modified)."))
+        "_build/executed/<profile>/CHAPTER.ipynb (the source is never modified). While it runs, a status "
+        "line on stderr shows the cell, the training/sampling bars and the time against the last run."))
     run.add_argument("chapter", help="chapter name from _toc.yml or a unique prefix (e.g. ch02)")
     add_profile_args(run)
-    run.add_argument("--cached", action="store_true", help="skip the chapter if its executed copy is up to date")
+    run.add_argument("--cached", action="store_true",
+                     help="skip the chapter if none of its inputs changed since its executed copy")
     run.add_argument("-v", "--verbose", action="store_true", help="stream the notebook's output")
+    run.add_argument("-q", "--quiet", action="store_true", help="print nothing but errors (no live progress)")
     run.set_defaults(func=cmd_run)
 
     book = sub.add_parser("book", help="execute every chapter and build the HTML book", description=(
-        "Execute every chapter of _toc.yml in order (reusing up-to-date executed copies unless --force), "
-        "then build the HTML book with jupyter-book into _build/html/<profile>/."))
+        "Execute every chapter of _toc.yml in order, then build the HTML book with jupyter-book into "
+        "_build/html/<profile>/. A chapter is re-executed only when its own inputs changed (its source, the "
+        "library modules it imports, the profile values it read, the data) unless --force."))
     add_profile_args(book)
     book.add_argument("--force", action="store_true", help="re-execute chapters even if their executed copy is up to date")
     book.add_argument("--no-html", action="store_true", help="execute the chapters only")
     book.add_argument("--no-strict", action="store_true", help="do not turn Sphinx warnings into errors")
     book.add_argument("-v", "--verbose", action="store_true", help="stream the notebooks' output")
+    book.add_argument("-q", "--quiet", action="store_true", help="print nothing but errors (no live progress)")
     book.set_defaults(func=cmd_book)
 
     chapters = sub.add_parser("chapters", help="list the chapters in book order")
