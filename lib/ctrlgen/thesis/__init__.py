@@ -227,3 +227,16 @@ def compare(table_id: str, this_run, profile: str = "", precision: int = 3):
 
     styler = frame.style.format(fmt).apply(shade, axis=0)
     return styler.set_caption(f"Table {table.id} — {table.title} (thesis §{table.section}) beside this run")
+
+
+from ctrlgen.thesis.claims import (  # noqa: E402  (the ledger reads tables through this module)
+    Claim,
+    Verdict,
+    check_records,
+    claim_seeds,
+    get_claim,
+    ledger_table,
+    load_ledger,
+    record_claim,
+    verdicts,
+)
