@@ -19,8 +19,6 @@ processor of their own: they are map operations on what this captures (``maps.su
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
-from typing import Any
-
 import torch
 from diffusers.models.attention_processor import Attention
 

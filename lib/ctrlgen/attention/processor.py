@@ -107,10 +107,11 @@ class AttentionProcessorBase:
             context = attn.norm_encoder_hidden_states(context)
         key, value = attn.to_k(context), attn.to_v(context)
         # diffusers normalises per head; a per-head norm commutes with the merge, so heads stay merged here
+        split, merge = AttentionProcessorBase.split_heads, AttentionProcessorBase.merge_heads
         if attn.norm_q is not None:
-            query = AttentionProcessorBase.merge_heads(attn, attn.norm_q(AttentionProcessorBase.split_heads(attn, query)))
+            query = merge(attn, attn.norm_q(split(attn, query)))
         if attn.norm_k is not None:
-            key = AttentionProcessorBase.merge_heads(attn, attn.norm_k(AttentionProcessorBase.split_heads(attn, key)))
+            key = merge(attn, attn.norm_k(split(attn, key)))
         return Projected(query, key, value, residual, shape4, attention_mask, encoder_hidden_states is not None)
 
     # -- step (2) helpers -------------------------------------------------------------------------
