@@ -122,7 +122,33 @@ def test_cli_check_and_fetch(tmp_path, capsys):
     add_models_parser(parser.add_subparsers(dest="command"))
     args = parser.parse_args(["models", "check", "--profile", "full", "-p", f"models.root={tmp_path}"])
     assert args.func(args) == EXIT_FAILED
-    assert "MISSING" in capsys.readouterr().out
+    lines = capsys.readouterr().out.splitlines()
+    named = ["models.pretrained.sd21", "models.pretrained.sd14", "didgen.dermprompt.vlm_model",
+             "didgen.metrics.inception_weights", "didgen.metrics.alexnet_weights", "models.weights.clip",
+             "models.weights.dino", "models.weights.bart", "models.weights.xrv_densenet",
+             "models.weights.imagenet.vgg16", "models.weights.imagenet.resnet18", "models.weights.imagenet.densenet121",
+             "models.weights.imagenet.vit_b_16"]
+    status = {line.split()[0]: line for line in lines if line and not line.startswith(" ")}
+    for key in named:
+        assert "MISSING" in status[key], key
+    assert str(tmp_path / "facebook--dinov2-base") in status["models.weights.dino"]
+    assert any("expected: §4.3.2 DermPrompt VLM" in line for line in lines)
+    assert any("torch-fidelity" in line for line in lines) and lines[-1].endswith(f"{len(status) - 1} MISSING")
+    # present weights say ok: a DINOv2 folder with config and weights, an ImageNet state-dict file
+    (tmp_path / "facebook--dinov2-base").mkdir()
+    (tmp_path / "facebook--dinov2-base" / "config.json").write_text("{}")
+    (tmp_path / "imagenet").mkdir()
+    (tmp_path / "imagenet" / "vgg16-397923af.pth").write_bytes(b"x")
+    (tmp_path / "facebook--bart-base").mkdir()
+    (tmp_path / "facebook--bart-base" / "config.json").write_text("{}")
+    assert args.func(args) == EXIT_FAILED
+    status = {line.split()[0]: line for line in capsys.readouterr().out.splitlines() if line and not line.startswith(" ")}
+    assert "MISSING weights" in status["models.weights.dino"]
+    (tmp_path / "facebook--dinov2-base" / "model.safetensors").write_bytes(b"x")
+    assert args.func(args) == EXIT_FAILED
+    status = {line.split()[0]: line for line in capsys.readouterr().out.splitlines() if line and not line.startswith(" ")}
+    assert status["models.weights.dino"].split()[1] == "ok" and status["models.weights.imagenet.vgg16"].split()[1] == "ok"
+    assert "tokenizer files" in status["models.weights.bart"]
     args = parser.parse_args(["models", "fetch", "--profile", "full", "-p", f"models.root={tmp_path}"])
     assert args.func(args) == EXIT_FAILED  # HF_HUB_OFFLINE=1 in tests: refuses, no network
     assert "HF_HUB_OFFLINE" in capsys.readouterr().err

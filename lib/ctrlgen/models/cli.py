@@ -9,9 +9,14 @@ from ctrlgen.config import ConfigError
 
 
 def _print(statuses) -> None:
+    """One line per model (key, ok / MISSING what, where), then what is expected there."""
     for s in statuses:
         state = "ok" if s.present else "MISSING " + ", ".join(s.missing)
-        print(f"{s.key:28s} {state:30s} {s.folder}  ({s.source})")
+        print(f"{s.key:40s} {state:30s} {s.folder}  ({s.source})")
+        if s.expect:
+            print(f"{'':40s} expected: {s.expect}")
+    missing = sum(not s.present for s in statuses)
+    print(f"{len(statuses) - missing} of {len(statuses)} present" + (f"; {missing} MISSING" if missing else ""))
 
 
 def _check(args: argparse.Namespace) -> int:
@@ -44,7 +49,7 @@ def add_models_parser(subparsers: argparse._SubParsersAction) -> None:
     """Register ``models`` with sub-commands ``check`` and ``fetch`` (each sets ``func``)."""
     parser = subparsers.add_parser("models", help="check or fetch the models a profile names")
     sub = parser.add_subparsers(dest="models_command", required=True)
-    check = sub.add_parser("check", help="report which models of the profile are present locally")
+    check = sub.add_parser("check", help="report every model and weight file the profile names, and whether it is there")
     add_profile_args(check)
     check.set_defaults(func=_check)
     fetch = sub.add_parser("fetch", help="download the Stable Diffusion checkpoints the profile names (needs network)")

@@ -12,7 +12,7 @@ from __future__ import annotations
 import os
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -62,6 +62,7 @@ class ModelStatus:
     source: str
     folder: Path
     missing: tuple[str, ...]
+    expect: str = ""     # what should be at ``folder`` (format, file name, thesis section)
 
     @property
     def present(self) -> bool:
@@ -82,17 +83,133 @@ def pretrained_sources(cfg: Mapping[str, Any]) -> dict[str, str]:
     return {f"models.pretrained.{k}": str(v) for k, v in pre.items() if k != "revision" and v}
 
 
+@dataclass(frozen=True)
+class WeightSpec:
+    """A network the profile names by a path or hub id (at profile key ``path``), besides the SD checkpoints.
+
+    ``kind``: ``transformers`` (a ``from_pretrained`` folder: config.json and weights), ``file`` (one
+    state-dict file; relative paths under the models root). ``path`` ending in ``*`` is a mapping of them.
+    """
+
+    path: tuple[str, ...]
+    kind: str
+    what: str
+
+    @property
+    def key(self) -> str:
+        return ".".join(self.path)
+
+
+TRANSFORMERS_WEIGHTS = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
+                        "pytorch_model.bin.index.json")
+FID_INCEPTION_FILE = "weights-inception-2015-12-05-6726825d.pth"  # = metrics.image.INCEPTION_WEIGHTS_NAME
+# The torchvision ImageNet backbones the thesis fine-tunes, and where (models.weights.imagenet.<name>).
+IMAGENET_BACKBONES = {
+    "vgg16": "§4.4.3 Table 4.2 classifier; §5.4.1 skin-tone ensemble",
+    "resnet18": "§4.4.3 Table 4.2 classifier; §5.4.1 Table 5.1",
+    "densenet121": "§4.4.3 Table 4.2 classifier; §5.4.1 Table 5.1",
+    "vit_b_16": "§4.4.3 Table 4.2 classifier (§4.7.2: ViT Base, 16x16 patches); §5.4.1 skin-tone ensemble",
+    "efficientnet_v2_s": "§5.4.1 Table 5.1 (EfficientNet-V2)",
+    "mobilenet_v2": "§5.4.1 skin-tone ensemble",
+    "resnet34": "§5.4.2 FAT-Net's CNN encoder (segmentation zoo)",
+}
+# Every weight a profile can name, with what must be at its path. The thesis section is in each line.
+WEIGHTS = (
+    WeightSpec(("didgen", "dermprompt", "vlm_model"), "transformers",
+               "§4.3.2 DermPrompt VLM (Llama-3.2-Vision-Instruct): transformers folder with config.json, weights, "
+               "tokenizer and processor files"),
+    WeightSpec(("didgen", "metrics", "inception_weights"), "file",
+               f"§4.7.1 FID network: torch-fidelity's TF Inception-v3 file {FID_INCEPTION_FILE} (pytorch-fid's "
+               "pt_inception-2015-12-05-6726825d.pth is the same network)"),
+    WeightSpec(("didgen", "metrics", "alexnet_weights"), "file",
+               "§4.7.1 LPIPS backbone: torchvision's AlexNet ImageNet state dict alexnet-owt-7be5be79.pth"),
+    WeightSpec(("didgen", "metrics", "lpips_weights"), "file",
+               "§4.7.1 LPIPS linear layers: the lpips package's weights/v0.1/alex.pth"),
+    WeightSpec(("models", "weights", "clip"), "transformers",
+               "§3.4.1 CLIP-I / CLIP-T and §6.3.1 reference image embedding: CLIP ViT-L/14 (openai/clip-vit-large-patch14) "
+               "transformers folder"),
+    WeightSpec(("models", "weights", "dino"), "transformers",
+               "§3.4.1, §5.5.2 DINO score: DINOv2 ViT-B/14 (facebook/dinov2-base) transformers folder"),
+    WeightSpec(("models", "weights", "bart"), "transformers",
+               "§6.3.2 CXR-IRGen language module: BART base (facebook/bart-base) transformers folder"),
+    WeightSpec(("models", "weights", "xrv_densenet"), "file",
+               "§6.4.3 AUROC classifier: torchxrayvision DenseNet-121 'densenet121-res224-all' weights file"),
+    WeightSpec(("models", "weights", "imagenet", "*"), "file",
+               "torchvision ImageNet state dict of {name} (the file torchvision publishes): {where}"),
+)
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json")
+
+
+def _setting(cfg: Mapping[str, Any], dotted: str) -> Any:
+    node: Any = cfg
+    for part in dotted.split("."):
+        try:
+            node = node[part]
+        except (KeyError, TypeError):
+            return None
+    return node
+
+
+def _weight_entries(cfg: Mapping[str, Any]) -> list[tuple[str, str, WeightSpec]]:
+    """(profile key, source, spec) of every non-empty weight setting; ``*`` expands a mapping of sources."""
+    out = []
+    for spec in WEIGHTS:
+        if spec.path[-1] == "*":
+            group = _setting(cfg, ".".join(spec.path[:-1])) or {}
+            out += [(".".join((*spec.path[:-1], name)), str(v),
+                     replace(spec, what=spec.what.format(name=name, where=IMAGENET_BACKBONES.get(name, "a backbone"))))
+                    for name, v in group.items() if str(v or "")]
+        elif str(_setting(cfg, spec.key) or ""):
+            out.append((spec.key, str(_setting(cfg, spec.key)), spec))
+    return out
+
+
+def weight_path(cfg: Mapping[str, Any], source: str, kind: str) -> Path:
+    """Local path of a weight: absolute as is; a file relative to the models root; a folder via ``local_folder``."""
+    if kind == "file":
+        p = Path(source).expanduser()
+        return p if p.is_absolute() else models_root(cfg) / p
+    return local_folder(cfg, source)
+
+
+def _missing_transformers(folder: Path, needs_tokenizer: bool) -> list[str]:
+    if not folder.is_dir():
+        return ["the whole folder"]
+    missing = [] if (folder / "config.json").is_file() else ["config.json"]
+    if not any((folder / f).is_file() for f in TRANSFORMERS_WEIGHTS):
+        missing.append("weights (model.safetensors or its index)")
+    if needs_tokenizer and not any((folder / f).is_file() for f in TOKENIZER_FILES):
+        missing.append("tokenizer files")
+    return missing
+
+
+def weight_status(cfg: Mapping[str, Any], key: str, source: str, spec: WeightSpec) -> ModelStatus:
+    """Whether the weight ``key`` names is where the profile says, and what is missing there."""
+    path = weight_path(cfg, source, spec.kind)
+    if spec.kind == "file":
+        missing = [] if path.is_file() else ["the file"]
+    else:
+        missing = _missing_transformers(path, needs_tokenizer=not key.endswith(".dino"))
+    return ModelStatus(key, source, path, tuple(missing), spec.what)
+
+
 def check_models(cfg: Mapping[str, Any], domains: tuple[str, ...] | None = None) -> list[ModelStatus]:
-    """Status of every model the profile needs: SD checkpoints (kind pretrained) or the mini base models."""
+    """Status of every model the profile names: SD checkpoints (kind pretrained) or the mini base models,
+    then every further weight it names by a non-empty path (``WEIGHTS``: VLM, FID/LPIPS networks, CLIP,
+    DINOv2, BART, the torchxrayvision DenseNet, ImageNet backbones), each with what is expected there."""
     models = cfg["models"]
     out: list[ModelStatus] = []
     if models["kind"] == "pretrained":
         for key, source in pretrained_sources(cfg).items():
-            out.append(_status(key, source, local_folder(cfg, source)))
+            status = _status(key, source, local_folder(cfg, source))
+            out.append(ModelStatus(status.key, source, status.folder, status.missing,
+                                   "Stable Diffusion in diffusers layout (model_index.json, unet/, vae/, text_encoder/, "
+                                   "tokenizer/, scheduler/)"))
     else:
         for domain in domains or tuple(models["domains"]):
             out.append(_status(f"mini/{domain}", f"ctrlgen pretrain {domain} --profile {getattr(cfg, 'profile_name', '')}",
                                mini_model_dir(cfg, domain)))
+    out += [weight_status(cfg, key, source, spec) for key, source, spec in _weight_entries(cfg)]
     return out
 
 
