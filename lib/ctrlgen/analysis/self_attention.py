@@ -15,48 +15,25 @@ from collections.abc import Sequence
 import numpy as np
 import pandas as pd
 import torch
-from diffusers.models.attention_processor import AttnProcessor
 
+from ctrlgen.attention.capture import AttentionCapture
 from ctrlgen.attention.layers import PLACES, select_layers
 from ctrlgen.attention.maps import affinity_ratio, diagonal_mass
-
-
-class _HeadRecorder:
-    """Runs diffusers' explicit ``AttnProcessor`` and keeps the per-head probabilities ``(B, heads, N, M)``."""
-
-    def __init__(self, sink: dict[str, torch.Tensor], name: str):
-        self.sink, self.name, self.inner = sink, name, AttnProcessor()
-
-    def __call__(self, attn, *args, **kwargs):
-        original = attn.get_attention_scores
-
-        def record(query, key, attention_mask=None):
-            probs = original(query, key, attention_mask)
-            self.sink[self.name] = probs.detach().view(-1, attn.heads, *probs.shape[1:])
-            return probs
-
-        attn.get_attention_scores = record
-        try:
-            return self.inner(attn, *args, **kwargs)
-        finally:
-            del attn.get_attention_scores
 
 
 @torch.no_grad()
 def head_self_attention(unet: torch.nn.Module, noisy: torch.Tensor, t: int | torch.Tensor, emb: torch.Tensor,
                         res: Sequence[int] = (16,), places: Sequence[str] = PLACES) -> dict[str, tuple[object, torch.Tensor]]:
     """``{layer name: (AttentionLayer, (B, heads, N, N) probabilities)}`` for the self-attention layers at ``res``."""
-    layers = select_layers(unet, "self", res, places, tuple(noisy.shape[-2:]))
-    sink: dict[str, torch.Tensor] = {}
-    saved = [(l.module, l.module.processor) for l in layers]
-    try:
-        for l in layers:
-            l.module.set_processor(_HeadRecorder(sink, l.name))
+    with AttentionCapture(unet, cross_res=(), self_res=res, places=places, latent_size=tuple(noisy.shape[-2:]),
+                          per_head=True, allow_large_self=True) as store:
         unet(noisy, t, encoder_hidden_states=emb)
-    finally:
-        for module, proc in saved:
-            module.set_processor(proc)
-    return {l.name: (l, sink[l.name]) for l in layers}
+    return {layer.name: (layer, store.layers[layer.name]) for layer in store_layers(unet, res, places, noisy)}
+
+
+def store_layers(unet: torch.nn.Module, res: Sequence[int], places: Sequence[str], noisy: torch.Tensor):
+    """The self-attention layers ``head_self_attention`` reads, in the U-Net's order."""
+    return select_layers(unet, "self", res, places, tuple(noisy.shape[-2:]))
 
 
 def affinity_table(model, latents: torch.Tensor, input_ids: torch.Tensor, labels: torch.Tensor, t: int = 500,
