@@ -8,10 +8,11 @@ import torch
 
 import ctrlgen.methods.baselines.null_text_inversion as nti
 import ctrlgen.methods.didgen.further_control as fc
-from ctrlgen.attention.maps import text_token_softmax
+from ctrlgen.attention.maps import gaussian_smooth, text_token_softmax
 from ctrlgen.attention.prompt_to_prompt import PromptToPrompt, global_alignment, real_tokens, token_alignment
 from ctrlgen.config import load_profile
-from ctrlgen.methods.baselines.boxdiff import BoxGuidance, box_losses, box_masks, corner_loss
+from ctrlgen.guidance import GuidanceContext, GuidanceRefiner, TokenMap, mask_at
+from ctrlgen.methods.baselines.boxdiff import box_losses, box_masks, box_terms, corner_loss
 from ctrlgen.methods.baselines.null_text_inversion import (
     null_text_invert,
     sample_edits,
@@ -120,32 +121,55 @@ def test_customise_gives_one_image_per_value_from_one_initial_noise():
     assert torch.allclose(alone[0], images[2], atol=1e-5)
 
 
+def test_box_terms_are_box_losses_per_sample():
+    """The three terms on a store whose maps are known: per-sample values whose means are ``box_losses``."""
+    g = torch.Generator().manual_seed(0)
+    cross = torch.rand(2, 8, 8, 7, generator=g)
+    store = type("Store", (), {"cross": lambda self, side: cross})()
+    tmap = TokenMap(2, (6, 5), cross_res=8)
+    box = box_masks([(0.1, 0.1, 0.5, 0.6), (0.4, 0.3, 0.9, 0.9)], 8)
+    ctx = GuidanceContext(store, torch.zeros(2, 4, 8, 8), 500, 0)
+    values = {t.name: t(ctx) for t in box_terms(box, tmap, topk_frac=0.5, corner_width=1)}
+    a = torch.stack([gaussian_smooth(text_token_softmax(cross[i], last, 100.0)[..., 2], 3, 0.5) for i, last in enumerate((6, 5))])
+    ref = box_losses(a, box, topk_frac=0.5, width=1)
+    assert set(values) == {"ib", "ob", "cc"} and all(v.shape == (2,) for v in values.values())
+    for name in ref:
+        torch.testing.assert_close(values[name].mean(), ref[name])
+
+
 def test_box_guidance_lowers_the_box_losses_and_pulls_lesion_attention_into_the_box(monkeypatch):
     """BoxDiff on the <lesion> token, guided (η = 1000: a random model's maps are flat) vs η = 0 with the same
     seed (same z_T; the refiner then only measures). Measured on 8 model seeds: at the last guided step the
     guided loss is below both its first value and the unguided loss, and the in-box share of the <lesion> map
     is higher (seed 0: 0.253 -> 0.280); the guided loss fell at every guided step on 7 of the 8."""
-    masses: list[float] = []
+    class InBoxShare:  # a weight-0 term: the in-box share of the (text-softmaxed) <lesion> map, recorded only
+        weight, name, self_res = 0.0, "in_box", ()
 
-    class Spy(BoxGuidance):  # also records the in-box share of the (text-softmaxed) <lesion> map
-        def losses(self, store, latents, t):
-            cross = store.cross(self.cross_res).detach()
-            a = torch.stack([text_token_softmax(cross[i], self.lasts[i], self.softmax_scale)[..., self.token_index]
-                             for i in range(cross.shape[0])])
-            box = (self._mask_at(self.cross_res, a) > 0.5).float()
-            masses.append(float(((a * box).sum((1, 2)) / a.sum((1, 2))).mean()))
-            return super().losses(store, latents, t)
+        def __init__(self, box, token_map):
+            self.box, self.tmap, self.cross_res = box, token_map, (token_map.cross_res,)
 
-    monkeypatch.setattr(fc, "BoxGuidance", Spy)
+        def __call__(self, ctx):
+            cross = ctx.store.cross(self.tmap.cross_res).detach()
+            a = torch.stack([text_token_softmax(cross[i], last, self.tmap.softmax_scale)[..., self.tmap.token_index]
+                             for i, last in enumerate(self.tmap.last)])
+            box = (mask_at(self.box, self.tmap.cross_res, a) > 0.5).float()
+            return (a * box).sum((1, 2)) / a.sum((1, 2))
+
+    original = fc.box_guidance
+
+    def with_spy(box, token_map, eta, fraction, *args):
+        r = original(box, token_map, eta, fraction, *args)
+        return GuidanceRefiner([*r.terms, InBoxShare(box, token_map)], eta=r.eta, fraction=r.fraction)
+
+    monkeypatch.setattr(fc, "box_guidance", with_spy)
     model = tiny_sd()
     prompts = ["An image of <lesion> on <skin>", "An image of <lesion> on <skin>, a small lesion"]
     boxes = [(0.1, 0.1, 0.5, 0.6), (0.4, 0.3, 0.9, 0.9)]
     runs = {}
     for eta in (0.0, 1000.0):
-        masses.clear()
         images, history = fc.box_guided_generate(model, prompts, boxes, num_steps=6, guidance_scale=3.0, eta=eta,
                                                  guidance_fraction=0.5, cross_res=8, seed=0)
-        runs[eta] = images, [h["loss"] for h in history], list(masses)
+        runs[eta] = images, [h["loss"] for h in history], [h["in_box"] for h in history]
     (free, l_free, m_free), (guided, l_guided, m_guided) = runs[0.0], runs[1000.0]
     print("box loss unguided", np.round(l_free, 4), "guided", np.round(l_guided, 4))
     print("in-box share unguided", np.round(m_free, 3), "guided", np.round(m_guided, 3))
@@ -153,7 +177,7 @@ def test_box_guidance_lowers_the_box_losses_and_pulls_lesion_attention_into_the_
     assert l_guided[0] == pytest.approx(l_free[0])  # the same z_T
     assert l_guided[-1] < l_guided[0]
     assert l_guided[-1] < l_free[-1] and m_guided[-1] > m_free[-1]
-    with pytest.raises(ValueError, match="must contain"):
+    with pytest.raises(ValueError, match="'<lesion>' does not occur in the prompt 'An image of skin'"):
         fc.box_guided_generate(model, ["An image of skin"], boxes[:1], 2, 3.0, 10.0, 0.5, 8)
     with pytest.raises(ValueError, match="one box per prompt"):
         fc.box_guided_generate(model, prompts, boxes[:1], 2, 3.0, 10.0, 0.5, 8)

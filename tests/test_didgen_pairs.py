@@ -90,5 +90,5 @@ def test_batched_generation_on_a_tiny_model():
     assert len(v.images) == c["ok"] and all(m.any() and not m.all() for m in v.masks)
     again = gen.generate(masks, prompts, seed=0, batch_size=2)
     assert torch.equal(again.images, res.images)  # same seed, same pairs
-    with pytest.raises(ValueError, match="lacks '<lesion>'"):
+    with pytest.raises(ValueError, match="'<lesion>' does not occur in the prompt 'an image of skin'"):
         gen.generate(masks[:1], ["an image of skin"])

@@ -579,23 +579,12 @@ def pretrain_domain(cfg: Mapping[str, Any], domain: str, self_attention_loss: bo
 
 
 # ================================================================================================ measuring
-@torch.no_grad()
 def generate(model, prompts: list[str], steps: int, guidance: float = 3.0, seed: int = 0, batch: int = 64) -> torch.Tensor:
-    """Text-to-image samples in [-1, 1] ``(N, 3, H, W)`` with DDIM and classifier-free guidance."""
-    from ctrlgen.sampling import initial_latents, sample
+    """Text-to-image samples ``(N, 3, H, W)`` in [0, 1] (float32, CPU) with DDIM and classifier-free guidance:
+    ``ctrlgen.sampling.text_to_image`` with the chapter-2 defaults (one noise stream per ``seed``)."""
+    from ctrlgen.sampling import text_to_image
 
-    out = []
-    gen = torch.Generator().manual_seed(seed)
-    uncond = model.encode_prompt([""])
-    size = model.unet.config.sample_size
-    ch = model.unet.config.in_channels
-    for i in range(0, len(prompts), batch):
-        chunk = prompts[i:i + batch]
-        z = initial_latents(len(chunk), ch, size, gen)
-        res = sample(model.unet, model.scheduler("ddim"), z, model.encode_prompt(chunk), uncond, num_steps=steps,
-                     guidance_scale=guidance, generator=gen, progress=False)
-        out.append(model.decode_latents(res.latents).clamp(-1, 1))
-    return torch.cat(out)
+    return text_to_image(model, prompts, num_steps=steps, guidance_scale=guidance, seed=seed, batch_size=batch).images
 
 
 @torch.no_grad()
@@ -641,7 +630,9 @@ def measure_model(cfg, model, data: DomainData, variant: str, progress: bool = F
     t0 = time.perf_counter()
     samples = generate(model, prompts, int(m["sample_steps"]), float(cfg["sampling"]["guidance_scale"]), seed=seed)
     sample_seconds = (time.perf_counter() - t0) / max(n, 1)
-    dist = sample_distance(samples, data.heldout_images, data.images, int(m["feature_side"]), seed)
+    # float (N, H, W, 3) in [0, 1]: what sample_distance reads as is (a tensor it would take as [-1, 1])
+    dist = sample_distance(samples.permute(0, 2, 3, 1).numpy(), data.heldout_images, data.images,
+                           int(m["feature_side"]), seed)
     out: dict[str, Any] = {f"SW1 {k}": v for k, v in dist.items()}
     out["seconds per sample"] = sample_seconds
     out.update(heldout_noise_error(model, data, seed=seed))

@@ -1,7 +1,8 @@
 """Attention made visible on the book's own models (chapter 2, second half): data for the figures and the figures.
 
 Everything works on ``SDComponents`` and ``ctrlgen.pretrain.DomainData``; functions that compute
-return arrays/frames, functions named ``*_figure`` return matplotlib figures.
+return arrays/frames, functions named ``*_figure`` return matplotlib figures. Images come and go in the
+book's convention (``ctrlgen.sampling.pipeline``): float ``(B, 3, H, W)`` in [0, 1].
 """
 from __future__ import annotations
 
@@ -13,11 +14,14 @@ import pandas as pd
 import torch
 
 from ctrlgen.attention import AttentionCapture, otsu_mask, resize_maps, self_enhance, suppress
+from ctrlgen.attention.layers import available_resolutions
+from ctrlgen.data.tensors import image_tensor
+from ctrlgen.sampling import decode_images, text_to_image
 
 
 def _img(x: torch.Tensor) -> np.ndarray:
-    """(3, H, W) in [-1, 1] -> (H, W, 3) in [0, 1]."""
-    return ((x.detach().float().cpu().permute(1, 2, 0) + 1) / 2).clamp(0, 1).numpy()
+    """(3, H, W) in [0, 1] -> (H, W, 3) for ``imshow``."""
+    return x.detach().float().cpu().permute(1, 2, 0).clamp(0, 1).numpy()
 
 
 def prompt_tokens(model, prompt: str) -> list[tuple[int, str]]:
@@ -60,12 +64,10 @@ def vae_round_trip_figure(models: Mapping[str, Any], datas: Mapping[str, Any], n
     """Held-out images (top) and their VAE reconstructions (bottom) for each domain."""
     import matplotlib.pyplot as plt
 
-    from ctrlgen.data.tensors import image_tensor
-
     fig, axes = plt.subplots(2 * len(models), n, figsize=(1.4 * n, 2.9 * len(models)), squeeze=False)
     for k, (domain, model) in enumerate(models.items()):
-        x = image_tensor(datas[domain].heldout_images[:n])
-        rec = model.decode_latents(model.encode_images(x)).clamp(-1, 1)
+        held = datas[domain].heldout_images[:n]
+        x, rec = image_tensor(held, signed=False), decode_images(model, model.encode_images(image_tensor(held)))
         for i in range(n):
             for row, src in ((2 * k, x), (2 * k + 1, rec)):
                 ax = axes[row, i]
@@ -79,7 +81,7 @@ def vae_round_trip_figure(models: Mapping[str, Any], datas: Mapping[str, Any], n
 
 
 def samples_figure(samples: Mapping[str, torch.Tensor], prompts: Sequence[str], title: str = ""):
-    """Rows = models (e.g. variants), columns = prompts."""
+    """Rows = models (e.g. variants), columns = prompts; ``samples``: images ``(N, 3, H, W)`` in [0, 1] per model."""
     import matplotlib.pyplot as plt
 
     rows, n = len(samples), len(prompts)
@@ -105,18 +107,13 @@ def cross_attention_trajectory(model, prompt: str, num_steps: int, guidance: flo
                                keep: int = 4) -> dict[str, Any]:
     """Sample one image for ``prompt`` and keep the per-layer cross-attention maps at ``keep`` steps.
 
-    Returns ``{"image": (3, H, W), "steps": [(i, t)], "maps": {(i, layer): (h, w, T)}, "mean": {i: (h, w, T)}}``
+    Returns ``{"image": (3, H, W) in [0, 1], "steps": [(i, t)], "maps": {(i, layer): (h, w, T)}, "mean": {i: (h, w, T)}}``
     with ``mean`` the layer mean at the largest cross-attention side.
     """
-    from ctrlgen.attention.layers import available_resolutions
-    from ctrlgen.sampling import initial_latents, sample
-
     unet = model.unet
     sides = available_resolutions(unet, "cross")
     chosen = set(np.linspace(0, num_steps - 1, keep).round().astype(int).tolist())
     kept: dict[str, Any] = {"maps": {}, "mean": {}, "steps": []}
-    gen = torch.Generator().manual_seed(seed)
-    z = initial_latents(1, unet.config.in_channels, unet.config.sample_size, gen)
     with AttentionCapture(unet, cross_res=sides, self_res=(), per_layer=True) as store:
         def grab(i, t, _):
             if i in chosen:
@@ -125,9 +122,9 @@ def cross_attention_trajectory(model, prompt: str, num_steps: int, guidance: flo
                     side = int(round(m.shape[1] ** 0.5))
                     kept["maps"][(i, name)] = m[0].reshape(side, side, -1).clone()
                 kept["mean"][i] = store.cross(sides[0])[0].clone()
-        out = sample(unet, model.scheduler("ddim"), z, model.encode_prompt([prompt]), model.encode_prompt([""]),
-                     num_steps=num_steps, guidance_scale=guidance, store=store, generator=gen, callback=grab, progress=False)
-    kept["image"] = model.decode_latents(out.latents)[0].clamp(-1, 1)
+        out = text_to_image(model, [prompt], num_steps=num_steps, guidance_scale=guidance, seed=seed, store=store,
+                            callback=grab)
+    kept["image"] = out.images[0]
     return kept
 
 
@@ -188,8 +185,6 @@ def real_maps(model, data, indices: Sequence[int], t: int = 500, seed: int = 0) 
     Returns ``cross`` (B, s, s, T) and ``self`` (B, s*s, s*s) at the latent side (layer means over
     every place), ``labels`` (B, s, s) the true regions at that side (nearest), ``images`` (B, H, W, 3).
     """
-    from ctrlgen.data.tensors import image_tensor
-
     idx = list(indices)
     x = image_tensor(data.heldout_images[idx])
     z = model.encode_images(x)

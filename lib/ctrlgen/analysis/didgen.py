@@ -18,6 +18,8 @@ import pandas as pd
 import torch
 
 from ctrlgen.data.tensors import image_tensor
+from ctrlgen.models.tokens import locate_tokens
+from ctrlgen.sampling import text_to_image
 from ctrlgen.analysis.didgen_models import MODEL_NAMES, Finetuned, base_model, finetune, models_dir  # noqa: F401
 
 
@@ -91,10 +93,9 @@ def pixels01(images: np.ndarray) -> torch.Tensor:
 def sample_images(model, prompts: Sequence[str], num_steps: int, guidance_scale: float, seed: int = 0,
                   batch_size: int = 64) -> torch.Tensor:
     """Text-to-image samples ``(N, 3, H, W)`` in [0, 1], a fresh initial noise per image (seeded per batch)."""
-    from ctrlgen.methods.didgen.further_control import generate
-
-    out = [generate(model, list(prompts[i:i + batch_size]), num_steps, guidance_scale, seed=seed + i, same_noise=False)
-           for i in range(0, len(prompts), batch_size)]
+    # a seed per batch (seed + first index), as the cached sample sets were drawn
+    out = [text_to_image(model, list(prompts[i:i + batch_size]), num_steps=num_steps, guidance_scale=guidance_scale,
+                         seed=seed + i).images for i in range(0, len(prompts), batch_size)]
     return torch.cat(out)
 
 
@@ -132,7 +133,7 @@ def token_maps_on_real(model, images: np.ndarray, prompts: Sequence[str], tokens
     from ctrlgen.attention import AttentionCapture
 
     ids_all = model.tokenize(list(prompts))
-    tids = [int(model.tokenizer.convert_tokens_to_ids(tok)) for tok in tokens]
+    positions = locate_tokens(model.tokenizer, list(prompts), tokens).positions  # ValueError naming a missing token
     gen = torch.Generator().manual_seed(seed)
     sched = model.noise_scheduler()
     out = []
@@ -141,7 +142,7 @@ def token_maps_on_real(model, images: np.ndarray, prompts: Sequence[str], tokens
         noise = torch.randn(z.shape, generator=gen).to(z)
         tt = torch.full((len(z),), t, dtype=torch.long, device=z.device)
         ids = ids_all[i:i + batch_size]
-        pos = torch.tensor([[row.index(tid) if tid in row else 0 for tid in tids] for row in ids.tolist()])
+        pos = positions[i:i + batch_size]
         with AttentionCapture(model.unet, cross_res=[res], self_res=[], latent_size=tuple(z.shape[-2:])) as store:
             model.unet(sched.add_noise(z, noise, tt), tt, encoder_hidden_states=model.encode_ids(ids.to(z.device)))
             maps = store.cross(res)  # (B, h, w, T)

@@ -1,5 +1,17 @@
-"""Guidance (DESIGN.md §3 layer 5): layout losses L_CA, L_SA, the style loss and the latent refiner of Eq. (4.10)."""
-from ctrlgen.guidance.layout import LayoutGuidance
+"""Guidance (DESIGN.md §3 layer 5): loss terms (L_CA, L_SA, L_style) and the one latent refiner of Eq. (4.10)."""
+from ctrlgen.guidance.layout import LayoutGuidance, layout_terms
 from ctrlgen.guidance.losses import cross_attention_layout_loss, self_attention_layout_loss, style_loss
+from ctrlgen.guidance.refiner import GuidanceRefiner
+from ctrlgen.guidance.terms import (
+    CrossAttentionLayoutTerm,
+    GuidanceContext,
+    GuidanceTerm,
+    SelfAttentionLayoutTerm,
+    StyleTerm,
+    TokenMap,
+    mask_at,
+)
 
-__all__ = ["LayoutGuidance", "cross_attention_layout_loss", "self_attention_layout_loss", "style_loss"]
+__all__ = ["GuidanceRefiner", "GuidanceContext", "GuidanceTerm", "TokenMap", "CrossAttentionLayoutTerm",
+           "SelfAttentionLayoutTerm", "StyleTerm", "mask_at", "LayoutGuidance", "layout_terms",
+           "cross_attention_layout_loss", "self_attention_layout_loss", "style_loss"]

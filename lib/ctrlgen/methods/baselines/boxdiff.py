@@ -9,20 +9,18 @@ and a box mask B (1 inside the box):
   with proj the max over the other axis and Â = A / max A (the map's projection must rise exactly at
   the box edges).
 
-P is ``topk_frac`` of the box (or outside) area, at least 1. ``BoxGuidance`` applies
-ẑ_t = z_t − η ∇ (L_IB + L_OB + L_CC) on the first steps, through ``ctrlgen.sampling.sample`` like
-``ctrlgen.guidance.LayoutGuidance``.
+P is ``topk_frac`` of the box (or outside) area, at least 1. The three constraints are guidance terms
+(``InnerBoxTerm``, ``OuterBoxTerm``, ``CornerTerm``); ``box_guidance`` puts them in the one refiner,
+``ctrlgen.guidance.GuidanceRefiner``, which applies ẑ_t = z_t − η ∇ (L_IB + L_OB + L_CC) on the first steps.
 """
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 
-from ctrlgen.attention import AttentionStore, gaussian_smooth
-from ctrlgen.attention.maps import text_token_softmax
-from ctrlgen.guidance import LayoutGuidance
+from ctrlgen.guidance import GuidanceContext, GuidanceRefiner, GuidanceTerm, TokenMap, mask_at
 
 
 def box_masks(boxes: Sequence[Sequence[float]], side: int) -> torch.Tensor:
@@ -78,32 +76,70 @@ def box_losses(maps: torch.Tensor, box: torch.Tensor, topk_frac: float = 0.8, wi
 
 
 @dataclass
-class BoxGuidance(LayoutGuidance):
-    """Refiner with BoxDiff's constraints on one token (``token_index``) instead of L_CA/L_SA.
+class _BoxTerm:
+    """A box constraint on ``token_map`` against ``box`` (``(B, H, W)`` or ``(H, W)``, pooled to the map side
+    and thresholded at 0.5; ``box_masks`` at the map side is exact)."""
 
-    ``mask`` is the box mask ``(B, H, W)`` at any side (nearest-pooled to the map side here by
-    ``box_masks`` at that side is recommended); ``self_res`` is ignored.
-    """
+    box: torch.Tensor
+    token_map: TokenMap
+    weight: float = 1.0
+    self_res: tuple[int, ...] = ()
+
+    @property
+    def cross_res(self) -> tuple[int, ...]:
+        return (self.token_map.cross_res,)
+
+    def _maps(self, ctx: GuidanceContext) -> tuple[torch.Tensor, torch.Tensor]:
+        a = ctx.token_map(self.token_map)
+        return a, (mask_at(self.box, self.token_map.cross_res, a) > 0.5).float().expand_as(a)
+
+
+@dataclass
+class InnerBoxTerm(_BoxTerm):
+    """L_IB per sample (module doc)."""
 
     topk_frac: float = 0.8
-    corner_width: int = 2
-    lasts: tuple[int, ...] = ()
+    name: str = "ib"
 
-    def losses(self, store: AttentionStore, latents: torch.Tensor, t: int) -> dict[str, torch.Tensor]:
-        cross_all = store.cross(self.cross_res)
-        lasts = self.lasts or (self.last,) * cross_all.shape[0]
-        a = torch.stack([text_token_softmax(cross_all[i], lasts[i], self.softmax_scale)[..., self.token_index]
-                         for i in range(cross_all.shape[0])])
-        a = gaussian_smooth(a, self.smoothing_kernel, self.smoothing_sigma)
-        box = (self._mask_at(self.cross_res, a) > 0.5).float()
-        return box_losses(a, box, self.topk_frac, self.corner_width)
-
-    def total(self, terms: Mapping[str, torch.Tensor]) -> torch.Tensor:
-        return self.lambda_attn * (terms["ib"] + terms["ob"] + terms["cc"])
-
-    def __call__(self, unet, latents, t, encoder_hidden_states, step_index):
-        self.self_res = 0  # box guidance reads cross-attention only
-        return super().__call__(unet, latents, t, encoder_hidden_states, step_index)
+    def __call__(self, ctx: GuidanceContext) -> torch.Tensor:
+        return inner_box_loss(*self._maps(ctx), self.topk_frac)
 
 
-__all__ = ["box_masks", "inner_box_loss", "outer_box_loss", "corner_loss", "box_losses", "BoxGuidance"]
+@dataclass
+class OuterBoxTerm(_BoxTerm):
+    """L_OB per sample (module doc)."""
+
+    topk_frac: float = 0.8
+    name: str = "ob"
+
+    def __call__(self, ctx: GuidanceContext) -> torch.Tensor:
+        return outer_box_loss(*self._maps(ctx), self.topk_frac)
+
+
+@dataclass
+class CornerTerm(_BoxTerm):
+    """L_CC per sample (module doc)."""
+
+    width: int = 2
+    name: str = "cc"
+
+    def __call__(self, ctx: GuidanceContext) -> torch.Tensor:
+        return corner_loss(*self._maps(ctx), self.width)
+
+
+def box_terms(box: torch.Tensor, token_map: TokenMap, topk_frac: float = 0.8, corner_width: int = 2,
+              weight: float = 1.0) -> list[GuidanceTerm]:
+    """BoxDiff's three constraints ``ib``, ``ob``, ``cc`` as guidance terms of equal ``weight``."""
+    return [InnerBoxTerm(box, token_map, weight, topk_frac=topk_frac), OuterBoxTerm(box, token_map, weight, topk_frac=topk_frac),
+            CornerTerm(box, token_map, weight, width=corner_width)]
+
+
+def box_guidance(box: torch.Tensor, token_map: TokenMap, eta: float, fraction: float = 0.5, topk_frac: float = 0.8,
+                 corner_width: int = 2, iterations: int = 1) -> GuidanceRefiner:
+    """The refiner of BoxDiff's guidance: ẑ_t = z_t − η ∇ (L_IB + L_OB + L_CC) on the first ``fraction`` of the steps."""
+    return GuidanceRefiner(box_terms(box, token_map, topk_frac, corner_width), eta=eta, fraction=fraction,
+                           iterations=iterations)
+
+
+__all__ = ["box_masks", "inner_box_loss", "outer_box_loss", "corner_loss", "box_losses", "InnerBoxTerm", "OuterBoxTerm",
+           "CornerTerm", "box_terms", "box_guidance"]

@@ -22,32 +22,21 @@ import torch
 from ctrlgen.data.tensors import image_tensor
 from ctrlgen.methods.baselines.sd_finetune import PROMPT
 from ctrlgen.models.sd import SDComponents
-from ctrlgen.sampling import initial_latents, sample
+from ctrlgen.sampling import text_to_image
 from ctrlgen.training import TrainConfig, TrainResult, select_trainable, train_diffusion
 
 CLASS_PROMPT = "An image of skin."
 
 
-@torch.no_grad()
 def generate_class_images(model: SDComponents, class_prompt: str, n: int, num_steps: int, guidance_scale: float,
                           seed: int = 0, batch_size: int = 16) -> np.ndarray:
-    """``n`` prior-preservation images ``(n, H, W, 3)`` uint8 from the *frozen* base model (DDIM, one noise
-    stream per ``seed``)."""
+    """``n`` prior-preservation images from the *frozen* base model (DDIM, one noise stream per ``seed``), as
+    training data: uint8 ``(n, H, W, 3)`` like the instance images they are trained beside."""
     if n < 1:
         raise ValueError(f"generate at least one class image (n={n})")
-    g = torch.Generator().manual_seed(seed)
-    side = int(model.unet.config.sample_size)
-    uncond = model.encode_prompt([""])
-    out = []
-    for start in range(0, n, batch_size):
-        b = min(batch_size, n - start)
-        cond = model.encode_prompt([class_prompt] * b)
-        z = initial_latents(b, model.unet.config.in_channels, side, g, model.device, cond.dtype)
-        res = sample(model.unet, model.scheduler("ddim"), z, cond, uncond, num_steps=num_steps,
-                     guidance_scale=guidance_scale, generator=g, progress=False)
-        x = (model.decode_latents(res.latents).float().clamp(-1, 1) + 1) / 2
-        out.append((x.permute(0, 2, 3, 1).cpu().numpy() * 255 + 0.5).astype(np.uint8))
-    return np.concatenate(out)
+    x = text_to_image(model, [class_prompt] * n, num_steps=num_steps, guidance_scale=guidance_scale, seed=seed,
+                      batch_size=batch_size).images
+    return (x.permute(0, 2, 3, 1).numpy() * 255 + 0.5).astype(np.uint8)
 
 
 def prior_batches(model: SDComponents, instance: np.ndarray, class_images: np.ndarray, instance_prompt: str,

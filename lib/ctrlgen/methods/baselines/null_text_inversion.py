@@ -29,7 +29,7 @@ from ctrlgen.attention.prompt_to_prompt import AlignMode, PromptToPrompt
 from ctrlgen.inversion import ddim_invert
 from ctrlgen.models import make_scheduler
 from ctrlgen.models.sd import SDComponents
-from ctrlgen.sampling import predict_noise
+from ctrlgen.sampling import decode_images, predict_noise
 
 
 @dataclass
@@ -160,9 +160,7 @@ def edit_image(model: SDComponents, image: torch.Tensor, prompt: str, edited_pro
         for k in range(0 if edits is None else len(edits)):
             outs.append(sample_with_nulls(model.unet, model.scheduler_config, inv, edits[k:k + 1], guidance_scale))
         z = torch.cat(outs)
-    with torch.no_grad():
-        images = (model.decode_latents(z).float().clamp(-1, 1) + 1) / 2
-    return images.cpu(), inv
+    return decode_images(model, z), inv
 
 
 __all__ = ["NullTextInversion", "null_text_invert", "sample_with_nulls", "sample_plain", "sample_edits", "edit_image"]

@@ -2,7 +2,8 @@
 
 * Text-guided attribute customisation (Fig. 4.8): prompts that change one DermPrompt attribute
   (skin colour, lesion colour, marks) of a base attribute set, all from the DermPrompt vocabulary,
-  sampled from the same initial noise so that only the attribute differs.
+  sampled from the same initial noise so that only the attribute differs (``ctrlgen.sampling.text_to_image``
+  with ``same_noise``).
 * Bounding-box layout guidance (Fig. 4.9): BoxDiff's box constraints on the ``<lesion>``
   cross-attention (``ctrlgen.methods.baselines.boxdiff``) through the same sampling loop.
 * Real-image editing (Fig. 4.10): Null-text inversion with the image's prompt, then sampling with an
@@ -19,7 +20,8 @@ import numpy as np
 import torch
 
 from ctrlgen.attention.prompt_to_prompt import AlignMode
-from ctrlgen.methods.baselines.boxdiff import BoxGuidance, box_masks
+from ctrlgen.guidance import TokenMap
+from ctrlgen.methods.baselines.boxdiff import box_guidance, box_masks
 from ctrlgen.methods.baselines.null_text_inversion import NullTextInversion, edit_image
 from ctrlgen.methods.didgen.dermprompt import (
     DROP_ORDER,
@@ -33,7 +35,8 @@ from ctrlgen.methods.didgen.dermprompt import (
     count_tokens,
 )
 from ctrlgen.models.sd import SDComponents
-from ctrlgen.sampling import initial_latents, sample
+from ctrlgen.models.tokens import locate_tokens
+from ctrlgen.sampling import text_to_image
 
 CUSTOMISABLE = {"skin_colour": SKIN_COLOURS, "lesion_colour": LESION_COLOURS, "marks": tuple((m,) for m in MARKS) + ((),)}
 
@@ -63,27 +66,14 @@ def customisation_prompts(base: DermAttributes, attribute: str, values: Sequence
     return [(v, compose_prompt(a, prefix)) for v, a in zip(vals, rows)]
 
 
-@torch.no_grad()
-def generate(model: SDComponents, prompts: Sequence[str], num_steps: int, guidance_scale: float, seed: int = 0,
-             same_noise: bool = True) -> torch.Tensor:
-    """Images ``(B, 3, H, W)`` in [0, 1]; ``same_noise``: one z_T for every prompt (a customisation row)."""
-    g = torch.Generator().manual_seed(seed)
-    side = int(model.unet.config.sample_size)
-    ch = model.unet.config.in_channels
-    cond, uncond = model.encode_prompt(list(prompts)), model.encode_prompt([""])
-    z = initial_latents(1, ch, side, g, model.device, cond.dtype).expand(len(prompts), -1, -1, -1).clone() if same_noise \
-        else initial_latents(len(prompts), ch, side, g, model.device, cond.dtype)
-    res = sample(model.unet, model.scheduler("ddim"), z, cond, uncond, num_steps=num_steps,
-                 guidance_scale=guidance_scale, generator=g, progress=False)
-    return ((model.decode_latents(res.latents).float().clamp(-1, 1) + 1) / 2).cpu()
-
-
 def customise(model: SDComponents, base: DermAttributes, attribute: str, values: Sequence[Any] | None = None,
               num_steps: int = 50, guidance_scale: float = 7.5, seed: int = 0) -> tuple[list[Any], list[str], torch.Tensor]:
     """One row of Fig. 4.8: the values, their prompts and the images (same initial noise)."""
     pairs = customisation_prompts(base, attribute, values, model.tokenizer)
     prompts = [p for _, p in pairs]
-    return [v for v, _ in pairs], prompts, generate(model, prompts, num_steps, guidance_scale, seed)
+    images = text_to_image(model, prompts, num_steps=num_steps, guidance_scale=guidance_scale, seed=seed,
+                           same_noise=True).images
+    return [v for v, _ in pairs], prompts, images
 
 
 def box_guided_generate(model: SDComponents, prompts: Sequence[str], boxes: Sequence[Sequence[float]], num_steps: int,
@@ -95,30 +85,13 @@ def box_guided_generate(model: SDComponents, prompts: Sequence[str], boxes: Sequ
     Returns images ``(B, 3, H, W)`` in [0, 1] and the guidance loss history (``ib``, ``ob``, ``cc``)."""
     if len(prompts) != len(boxes):
         raise ValueError("give one box per prompt")
-    ids = model.tokenize(list(prompts))
-    tid = model.tokenizer.convert_tokens_to_ids(lesion_token)
-    eos = model.tokenizer.eos_token_id
-    rows = ids.tolist()
-    if any(tid not in r for r in rows):
-        raise ValueError(f"every prompt must contain {lesion_token!r}")
-    pos = {r.index(tid) for r in rows}
-    if len(pos) != 1:
-        raise ValueError(f"{lesion_token!r} must sit at the same position in every prompt")
-    lasts = tuple(r.index(eos, 1) if eos in r[1:] else len(r) - 1 for r in rows)
+    loc = locate_tokens(model.tokenizer, list(prompts), lesion_token)
     sm = dict(smoothing or {})
-    guide = BoxGuidance(mask=box_masks(boxes, cross_res), token_index=pos.pop(), last=max(lasts), cross_res=cross_res,
-                        self_res=0, eta=eta, lasts=lasts, topk_frac=topk_frac, corner_width=corner_width,
-                        smoothing_kernel=int(sm.get("kernel", 3)), smoothing_sigma=float(sm.get("sigma", 0.5)),
-                        softmax_scale=float(sm.get("softmax_scale", 100.0)))
-    g = torch.Generator().manual_seed(seed)
-    side = int(model.unet.config.sample_size)
-    with torch.no_grad():
-        cond, uncond = model.encode_ids(ids), model.encode_prompt([""])
-    z = initial_latents(len(prompts), model.unet.config.in_channels, side, g, model.device, cond.dtype)
-    res = sample(model.unet, model.scheduler("ddim"), z, cond, uncond, num_steps=num_steps, guidance_scale=guidance_scale,
-                 refine=guide, refine_fraction=guidance_fraction, generator=g, progress=False)
-    with torch.no_grad():
-        images = ((model.decode_latents(res.latents).float().clamp(-1, 1) + 1) / 2).cpu()
+    tmap = TokenMap(loc.position(lesion_token), tuple(loc.ends.tolist()), cross_res, float(sm.get("softmax_scale", 100.0)),
+                    int(sm.get("kernel", 3)), float(sm.get("sigma", 0.5)))
+    guide = box_guidance(box_masks(boxes, cross_res), tmap, eta, guidance_fraction, topk_frac, corner_width)
+    images = text_to_image(model, prompts, num_steps=num_steps, guidance_scale=guidance_scale, seed=seed,
+                           refiner=guide).images
     return images, guide.history
 
 
@@ -136,4 +109,4 @@ def edit_real_image(model: SDComponents, image: np.ndarray, prompt: str, edited_
                       alignment=alignment)
 
 
-__all__ = ["CUSTOMISABLE", "customisation_prompts", "generate", "customise", "box_guided_generate", "edit_real_image"]
+__all__ = ["CUSTOMISABLE", "customisation_prompts", "customise", "box_guided_generate", "edit_real_image"]

@@ -7,8 +7,8 @@ Given a conditioning mask M (a real training mask, optionally flipped/rotated/sc
 
 on the first ``guidance_fraction`` of the DDIM steps (thesis: 50%, η = 20), where L_CA (Eq. 4.7) is
 computed on the Attend-and-Excite softmax over text tokens of the ``<lesion>`` cross-attention map,
-Gaussian-smoothed, and L_SA (Eq. 4.8–4.9) on the self-attention maps — both from
-``ctrlgen.guidance`` through ``ctrlgen.sampling.sample``. Then annotate the generated lesion from the
+Gaussian-smoothed, and L_SA (Eq. 4.8–4.9) on the self-attention maps — both terms of
+``ctrlgen.guidance`` in its one refiner, through ``ctrlgen.sampling.text_to_image``. Then annotate the generated lesion from the
 maps of the **final** denoising step (t̂ = 0):
 
     A_CS = (A_S)^τ · A_C,  M̂ = Otsu(A_CS), then dilation followed by erosion        (Eq. 4.11)
@@ -36,12 +36,11 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
-from ctrlgen.attention import AttentionCapture, AttentionStore, cross_self_map, gaussian_smooth, otsu_mask, resize_maps
-from ctrlgen.attention.maps import text_token_softmax
-from ctrlgen.guidance import LayoutGuidance, cross_attention_layout_loss, self_attention_layout_loss
-from ctrlgen.models import PlaceholderTokens
+from ctrlgen.attention import AttentionCapture, cross_self_map, otsu_mask, resize_maps
+from ctrlgen.guidance import GuidanceRefiner, layout_terms
 from ctrlgen.models.sd import SDComponents
-from ctrlgen.sampling import initial_latents, predict_noise, sample
+from ctrlgen.models.tokens import locate_tokens
+from ctrlgen.sampling import predict_noise, text_to_image
 
 CONSTANT_EPS = 1e-8
 
@@ -196,39 +195,6 @@ def annotate_masks(cross: torch.Tensor, self_attn: torch.Tensor | None, size: in
             "fallback": torch.tensor(fallback), "failure": failure, "failure_tau": failure_tau, "a_cs": a_cs_img.cpu()}
 
 
-# ================================================================================================ guidance
-@dataclass
-class PromptLayoutGuidance(LayoutGuidance):
-    """``LayoutGuidance`` for a batch whose prompts differ in length (one end position per sample) and
-    with switchable terms for the ablations of §4.4.5 (``use_ca=False``: no cross-attention guidance;
-    ``self_res=0``: no L_SA). L_CA is Eq. (4.7) on ``gaussian_smooth(text_token_softmax(A_C))[<lesion>]``."""
-
-    lasts: tuple[int, ...] = ()
-    use_ca: bool = True
-
-    def losses(self, store: AttentionStore, latents: torch.Tensor, t: int) -> dict[str, torch.Tensor]:
-        out: dict[str, torch.Tensor] = {}
-        cross_all = store.cross(self.cross_res)
-        lasts = self.lasts or (self.last,) * cross_all.shape[0]
-        cross = torch.stack([text_token_softmax(cross_all[i], lasts[i], self.softmax_scale)[..., self.token_index]
-                             for i in range(cross_all.shape[0])])
-        cross = gaussian_smooth(cross, self.smoothing_kernel, self.smoothing_sigma)
-        ca = cross_attention_layout_loss(cross, self._mask_at(self.cross_res, cross))
-        out["ca"] = ca if self.use_ca else ca.detach()
-        if self.self_res:
-            sa = store.self_attention(self.self_res)
-            out["sa"] = self_attention_layout_loss(sa, self._mask_at(self.self_res, sa), self.sa_normalize)
-        return out
-
-    def total(self, terms: Mapping[str, torch.Tensor]) -> torch.Tensor:
-        ca = terms["ca"] if self.use_ca else terms["ca"] * 0
-        sa = terms.get("sa")
-        total = ca + (sa if sa is not None else 0.0)
-        if not total.requires_grad:  # nothing to guide with: a zero that still has a graph to z
-            raise ValueError("layout guidance with neither L_CA nor L_SA: use guidance=False instead")
-        return self.lambda_attn * total
-
-
 # ================================================================================================ generator
 @dataclass(frozen=True)
 class PairConfig:
@@ -317,24 +283,12 @@ class PairGenerator:
     the same position (the prefix guarantees it).
     """
 
-    def __init__(self, model: SDComponents, config: PairConfig, tokens: PlaceholderTokens | None = None,
-                 lesion_token: str = "<lesion>"):
+    def __init__(self, model: SDComponents, config: PairConfig, lesion_token: str = "<lesion>"):
+        if config.guidance and not (config.use_ca or config.use_sa):
+            raise ValueError("layout guidance with neither L_CA nor L_SA: use guidance=False instead")
         self.model, self.config = model, config
-        self.lesion_id = int(model.tokenizer.convert_tokens_to_ids(lesion_token)) if tokens is None else tokens.id_of(lesion_token)
         self.lesion_token = lesion_token
         self.image_size = int(model.unet.config.sample_size) * model.vae_scale_factor
-
-    def _positions(self, ids: torch.Tensor) -> tuple[int, tuple[int, ...]]:
-        pos, lasts = set(), []
-        eos = self.model.tokenizer.eos_token_id
-        for row in ids.tolist():
-            if self.lesion_id not in row:
-                raise ValueError(f"a prompt lacks {self.lesion_token!r}: {self.model.tokenizer.decode(row)!r}")
-            pos.add(row.index(self.lesion_id))
-            lasts.append(row.index(eos, 1) if eos in row[1:] else len(row) - 1)
-        if len(pos) != 1:
-            raise ValueError(f"{self.lesion_token!r} sits at different positions {sorted(pos)}: use one prefix for the batch")
-        return pos.pop(), tuple(lasts)
 
     def generate(self, cond_masks: np.ndarray | torch.Tensor, prompts: Sequence[str], seed: int = 0,
                  batch_size: int = 16, progress: bool = False) -> PairResult:
@@ -350,46 +304,44 @@ class PairGenerator:
                  for i in range(0, len(masks), batch_size)]
         return PairResult.concat(parts)
 
+    def refiner(self, masks: torch.Tensor, token_index: int, lasts: tuple[int, ...]) -> GuidanceRefiner | None:
+        """Eq. (4.10) with L_CA and L_SA for one batch (None without guidance). ``use_ca=False`` keeps L_CA at
+        weight 0 (recorded, not followed) for the ablations of §4.4.5; ``use_sa=False`` drops L_SA."""
+        c = self.config
+        if not c.guidance:
+            return None
+        terms = layout_terms(masks, token_index, lasts, c.cross_res, c.self_res if c.use_sa else 0, 1.0,
+                             c.smoothing_kernel, c.smoothing_sigma, c.softmax_scale, c.sa_normalize)
+        terms[0].weight = 1.0 if c.use_ca else 0.0
+        return GuidanceRefiner(terms, eta=c.eta, fraction=c.guidance_fraction, iterations=c.iterations)
+
     def _batch(self, masks: torch.Tensor, prompts: list[str], g: torch.Generator, progress: bool) -> PairResult:
         c, model = self.config, self.model
-        dev = model.device
-        ids = model.tokenize(prompts)
-        pos, lasts = self._positions(ids)
-        with torch.no_grad():
-            cond = model.encode_ids(ids)
-            uncond = model.encode_prompt([""])
-        latent_side = int(model.unet.config.sample_size)
-        z = initial_latents(len(prompts), model.unet.config.in_channels, latent_side, g, dev, cond.dtype)
-        refiner = None
-        if c.guidance:
-            refiner = PromptLayoutGuidance(mask=masks.to(dev), token_index=pos, last=max(lasts), cross_res=c.cross_res,
-                                           self_res=c.self_res if c.use_sa else 0, eta=c.eta, iterations=c.iterations,
-                                           smoothing_kernel=c.smoothing_kernel, smoothing_sigma=c.smoothing_sigma,
-                                           softmax_scale=c.softmax_scale, sa_normalize=c.sa_normalize, lasts=lasts,
-                                           use_ca=c.use_ca)
+        loc = locate_tokens(model.tokenizer, prompts, self.lesion_token)
+        pos = loc.position(self.lesion_token)
+        refiner = self.refiner(masks.to(model.device), pos, tuple(loc.ends.tolist()))
         kept: dict[str, Any] = {}
-        sched = model.scheduler("ddim")
 
         def keep_last_input(i: int, t: int, latents: torch.Tensor) -> None:
             if i == c.num_steps - 2:
                 kept["z"] = latents.detach().clone()
 
-        out = sample(model.unet, sched, z, cond, uncond, num_steps=c.num_steps, guidance_scale=c.guidance_scale,
-                     refine=refiner, refine_fraction=c.guidance_fraction, generator=g, callback=keep_last_input,
-                     progress=progress)
+        out = text_to_image(model, prompts, num_steps=c.num_steps, guidance_scale=c.guidance_scale, generator=g,
+                            refiner=refiner, callback=keep_last_input, progress=progress)
         # maps of the final step t̂: the conditional half of that step's U-Net call, recomputed with capture
-        z_last = kept.get("z", z * sched.init_noise_sigma)
+        sched = model.scheduler("ddim")
+        z_last = kept.get("z", out.noise * sched.init_noise_sigma)
         t_last = out.timesteps[-1]
+        latent_side = int(model.unet.config.sample_size)
         self_res = [c.self_res] if c.tau > 0 else []
         with torch.no_grad(), AttentionCapture(model.unet, cross_res=[c.cross_res], self_res=self_res,
                                                latent_size=latent_side) as store:
+            cond = model.encode_prompt(prompts)
             predict_noise(model.unet, sched.scale_model_input(z_last, t_last), t_last, cond, store=store)
             cross = store.cross(c.cross_res)[..., pos]
             sa = store.self_attention(c.self_res) if self_res else None
         ann = annotate_masks(cross, sa, self.image_size, c.tau, c.dilate, c.erode)
-        with torch.no_grad():
-            images = ((model.decode_latents(out.latents).float().clamp(-1, 1) + 1) / 2).cpu()
-        return PairResult(images, ann["mask"], ann["mask_tau0"], masks.bool().cpu(), ann["ok"], ann["fallback"],
+        return PairResult(out.images, ann["mask"], ann["mask_tau0"], masks.bool().cpu(), ann["ok"], ann["fallback"],
                           ann["failure"], ann["failure_tau"], prompts, cross.cpu(), ann["a_cs"],
                           list(refiner.history) if refiner is not None else [])
 
@@ -403,4 +355,4 @@ def mask_iou(a: torch.Tensor | np.ndarray, b: torch.Tensor | np.ndarray) -> np.n
 
 
 __all__ = ["validate_condition_masks", "augment_masks", "condition_masks_from", "annotate_masks",
-           "PromptLayoutGuidance", "PairConfig", "PairResult", "PairGenerator", "mask_iou"]
+           "PairConfig", "PairResult", "PairGenerator", "mask_iou"]
