@@ -76,6 +76,27 @@ run.log_metric("appx.isic2018_task1.attributes", "low-contrast subset", "of", le
 show(F.plot_attributes(attributes, f"ISIC 2018 Task 1 ({task1.source})"), "isic2018_task1_attributes")
 
 # %% [markdown]
+# ### Which angle: atan2, not the plain arctangent
+# Eq. (5.1) printed as arctan((L* − 50)/b*) gives the wrong sign when a region's mean b* is negative
+# (a bluish cast): light skin (L* > 50) comes out at a negative angle, Fitzpatrick VI, "dark skin", and
+# its ITA difference turns negative, so a high-contrast lesion joins the low-contrast subset. The book
+# uses the quadrant-aware angle atan2(L* − 50, b*), which agrees with Eq. (5.1) for every b* > 0 and
+# puts light bluish skin above 90° (the lightest group). Below: what the choice changes on this data,
+# counted by this run, and the ITA distributions under both.
+
+# %%
+from ctrlgen.data.attributes import dataset_ita_changes, summarize_ita_changes
+
+changes = dataset_ita_changes(task1.with_images(), threshold)
+ita_summary = summarize_ita_changes(changes)
+run.log_table("appx.isic2018_task1.ita_formula", ita_summary)
+print(ita_summary.to_string(float_format="{:.3f}".format))
+fig, axes = plt.subplots(1, 3, figsize=(12, 2.4))
+for ax, part in zip(axes, ("skin", "lesion", "difference")):
+    changes[[f"ita_{part}_old", f"ita_{part}_new"]].plot.hist(bins=40, alpha=0.5, ax=ax, title=f"ITA {part} (degrees)")
+show(fig, "isic2018_task1_ita_formulas")
+
+# %% [markdown]
 # ## HAM10000 / ISIC 2018 Task 3: diagnoses
 # The thesis notes that HAM10000 is dominated by melanocytic nevi (NV); the share this run's data
 # holds is measured here.
