@@ -154,3 +154,76 @@ def test_chapter_pages_show_the_injected_parameters_only(built_site):
         text = (built_site / "chapters" / f"{chapter}.html").read_text()
         assert "Parameters" in text and "smoke" in text, chapter
         assert not re.search(r'class="s2">(&quot;|"|&#34;)mini', text), f"{chapter}: the default parameters are shown"
+
+
+# --------------------------------------------------------------------------- a chapter's own inputs (no kernel)
+@pytest.fixture
+def ch02_copy(tmp_path):
+    """A copy of the project's chapter 2 and library, to edit; the stamp of a (pretend) run of ch02 that read
+    ``ch02.toy.train_steps`` and ``seed``."""
+    from ctrlgen.book import chapter_stamp, code_inputs, data_fingerprint
+    from ctrlgen.config import load_profile
+
+    (tmp_path / "chapters").mkdir()
+    shutil.copy2(ROOT / "chapters" / "ch02_background.py", tmp_path / "chapters")
+    shutil.copytree(ROOT / "lib" / "ctrlgen", tmp_path / "lib" / "ctrlgen", ignore=shutil.ignore_patterns("__pycache__"))
+    cfg = load_profile("smoke")
+    stamp = chapter_stamp("ch02_background", cfg, {"ch02.toy.train_steps", "seed"},
+                          code_inputs("ch02_background", tmp_path), data_fingerprint(cfg))
+    return tmp_path, stamp
+
+
+def _append(path: Path, text: str = "\n# an edit\n") -> None:
+    with path.open("a") as handle:
+        handle.write(text)
+
+
+def test_editing_a_module_ch02_does_not_import_keeps_it(ch02_copy):
+    from ctrlgen.book import stale_reasons
+    from ctrlgen.config import load_profile
+
+    root, stamp = ch02_copy
+    assert stale_reasons(stamp, "ch02_background", load_profile("smoke"), root) == []
+    _append(root / "lib" / "ctrlgen" / "methods" / "baselines" / "dreambooth.py")  # chapter 4's baseline
+    _append(root / "lib" / "ctrlgen" / "book.py")
+    _append(root / "lib" / "ctrlgen" / "profiles" / "smoke.yaml", "\n# profile values are keyed one by one\n")
+    assert stale_reasons(stamp, "ch02_background", load_profile("smoke"), root) == []
+
+
+def test_editing_a_module_ch02_imports_reexecutes_it(ch02_copy):
+    from ctrlgen.book import stale_reasons
+    from ctrlgen.config import load_profile
+
+    root, stamp = ch02_copy
+    _append(root / "lib" / "ctrlgen" / "toy2d.py")  # imported by the chapter itself
+    assert stale_reasons(stamp, "ch02_background", load_profile("smoke"), root) == ["lib/ctrlgen/toy2d.py changed"]
+    _append(root / "lib" / "ctrlgen" / "training" / "loop.py")  # imported only transitively (pretrain → training)
+    reasons = stale_reasons(stamp, "ch02_background", load_profile("smoke"), root)
+    assert reasons == ["lib/ctrlgen/toy2d.py, lib/ctrlgen/training/loop.py changed"]
+    _append(root / "chapters" / "ch02_background.py")
+    assert "chapters/ch02_background.py changed" in stale_reasons(stamp, "ch02_background", load_profile("smoke"), root)
+
+
+def test_only_the_profile_values_ch02_read_count(ch02_copy):
+    from ctrlgen.book import stale_reasons
+    from ctrlgen.config import load_profile
+
+    root, stamp = ch02_copy
+    unread = load_profile("smoke", {"didgen.finetune.steps": "7", "sampling.num_steps": "9"})
+    assert stale_reasons(stamp, "ch02_background", unread, root) == []
+    read = load_profile("smoke", {"ch02.toy.train_steps": "7"})
+    before = load_profile("smoke").ch02.toy.train_steps
+    assert stale_reasons(stamp, "ch02_background", read, root) == [
+        f"profile values it read changed: ch02.toy.train_steps={before} -> 7"]
+    assert stale_reasons(None, "ch02_background", read, root) == ["no record of its inputs"]
+
+
+def test_a_changed_data_root_reexecutes(ch02_copy, tmp_path, monkeypatch):
+    from ctrlgen.book import stale_reasons
+    from ctrlgen.config import load_profile
+
+    root, stamp = ch02_copy
+    data = tmp_path / "data"
+    (data / "isic2018").mkdir(parents=True)
+    monkeypatch.setenv(paths.ENV_DATA, str(data))
+    assert stale_reasons(stamp, "ch02_background", load_profile("smoke"), root) == ["the data root's contents changed"]

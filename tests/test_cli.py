@@ -1,6 +1,7 @@
 """The ctrlgen CLI: help everywhere, clear errors with conventional exit codes, failed builds lose nothing."""
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -162,3 +163,102 @@ def test_missing_data_root_is_one_clear_error(tmp_path):
     assert "Traceback" not in result.stderr
     result = ctrlgen("book", "--profile", "smoke", "-p", f"paths.data_root={missing}", env={"CTRLGEN_DATA_ROOT": ""})
     assert result.returncode == 2 and "from the profile's paths.data_root" in result.stderr
+
+
+# --------------------------------------------------------------------------- values out of range
+@pytest.mark.parametrize("command", ["run ch02", "book"])
+@pytest.mark.parametrize("assignment, message", [
+    ("ch02.toy.train_steps=-5", "ch02.toy.train_steps = -5 (-p override) is not allowed: expected a number >= 1"),
+    ("device=tpu", "device = 'tpu' (-p override) is not allowed: expected 'cpu', 'cuda', 'cuda:N'"),
+    ("sampling.scheduler=euler", "expected one of 'ddim', 'pndm', 'ddpm'"),
+    ("attention.cross_res=[16]", "attention sides this model has at 32 px: [8, 4]"),
+])
+def test_out_of_range_values_are_usage_errors_before_anything_runs(capsys, command, assignment, message):
+    assert main([*command.split(), "--profile", "smoke", "-p", assignment]) == 2
+    captured = capsys.readouterr()
+    assert message in captured.err and captured.out == ""
+
+
+# --------------------------------------------------------------------------- incremental execution, progress
+def _copy_library(project: Path) -> None:
+    shutil.copytree(ROOT / "lib" / "ctrlgen", project / "lib" / "ctrlgen", dirs_exist_ok=True,
+                    ignore=shutil.ignore_patterns("__pycache__"))
+
+
+def test_chapter_reexecutes_only_when_its_own_inputs_change(tmp_path):
+    """GOOD imports ctrlgen (config) and ctrlgen.results (paths) and reads only `seed` (through ChapterRun)."""
+    project, out = tmp_path / "project", tmp_path / "out"
+    _write_project(project, ["good"])
+    _copy_library(project)
+    env = {"CTRLGEN_PROJECT_ROOT": str(project), "CTRLGEN_OUTPUT_ROOT": str(out)}
+    first = ctrlgen("run", "good", "--profile", "smoke", "--cached", env=env)
+    assert first.returncode == 0 and "executed in" in first.stdout and "never executed" in first.stdout, first.stderr
+    stamp = json.loads((out / "executed" / "smoke" / "good.ipynb").read_text())["metadata"]["ctrlgen"]["inputs"]
+    assert stamp["config"] == {"seed": 0}
+    assert {"lib/ctrlgen/results.py", "lib/ctrlgen/config.py"} <= set(stamp["code"])
+    assert "lib/ctrlgen/toy2d.py" not in stamp["code"]
+
+    (project / "lib" / "ctrlgen" / "toy2d.py").write_text("# a module GOOD does not import\n")
+    unrelated = ctrlgen("run", "good", "--profile", "smoke", "--cached", "-p", "ch02.toy.train_steps=9", env=env)
+    assert unrelated.returncode == 0 and "up to date (cached)" in unrelated.stdout, unrelated.stdout + unrelated.stderr
+
+    with (project / "lib" / "ctrlgen" / "results.py").open("a") as handle:
+        handle.write("\n# an edit of a module GOOD imports\n")
+    imported = ctrlgen("run", "good", "--profile", "smoke", "--cached", "-q", env=env)
+    assert imported.returncode == 0 and imported.stdout == ""
+    rerun = ctrlgen("run", "good", "--profile", "smoke", "--cached", env=env)
+    assert "up to date (cached)" in rerun.stdout  # the quiet run above did re-execute it
+
+    value = ctrlgen("run", "good", "--profile", "smoke", "--cached", "-p", "seed=5", env=env)
+    assert "executed in" in value.stdout and "profile values it read changed: seed=0 -> 5" in value.stdout
+
+
+PROGRESS = textwrap.dedent('''\
+    # %% [markdown]
+    # # A chapter with a loop
+
+    # %% tags=["parameters"]
+    profile = "mini"
+    overrides = {}
+
+    # %% [markdown]
+    # ## Training the fake model
+
+    # %%
+    import time
+    from ctrlgen import load_profile
+    from ctrlgen.progress import tqdm
+    from ctrlgen.results import ChapterRun
+    cfg = load_profile(profile, overrides)
+    for step in tqdm(range(6), desc="fake training"):
+        time.sleep(0.4)
+
+    # %%
+    ChapterRun("looping", cfg).save()
+    ''')
+
+
+def test_progress_shows_cells_and_kernel_bars_and_quiet_shows_nothing(tmp_path):
+    project, out = tmp_path / "project", tmp_path / "out"
+    _write_project(project, [])
+    (project / "chapters" / "looping.py").write_text(PROGRESS)
+    (project / "_toc.yml").write_text("format: jb-book\nroot: book/intro\nparts:\n  - caption: Chapters\n"
+                                      "    chapters:\n      - file: chapters/looping\n")
+    env = {"CTRLGEN_PROJECT_ROOT": str(project), "CTRLGEN_OUTPUT_ROOT": str(out), "CTRLGEN_PROGRESS_INTERVAL": "0"}
+    shown = ctrlgen("run", "looping", "--profile", "smoke", env=env)
+    assert shown.returncode == 0, shown.stderr
+    lines = [line for line in shown.stderr.splitlines() if line.startswith("[1/1] looping")]
+    # code cells: the parameters cell, papermill's injected one, the loop, the record
+    assert any("cell 3/4 (Training the fake model) · fake training " in line and "/6 [" in line for line in lines), lines
+    assert all("elapsed" in line for line in lines)
+    assert "last run" not in shown.stderr  # no record yet, so no estimate
+    assert "executed in" in shown.stdout and "fake training" not in shown.stdout
+    cells = json.loads((out / "executed" / "smoke" / "looping.ipynb").read_text())["cells"]
+    assert "fake training" not in json.dumps([c.get("outputs", []) for c in cells])  # the rendered book shows no bar
+
+    again = ctrlgen("run", "looping", "--profile", "smoke", env=env)
+    assert "left (last run " in again.stderr or "past the last run's" in again.stderr  # the record's wall time
+
+    quiet = ctrlgen("run", "looping", "--profile", "smoke", "-q", env=env)
+    assert quiet.returncode == 0 and quiet.stdout == ""
+    assert "[1/1]" not in quiet.stderr and "fake training" not in quiet.stderr

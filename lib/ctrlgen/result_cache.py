@@ -238,5 +238,11 @@ def cached(key_parts: Mapping[str, Any], compute: Callable[[], T], kind: str = "
         return _decode(path, kind)
     value = compute()
     atomic_write_bytes(path, _encode(value, kind))
+    try:
+        stored = _decode(path, kind)
+    except Exception as err:  # e.g. a whole nn.Module under "torch": refuse it now, not on the next hit
+        path.unlink(missing_ok=True)
+        raise TypeError(f"result_cache kind {kind!r} cannot store a {type(value).__name__} ({type(err).__name__}: "
+                        f"{str(err).splitlines()[0]}); store tensors, arrays or JSON values (a module's state_dict)") from None
     atomic_write_json(path.with_suffix(".key.json"), {"key": key, "kind": kind, "parts": _plain(key_parts), "code": code})
-    return _decode(path, kind)
+    return stored
