@@ -88,5 +88,5 @@ def test_prompt_without_placeholder_is_refused():
     _, model = tiny()
     tokens = setup_placeholders(model)
     images, masks, _ = data(2)
-    with pytest.raises(ValueError, match="lacks '<lesion>'"):
+    with pytest.raises(ValueError, match="'<lesion>' does not occur in the prompt 'an image of skin'"):
         next(region_aware_batches(model, images, masks, ["an image of skin"] * 2, tokens, 2))

@@ -31,6 +31,7 @@ import torch
 from ctrlgen.data.tensors import image_tensor
 from ctrlgen.models import PlaceholderTokens, add_placeholder_tokens
 from ctrlgen.models.sd import SDComponents
+from ctrlgen.models.tokens import locate_tokens
 from ctrlgen.training import AttentionAlignmentTerm, TrainConfig, TrainResult, select_trainable, train_diffusion
 
 PLACEHOLDERS = ("<lesion>", "<skin>")
@@ -55,15 +56,9 @@ def setup_placeholders(model: SDComponents, tokens: Sequence[str] = PLACEHOLDERS
 
 
 def token_indices(model: SDComponents, input_ids: torch.Tensor, tokens: PlaceholderTokens) -> torch.Tensor:
-    """``(B, K)`` first position of each P-Token in each tokenised prompt; ValueError if one is missing."""
-    out = torch.zeros(input_ids.shape[0], len(tokens.ids), dtype=torch.long)
-    for b, row in enumerate(input_ids.tolist()):
-        for k, tid in enumerate(tokens.ids):
-            if tid not in row:
-                raise ValueError(f"prompt {b} lacks {tokens.tokens[k]!r} after tokenisation (truncated?): "
-                                 f"{model.tokenizer.decode(row)!r}")
-            out[b, k] = row.index(tid)
-    return out
+    """``(B, K)`` first position of each P-Token in each tokenised prompt (``ctrlgen.models.tokens.locate_tokens``:
+    ValueError naming the token and the prompt if one is missing, e.g. truncated)."""
+    return locate_tokens(model.tokenizer, input_ids, tokens.tokens).positions
 
 
 def region_aware_batches(model: SDComponents, images: np.ndarray, masks: np.ndarray, prompts: Sequence[str],
