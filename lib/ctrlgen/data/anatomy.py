@@ -33,6 +33,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ctrlgen.data.imageio import read_image
 from ctrlgen.data.records import Dataset, Record
 
 MIN_COMPONENT = 0.01  # smallest kept lung component, as a fraction of the image
@@ -155,11 +156,10 @@ def _resize_labels(labels: np.ndarray, size: int) -> np.ndarray:
 
 
 def read_anatomy_mask(path: str | Path) -> np.ndarray:
-    """One anatomy label map as written by the CXR world (8-bit PNG, values 0/1/2) -> (H, W) int64."""
-    from PIL import Image
+    """One anatomy label map as written by the CXR world (8-bit PNG, values 0/1/2) -> (H, W) int64.
 
-    with Image.open(path) as im:
-        return np.asarray(im.convert("L")).astype(np.int64)
+    A file that cannot be decoded raises ``ImageReadError`` naming it."""
+    return read_image(path, mode="L").astype(np.int64)
 
 
 def anatomy_regions(dataset: Dataset, records: Sequence[Record], size: int) -> tuple[np.ndarray, str]:
