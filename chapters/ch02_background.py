@@ -197,6 +197,7 @@ distances.style.format("{:.4f}")
 from ctrlgen import pretrain as P
 from ctrlgen.analysis import attention_views as views
 from ctrlgen.analysis.self_attention import summarize_affinity
+from ctrlgen.models import locate_tokens
 from transformers.utils import logging as hf_logging
 
 hf_logging.disable_progress_bar()  # no "Loading weights" bars in the book
@@ -323,8 +324,7 @@ plt.show()
 # images), τ = 0 being no enhancement.
 
 # %%
-lesion = derm.tokenizer.convert_tokens_to_ids("<lesion>")
-pos = next(i for i, t in enumerate(derm.tokenizer(datas["derm"].heldout_captions[0])["input_ids"]) if t == lesion)
+pos = locate_tokens(derm.tokenizer, datas["derm"].heldout_captions[0], "<lesion>").position("<lesion>")
 fig = views.nu_tau_figure(real, pos, image_index=0, nu=2.0, taus=(1, 4))
 run.save_figure(fig, "nu_tau_maps")
 plt.show()

@@ -269,10 +269,12 @@ print("main run:", runs["guided (L_CA + L_SA)"].result.counts())
 s = cfg.didgen.eval
 segmenter = D.train_segmenter(sets.train_images, sets.train_masks, int(s.segmenter_steps), int(s.segmenter_batch),
                               float(s.segmenter_lr), list(s.segmenter_channels), seed=cfg.seed)
-from ctrlgen.methods.didgen.pair_generation import mask_iou
+from ctrlgen.metrics.overlap import iou, overlap_summary
 
-seg_iou = mask_iou(segmenter.predict(real), sets.eval_masks)
+seg_iou = iou(segmenter.predict(real), sets.eval_masks)
 run.log_metric("ch04.segmenter", "MONAI U-Net", "IoU on real evaluation images", float(seg_iou.mean()))
+for name, value in overlap_summary(segmenter.predict(real), sets.eval_masks).items():
+    run.log_metric("ch04.segmenter", "MONAI U-Net", f"{name} on real evaluation images", value)
 print(f"segmenter: IoU {seg_iou.mean():.3f} ± {seg_iou.std():.3f} on the real evaluation images")
 agreement = pd.DataFrame({label: D.pair_summary(r, segmenter) for label, r in runs.items()}).T
 agreement.insert(0, "thesis IoU(annotation, condition)", [in_text("didgen.pair_iou").value] + [""] * (len(agreement) - 1))

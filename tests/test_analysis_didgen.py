@@ -34,7 +34,7 @@ def test_segmenter_learns_bright_discs():
     masks = np.stack([_disc(32, *rng.uniform(10, 22, 2), rng.uniform(4, 9)) for _ in range(48)])
     images = np.where(masks[..., None], 220, 40).astype(np.uint8).repeat(3, -1)
     seg = D.train_segmenter(images[:40], masks[:40], steps=120, batch_size=8, lr=5e-3, channels=(8, 16, 32), seed=0)
-    from ctrlgen.methods.didgen.pair_generation import mask_iou
+    from ctrlgen.metrics.overlap import iou as mask_iou
 
     iou = mask_iou(seg.predict(D.pixels01(images[40:])), masks[40:])
     assert iou.mean() > 0.8 and seg.history[-1] < seg.history[0]

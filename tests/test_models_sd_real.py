@@ -13,7 +13,7 @@ import torch
 
 from ctrlgen.attention import AttentionCapture, available_resolutions
 from ctrlgen.guidance import LayoutGuidance
-from ctrlgen.models import add_placeholder_tokens, build_from_published_config
+from ctrlgen.models import add_placeholder_tokens, build_from_published_config, locate_tokens
 from ctrlgen.sampling import sample
 from ctrlgen.training import AttentionAlignmentTerm, TrainConfig, select_trainable, train_diffusion
 
@@ -29,7 +29,8 @@ def test_real_architecture_train_and_guided_sample(arch):
     assert available_resolutions(model.unet, "cross") == [64, 32, 16, 8]  # 8: the mid block
     prompt = "an image of <lesion> on <skin>"
     ids = model.tokenize([prompt])
-    pos = [ids[0].tolist().index(model.tokenizer.convert_tokens_to_ids(t)) for t in ("<lesion>", "<skin>")]
+    loc = locate_tokens(model.tokenizer, ids, ["<lesion>", "<skin>"])
+    pos = loc.positions[0].tolist()
     mask = torch.zeros(1, 1, 512, 512)
     mask[:, :, 128:384, 160:352] = 1
     batch = {"pixel_values": torch.rand(1, 3, 512, 512) * 2 - 1, "input_ids": ids, "mask": mask,
@@ -47,12 +48,12 @@ def test_real_architecture_train_and_guided_sample(arch):
     model.text_encoder.requires_grad_(False)
     with torch.no_grad():
         cond, uncond = model.encode_prompt([prompt]), model.encode_prompt([""])
-    guide = LayoutGuidance(mask=mask[0, 0], token_index=pos[0], last=int((ids[0] == model.tokenizer.eos_token_id).nonzero()[0]),
-                           cross_res=16, self_res=32, eta=20.0)
+    guide = LayoutGuidance(mask=mask[0, 0], token_index=pos[0], last=int(loc.ends[0]),
+                           cross_res=16, self_res=32, eta=20.0, fraction=1.0)
     z = torch.randn(1, 4, 64, 64, generator=torch.Generator().manual_seed(0))
     with AttentionCapture(model.unet, cross_res=[16], self_res=[32]) as store:
         out = sample(model.unet, model.scheduler("ddim"), z, cond, uncond, num_steps=1, guidance_scale=7.5,
-                     refine=guide, refine_fraction=1.0, store=store, progress=False)
+                     refine=guide, store=store, progress=False)
     assert out.latents.shape == (1, 4, 64, 64) and torch.isfinite(out.latents).all()
     assert len(guide.history) == 1 and 0 <= guide.history[0]["ca"] <= 2 and 0 <= guide.history[0]["sa"]
     assert store.cross(16).shape == (1, 16, 16, 77) and store.self_attention(32).shape == (1, 1024, 1024)

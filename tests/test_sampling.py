@@ -89,7 +89,7 @@ def test_layout_guidance_descends_and_runs_on_the_first_half(unet):
     z, cond, unc = torch.randn(1, 4, 16, 16, generator=g), torch.randn(1, 7, 32, generator=g), torch.zeros(1, 7, 32)
     mask = torch.zeros(64, 64)
     mask[8:40, 16:48] = 1
-    guide = LayoutGuidance(mask=mask, token_index=2, last=6, cross_res=16, self_res=16, eta=5.0)
+    guide = LayoutGuidance(mask=mask, token_index=2, last=6, cross_res=16, self_res=16, eta=5.0, fraction=0.5)
     # one refinement step lowers the loss it descends
     t = torch.tensor(800)
     z1 = guide(unet, z, t, cond, 0)
@@ -98,7 +98,7 @@ def test_layout_guidance_descends_and_runs_on_the_first_half(unet):
     assert after < guide.history[0]["loss"]
     guide.history.clear()
     sample(unet, make_scheduler("ddim", SCHEDULE), z, cond, unc, num_steps=8, guidance_scale=3.0, refine=guide,
-           refine_fraction=0.5, progress=False)
+           progress=False)
     assert [h["step"] for h in guide.history] == [0, 1, 2, 3]
     assert len(unet._forward_pre_hooks) == 0
 

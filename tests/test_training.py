@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 
 from ctrlgen.config import load_profile
-from ctrlgen.models import add_placeholder_tokens, build_caption_tokenizer, build_mini_components
+from ctrlgen.models import add_placeholder_tokens, build_caption_tokenizer, build_mini_components, locate_tokens
 from ctrlgen.training import (
     AttentionAlignmentTerm,
     SelfAttentionStructureTerm,
@@ -30,9 +30,7 @@ def tiny_model():
 def batches(model, n=2, seed=0):
     g = torch.Generator().manual_seed(seed)
     ids = model.tokenize([PROMPT] * n)
-    lesion = model.tokenizer.convert_tokens_to_ids("<lesion>")
-    skin = model.tokenizer.convert_tokens_to_ids("<skin>")
-    pos = [ids[0].tolist().index(lesion), ids[0].tolist().index(skin)]
+    pos = locate_tokens(model.tokenizer, ids, ["<lesion>", "<skin>"]).positions[0].tolist()
     mask = torch.zeros(n, 1, 64, 64)
     mask[:, :, 16:48, 20:44] = 1
     out = []

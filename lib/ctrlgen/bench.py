@@ -39,7 +39,7 @@ def bench_attention(cfg, arch: str = "", device: str = "cpu", dtype_name: str = 
     from ctrlgen.attention import AttentionCapture
     from ctrlgen.guidance import LayoutGuidance
     from ctrlgen.models import (build_caption_tokenizer, build_from_published_config, build_mini_components,
-                                end_position, token_positions)
+                                locate_tokens)
     from ctrlgen.sampling import sample
 
     dtype = getattr(torch, dtype_name)
@@ -58,8 +58,8 @@ def bench_attention(cfg, arch: str = "", device: str = "cpu", dtype_name: str = 
         uncond = model.encode_prompt([""])
     mask = torch.zeros(latent * 4, latent * 4)
     mask[latent:3 * latent, latent:3 * latent] = 1
-    lesion = token_positions(model.tokenizer, PROMPT, "lesion")[0]
-    last = end_position(model.tokenizer, PROMPT)
+    loc = locate_tokens(model.tokenizer, PROMPT, "lesion")
+    lesion, last = loc.position("lesion"), int(loc.ends[0])
     z = torch.randn(batch, model.unet.config.in_channels, latent, latent,
                     generator=torch.Generator().manual_seed(0)).to(device, dtype)
     cuda = device.startswith("cuda")
@@ -78,8 +78,8 @@ def bench_attention(cfg, arch: str = "", device: str = "cpu", dtype_name: str = 
                 sample(model.unet, scheduler, z, cond, uncond, store=store, **common)
         else:
             guide = LayoutGuidance(mask=mask, token_index=lesion, last=last, cross_res=cross_res, self_res=self_res,
-                                   eta=20.0)
-            sample(model.unet, scheduler, z, cond, uncond, refine=guide, refine_fraction=0.5, **common)
+                                   eta=20.0, fraction=0.5)
+            sample(model.unet, scheduler, z, cond, uncond, refine=guide, **common)
         if cuda:
             torch.cuda.synchronize()
         return time.perf_counter() - start

@@ -18,6 +18,7 @@ import pandas as pd
 import torch
 
 from ctrlgen.data.tensors import image_tensor
+from ctrlgen.metrics.overlap import iou
 from ctrlgen.models.tokens import locate_tokens
 from ctrlgen.sampling import text_to_image
 from ctrlgen.analysis.didgen_models import MODEL_NAMES, Finetuned, base_model, finetune, models_dir  # noqa: F401
@@ -153,20 +154,18 @@ def token_maps_on_real(model, images: np.ndarray, prompts: Sequence[str], tokens
 def otsu_iou(maps: torch.Tensor, masks: np.ndarray) -> np.ndarray:
     """IoU of ``Otsu(map)`` (bilinear-upsampled to the mask side, no morphology) against the true masks."""
     from ctrlgen.attention import otsu_mask, resize_maps
-    from ctrlgen.methods.didgen.pair_generation import mask_iou
 
     side = masks.shape[-1]
     pred = otsu_mask(resize_maps(maps.float(), side), dilate=0, erode=0)
-    return mask_iou(pred.numpy(), masks)
+    return iou(pred.numpy(), masks)
 
 
 def blob_baseline_iou(train_masks: np.ndarray, masks: np.ndarray) -> np.ndarray:
     """IoU of one fixed mask — the thresholded mean training mask — against each mask (what a map that
     ignores the image would score; NOTES-mini-feasibility.md reports 0.40 for ISIC at 64 px)."""
-    from ctrlgen.methods.didgen.pair_generation import mask_iou
 
     mean = train_masks.mean(0) > 0.5 if (train_masks.mean(0) > 0.5).any() else train_masks.mean(0) >= train_masks.mean(0).max()
-    return mask_iou(np.broadcast_to(mean, masks.shape), masks)
+    return iou(np.broadcast_to(mean, masks.shape), masks)
 
 
 # ================================================================================================ pairs
@@ -202,22 +201,21 @@ def first_pairs(run: PairRun, n: int, label: str) -> PairRun:
 def pair_summary(run: PairRun, segmenter=None) -> dict[str, float]:
     """Agreement and failure figures of one pair run (§4.4.5): IoU of the annotation against the conditioning
     mask (τ and τ = 0), failures, and — with a segmenter trained on real data — against the lesion drawn."""
-    from ctrlgen.methods.didgen.pair_generation import mask_iou
 
     r = run.result
-    iou = mask_iou(r.masks.numpy(), r.cond_masks.numpy())[r.ok.numpy()]
-    iou0 = mask_iou(r.masks_tau0.numpy(), r.cond_masks.numpy())
+    agree = iou(r.masks.numpy(), r.cond_masks.numpy())[r.ok.numpy()]
+    iou0 = iou(r.masks_tau0.numpy(), r.cond_masks.numpy())
     n = len(r.ok)
-    out = {"pairs": float(n), "IoU(annotation, condition) mean": float(iou.mean()) if len(iou) else float("nan"),
-           "IoU(annotation, condition) sd": float(iou.std()) if len(iou) else float("nan"),
+    out = {"pairs": float(n), "IoU(annotation, condition) mean": float(agree.mean()) if len(agree) else float("nan"),
+           "IoU(annotation, condition) sd": float(agree.std()) if len(agree) else float("nan"),
            "IoU(τ=0 annotation, condition) mean": float(iou0.mean()),
            "τ annotation failed [%]": 100.0 * sum(bool(w) for w in r.failure_tau) / n,
            "dropped (no usable mask) [%]": 100.0 * float((~r.ok).sum()) / n,
            "seconds per pair": run.seconds_per_pair}
     if segmenter is not None:
         drawn = segmenter.predict(r.images)
-        out["IoU(annotation, drawn lesion) mean"] = float(mask_iou(r.masks.numpy(), drawn)[r.ok.numpy()].mean())
-        out["IoU(condition, drawn lesion) mean"] = float(mask_iou(r.cond_masks.numpy(), drawn).mean())
+        out["IoU(annotation, drawn lesion) mean"] = float(iou(r.masks.numpy(), drawn)[r.ok.numpy()].mean())
+        out["IoU(condition, drawn lesion) mean"] = float(iou(r.cond_masks.numpy(), drawn).mean())
     return out
 
 

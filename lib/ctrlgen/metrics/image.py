@@ -31,6 +31,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ctrlgen.metrics.overlap import iou
+
 
 # ================================================================================================ FID
 def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma2: np.ndarray) -> float:
@@ -283,12 +285,9 @@ def mask_set_diversity(masks: torch.Tensor | np.ndarray, n_pairs: int = 0, seed:
     """Mean 1 − IoU over pairs of distinct binary masks ``(N, H, W)`` of one set (same pairs as
     ``within_set_diversity`` with the same ``n_pairs``/``seed``): shape diversity with no feature
     extractor, 0 for identical masks, 1 for disjoint ones (two empty masks count as identical)."""
-    m = torch.as_tensor(np.asarray(masks)).bool().flatten(1)
+    m = np.asarray(masks)
     i, j = _pairs(len(m), n_pairs, seed)
-    a, b = m[torch.as_tensor(i)], m[torch.as_tensor(j)]
-    inter, union = (a & b).sum(1).float(), (a | b).sum(1).float()
-    iou = torch.where(union > 0, inter / union.clamp_min(1), torch.ones_like(union))
-    return float((1 - iou).mean())
+    return float((1 - iou(m[np.asarray(i)], m[np.asarray(j)])).mean())
 
 
 FEATURE_CACHE_BYTES = 2 * 2**30  # keep every image's features in memory only below this (peak memory bounded)

@@ -10,11 +10,20 @@ from ctrlgen.models.sd import (
     published_config,
 )
 from ctrlgen.models.tokenizer import build_caption_tokenizer, load_tokenizer, save_tokenizer
-from ctrlgen.models.tokens import PlaceholderTokens, add_placeholder_tokens, end_position, token_positions
+from ctrlgen.models.tokens import (
+    PlaceholderTokens,
+    TokenLocation,
+    add_placeholder_tokens,
+    end_position,
+    locate_tokens,
+    token_id,
+    token_positions,
+)
 
 __all__ = [
     "SDComponents", "ModelNotFoundError", "build_from_published_config", "load_components", "make_scheduler",
     "published_config", "build_mini_components", "count_parameters", "check_models", "load_base_model",
     "mini_model_dir", "models_root", "build_caption_tokenizer", "load_tokenizer", "save_tokenizer",
-    "PlaceholderTokens", "add_placeholder_tokens", "end_position", "token_positions",
+    "PlaceholderTokens", "add_placeholder_tokens", "end_position", "token_positions", "locate_tokens",
+    "TokenLocation", "token_id",
 ]

@@ -77,7 +77,7 @@ def predict_noise(unet: torch.nn.Module, latents: torch.Tensor, t: torch.Tensor 
 
 def sample(unet: torch.nn.Module, scheduler, latents: torch.Tensor, cond: torch.Tensor,
            uncond: torch.Tensor | None = None, *, num_steps: int = 50, guidance_scale: float = 7.5,
-           refine: Refiner | None = None, refine_fraction: float | None = None, store: AttentionStore | None = None,
+           refine: Refiner | None = None, store: AttentionStore | None = None,
            generator: torch.Generator | None = None, eta: float = 0.0, keep_trajectory: bool = False,
            callback: Callable[[int, int, torch.Tensor], None] | None = None, start_step: int = 0,
            progress: bool = True) -> SampleOutput:
@@ -88,7 +88,6 @@ def sample(unet: torch.nn.Module, scheduler, latents: torch.Tensor, cond: torch.
         cond, uncond: text embeddings ``(B, L, D)`` and the empty prompt's ``(1, L, D)``.
         guidance_scale: classifier-free guidance scale s (1: no guidance, ``uncond`` unused).
         refine: called before the U-Net on the steps where ``refine.active(i, num_steps)``.
-        refine_fraction: overrides the refiner's own step fraction (refine on ``i < round(refine_fraction · N)``).
         store: an ``AttentionStore`` of an enclosing ``AttentionCapture`` (kept to the conditional half).
         start_step: skip the first steps (start from an intermediate latent at that step's timestep).
         callback: ``callback(i, t, z_{t-1})`` after every step.
@@ -98,8 +97,7 @@ def sample(unet: torch.nn.Module, scheduler, latents: torch.Tensor, cond: torch.
     if start_step == 0:
         latents = latents * scheduler.init_noise_sigma
     n = len(timesteps)
-    refined = [refine is not None and (i < round(refine_fraction * n) if refine_fraction is not None
-                                       else refine.active(i, n)) for i in range(n)]
+    refined = [refine is not None and refine.active(i, n) for i in range(n)]  # the refiner owns its step fraction
     kw = _step_kwargs(scheduler, generator, eta)
     trajectory: list[torch.Tensor] = []
     for i, t in enumerate(tqdm(timesteps, disable=not progress, desc="sampling", leave=False)):

@@ -346,13 +346,5 @@ class PairGenerator:
                           list(refiner.history) if refiner is not None else [])
 
 
-def mask_iou(a: torch.Tensor | np.ndarray, b: torch.Tensor | np.ndarray) -> np.ndarray:
-    """Per-pair IoU of boolean masks ``(B, H, W)`` (1 where both are empty)."""
-    a, b = np.asarray(a, bool), np.asarray(b, bool)
-    inter = (a & b).reshape(len(a), -1).sum(1)
-    union = (a | b).reshape(len(a), -1).sum(1)
-    return np.where(union > 0, inter / np.maximum(union, 1), 1.0)
-
-
 __all__ = ["validate_condition_masks", "augment_masks", "condition_masks_from", "annotate_masks",
-           "PairConfig", "PairResult", "PairGenerator", "mask_iou"]
+           "PairConfig", "PairResult", "PairGenerator"]
