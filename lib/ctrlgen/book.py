@@ -13,7 +13,6 @@ warnings as errors) into a new folder, and only then swaps it in place of the pr
 from __future__ import annotations
 
 import contextlib
-import functools
 import hashlib
 import json
 import os
@@ -31,6 +30,7 @@ import yaml
 from papermill.engines import NBClientEngine, papermill_engines
 
 from ctrlgen import paths, result_cache
+from ctrlgen.result_cache import data_fingerprint
 from ctrlgen.config import READS_ENV, Config, flatten, load_profile
 from ctrlgen.progress import PROGRESS_ENV, ProgressMonitor
 
@@ -114,31 +114,6 @@ def ensure_kernel() -> str:
 
 
 # ---------------------------------------------------------------- what a chapter depends on
-def data_fingerprint(cfg: Mapping[str, Any]) -> str:
-    """A hash of the data root's listing: every file's path, size and modification time.
-
-    The data root is read-only for the product, so a changed listing means a user added, removed or
-    replaced a dataset. Procedural data is not here: it is generated from code and profile values,
-    which are keyed on their own. Stat only (no file is read), once per root and process.
-    """
-    return _listing_digest(str(paths.data_root(cfg)))
-
-
-@functools.lru_cache(maxsize=8)
-def _listing_digest(root: str) -> str:
-    digest = hashlib.sha256(root.encode())
-    for folder, dirs, files in os.walk(root):
-        dirs.sort()
-        for name in sorted(files):
-            try:
-                info = os.stat(os.path.join(folder, name))
-            except OSError:
-                continue
-            rel = os.path.relpath(os.path.join(folder, name), root)
-            digest.update(f"{rel}\0{info.st_size}\0{info.st_mtime_ns}\n".encode())
-    return digest.hexdigest()
-
-
 def code_inputs(chapter: str, root: Path) -> dict[str, Any]:
     """The chapter's source hash and the hashes of the library files it imports, transitively."""
     source = root / "chapters" / f"{chapter}.py"

@@ -12,8 +12,8 @@ Two users share the keys built here:
       from ctrlgen import result_cache
 
       pairs = result_cache.cached(
-          {"what": "ch04 pairs", "config": cfg.didgen.pairs, "seed": cfg.seed, "data": fingerprint,
-           "model": model_key},
+          {"what": "ch04 pairs", "config": cfg.didgen.pairs, "seed": cfg.seed,
+           "data": result_cache.data_fingerprint(cfg), "model": model_key},
           lambda: generate_pairs(...),           # runs only on a miss
           kind="torch", cfg=cfg,
           code=["ctrlgen.methods.didgen.pair_generation"])
@@ -31,6 +31,7 @@ Kinds: ``"torch"`` (tensors and nested dicts/lists/tuples of tensors and plain n
 from __future__ import annotations
 
 import ast
+import functools
 import hashlib
 import io
 import json
@@ -154,6 +155,32 @@ def code_digest(modules: Iterable[str], root: Path | None = None) -> str:
     """One hash of the files of ``modules`` and everything they import from ``ctrlgen``."""
     digests = file_digests(code_files(modules, root=root), root)
     return hashlib.sha256(json.dumps(digests, sort_keys=True).encode()).hexdigest()
+
+
+# ---------------------------------------------------------------- the data
+def data_fingerprint(cfg: Mapping[str, Any] | None = None) -> str:
+    """A hash of the data root's listing: every file's path, size and modification time.
+
+    The data root is read-only for the product, so a changed listing means a user added, removed or
+    replaced a dataset. Procedural data is not here: it is generated from code and profile values,
+    which are keyed on their own. Stat only (no file is read), once per root and process.
+    """
+    return _listing_digest(str(paths.data_root(cfg)))
+
+
+@functools.lru_cache(maxsize=8)
+def _listing_digest(root: str) -> str:
+    digest = hashlib.sha256(root.encode())
+    for folder, dirs, files in os.walk(root):
+        dirs.sort()
+        for name in sorted(files):
+            try:
+                info = os.stat(os.path.join(folder, name))
+            except OSError:
+                continue
+            rel = os.path.relpath(os.path.join(folder, name), root)
+            digest.update(f"{rel}\0{info.st_size}\0{info.st_mtime_ns}\n".encode())
+    return digest.hexdigest()
 
 
 # ---------------------------------------------------------------- keys and values
