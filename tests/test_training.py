@@ -20,7 +20,8 @@ PROMPT = "an image of <lesion> on <skin>"
 
 
 def tiny_model():
-    cfg = load_profile("smoke", {"models.image_size": 64})  # 16x16 latent, U-Net (32, 64)
+    cfg = load_profile("smoke", {"models.image_size": 64, "attention.cross_res": [16], "attention.self_res": [16],
+                                 "attention.train_cross_res": [16, 8]})  # 16x16 latent, U-Net (32, 64)
     tok = build_caption_tokenizer(["an image of a small dark lesion on skin"], model_max_length=16)
     model = build_mini_components(cfg, tok)
     tokens = add_placeholder_tokens(tok, model.text_encoder, ["<lesion>", "<skin>"], ["lesion", "skin"])
