@@ -10,6 +10,7 @@ import pytest
 from ctrlgen.data.worlds.dermoscopy import generate_dermoscopy
 from ctrlgen.methods.didgen.dermprompt import (
     AttributeCaptioner,
+    Caption,
     CaptionCache,
     DermAttributes,
     PromptSampler,
@@ -156,3 +157,112 @@ def test_prompt_sampler_recombines_observed_values_only(cap):
     assert all(c.attributes in joint for c in sampler.sample(20, seed=2, mode="joint"))
     assert all("on dark skin" in c.text for c in sampler.sample(5, fix={"skin_colour": "dark"}))
     assert sampler.sample(5, seed=3) == sampler.sample(5, seed=3)
+
+
+def test_sampler_draws_follow_the_seeded_stream(cap):
+    """Marginal mode draws one training caption per attribute, in field order, from ``default_rng(seed)``;
+    joint mode one caption per prompt: replayed here by hand, so a reordering of the draws fails."""
+    s = generate_dermoscopy(6, seed=9)
+    caps = cap.caption_many(s.images, s.masks)
+    names = ["size", "shape", "lesion_colour", "position", "skin_colour", "hair", "marks"]
+    rng = np.random.default_rng(4)
+    expected = [DermAttributes(**{k: getattr(caps[int(rng.integers(6))].attributes, k) for k in names})
+                for _ in range(5)]
+    drawn = PromptSampler(caps, cap.tokenizer).sample(5, seed=4)
+    assert [c.text for c in drawn] == [compose_prompt(a) for a in expected]  # 77 tokens: nothing dropped
+    assert {c.source for c in drawn} == {"sampled-marginal"}
+    rng = np.random.default_rng(8)
+    picks = [caps[int(rng.integers(6))] for _ in range(4)]
+    assert [c.text for c in PromptSampler(caps, cap.tokenizer).sample(4, seed=8, mode="joint")] == [p.text for p in picks]
+    with pytest.raises(ValueError, match="'marginal' or 'joint'"):
+        PromptSampler(caps, cap.tokenizer).sample(1, mode="pairs")
+
+
+# ------------------------------------------------------------------------------------------ the cache
+def test_cache_key_is_the_hash_of_what_determines_the_captions(cap):
+    """The fingerprint (the cache folder) is sha256 of the captioner's settings, hand-written here, so that moving
+    code around cannot silently orphan the captions already cached."""
+    import hashlib
+
+    blob = {"kind": "attributes", "v": 1, "prefix": "An image of <lesion> on <skin>", "max": 77,
+            "config": {"size_cuts": [0.10, 0.25], "irregular_below": 0.70, "oval_axis_ratio": 1.35, "centre_band": 0.15,
+                       "hair_radius_frac": 1 / 32, "hair_response": 15.0, "hair_fraction": 0.004, "frame_ratio": 0.6,
+                       "ink_chroma": 20.0, "ink_hue": [250.0, 335.0], "ink_fraction": 0.003},
+            "vocab": len(cap.tokenizer)}
+    assert cap.fingerprint() == hashlib.sha256(json.dumps(blob, sort_keys=True).encode()).hexdigest()[:12]
+    assert AttributeCaptioner(tokenizer(20)).fingerprint() != cap.fingerprint()  # the token limit is part of it
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o027], ids=["022", "027"])
+def test_cached_captions_get_the_umask_permissions(tmp_path, cap, umask):
+    import os
+
+    img, msk, _ = scene()
+    old = os.umask(umask)
+    try:
+        path = CaptionCache(tmp_path).put("fp", "ISIC_1", cap.caption(img, msk))
+    finally:
+        os.umask(old)
+    assert path.stat().st_mode & 0o777 == 0o666 & ~umask  # mkstemp alone would leave 0600
+
+
+def test_a_failed_cache_write_leaves_no_file(tmp_path, cap):
+    img, msk, _ = scene()
+    good = cap.caption(img, msk)
+    bad = Caption(good.text, good.attributes, good.n_tokens, measurements={"x": object()})  # not JSON
+    cache = CaptionCache(tmp_path)
+    with pytest.raises(TypeError):
+        cache.put("fp", "ISIC_1", bad)
+    assert list((tmp_path / "fp").iterdir()) == [] and cache.get("fp", "ISIC_1") is None
+
+
+# ------------------------------------------------------------------------------------------ the package
+OLD_NAMES = [  # everything the single module dermprompt.py exported before it was split by job
+    "PREFIX", "SIZES", "SHAPES", "LESION_COLOURS", "SKIN_COLOURS", "POSITIONS", "MARKS", "DROP_ORDER",
+    "PromptTooLongError", "CaptionError", "DermAttributes", "Caption", "CaptionCache", "DermPromptCaptioner",
+    "CaptionerConfig", "AttributeCaptioner", "VLMCaptioner", "HFChatVLM", "PromptSampler", "sentence",
+    "captioner_from_profile", "compose_prompt", "count_tokens", "fit_prompt", "dermprompt_vocabulary",
+    "name_lesion_colour", "skin_colour_name", "position_name", "parse_attribute_answer", "clean_sentence",
+    "EXTRACTION_PROMPT", "REPHRASE_PROMPT", "GenerateFn",
+]
+
+
+def test_every_old_name_is_still_importable_from_the_package():
+    import importlib
+
+    import ctrlgen.methods.didgen as didgen
+    import ctrlgen.methods.didgen.dermprompt as package
+
+    missing = [n for n in OLD_NAMES if not hasattr(package, n)]
+    assert missing == [] and set(OLD_NAMES) == set(package.__all__)
+    for name in package.__all__:  # each name is defined in exactly one job module, the package only re-exports
+        obj = getattr(package, name)
+        home = getattr(obj, "__module__", None)
+        if home is not None and isinstance(obj, type):
+            assert importlib.import_module(home).__dict__[name] is obj
+    assert all(getattr(didgen, n) is getattr(package, n) for n in didgen.__all__ if hasattr(package, n))
+    assert package.HFChatVLM.__module__ == "ctrlgen.models.vlm"  # the loader is a model, not a method
+
+
+def _imports(path):
+    import ast
+
+    tree = ast.parse(path.read_text(encoding="utf-8"))
+    top = {id(n) for n in tree.body}
+    for node in ast.walk(tree):
+        if isinstance(node, (ast.Import, ast.ImportFrom)):
+            names = [node.module or ""] if isinstance(node, ast.ImportFrom) else [a.name for a in node.names]
+            yield id(node) in top, names
+
+
+def test_job_modules_import_at_the_top_and_the_vlm_loader_not_from_methods():
+    from pathlib import Path
+
+    import ctrlgen.methods.didgen.dermprompt as package
+    import ctrlgen.models.vlm as vlm
+
+    files = sorted(Path(package.__file__).parent.glob("*.py")) + [Path(vlm.__file__)]
+    assert len(files) == 10
+    local = [(f.name, names) for f in files for at_top, names in _imports(f) if not at_top]
+    assert local == []  # no optional heavy dependency here: torch, transformers, skimage and PIL are requirements
+    assert not [n for _, names in _imports(Path(vlm.__file__)) for n in names if n.startswith("ctrlgen.methods")]

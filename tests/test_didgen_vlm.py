@@ -23,12 +23,12 @@ from ctrlgen.methods.didgen.dermprompt import (  # noqa: E402
     PREFIX,
     REPHRASE_PROMPT,
     CaptionError,
-    HFChatVLM,
     VLMCaptioner,
-    _text_message,
     dermprompt_vocabulary,
 )
+from ctrlgen.methods.didgen.dermprompt.vlm_captioner import _text_message  # noqa: E402
 from ctrlgen.models import build_caption_tokenizer  # noqa: E402
+from ctrlgen.models.vlm import HFChatVLM  # noqa: E402
 
 SPECIAL = ["<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>",
            "<|finetune_right_pad_id|>", "<|python_tag|>"]
@@ -221,6 +221,19 @@ def test_dtype_keyword_loads_in_bfloat16_and_casts_the_pixels(folder):
     assert kw["pixel_values"].dtype == torch.bfloat16 and kw["input_ids"].dtype == torch.long
 
 
+def test_hub_id_loads_from_the_models_root_on_the_profile_device(folder, tmp_path):
+    from ctrlgen.config import load_profile
+    from ctrlgen.models import ModelNotFoundError, load_chat_vlm
+
+    (tmp_path / "org--tiny-vision").symlink_to(folder, target_is_directory=True)  # what `models fetch` would write
+    cfg = load_profile("smoke", {"models.root": str(tmp_path), "device": "cpu"})
+    vlm = load_chat_vlm(cfg, "org/tiny-vision", dtype="bfloat16", max_new_tokens=2)
+    assert vlm.name == "org--tiny-vision" and vlm.model.dtype == torch.bfloat16 and vlm.max_new_tokens == 2
+    assert vlm.model.device.type == "cpu"
+    with pytest.raises(ModelNotFoundError, match=re.escape(f"no VLM at {tmp_path / 'org--absent'}")):
+        load_chat_vlm(cfg, "org/absent")
+
+
 # ------------------------------------------------------------------------------------------ from the profile
 def test_profile_captioner_is_the_vlm_on_the_profile_folder_with_dtype_and_a_counted_fallback(folder):
     from ctrlgen.config import load_profile
@@ -248,5 +261,8 @@ def test_profile_captioner_errors_name_the_key():
 
     with pytest.raises(ConfigError, match="vlm_model is empty"):
         captioner_from_profile(load_profile("smoke", {"didgen.dermprompt.captioner": "vlm"}), clip_tokenizer())
-    with pytest.raises(ConfigError, match="'attributes' or 'vlm'"):
-        captioner_from_profile(load_profile("smoke", {"didgen.dermprompt.captioner": "llm"}), clip_tokenizer())
+    with pytest.raises(ConfigError, match="captioner = 'llm' .* expected one of 'attributes', 'vlm'"):
+        load_profile("smoke", {"didgen.dermprompt.captioner": "llm"})  # the profile schema refuses it first
+    plain = {"didgen": {"prefix": PREFIX, "dermprompt": {"captioner": "llm"}}}  # a mapping no schema checked
+    with pytest.raises(ConfigError, match="must be 'attributes' or 'vlm', got 'llm'"):
+        captioner_from_profile(plain, clip_tokenizer())
