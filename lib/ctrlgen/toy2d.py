@@ -14,7 +14,7 @@ from collections.abc import Callable
 import numpy as np
 import torch
 from torch import nn
-from tqdm.auto import tqdm
+from ctrlgen.progress import tqdm
 
 TOY_DISTRIBUTIONS = ("eight_gaussians", "two_moons", "swiss_roll")
 

@@ -243,7 +243,7 @@ def train_segmenter(images: np.ndarray, masks: np.ndarray, steps: int, batch_siz
     and random flips."""
     from monai.losses import DiceCELoss
     from monai.networks.nets import UNet
-    from tqdm.auto import tqdm
+    from ctrlgen.progress import tqdm
 
     torch.manual_seed(seed)
     net = UNet(spatial_dims=2, in_channels=3, out_channels=1, channels=tuple(channels),

@@ -225,7 +225,7 @@ def resize_dataset(dataset: Dataset, resolution: int, cfg: Mapping[str, Any]) ->
     Files already at the resolution are resized anyway into PNG so every record reads the same way.
     """
     from skimage.transform import resize
-    from tqdm.auto import tqdm
+    from ctrlgen.progress import tqdm
 
     from ctrlgen.data.imageio import read_image, read_mask, write_image
 

@@ -20,7 +20,7 @@ import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from tqdm.auto import tqdm
+from ctrlgen.progress import tqdm
 
 from ctrlgen.data.registry import SPECS
 

@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 from diffusers import DDIMInverseScheduler
-from tqdm.auto import tqdm
+from ctrlgen.progress import tqdm
 
 from ctrlgen.attention.kv import KVRecorder, KVSelection, KVStore
 from ctrlgen.sampling import predict_noise

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 import torch
-from tqdm.auto import tqdm
+from ctrlgen.progress import tqdm
 
 from ctrlgen.attention.capture import AttentionStore
 

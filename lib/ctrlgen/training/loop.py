@@ -16,13 +16,13 @@ Batch format (a dict per step, from any iterable; it is cycled until ``steps``):
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Protocol
 
 import torch
-from tqdm.auto import tqdm
+from ctrlgen.progress import tqdm
 
 from ctrlgen.attention.capture import AttentionCapture, AttentionStore
 from ctrlgen.models.sd import SDComponents
@@ -38,7 +38,8 @@ class TrainConfig:
     steps: int
     lr: float = 1e-4
     weight_decay: float = 1e-2
-    betas: tuple[float, float] = (0.9, 0.999)
+    betas: tuple[float, float] = (0.9, 0.999)  # AdamW (β1, β2); chapter 4 reads them from didgen.finetune.adam_betas
+    eps: float = 1e-8  # AdamW ε (PyTorch's default, written out so that a profile can set it)
     warmup_steps: int = 0
     gradient_accumulation_steps: int = 1
     max_grad_norm: float = 1.0
@@ -55,6 +56,24 @@ class TrainConfig:
     resume: bool = True
     seed: int = 0
     progress: bool = True
+
+
+def train_config_from(settings: Mapping[str, Any], train_config: Mapping[str, Any] | None = None) -> TrainConfig:
+    """The one merge rule of the methods' training settings: ``TrainConfig(**{**settings, **train_config})``.
+
+    ``settings`` are what a method sets from its own arguments / config dataclass (steps, lr, ...);
+    ``train_config`` is the caller's extra ``TrainConfig`` fields (checkpointing, mixed precision) and
+    **wins** on a key both give — it is the later, more specific layer, as ``from_profile(**overrides)``
+    overrides the profile. A key that is no ``TrainConfig`` field raises one ``ValueError`` naming it and
+    the fields (not Python's "got multiple values for keyword argument"). Lists become tuples (YAML has no tuples).
+    """
+    names = [f.name for f in fields(TrainConfig)]
+    merged = {**dict(settings), **dict(train_config or {})}
+    unknown = sorted(set(merged) - set(names))
+    if unknown:
+        raise ValueError(f"unknown training setting(s) {unknown}: a train_config key must be a TrainConfig field, "
+                         f"one of {', '.join(names)}")
+    return TrainConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in merged.items()})
 
 
 @dataclass
@@ -150,7 +169,8 @@ def train_diffusion(model: SDComponents, data: Iterable[dict[str, Any]], config:
     params = list(trainable.named.values())
     if not params:
         raise ValueError("nothing to train: select_trainable selected no parameters")
-    optimizer = torch.optim.AdamW(trainable.groups, lr=config.lr, betas=config.betas, weight_decay=config.weight_decay)
+    optimizer = torch.optim.AdamW(trainable.groups, lr=config.lr, betas=tuple(config.betas), eps=config.eps,
+                                  weight_decay=config.weight_decay)
     lr_sched = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(config.warmup_steps))
     unet_raw = model.unet
     model.vae.requires_grad_(False)

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from tqdm.auto import tqdm
+from ctrlgen.progress import tqdm
 
 from ctrlgen.training.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from ctrlgen.training.losses import vae_loss
