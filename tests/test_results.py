@@ -58,6 +58,35 @@ def test_chapter_record_has_everything_a_reader_needs(tmp_path, monkeypatch):
     assert load_record("smoke", "chXX_test", cfg)["chapter"] == "chXX_test"
 
 
+def test_chapter_start_seeds_and_sets_threads_and_keeps_timings_apart(tmp_path, monkeypatch):
+    import random
+
+    import matplotlib.pyplot as plt
+    import torch
+
+    monkeypatch.delenv("CTRLGEN_OUTPUT_ROOT", raising=False)
+    threads = torch.get_num_threads()
+    try:
+        run = ChapterRun.start("chXX_start", "smoke", {"seed": 7, "paths.output_root": str(tmp_path)})
+        drawn = (random.random(), float(np.random.rand()), float(torch.rand(1)))
+        assert torch.get_num_threads() == 1  # smoke: one thread
+    finally:
+        torch.set_num_threads(threads)
+    seed_everything(7)
+    assert drawn == (random.random(), float(np.random.rand()), float(torch.rand(1)))
+    assert run.cfg.seed == 7 and run.chapter == "chXX_start"
+    run.log_metric("t", "r", "IoU", 0.5)
+    run.log_timing("t", "r", "seconds per pair", 0.25)
+    fig, ax = plt.subplots()
+    ax.plot([0, 1])
+    path = run.show(fig, "line")
+    assert path.read_bytes()[:4] == b"\x89PNG" and not plt.fignum_exists(fig.number)  # closed: shown once
+    record = json.loads(run.save().read_text())
+    assert record["metrics"] == {"t": {"r": {"IoU": 0.5}}}
+    assert record["timings"] == {"t": {"r": {"seconds per pair": 0.25}}}
+    assert record["figures"] == ["figures/chXX_start/line.png"]
+
+
 def test_load_record_names_the_missing_path(tmp_path, monkeypatch):
     monkeypatch.delenv("CTRLGEN_OUTPUT_ROOT")
     cfg = load_profile("smoke", {"paths.output_root": str(tmp_path)})

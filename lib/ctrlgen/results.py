@@ -1,9 +1,15 @@
 """Result records: one JSON file per chapter run, written atomically (DESIGN.md §4).
 
-A chapter opens a :class:`ChapterRun`, records metrics keyed by the thesis table they mirror
-(``run.log_table("4.1", frame)`` or ``run.log_metric("4.1", "Mine-DermPrompt", "FID", 12.3)``),
-saves figures through it and calls ``run.save()`` at the end. The record lands in
-``<output>/results/<profile>/<chapter>.json`` with profile, overrides, seed, git commit and wall time.
+A chapter starts with :meth:`ChapterRun.start` (profile, seed, threads, quiet library logging),
+records metrics keyed by the thesis table they mirror (``run.log_table("4.1", frame)`` or
+``run.log_metric("4.1", "Mine-DermPrompt", "FID", 12.3)``), shows figures through it
+(``run.show(fig, "samples")``: saved beside the record and displayed) and calls ``run.save()`` at the
+end. The record lands in ``<output>/results/<profile>/<chapter>.json`` with profile, overrides, seed,
+git commit and wall time.
+
+Metrics are the run's numbers: the same profile and seed give the same metrics on a CPU, from a warm
+or an empty cache. Wall-clock measurements depend on the machine and its load, so they are kept apart
+(``run.log_timing``, the record's ``timings``) and never compared for reproducibility.
 """
 from __future__ import annotations
 
@@ -19,7 +25,8 @@ from pathlib import Path
 from typing import Any
 
 from ctrlgen import paths
-from ctrlgen.config import Config
+from ctrlgen.config import Config, load_profile
+from ctrlgen.seeding import seed_everything
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
@@ -95,10 +102,28 @@ class ChapterRun:
         self.started = time.perf_counter()
         self.started_at = datetime.now(timezone.utc).isoformat(timespec="seconds")
         self.metrics: dict[str, dict[str, dict[str, Any]]] = {}
+        self.timings: dict[str, dict[str, dict[str, Any]]] = {}
         self.figures: list[str] = []
         self.notes: list[str] = []
         self.dir = paths.results_dir(self.profile, cfg)
         self.figure_dir = self.dir / "figures" / chapter
+
+    @classmethod
+    def start(cls, chapter: str, profile: str, overrides: Mapping[str, Any] | None = None) -> "ChapterRun":
+        """The first call of every chapter: load ``profile`` with ``overrides``, seed everything, fix the
+        torch threads (1 on smoke, where a kernel shares the machine with the test runner; at most 2
+        otherwise) and quieten the libraries' progress bars and warnings that would clutter the page."""
+        import torch  # noqa: PLC0415 — results is layer 1; torch is needed only by chapters
+        from diffusers.utils import logging as diffusers_logging  # noqa: PLC0415 — idem
+        from transformers.utils import logging as hf_logging  # noqa: PLC0415 — idem
+
+        cfg = load_profile(profile, dict(overrides or {}))
+        seed_everything(cfg.seed)
+        torch.set_num_threads(1 if cfg.profile_name == "smoke" else min(2, torch.get_num_threads()))
+        hf_logging.disable_progress_bar()  # no "Loading weights" bars in the book
+        hf_logging.set_verbosity_error()  # an over-long prompt's untruncated token count is checked, not an error
+        diffusers_logging.set_verbosity_error()  # "modules kept in float32: []" on every load
+        return cls(chapter, cfg)
 
     @property
     def record_path(self) -> Path:
@@ -106,6 +131,11 @@ class ChapterRun:
 
     def log_metric(self, table: str, row: str, column: str, value: Any) -> None:
         self.metrics.setdefault(table, {}).setdefault(str(row), {})[str(column)] = value
+
+    def log_timing(self, table: str, row: str, column: str, seconds: Any) -> None:
+        """A wall-clock measurement (seconds, items per minute, a time ratio): kept in the record's ``timings``,
+        apart from the metrics, because it depends on the machine and its load, not on the profile and seed."""
+        self.timings.setdefault(table, {}).setdefault(str(row), {})[str(column)] = seconds
 
     def log_table(self, table: str, frame: Any) -> None:
         """Record every cell of a pandas DataFrame (rows = index, columns = metrics)."""
@@ -131,6 +161,20 @@ class ChapterRun:
             self.figures.append(rel)
         return path
 
+    def show(self, fig: Any, name: str, dpi: int = 110) -> Path:
+        """Save ``fig`` beside the record (``save_figure``) and display it once in the notebook."""
+        import matplotlib.pyplot as plt  # noqa: PLC0415 — only chapters draw
+
+        path = self.save_figure(fig, name, dpi)
+        try:
+            from IPython.display import display  # noqa: PLC0415 — absent outside Jupyter
+        except ImportError:
+            display = None
+        if display is not None:
+            display(fig)
+        plt.close(fig)  # the inline backend would otherwise show it a second time at the end of the cell
+        return path
+
     def record(self) -> dict[str, Any]:
         seed = self.cfg.get("seed") if hasattr(self.cfg, "get") else None
         return {
@@ -142,6 +186,7 @@ class ChapterRun:
             "started_at": self.started_at,
             "wall_time_s": round(time.perf_counter() - self.started, 3),
             "metrics": self.metrics,
+            "timings": self.timings,
             "figures": self.figures,
             "notes": self.notes,
         }
