@@ -6,6 +6,8 @@ U-Net's own predictions on one batch.
 """
 from __future__ import annotations
 
+from itertools import islice
+
 import numpy as np
 import pytest
 import torch
@@ -210,3 +212,41 @@ def test_precomputed_latents_are_the_posterior_means_for_both_baselines():
     assert any(torch.allclose(batch["latents"][0], m, atol=1e-5) for m in means)
     pb = next(iter(prior_batches(model, images, images[:2], "a", "b", 2, 0.5, precompute_latents=True)))
     assert pb["latents"].shape == (4, *means.shape[1:]) and "pixel_values" not in pb
+
+
+def test_sd_finetune_flips_the_side_words_with_the_image_and_dreambooth_does_not_flip():
+    """A prompt naming a side is mirrored exactly for the flipped samples (``batch["flipped"]``)."""
+    from ctrlgen.methods.didgen.dermprompt import dermprompt_vocabulary
+
+    cfg = load_profile("smoke", {"models.image_size": SIDE, "models.mini.text_encoder.max_length": 24})
+    model = build_mini_components(cfg, build_caption_tokenizer(dermprompt_vocabulary(), model_max_length=24))
+    images = lesions(4)
+    pool = pixels(images)
+    text = lambda ids: " ".join(model.tokenizer.decode(ids, skip_special_tokens=True).split())  # noqa: E731
+    flips = []
+    for batch in islice(sdf.fixed_prompt_batches(model, images, "a lesion on the left", 2, seed=0), 8):
+        for row, ids, flipped in zip(batch["pixel_values"], batch["input_ids"], batch["flipped"]):
+            i = next(k for k in range(4) if torch.equal(row, pool[k]) or torch.equal(row, pool[k].flip(-1)))
+            assert torch.equal(row, pool[i].flip(-1) if flipped else pool[i])
+            assert text(ids) == ("a lesion on the right" if flipped else "a lesion on the left")
+            flips.append(bool(flipped))
+    assert any(flips) and not all(flips)
+    b = next(db.prior_batches(model, images, images, "a lesion on the left", "skin", 2, 1.0))
+    assert all(torch.equal(r, pool[i]) for r in b["pixel_values"] for i in [row_index(r, pool)])  # never mirrored
+
+
+@pytest.mark.parametrize("method", ["sd", "dreambooth"])
+def test_train_config_repeating_an_argument_wins_instead_of_a_duplicate_keyword_error(monkeypatch, method):
+    module = sdf if method == "sd" else db
+    seen = {}
+    monkeypatch.setattr(module, "train_diffusion", lambda model, data, tc, *a, **k: seen.setdefault("tc", tc))
+    model, images = tiny(), lesions(2)
+    extra = {"steps": 1, "lr": 0.5, "seed": 4, "weight_decay": 0.0}
+    if method == "sd":
+        sdf.sd_finetune(model, images, steps=5, batch_size=2, lr=1e-3, adam_betas=(0.8, 0.9), train_config=extra,
+                        progress=False)
+    else:
+        db.dreambooth_finetune(model, images, images, steps=5, batch_size=2, lr=1e-3, adam_betas=(0.8, 0.9),
+                               train_config=extra, progress=False)
+    tc = seen["tc"]
+    assert (tc.steps, tc.lr, tc.seed, tc.weight_decay, tc.betas, tc.eps) == (1, 0.5, 4, 0.0, (0.8, 0.9), 1e-8)

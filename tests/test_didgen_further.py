@@ -12,8 +12,17 @@ from ctrlgen.attention.maps import gaussian_smooth, text_token_softmax
 from ctrlgen.attention.prompt_to_prompt import PromptToPrompt, global_alignment, real_tokens, token_alignment
 from ctrlgen.config import load_profile
 from ctrlgen.guidance import GuidanceContext, GuidanceRefiner, TokenMap, mask_at
-from ctrlgen.methods.baselines.boxdiff import box_losses, box_masks, box_terms, corner_loss
+from ctrlgen.methods.baselines.boxdiff import (
+    BoxDiffConfig,
+    box_losses,
+    box_masks,
+    box_terms,
+    corner_loss,
+    inner_box_loss,
+    outer_box_loss,
+)
 from ctrlgen.methods.baselines.null_text_inversion import (
+    NullTextConfig,
     null_text_invert,
     sample_edits,
     sample_plain,
@@ -60,14 +69,36 @@ def test_box_losses_on_hand_made_maps():
     perfect = box_losses(box.clone(), box)
     assert all(abs(float(v)) < 1e-7 for v in perfect.values())
     outside = 1 - box
-    bad = box_losses(outside, box, topk_frac=0.5)
+    bad = box_losses(outside, box, BoxDiffConfig(topk_frac=0.5))
     assert float(bad["ib"]) == 1.0 and float(bad["ob"]) == 1.0
-    # corner loss by hand: half-height map inside the box -> normalised to 1 inside; shifted one column right
+    # corner loss by hand: the box map shifted one column right
     shifted = torch.zeros(1, 8, 8)
     shifted[0, 2:6, 3:7] = 1.0
-    # x profile: box 0,0,1,1,1,1,0,0 vs map 0,0,0,1,1,1,1,0; edge columns |i-2|<2 or |i-5|<2 -> 1,2,3,4,5,6
-    # errors at 2 and 6 -> 2/6; y profile identical -> 0; mean = 1/6
-    assert torch.isclose(corner_loss(shifted, box), torch.tensor([1 / 6]))
+    # x profile: box 0,0,1,1,1,1,0,0 vs map 0,0,0,1,1,1,1,0; edges at 2 (first inside) and 6 (just past, BoxDiff's x2)
+    # L = 1: columns |i-2| <= 1 or |i-6| <= 1 -> 1,2,3,5,6,7; errors at 2 and 6 -> 2/6; y profile equal -> 0; mean 1/6
+    assert torch.isclose(corner_loss(shifted, box, pixels=1), torch.tensor([1 / 6]))
+    # L = 0: columns 2 and 6 only, both wrong -> 1; mean with the y profile 1/2
+    assert torch.isclose(corner_loss(shifted, box, pixels=0), torch.tensor([0.5]))
+
+
+def test_topk_is_per_sample_so_a_sample_scores_the_same_alone_and_in_a_batch():
+    """k = ⌊P·area⌋ of each sample (BoxDiff's code runs per image). By hand, P = 0.5: a 5-pixel box holding
+    0.5, 0.4, 0.3, 0.2, 0.1 -> k = 2, L_IB = 1 − (0.5 + 0.4)/2 = 0.55; a 2-pixel box holding 0.6, 0.2 -> k = 1,
+    L_IB = 0.4. (Taking k from the smallest box of the batch gave the first sample k = 1 and 0.5.)"""
+    maps, box = torch.zeros(2, 4, 4), torch.zeros(2, 4, 4)
+    box[0, 0, :4], box[0, 1, 0] = 1, 1
+    maps[0, 0, :4], maps[0, 1, 0] = torch.tensor([0.5, 0.4, 0.3, 0.2]), 0.1
+    box[1, 3, 2:4], maps[1, 3, 2:4] = 1, torch.tensor([0.6, 0.2])
+    maps[1, 0, 0] = 0.9  # outside its box
+    both = inner_box_loss(maps, box, 0.5)
+    torch.testing.assert_close(both, torch.tensor([0.55, 0.4]))
+    for i in range(2):
+        torch.testing.assert_close(inner_box_loss(maps[i:i + 1], box[i:i + 1], 0.5), both[i:i + 1])
+        torch.testing.assert_close(outer_box_loss(maps[i:i + 1], box[i:i + 1], 0.5), outer_box_loss(maps, box, 0.5)[i:i + 1])
+    # outside of sample 1: 14 pixels -> k = 7, the top 7 are 0.9 and six zeros -> 0.9 / 7
+    torch.testing.assert_close(outer_box_loss(maps, box, 0.5)[1], torch.tensor(0.9 / 7))
+    with pytest.raises(ValueError, match="topk_frac"):
+        BoxDiffConfig(topk_frac=0.0)
 
 
 def test_customisation_changes_only_the_chosen_attribute():
@@ -98,13 +129,35 @@ def test_null_text_inversion_reconstructs_better_than_plain_ddim_inversion():
     g = torch.Generator().manual_seed(0)
     z0 = torch.randn(1, 4, 16, 16, generator=g)
     cond, uncond = torch.randn(1, 7, 32, generator=g), torch.randn(1, 7, 32, generator=g)
-    inv = null_text_invert(unet, SCHEDULE, z0, cond, uncond, num_steps=4, guidance_scale=7.5, inner_steps=15, lr=5e-2)
+    inv = null_text_invert(unet, SCHEDULE, z0, cond, uncond, num_steps=4, guidance_scale=7.5,
+                           config=NullTextConfig(inner_steps=15, lr=5e-2))
     assert len(inv.null_embeddings) == 4 and inv.timesteps == sorted(inv.timesteps, reverse=True)
     rec = sample_with_nulls(unet, SCHEDULE, inv, None, 7.5)
     plain = sample_plain(unet, SCHEDULE, inv.z_T, cond, uncond, 4, 7.5)
     err_nt, err_plain = float((rec - z0).norm()), float((plain - z0).norm())
     print("null-text vs plain reconstruction error:", err_nt, err_plain)
     assert err_nt < 0.7 * err_plain
+
+
+def test_null_text_learning_rate_decays_per_step_as_in_the_authors_code(monkeypatch):
+    """Adam's lr at sampling step i is lr·(1 − i/100) (null_text_w_ptp.ipynb: ``lr=1e-2 * (1. - i / 100.)``)."""
+    lrs = []
+    real = torch.optim.Adam
+
+    class Spy(real):
+        def __init__(self, params, lr, **kw):
+            lrs.append(lr)
+            super().__init__(params, lr=lr, **kw)
+
+    monkeypatch.setattr(torch.optim, "Adam", Spy)
+    g = torch.Generator().manual_seed(0)
+    z0, cond, uncond = torch.randn(1, 4, 16, 16, generator=g), torch.randn(1, 7, 32, generator=g), torch.randn(1, 7, 32, generator=g)
+    null_text_invert(tiny_unet(), SCHEDULE, z0, cond, uncond, num_steps=4, config=NullTextConfig(inner_steps=1))
+    assert lrs == pytest.approx([1e-2, 1e-2 * 0.99, 1e-2 * 0.98, 1e-2 * 0.97])
+    assert NullTextConfig(lr=0.1, lr_decay_steps=4).lr_at(6) == 0.0  # floored, never negative
+    cfg = NullTextConfig.from_profile(load_profile("full"))
+    assert (cfg.inner_steps, cfg.lr, cfg.lr_decay_steps, cfg.early_stop, cfg.early_stop_slope) == (10, 1e-2, 100, 1e-5, 2e-5)
+    assert (cfg.cross_replace_fraction, cfg.self_replace_fraction) == (0.8, 0.5)
 
 
 # -- end to end on a tiny random model -----------------------------------------------------------------
@@ -129,9 +182,9 @@ def test_box_terms_are_box_losses_per_sample():
     tmap = TokenMap(2, (6, 5), cross_res=8)
     box = box_masks([(0.1, 0.1, 0.5, 0.6), (0.4, 0.3, 0.9, 0.9)], 8)
     ctx = GuidanceContext(store, torch.zeros(2, 4, 8, 8), 500, 0)
-    values = {t.name: t(ctx) for t in box_terms(box, tmap, topk_frac=0.5, corner_width=1)}
+    values = {t.name: t(ctx) for t in box_terms(box, tmap, BoxDiffConfig(topk_frac=0.5, corner_pixels=1))}
     a = torch.stack([gaussian_smooth(text_token_softmax(cross[i], last, 100.0)[..., 2], 3, 0.5) for i, last in enumerate((6, 5))])
-    ref = box_losses(a, box, topk_frac=0.5, width=1)
+    ref = box_losses(a, box, BoxDiffConfig(topk_frac=0.5, corner_pixels=1))
     assert set(values) == {"ib", "ob", "cc"} and all(v.shape == (2,) for v in values.values())
     for name in ref:
         torch.testing.assert_close(values[name].mean(), ref[name])
@@ -221,7 +274,9 @@ def test_p2p_processor_replaces_attention_probabilities_as_hertz_et_al():
         before = unet.attn_processors
         with PromptToPrompt(unet, [(mapper, alpha)], num_steps=10, cross_replace_fraction=0.5,
                             self_replace_fraction=0.3) as p2p:
-            assert all(type(p).__name__ == "_P2PProcessor" for p in unet.attn_processors.values())
+            # the layers P2P selects: every cross layer and every self layer of at most 32x32 queries; tiny_unet has
+            # 7 transformer blocks (2 down, 1 mid, 4 up) on a 16x16 latent -> 7 cross + 7 self, all swapped
+            assert sum(type(p).__name__ == "_P2PProcessor" for p in unet.attn_processors.values()) == 14
             p2p.step = 2  # cross and self replaced
             got_c, got_s = cross(x, encoder_hidden_states=ctx), selfa(x)
             p2p.step = 3  # self no longer (⌊0.3·10⌋ = 3), cross still
@@ -231,6 +286,10 @@ def test_p2p_processor_replaces_attention_probabilities_as_hertz_et_al():
         p2p_small = PromptToPrompt(unet, [(mapper, alpha)], 10, 1.0, 1.0, self_max_pixels=8 * 8)
         with p2p_small:
             big_s = selfa(x)  # 16x16 queries > 8x8: left alone
+            # 7 cross + the 4 self layers at 8x8 (down 1, mid, up 0 twice); the 3 at 16x16 keep their processor
+            swapped = {k for k, p in unet.attn_processors.items() if type(p).__name__ == "_P2PProcessor"}
+            assert len(swapped) == 11 and sum(".attn1." in k for k in swapped) == 4
+            assert not any(k.startswith(("down_blocks.0.", "up_blocks.1.")) and ".attn1." in k for k in swapped)
     assert torch.allclose(got_c, ref_c, atol=1e-5) and torch.allclose(got_s, ref_s, atol=1e-5)
     assert torch.allclose(got_c[:3], plain_c[:3], atol=1e-5) and not torch.allclose(got_c[3], plain_c[3], atol=1e-3)
     assert torch.allclose(late_s, plain_s, atol=1e-5) and torch.allclose(late_c, plain_c, atol=1e-5)
@@ -277,6 +336,18 @@ def test_edit_real_image_shapes_and_p2p_limits():
     assert (zero[0] - full[0]).abs().max() < 1e-4  # the reconstruction row is never edited
     recon_only, _ = fc.edit_real_image(model, image, SRC, [], num_steps=4, inner_steps=3)
     assert recon_only.shape == (1, 3, 32, 32) and (recon_only[0] - full[0]).abs().max() < 1e-4
+    with pytest.raises(TypeError, match="unknown setting.*'inner_step'"):
+        fc.edit_real_image(model, image, SRC, [SWAP], num_steps=2, inner_step=3)
+
+
+def test_edit_real_image_at_another_latent_size_than_the_unets_sample_size():
+    """A 48-px image (12x12 latent) on a U-Net configured for 8x8: the P2P swap is sized for the image's latent
+    (before, it assumed ``sample_size`` and its latent-size check refused the call)."""
+    model = tiny_sd()
+    assert model.unet.config.sample_size == 8
+    image = (np.random.default_rng(3).uniform(size=(48, 48, 3)) * 255).astype(np.uint8)
+    out, inv = fc.edit_real_image(model, image, SRC, [SWAP], num_steps=3, inner_steps=1)
+    assert out.shape == (2, 3, 48, 48) and inv.z_T.shape == (1, 4, 12, 12)
 
 
 def test_p2p_word_swap_edit_stays_closer_to_the_reconstruction():
@@ -290,7 +361,8 @@ def test_p2p_word_swap_edit_stays_closer_to_the_reconstruction():
         with torch.no_grad():
             z0 = model.encode_images(torch.from_numpy(real_image(seed)).float().permute(2, 0, 1)[None] / 127.5 - 1)
             cond, uncond, edit = model.encode_prompt([SRC]), model.encode_prompt([""]), model.encode_prompt([SWAP])
-        inv = null_text_invert(model.unet, model.scheduler_config, z0, cond, uncond, num_steps=5, inner_steps=5)
+        inv = null_text_invert(model.unet, model.scheduler_config, z0, cond, uncond, num_steps=5,
+                               config=NullTextConfig(inner_steps=5))
         rec = sample_with_nulls(model.unet, model.scheduler_config, inv, None)
         plain = sample_with_nulls(model.unet, model.scheduler_config, inv, edit)
         with PromptToPrompt.for_prompts(model.unet, model.tokenize([SRC]), model.tokenize([SWAP]),

@@ -92,3 +92,22 @@ def test_batched_generation_on_a_tiny_model():
     assert torch.equal(again.images, res.images)  # same seed, same pairs
     with pytest.raises(ValueError, match="'<lesion>' does not occur in the prompt 'an image of skin'"):
         gen.generate(masks[:1], ["an image of skin"])
+
+
+def test_mask_augmentation_is_a_switch_real_masks_as_they_are_or_augmented():
+    """``augment`` false (the thesis): the conditioning masks are the real masks, resized only; true (the book's
+    default): flipped / rotated / scaled copies of the same source masks."""
+    from skimage.transform import resize
+
+    masks = np.stack([disk_mask(64, 10, 20, 24), disk_mask(64, 14, 40, 30), disk_mask(64, 8, 30, 44)])
+    thesis = PairConfig.from_profile(load_profile("smoke", {"didgen.pairs.augment": False}))
+    book = PairConfig.from_profile(load_profile("smoke"))
+    assert (thesis.augment_masks, book.augment_masks, book.augment_scale) == (False, True, (0.8, 1.2))
+    real, src, counts = thesis.condition_masks(masks, 6, size=32, seed=0)
+    by_hand = np.stack([resize(m.astype(np.float32), (32, 32), order=0, anti_aliasing=False) > 0.5 for m in masks])
+    assert np.array_equal(real, by_hand[src]) and counts == {"skipped_unusable": 0, "kept_unaugmented": 0}
+    aug, src_aug, _ = book.condition_masks(masks, 6, size=32, seed=0)
+    assert np.array_equal(src_aug, src)  # the same source masks, drawn by the same seed
+    assert sum(not np.array_equal(a, r) for a, r in zip(aug, real)) >= 5
+    with pytest.raises(ValueError, match="augment_scale"):
+        PairConfig(augment_scale=(1.2, 0.8))

@@ -1,6 +1,7 @@
 """Training loop: parameter selection, losses reaching the right weights, checkpoint/resume, VAE."""
 from __future__ import annotations
 
+import pytest
 import torch
 
 from ctrlgen.config import load_profile
@@ -97,3 +98,31 @@ def test_train_vae_sets_latent_scale():
         z = torch.cat([model.vae.encode(b["pixel_values"]).latent_dist.mode().flatten() for b in data])
     assert res.scaling_factor == model.vae.config.scaling_factor
     assert abs(res.scaling_factor - 1 / z.std().item()) < 1e-4 * res.scaling_factor
+
+
+def test_train_config_from_merges_with_train_config_winning_and_names_unknown_keys():
+    from ctrlgen.training import train_config_from
+
+    tc = train_config_from({"steps": 10, "lr": 1e-5, "seed": 3}, {"lr": 2e-4, "mixed_precision": "bf16", "betas": [0.8, 0.99]})
+    assert (tc.steps, tc.lr, tc.seed, tc.mixed_precision, tc.betas) == (10, 2e-4, 3, "bf16", (0.8, 0.99))
+    assert train_config_from({"steps": 10}, None) == TrainConfig(steps=10)
+    with pytest.raises(ValueError, match=r"unknown training setting\(s\) \['learning_rate'\].*lr"):
+        train_config_from({"steps": 1}, {"learning_rate": 1.0})
+
+
+def test_adamw_gets_the_configured_betas_and_eps(monkeypatch):
+    import ctrlgen.training.loop as loop
+
+    seen = {}
+    real = torch.optim.AdamW
+
+    class Spy(real):
+        def __init__(self, params, **kw):
+            seen.update(kw)
+            super().__init__(params, **kw)
+
+    monkeypatch.setattr(loop.torch.optim, "AdamW", Spy)
+    model, _ = tiny_model()
+    tp = select_trainable(model.unet, model.text_encoder, mode="custom_diffusion")
+    train_diffusion(model, batches(model), TrainConfig(steps=1, lr=1e-3, betas=(0.7, 0.95), eps=1e-6, progress=False), tp)
+    assert seen["betas"] == (0.7, 0.95) and seen["eps"] == 1e-6 and seen["lr"] == 1e-3

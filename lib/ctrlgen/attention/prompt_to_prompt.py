@@ -17,8 +17,11 @@ under guidance, the whole batch without). At sampling step i of N:
 * self-attention, i < ⌊self_replace_fraction·N⌋: M*_t ← M_t in layers with at most
   ``self_max_pixels`` queries (the released Null-text + P2P code: 32×32).
 
-The edited probabilities multiply the edited branch's own values V*. Defaults 0.8 / 0.4 are the
-values of the Stable Diffusion examples released with Hertz et al. (2022). ``PromptToPrompt`` is a
+The edited probabilities multiply the edited branch's own values V*. The constructor's defaults 0.8 / 0.4
+are the word-swap example of the Stable Diffusion notebook released with Hertz et al. (2022)
+(google/prompt-to-prompt ``prompt-to-prompt_stable.ipynb``); the book's real-image edits pass the profile's
+fractions instead (``didgen.eval.edit_cross_replace_fraction`` / ``edit_self_replace_fraction``, through
+``methods.baselines.null_text_inversion.NullTextConfig``: 0.8 / 0.5, the null-text notebook's edits). ``PromptToPrompt`` is a
 ``processor.ProcessorSwap``: its processor (which overrides only the attention step of
 ``processor.AttentionProcessorBase``) goes on the layers it edits only, and the originals are restored
 on exit, also after an exception.

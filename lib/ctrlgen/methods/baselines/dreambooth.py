@@ -10,6 +10,9 @@ Each batch holds ``batch_size`` instance and ``batch_size`` class samples; per-s
 2λ in ``train_diffusion``'s mean give exactly the sum above. The whole U-Net is trained (as in the
 paper's SD implementation without text-encoder training). The class prompt is this book's choice
 (the thesis does not give it): profile ``didgen.baselines.dreambooth_class_prompt``.
+
+No flips: instance and class images are drawn as they are (Ruiz et al.'s training uses none), so the
+fixed prompts never disagree with the image.
 """
 from __future__ import annotations
 
@@ -23,7 +26,7 @@ from ctrlgen.data.tensors import image_tensor
 from ctrlgen.methods.baselines.sd_finetune import PROMPT
 from ctrlgen.models.sd import SDComponents
 from ctrlgen.sampling import text_to_image
-from ctrlgen.training import TrainConfig, TrainResult, select_trainable, train_diffusion
+from ctrlgen.training import TrainResult, select_trainable, train_config_from, train_diffusion
 
 CLASS_PROMPT = "An image of skin."
 
@@ -65,14 +68,18 @@ def dreambooth_finetune(model: SDComponents, images: np.ndarray, class_images: n
                         batch_size: int, lr: float = 1e-5, weight_decay: float = 1e-2, prior_weight: float = 1.0,
                         instance_prompt: str = PROMPT, class_prompt: str = CLASS_PROMPT, seed: int = 0,
                         output_dir: str = "", train_config: Mapping[str, Any] | None = None,
-                        progress: bool = True, precompute_latents: bool = False) -> TrainResult:
-    """Finetune ``model``'s U-Net in place with prior preservation (class images from ``generate_class_images``)."""
+                        progress: bool = True, precompute_latents: bool = False,
+                        adam_betas: tuple[float, float] = (0.9, 0.999), adam_eps: float = 1e-8) -> TrainResult:
+    """Finetune ``model``'s U-Net in place with prior preservation (class images from ``generate_class_images``).
+
+    AdamW with ``adam_betas``/``adam_eps`` (profile ``didgen.finetune``, §4.7.2). ``train_config``: extra
+    ``TrainConfig`` fields, winning over the arguments on a key both set (``ctrlgen.training.train_config_from``)."""
     if len(class_images) == 0:
         raise ValueError("DreamBooth needs class images: generate_class_images(base model, class prompt, n, ...)")
-    trainable = select_trainable(model.unet, model.text_encoder, mode="full", weight_decay=weight_decay)
-    tc = TrainConfig(steps=steps, lr=lr, weight_decay=weight_decay, output_dir=output_dir, seed=seed,
-                     progress=progress, **dict(train_config or {}))
-    data = prior_batches(model, images, class_images, instance_prompt, class_prompt, batch_size, prior_weight, seed,
+    tc = train_config_from(dict(steps=steps, lr=lr, weight_decay=weight_decay, betas=tuple(adam_betas), eps=adam_eps,
+                                output_dir=output_dir, seed=seed, progress=progress), train_config)
+    trainable = select_trainable(model.unet, model.text_encoder, mode="full", weight_decay=tc.weight_decay)
+    data = prior_batches(model, images, class_images, instance_prompt, class_prompt, batch_size, prior_weight, tc.seed,
                          precompute_latents)
     result = train_diffusion(model, data, tc, trainable)
     model.unet.requires_grad_(False)

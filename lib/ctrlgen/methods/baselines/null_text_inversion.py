@@ -2,10 +2,14 @@
 
 1. DDIM inversion of the image's latent z*_0 with its prompt C at guidance scale 1
    (``ctrlgen.inversion.ddim_invert``): the pivot trajectory z*_0 … z*_T.
-2. From z̄_T = z*_T, for each sampling step t (T → 1): starting from the previous step's embedding,
+2. From z̄_T = z*_T, for each sampling step i (t: T → 1): starting from the previous step's embedding,
    optimise the unconditional ("null-text") embedding ∅_t with Adam for ``inner_steps`` iterations on
-   ‖z*_{t−1} − DDIM(z̄_t, t; ε_∅t + w (ε_C − ε_∅t))‖² (early stop below ``early_stop + 2e-5·i``), then
-   z̄_{t−1} = that step with the optimised ∅_t. Guidance scale w = 7.5 as in the paper.
+   ‖z*_{t−1} − DDIM(z̄_t, t; ε_∅t + w (ε_C − ε_∅t))‖², at learning rate ``lr·(1 − i/lr_decay_steps)``,
+   stopping early once the loss is below ``early_stop + early_stop_slope·i``; then z̄_{t−1} = that step
+   with the optimised ∅_t. Guidance scale w = 7.5 as in the paper. The settings are ``NullTextConfig``,
+   defaults those of the authors' code (google/prompt-to-prompt ``null_text_w_ptp.ipynb``:
+   ``Adam(lr=1e-2 * (1. - i / 100.))``, ``num_inner_steps=10``, ``early_stop_epsilon=1e-5``,
+   ``loss_item < epsilon + i * 2e-5``).
 3. Sampling from z*_T with the per-step ∅_t and the prompt C reconstructs the image; with an edited
    prompt (e.g. a benign lesion's prompt changed to melanoma-like colours) it edits it.
 4. Edits use Prompt-to-Prompt attention control (Hertz et al., 2022), as Mokady et al. combine it
@@ -13,7 +17,8 @@
    the reconstruction and the edited branches share one batched U-Net call per step, and the edited
    branches take the source's cross-attention maps for the first ``cross_replace_fraction`` of the
    steps (word swap for prompts of equal token count, refinement alignment otherwise) and its
-   self-attention maps for the first ``self_replace_fraction`` (defaults 0.8 / 0.4). ``p2p=False``
+   self-attention maps for the first ``self_replace_fraction`` (``NullTextConfig``: 0.8 / 0.5, the
+   notebook's edits: ``cross_replace_steps = {'default_': .8}``, ``self_replace_steps = .5``). ``p2p=False``
    re-samples with the edited prompt only.
 """
 from __future__ import annotations
@@ -32,6 +37,38 @@ from ctrlgen.models.sd import SDComponents
 from ctrlgen.sampling import decode_images, predict_noise
 
 
+@dataclass(frozen=True)
+class NullTextConfig:
+    """Null-text inversion and Prompt-to-Prompt editing settings (module docstring; profile ``didgen.eval.edit_*``)."""
+
+    inner_steps: int = 10
+    lr: float = 1e-2
+    lr_decay_steps: int = 100
+    early_stop: float = 1e-5
+    early_stop_slope: float = 2e-5
+    cross_replace_fraction: float = 0.8
+    self_replace_fraction: float = 0.5
+
+    def __post_init__(self):
+        if self.inner_steps < 1 or self.lr_decay_steps < 1 or self.lr <= 0:
+            raise ValueError(f"null-text inversion needs inner_steps >= 1, lr_decay_steps >= 1 and lr > 0: {self}")
+
+    @classmethod
+    def from_profile(cls, cfg: Mapping[str, Any], **overrides: Any) -> "NullTextConfig":
+        """From ``didgen.eval.edit_inner_steps``, ``edit_lr``, ... ; ``overrides`` replace fields."""
+        e = cfg["didgen"]["eval"]
+        kw = dict(inner_steps=int(e["edit_inner_steps"]), lr=float(e["edit_lr"]),
+                  lr_decay_steps=int(e["edit_lr_decay_steps"]), early_stop=float(e["edit_early_stop"]),
+                  early_stop_slope=float(e["edit_early_stop_slope"]),
+                  cross_replace_fraction=float(e["edit_cross_replace_fraction"]),
+                  self_replace_fraction=float(e["edit_self_replace_fraction"]))
+        return cls(**{**kw, **overrides})
+
+    def lr_at(self, i: int) -> float:
+        """Adam's learning rate at sampling step ``i`` (0-based): lr·(1 − i/lr_decay_steps), floored at 0."""
+        return self.lr * max(0.0, 1.0 - i / self.lr_decay_steps)
+
+
 @dataclass
 class NullTextInversion:
     """Result: the pivot z*_T, the per-step null embeddings (in sampling order) and the optimisation losses."""
@@ -45,9 +82,9 @@ class NullTextInversion:
 
 def null_text_invert(unet: torch.nn.Module, scheduler_config: Mapping[str, Any], latents: torch.Tensor,
                      cond: torch.Tensor, uncond: torch.Tensor, num_steps: int = 50, guidance_scale: float = 7.5,
-                     inner_steps: int = 10, lr: float = 1e-2, early_stop: float = 1e-5,
-                     progress: bool = False) -> NullTextInversion:
-    """Invert clean latents ``(B, C, h, w)`` (all with the same ``cond`` batch ``(B, L, D)``) as above."""
+                     config: NullTextConfig = NullTextConfig(), progress: bool = False) -> NullTextInversion:
+    """Invert clean latents ``(B, C, h, w)`` (all with the same ``cond`` batch ``(B, L, D)``) as above, with the
+    inner loop of ``config`` (its replace fractions are not used here)."""
     inv = ddim_invert(unet, scheduler_config, latents, cond, num_steps=num_steps, progress=progress)
     pivots = inv.latents[::-1]  # z*_T, ..., z*_0 in sampling order
     sched = make_scheduler("ddim", dict(scheduler_config))
@@ -63,9 +100,9 @@ def null_text_invert(unet: torch.nn.Module, scheduler_config: Mapping[str, Any],
         with torch.no_grad():
             eps_c = unet(z, t, encoder_hidden_states=cond).sample
         null = null.detach().requires_grad_(True)
-        opt = torch.optim.Adam([null], lr=lr)
+        opt = torch.optim.Adam([null], lr=config.lr_at(i))
         loss_v = float("nan")
-        for j in range(inner_steps):
+        for _ in range(config.inner_steps):
             eps_u = unet(z, t, encoder_hidden_states=null).sample
             eps = eps_u + guidance_scale * (eps_c - eps_u)
             prev = sched.step(eps, t, z).prev_sample
@@ -74,7 +111,7 @@ def null_text_invert(unet: torch.nn.Module, scheduler_config: Mapping[str, Any],
             loss.backward()
             opt.step()
             loss_v = float(loss.detach())
-            if loss_v < early_stop + 2e-5 * i:
+            if loss_v < config.early_stop + config.early_stop_slope * i:
                 break
         null = null.detach()
         nulls.append(null.clone())
@@ -136,23 +173,23 @@ def sample_edits(unet: torch.nn.Module, scheduler_config: Mapping[str, Any], inv
 
 
 def edit_image(model: SDComponents, image: torch.Tensor, prompt: str, edited_prompts: Sequence[str],
-               num_steps: int = 50, guidance_scale: float = 7.5, inner_steps: int = 10, p2p: bool = True,
-               cross_replace_fraction: float = 0.8, self_replace_fraction: float = 0.4,
-               alignment: AlignMode = "auto") -> tuple[torch.Tensor, NullTextInversion]:
+               num_steps: int = 50, guidance_scale: float = 7.5, config: NullTextConfig = NullTextConfig(),
+               p2p: bool = True, alignment: AlignMode = "auto") -> tuple[torch.Tensor, NullTextInversion]:
     """Edit one real image ``(1, 3, H, W)`` in [-1, 1] of ``model``: null-text inversion with ``prompt``, then
-    one sample per edited prompt — with Prompt-to-Prompt control (module docstring, step 4) unless
-    ``p2p=False``. Returns images ``(1 + E, 3, H, W)`` in [0, 1]: the reconstruction first, then the edits."""
+    one sample per edited prompt — with Prompt-to-Prompt control (module docstring, step 4; its layers sized for
+    this image's latent) unless ``p2p=False``. Returns images ``(1 + E, 3, H, W)`` in [0, 1]: the reconstruction
+    first, then the edits."""
     with torch.no_grad():
         z0 = model.encode_images(image)
         cond, uncond = model.encode_prompt([prompt]), model.encode_prompt([""])
         edits = model.encode_prompt(list(edited_prompts)) if edited_prompts else None
-    inv = null_text_invert(model.unet, model.scheduler_config, z0, cond, uncond, num_steps, guidance_scale,
-                           inner_steps)
+    inv = null_text_invert(model.unet, model.scheduler_config, z0, cond, uncond, num_steps, guidance_scale, config)
     if edits is not None and p2p:
         ctrl = PromptToPrompt.for_prompts(model.unet, model.tokenize([prompt]), model.tokenize(list(edited_prompts)),
                                           model.tokenizer.eos_token_id, num_steps, alignment,
-                                          cross_replace_fraction=cross_replace_fraction,
-                                          self_replace_fraction=self_replace_fraction)
+                                          cross_replace_fraction=config.cross_replace_fraction,
+                                          self_replace_fraction=config.self_replace_fraction,
+                                          latent_size=tuple(z0.shape[-2:]))
         with ctrl:
             z = sample_edits(model.unet, model.scheduler_config, inv, edits, guidance_scale, ctrl)
     else:
@@ -163,4 +200,4 @@ def edit_image(model: SDComponents, image: torch.Tensor, prompt: str, edited_pro
     return decode_images(model, z), inv
 
 
-__all__ = ["NullTextInversion", "null_text_invert", "sample_with_nulls", "sample_plain", "sample_edits", "edit_image"]
+__all__ = ["NullTextConfig", "NullTextInversion", "null_text_invert", "sample_with_nulls", "sample_plain", "sample_edits", "edit_image"]

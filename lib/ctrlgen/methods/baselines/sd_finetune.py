@@ -1,7 +1,9 @@
 """SD-finetune baseline of Table 4.1 (§4.4.2): the whole U-Net finetuned with L_rec only on one fixed
 prompt, "An image of lesion on skin." — no placeholder tokens, no DermPrompt, no attention loss.
 Same data, steps, batch, lr and optimizer as the region-aware model (§4.7.2), through
-``ctrlgen.training.train_diffusion``."""
+``ctrlgen.training.train_diffusion``. Pixel batches are flipped horizontally as the region-aware
+finetuning's are, the prompt's side words with them (``ctrlgen.training.mirror_sides``; the thesis's
+fixed prompt has none, so it never changes)."""
 from __future__ import annotations
 
 from collections.abc import Iterator, Mapping
@@ -12,7 +14,16 @@ import torch
 
 from ctrlgen.data.tensors import image_tensor
 from ctrlgen.models.sd import SDComponents
-from ctrlgen.training import TrainConfig, TrainResult, select_trainable, train_diffusion
+from ctrlgen.training import (
+    TrainResult,
+    flip_where,
+    mirrored_ids,
+    pick_where,
+    random_flips,
+    select_trainable,
+    train_config_from,
+    train_diffusion,
+)
 
 PROMPT = "An image of lesion on skin."
 
@@ -26,7 +37,7 @@ def fixed_prompt_batches(model: SDComponents, images: np.ndarray, prompt: str, b
     a latent per step, the SD convention)."""
     pix = image_tensor(images)
     lat = model.encode_dataset(pix) if precompute_latents else None
-    ids = model.tokenize([prompt])
+    ids, ids_mirrored = mirrored_ids(model.tokenize, [prompt])
     rng = np.random.default_rng(seed)
     n = len(pix)
     while True:
@@ -36,22 +47,24 @@ def fixed_prompt_batches(model: SDComponents, images: np.ndarray, prompt: str, b
             if lat is not None:
                 yield {"latents": lat[idx], "input_ids": ids.expand(len(idx), -1)}
                 continue
-            x = pix[idx]
-            if hflip:
-                flip = torch.as_tensor(rng.uniform(size=len(idx)) < 0.5)
-                x = torch.where(flip[:, None, None, None], x.flip(-1), x)
-            yield {"pixel_values": x, "input_ids": ids.expand(len(idx), -1)}
+            flip = random_flips(rng, len(idx)) if hflip else torch.zeros(len(idx), dtype=torch.bool)
+            yield {"pixel_values": flip_where(flip, pix[idx]), "flipped": flip,
+                   "input_ids": pick_where(flip, ids.expand(len(idx), -1), ids_mirrored.expand(len(idx), -1))}
 
 
 def sd_finetune(model: SDComponents, images: np.ndarray, steps: int, batch_size: int, lr: float = 1e-5,
                 weight_decay: float = 1e-2, prompt: str = PROMPT, seed: int = 0, output_dir: str = "",
                 train_config: Mapping[str, Any] | None = None, progress: bool = True,
-                precompute_latents: bool = False) -> TrainResult:
-    """Finetune ``model``'s U-Net in place on ``images`` with ``prompt`` (L_rec, Eq. 4.3)."""
-    trainable = select_trainable(model.unet, model.text_encoder, mode="full", weight_decay=weight_decay)
-    tc = TrainConfig(steps=steps, lr=lr, weight_decay=weight_decay, output_dir=output_dir, seed=seed,
-                     progress=progress, **dict(train_config or {}))
-    data = fixed_prompt_batches(model, images, prompt, batch_size, seed, precompute_latents=precompute_latents)
+                precompute_latents: bool = False, adam_betas: tuple[float, float] = (0.9, 0.999),
+                adam_eps: float = 1e-8) -> TrainResult:
+    """Finetune ``model``'s U-Net in place on ``images`` with ``prompt`` (L_rec, Eq. 4.3).
+
+    AdamW with ``adam_betas``/``adam_eps`` (profile ``didgen.finetune``, §4.7.2). ``train_config``: extra
+    ``TrainConfig`` fields, winning over the arguments on a key both set (``ctrlgen.training.train_config_from``)."""
+    tc = train_config_from(dict(steps=steps, lr=lr, weight_decay=weight_decay, betas=tuple(adam_betas), eps=adam_eps,
+                                output_dir=output_dir, seed=seed, progress=progress), train_config)
+    trainable = select_trainable(model.unet, model.text_encoder, mode="full", weight_decay=tc.weight_decay)
+    data = fixed_prompt_batches(model, images, prompt, batch_size, tc.seed, precompute_latents=precompute_latents)
     result = train_diffusion(model, data, tc, trainable)
     model.unet.requires_grad_(False)
     return result

@@ -13,7 +13,7 @@
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import replace
+from dataclasses import fields, replace
 from typing import Any
 
 import numpy as np
@@ -21,8 +21,8 @@ import torch
 
 from ctrlgen.attention.prompt_to_prompt import AlignMode
 from ctrlgen.guidance import TokenMap
-from ctrlgen.methods.baselines.boxdiff import box_guidance, box_masks
-from ctrlgen.methods.baselines.null_text_inversion import NullTextInversion, edit_image
+from ctrlgen.methods.baselines.boxdiff import BoxDiffConfig, box_guidance, box_masks
+from ctrlgen.methods.baselines.null_text_inversion import NullTextConfig, NullTextInversion, edit_image
 from ctrlgen.methods.didgen.dermprompt import (
     DROP_ORDER,
     LESION_COLOURS,
@@ -78,34 +78,40 @@ def customise(model: SDComponents, base: DermAttributes, attribute: str, values:
 
 def box_guided_generate(model: SDComponents, prompts: Sequence[str], boxes: Sequence[Sequence[float]], num_steps: int,
                         guidance_scale: float, eta: float, guidance_fraction: float, cross_res: int,
-                        lesion_token: str = "<lesion>", seed: int = 0, topk_frac: float = 0.8, corner_width: int = 2,
+                        lesion_token: str = "<lesion>", seed: int = 0, box: BoxDiffConfig = BoxDiffConfig(),
                         smoothing: Mapping[str, Any] | None = None) -> tuple[torch.Tensor, list[dict[str, float]]]:
     """Fig. 4.9: images whose lesion follows boxes ``(x0, y0, x1, y1)`` (image fractions), one box per prompt.
 
-    Returns images ``(B, 3, H, W)`` in [0, 1] and the guidance loss history (``ib``, ``ob``, ``cc``)."""
+    ``box``: BoxDiff's P and L (``BoxDiffConfig.from_profile``). Returns images ``(B, 3, H, W)`` in [0, 1] and the
+    guidance loss history (``ib``, ``ob``, ``cc``)."""
     if len(prompts) != len(boxes):
         raise ValueError("give one box per prompt")
     loc = locate_tokens(model.tokenizer, list(prompts), lesion_token)
     sm = dict(smoothing or {})
     tmap = TokenMap(loc.position(lesion_token), tuple(loc.ends.tolist()), cross_res, float(sm.get("softmax_scale", 100.0)),
                     int(sm.get("kernel", 3)), float(sm.get("sigma", 0.5)))
-    guide = box_guidance(box_masks(boxes, cross_res), tmap, eta, guidance_fraction, topk_frac, corner_width)
+    guide = box_guidance(box_masks(boxes, cross_res), tmap, eta, guidance_fraction, box)
     images = text_to_image(model, prompts, num_steps=num_steps, guidance_scale=guidance_scale, seed=seed,
                            refiner=guide).images
     return images, guide.history
 
 
 def edit_real_image(model: SDComponents, image: np.ndarray, prompt: str, edited_prompts: Sequence[str], num_steps: int,
-                    guidance_scale: float = 7.5, inner_steps: int = 10, p2p: bool = True,
-                    cross_replace_fraction: float = 0.8, self_replace_fraction: float = 0.4,
-                    alignment: AlignMode = "auto") -> tuple[torch.Tensor, NullTextInversion]:
+                    guidance_scale: float = 7.5, config: NullTextConfig | None = None, p2p: bool = True,
+                    alignment: AlignMode = "auto", **overrides: Any) -> tuple[torch.Tensor, NullTextInversion]:
     """Fig. 4.10: a real image ``(H, W, 3)`` uint8 at the model's resolution, edited by prompt after
     Null-text inversion, with Prompt-to-Prompt attention control unless ``p2p=False``
-    (``ctrlgen.methods.baselines.null_text_inversion.edit_image``). Returns ``(1 + E, 3, H, W)`` in [0, 1]
-    (reconstruction, then the edits)."""
+    (``ctrlgen.methods.baselines.null_text_inversion.edit_image``). ``config``: the inversion and P2P settings
+    (``NullTextConfig.from_profile``; default the authors' code's); keyword ``overrides`` replace its fields
+    (e.g. ``inner_steps=3``; an unknown name raises). Returns ``(1 + E, 3, H, W)`` in [0, 1] (reconstruction,
+    then the edits)."""
+    unknown = set(overrides) - {f.name for f in fields(NullTextConfig)}
+    if unknown:
+        raise TypeError(f"edit_real_image: unknown setting(s) {sorted(unknown)}; NullTextConfig fields are "
+                        f"{', '.join(f.name for f in fields(NullTextConfig))}")
+    config = replace(config or NullTextConfig(), **overrides)
     x = torch.from_numpy(np.ascontiguousarray(image)).float().permute(2, 0, 1)[None] / 255.0 * 2 - 1
-    return edit_image(model, x.to(model.device), prompt, edited_prompts, num_steps, guidance_scale, inner_steps, p2p=p2p,
-                      cross_replace_fraction=cross_replace_fraction, self_replace_fraction=self_replace_fraction,
+    return edit_image(model, x.to(model.device), prompt, edited_prompts, num_steps, guidance_scale, config, p2p=p2p,
                       alignment=alignment)
 
 

@@ -1,6 +1,7 @@
 """Training-free lesion–mask pair generation (thesis §4.3.4, Eq. 4.7–4.11).
 
-Given a conditioning mask M (a real training mask, optionally flipped/rotated/scaled) and a prompt
+Given a conditioning mask M (a real training mask — as it is in the thesis; flipped/rotated/scaled when
+``PairConfig.augment_masks``, this book's choice for more diverse layouts, profile ``didgen.pairs.augment``) and a prompt
 ``"An image of <lesion> on <skin>, ..."``, sample from the region-aware model with layout guidance
 
     ẑ_t ← z_t − η ∇_{z_t} (L_CA + L_SA)                                             (Eq. 4.10)
@@ -120,7 +121,8 @@ def condition_masks_from(masks: np.ndarray, n: int, size: int, seed: int = 0, au
     """``n`` conditioning masks drawn (with replacement once all are used) from real training masks.
 
     Masks are resized to ``size`` (nearest neighbour), masks that are empty or full at that size are
-    skipped (counted), then optionally augmented. Returns masks ``(n, size, size)`` bool, the index of
+    skipped (counted), then augmented if ``augment`` (this book's choice; the thesis conditions on the real
+    masks as they are — ``augment=False``, ``PairConfig.augment_masks``). Returns masks ``(n, size, size)`` bool, the index of
     the source mask of each, and counts ``{"skipped_unusable", "kept_unaugmented"}``.
     """
     from skimage.transform import resize
@@ -217,6 +219,15 @@ class PairConfig:
     use_sa: bool = True
     guidance: bool = True  # False: plain sampling (the "unguided" rows), still annotated
     sa_normalize: Literal["background", "queries"] = "background"
+    # conditioning masks (``condition_masks``): the thesis uses the real masks as they are (augment_masks=False);
+    # flipping, rotating and scaling them (within augment_scale) is this book's choice, for more diverse layouts
+    augment_masks: bool = True
+    augment_scale: tuple[float, float] = (0.8, 1.2)
+
+    def __post_init__(self):
+        lo, hi = self.augment_scale
+        if not 0 < lo <= hi:
+            raise ValueError(f"augment_scale {self.augment_scale} must be (low, high) with 0 < low <= high")
 
     @classmethod
     def from_profile(cls, cfg: Mapping[str, Any], **overrides: Any) -> "PairConfig":
@@ -226,9 +237,15 @@ class PairConfig:
                   self_res=int(cfg["attention"]["self_res"][0]), tau=int(p["tau"]), dilate=int(p["dilate"]),
                   erode=int(p["erode"]), smoothing_kernel=int(cfg["attention"]["smoothing_kernel"]),
                   smoothing_sigma=float(cfg["attention"]["smoothing_sigma"]),
-                  softmax_scale=float(cfg["attention"]["text_softmax_scale"]))
+                  softmax_scale=float(cfg["attention"]["text_softmax_scale"]), augment_masks=bool(p["augment"]),
+                  augment_scale=tuple(float(v) for v in p["augment_scale"]))
         kw.update(overrides)
         return cls(**kw)
+
+    def condition_masks(self, masks: np.ndarray, n: int, size: int, seed: int = 0
+                        ) -> tuple[np.ndarray, np.ndarray, dict[str, int]]:
+        """``condition_masks_from`` with this config's switch: real masks as they are (the thesis) or augmented."""
+        return condition_masks_from(masks, n, size, seed, augment=self.augment_masks, scale=self.augment_scale)
 
 
 @dataclass

@@ -18,6 +18,12 @@ sum swamps L_rec at α = 0.1 on a 16x16 latent. L_rec is the mean squared error 
 channels and pixels (Eq. 4.3). The thesis does not say which normalisation it used.
 
 The loop is ``ctrlgen.training.train_diffusion`` with ``AttentionAlignmentTerm(weight=α)``.
+
+Horizontal flips (pixel batches only; precomputed latents are not flipped): image and masks are
+mirrored together and the prompt **with them** — a flipped sample is trained with
+``ctrlgen.training.mirror_sides(prompt)`` ("on the left" <-> "on the right", "in the upper left" <->
+"in the upper right"), so that the DermPrompt's position words stay true of the image (this book's
+choice over not flipping: the flip doubles the layouts the model sees, and the words follow it).
 """
 from __future__ import annotations
 
@@ -32,7 +38,17 @@ from ctrlgen.data.tensors import image_tensor
 from ctrlgen.models import PlaceholderTokens, add_placeholder_tokens
 from ctrlgen.models.sd import SDComponents
 from ctrlgen.models.tokens import locate_tokens
-from ctrlgen.training import AttentionAlignmentTerm, TrainConfig, TrainResult, select_trainable, train_diffusion
+from ctrlgen.training import (
+    AttentionAlignmentTerm,
+    TrainResult,
+    flip_where,
+    mirrored_ids,
+    pick_where,
+    random_flips,
+    select_trainable,
+    train_config_from,
+    train_diffusion,
+)
 
 PLACEHOLDERS = ("<lesion>", "<skin>")
 INIT_WORDS = ("lesion", "skin")
@@ -65,12 +81,13 @@ def region_aware_batches(model: SDComponents, images: np.ndarray, masks: np.ndar
                          tokens: PlaceholderTokens, batch_size: int, seed: int = 0, latents: torch.Tensor | None = None,
                          hflip: bool = True) -> Iterator[dict[str, Any]]:
     """Endless shuffled batches for ``train_diffusion``: pixels (or precomputed ``latents``), ids, P-Token
-    positions and their masks ``[M_l, 1 − M_l]`` (Eq. 4.5). ``hflip`` flips image and mask together."""
+    positions and their masks ``[M_l, 1 − M_l]`` (Eq. 4.5). ``hflip`` (pixels only) flips image, mask and the
+    prompt's side words together (module docstring); ``batch["flipped"]`` says which samples were flipped."""
     n = len(images)
     if not (len(masks) == len(prompts) == n):
         raise ValueError("images, masks and prompts must have the same length")
-    ids = model.tokenize(list(prompts))
-    pos = token_indices(model, ids, tokens)
+    ids, ids_mirrored = mirrored_ids(model.tokenize, prompts)
+    pos, pos_mirrored = token_indices(model, ids, tokens), token_indices(model, ids_mirrored, tokens)
     m = torch.from_numpy(np.asarray(masks, bool)).float()[:, None]
     pix = image_tensor(images) if latents is None else None
     rng = np.random.default_rng(seed)
@@ -78,15 +95,12 @@ def region_aware_batches(model: SDComponents, images: np.ndarray, masks: np.ndar
         order = rng.permutation(n)
         for start in range(0, n - batch_size + 1 if n >= batch_size else 1, batch_size):
             idx = torch.as_tensor(order[start:start + batch_size])
-            mask = m[idx]
-            batch = {"input_ids": ids[idx], "token_indices": pos[idx]}
+            flip = random_flips(rng, len(idx)) if latents is None and hflip else torch.zeros(len(idx), dtype=torch.bool)
+            mask = flip_where(flip, m[idx])
+            batch = {"input_ids": pick_where(flip, ids[idx], ids_mirrored[idx]),
+                     "token_indices": pick_where(flip, pos[idx], pos_mirrored[idx]), "flipped": flip}
             if latents is None:
-                x = pix[idx]
-                if hflip:
-                    flip = torch.as_tensor(rng.uniform(size=len(idx)) < 0.5)
-                    x = torch.where(flip[:, None, None, None], x.flip(-1), x)
-                    mask = torch.where(flip[:, None, None, None], mask.flip(-1), mask)
-                batch["pixel_values"] = x
+                batch["pixel_values"] = flip_where(flip, pix[idx])
             else:
                 batch["latents"] = latents[idx]
             batch["mask"] = mask
@@ -96,12 +110,17 @@ def region_aware_batches(model: SDComponents, images: np.ndarray, masks: np.ndar
 
 @dataclass(frozen=True)
 class RegionAwareConfig:
-    """Finetuning settings (full profile: §4.7.2 — 20k steps, batch 4, lr 1e-5, AdamW (0.9, 0.999), wd 1e-2; α = 0.1)."""
+    """Finetuning settings (full profile: §4.7.2 — 20k steps, batch 4, lr 1e-5, AdamW (0.9, 0.999), wd 1e-2; α = 0.1).
+
+    ``adam_betas``/``adam_eps``: profile ``didgen.finetune.adam_betas`` (§4.7.2) and ``adam_eps`` (PyTorch's default).
+    """
 
     steps: int
     batch_size: int
     lr: float = 1e-5
     weight_decay: float = 1e-2
+    adam_betas: tuple[float, float] = (0.9, 0.999)
+    adam_eps: float = 1e-8
     alpha: float = 0.1
     cross_res: tuple[int, ...] = (16,)
     warmup_steps: int = 0
@@ -112,7 +131,8 @@ class RegionAwareConfig:
     def from_profile(cls, cfg: Mapping[str, Any], **overrides: Any) -> "RegionAwareConfig":
         f = cfg["didgen"]["finetune"]
         kw = dict(steps=int(f["steps"]), batch_size=int(f["batch_size"]), lr=float(f["lr"]),
-                  weight_decay=float(f["weight_decay"]), alpha=float(f["alpha"]),
+                  weight_decay=float(f["weight_decay"]), adam_betas=tuple(float(b) for b in f["adam_betas"]),
+                  adam_eps=float(f["adam_eps"]), alpha=float(f["alpha"]),
                   cross_res=tuple(int(r) for r in cfg["attention"]["train_cross_res"]),
                   warmup_steps=int(f["warmup_steps"]), precompute_latents=bool(f["precompute_latents"]),
                   seed=int(cfg["seed"]))
@@ -126,17 +146,19 @@ def region_aware_finetune(model: SDComponents, images: np.ndarray, masks: np.nda
     """Finetune the whole U-Net of ``model`` in place with L_rec + α L_attn (α = 0: plain finetuning, the ablation).
 
     ``prompts`` must contain both P-Tokens (build them with ``compose_prompt``). ``train_config``
-    passes extra ``TrainConfig`` fields (mixed precision, checkpointing). Returns the training result
+    passes extra ``TrainConfig`` fields (mixed precision, checkpointing); on a key that ``config`` also sets,
+    ``train_config`` wins (``ctrlgen.training.train_config_from``). Returns the training result
     (per-step ``loss``, ``rec``, ``attn``) and the P-Tokens.
     """
     tokens = tokens or setup_placeholders(model)
     lat = model.encode_dataset(images) if config.precompute_latents else None
-    data = region_aware_batches(model, images, masks, prompts, tokens, config.batch_size, config.seed, lat)
-    trainable = select_trainable(model.unet, model.text_encoder, mode="full", weight_decay=config.weight_decay)
+    tc = train_config_from(dict(steps=config.steps, lr=config.lr, weight_decay=config.weight_decay,
+                                betas=config.adam_betas, eps=config.adam_eps, warmup_steps=config.warmup_steps,
+                                cross_res=config.cross_res, output_dir=output_dir, seed=config.seed, progress=progress),
+                           train_config)
+    data = region_aware_batches(model, images, masks, prompts, tokens, config.batch_size, tc.seed, lat)
+    trainable = select_trainable(model.unet, model.text_encoder, mode="full", weight_decay=tc.weight_decay)
     terms = [AttentionAlignmentTerm(weight=config.alpha)] if config.alpha > 0 else []
-    tc = TrainConfig(steps=config.steps, lr=config.lr, weight_decay=config.weight_decay, warmup_steps=config.warmup_steps,
-                     cross_res=config.cross_res, output_dir=output_dir, seed=config.seed, progress=progress,
-                     **dict(train_config or {}))
     result = train_diffusion(model, data, tc, trainable, terms)
     model.unet.requires_grad_(False)
     return result, tokens
