@@ -167,6 +167,10 @@ def test_every_schema_pattern_names_existing_keys():
     ("models.image_size", "48", "a power of two >= 8 (pixels)"),
     ("attention.smoothing_kernel", "4", "an odd integer >= 1"),
     ("data.split_fractions", "[0.8, 0.3, 0.1]", "summing to 1"),
+    ("didgen.finetune.adam_betas", "[0.9, 1.0]", "two numbers in [0, 1) (AdamW betas)"),
+    ("didgen.eval.box_topk_frac", "0", "a number in (0, 1] (BoxDiff's P)"),
+    ("didgen.pairs.augment_scale", "[1.2, 0.8]", "two numbers 0 < low <= high"),
+    ("claims.seeds", "0", "a number >= 1 (training seeds per claim)"),
 ])
 def test_out_of_range_values_are_refused_naming_key_value_and_range(key, value, allowed):
     with pytest.raises(ConfigError) as err:

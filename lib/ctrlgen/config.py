@@ -370,6 +370,16 @@ SCHEMA: dict[str, Rule] = {
     "didgen.eval.ms_ssim_kernel": ODD,
     "didgen.eval.segmenter_channels": each(at_least(1)),
     "didgen.metrics.extractor": one_of("inception", "domain_vae"),  # metrics/image.py metric_extractors
+    "*.adam_betas": Rule(lambda v: isinstance(v, list) and len(v) == 2 and all(_number(x) and 0 <= x < 1 for x in v),
+                         "two numbers in [0, 1) (AdamW betas)"),
+    "*.adam_eps": positive(),
+    "*.augment_scale": Rule(lambda v: isinstance(v, list) and len(v) == 2 and all(_number(x) for x in v)
+                            and 0 < v[0] <= v[1], "two numbers 0 < low <= high (scale range)"),
+    "*.box_topk_frac": Rule(lambda v: _number(v) and 0 < v <= 1, "a number in (0, 1] (BoxDiff's P)"),
+    "*.box_corner_pixels": at_least(0, " (BoxDiff's L)"),
+    "*.edit_lr_decay_steps": at_least(1),
+    "*.edit_early_stop*": at_least(0),
+    "claims.seeds": at_least(1, " (training seeds per claim)"),
 }
 
 
