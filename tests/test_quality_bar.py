@@ -14,7 +14,7 @@ from ctrlgen.analysis.attribute_labels import (CLASS, MULTI, Attribute, Attribut
                                                caption_labels, label_counts, parse_caption, parse_cxr_caption,
                                                parse_derm_caption, parse_scenes_caption)
 from ctrlgen.analysis.quality import sample_distance
-from ctrlgen.analysis.quality_bar import (affinity_criterion, bar_table, chance_corrected_ratio, distance_criterion,
+from ctrlgen.analysis.quality_bar import (AttributeClassifier, _class_score, affinity_criterion, bar_table, chance_corrected_ratio, distance_criterion,
                                           failures, gaussian_ceiling_images, macro_auroc, majority_rate,
                                           prompt_fidelity_criterion, score, train_attribute_classifier, vae_criterion)
 from ctrlgen.data.domains import cxr_caption, derm_captions
@@ -213,6 +213,29 @@ def test_classifier_refuses_labels_that_do_not_fit():
         train_attribute_classifier(images, {**labels, "colour": labels["colour"][:7]}, SYNTH, steps=1, batch_size=4)
     with pytest.raises(ValueError, match="outside 0..2"):
         train_attribute_classifier(images, {**labels, "colour": labels["colour"] + 3}, SYNTH, steps=1, batch_size=4)
+
+
+def test_a_constant_classifier_scores_exactly_at_chance_under_both_class_rules():
+    model = AttributeClassifier(SYNTH, width=4, depth=2).eval()
+    with torch.no_grad():
+        for head in model.heads.values():
+            head.weight.zero_()
+            head.bias.copy_(torch.tensor([1.0, 0.0, 0.0, 0.0][:head.bias.numel()]))  # always "red"; top left only
+    images = np.zeros((8, 8, 8, 3), np.uint8)
+    labels = {"colour": np.array([0, 0, 0, 0, 0, 1, 1, 2]),
+              "quadrants": np.array([[1, 0, 0, 0]] * 4 + [[0, 1, 1, 0]] * 4, np.float32)}
+    acc = score(model, images, labels)
+    assert acc.loc["colour", "score"] == acc.loc["colour", "chance"] == 5 / 8     # majority rate
+    assert acc.loc["quadrants", "score"] == 0.5 and acc.loc["quadrants", "n_labels"] == 3  # tied scores
+    bal = score(model, images, labels, class_metric="balanced accuracy")
+    # recalls 1, 0, 0 over the three classes present -> 1/3, which is exactly 1/k
+    assert bal.loc["colour", "score"] == pytest.approx(1 / 3) and bal.loc["colour", "chance"] == pytest.approx(1 / 3)
+    # hand case: y = 0,0,0,1, predictions 0,0,1,1 -> accuracy 3/4 (chance 3/4), balanced (2/3 + 1)/2 (chance 1/2)
+    y, pred = np.array([0, 0, 0, 1]), np.array([0, 0, 1, 1])
+    assert _class_score(y, pred, "accuracy")[:2] == (0.75, 0.75)
+    assert _class_score(y, pred, "balanced accuracy")[:2] == pytest.approx((5 / 6, 0.5))
+    with pytest.raises(ValueError, match="class_metric"):
+        score(model, images, labels, class_metric="f1")
 
 
 def test_macro_auroc_against_sklearn_and_a_hand_computed_case():
