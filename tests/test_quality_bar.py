@@ -250,6 +250,14 @@ def test_macro_auroc_against_sklearn_and_a_hand_computed_case():
     keep = [0, 1, 3, 4]
     assert macro_auroc(y, s) == pytest.approx(roc_auc_score(y[:, keep], s[:, keep], average="macro"))
     assert math.isnan(macro_auroc(np.zeros((4, 2)), s[:4, :2]))
+    # min_count: a label with fewer positives (or negatives) than that is left out too
+    rare = y[:, 0].copy()
+    rare[:] = 0
+    rare[:2] = 1
+    y2 = np.column_stack([rare, y[:, 1]])
+    s2 = s[:, :2]
+    assert macro_auroc(y2, s2, min_count=3) == pytest.approx(roc_auc_score(y[:, 1], s[:, 1]))
+    assert macro_auroc(y2, s2) == pytest.approx(roc_auc_score(y2, s2, average="macro"))
     assert majority_rate(np.array([0, 1, 1, 2])) == 0.5
 
 

@@ -162,18 +162,22 @@ def predict(classifier: AttributeClassifier, images: np.ndarray | torch.Tensor, 
 # Scores and their chance levels
 # ---------------------------------------------------------------------------------------------------------
 
-def label_aurocs(y_true: np.ndarray, y_score: np.ndarray) -> dict[int, float]:
-    """AUROC (``sklearn.metrics.roc_auc_score``) of each label column that has both classes present."""
+def label_aurocs(y_true: np.ndarray, y_score: np.ndarray, min_count: int = 1) -> dict[int, float]:
+    """AUROC (``sklearn.metrics.roc_auc_score``) of each label column with both classes present, each at
+    least ``min_count`` times (a label with one positive among 100 images gives an AUROC that is mostly noise)."""
     y_true, y_score = np.asarray(y_true), np.asarray(y_score)
     if y_true.shape != y_score.shape or y_true.ndim != 2:
         raise ValueError(f"expected y_true and y_score of the same (N, K) shape, got {y_true.shape} and {y_score.shape}")
+    if min_count < 1:
+        raise ValueError(f"min_count must be >= 1, got {min_count}")
+    pos = y_true.sum(0)
     return {k: float(roc_auc_score(y_true[:, k], y_score[:, k])) for k in range(y_true.shape[1])
-            if 0 < y_true[:, k].sum() < len(y_true)}
+            if min_count <= pos[k] <= len(y_true) - min_count}
 
 
-def macro_auroc(y_true: np.ndarray, y_score: np.ndarray) -> float:
-    """Unweighted mean AUROC over the labels with both classes present; NaN when there is none."""
-    per = label_aurocs(y_true, y_score)
+def macro_auroc(y_true: np.ndarray, y_score: np.ndarray, min_count: int = 1) -> float:
+    """Unweighted mean AUROC over the labels with both classes present (``min_count`` times); NaN when none."""
+    per = label_aurocs(y_true, y_score, min_count)
     return float(np.mean(list(per.values()))) if per else math.nan
 
 
@@ -194,7 +198,7 @@ def _class_score(y: np.ndarray, pred: np.ndarray, metric: str) -> tuple[float, f
 
 
 def score(classifier: AttributeClassifier, images: np.ndarray | torch.Tensor, labels: Mapping[str, np.ndarray],
-          class_metric: str = "accuracy") -> pd.DataFrame:
+          class_metric: str = "accuracy", min_count: int = 1) -> pd.DataFrame:
     """Per attribute: the classifier's score on ``images`` against ``labels`` and that score's chance level.
 
     Class attributes, ``class_metric="accuracy"``: accuracy, chance = the majority-class rate *of the
@@ -203,7 +207,7 @@ def score(classifier: AttributeClassifier, images: np.ndarray | torch.Tensor, la
     the mean recall over the classes present): chance = 1/k exactly, for any constant guess; prefer it when
     one class dominates (e.g. derm contrast on ISIC, ~88 % dark), where accuracy's chance level is so close
     to the real score that a chance-corrected ratio is mostly noise. Multi-hot attributes: macro AUROC over
-    the labels with both classes present, chance = 0.5. Columns: ``attribute, metric, score, chance,
+    the labels with both classes present at least ``min_count`` times each, chance = 0.5. Columns: ``attribute, metric, score, chance,
     chance_rule, n_images, n_labels`` (``n_labels``: classes, or the labels that entered the AUROC);
     indexed by attribute.
     """
@@ -220,7 +224,7 @@ def score(classifier: AttributeClassifier, images: np.ndarray | torch.Tensor, la
             rows.append(dict(attribute=a.name, metric=class_metric, score=value, chance=chance,
                              chance_rule=rule, n_images=n, n_labels=len(a.values)))
         else:
-            per = label_aurocs(y[a.name], probs[a.name])
+            per = label_aurocs(y[a.name], probs[a.name], min_count)
             rows.append(dict(attribute=a.name, metric="macro AUROC",
                              score=float(np.mean(list(per.values()))) if per else math.nan,
                              chance=0.5, chance_rule="0.5 (AUROC)", n_images=n, n_labels=len(per)))
