@@ -30,7 +30,8 @@ import pandas as pd
 import torch
 import matplotlib.pyplot as plt
 
-from ctrlgen import load_profile, toy2d, viz
+from ctrlgen import figures, load_profile
+from ctrlgen.experiments import ch02_background
 from ctrlgen.metrics.distribution import sliced_wasserstein
 from ctrlgen.results import ChapterRun
 from ctrlgen.seeding import seed_everything
@@ -54,11 +55,11 @@ print(f"profile {cfg.profile_name}: {toy.distribution}, {toy.train_steps} traini
 # forming $\bar\alpha_t$.
 
 # %%
-ddpm = toy2d.make_scheduler("ddpm", toy.num_train_timesteps, toy.beta_schedule)
+ddpm = ch02_background.make_scheduler("ddpm", toy.num_train_timesteps, toy.beta_schedule)
 check_t = [0, 10, 50, 100, 250, 500, 750, toy.num_train_timesteps - 1]
 rows = []
 for t in check_t:
-    m, v = toy2d.chain_moments(ddpm.alphas, t)
+    m, v = ch02_background.chain_moments(ddpm.alphas, t)
     abar = float(ddpm.alphas_cumprod[t])
     rows.append({"t": t, "chain mean coef.": m, "√ᾱ_t": abar ** 0.5, "chain variance": v, "1 − ᾱ_t": 1 - abar})
 moments = pd.DataFrame(rows).set_index("t")
@@ -73,13 +74,13 @@ moments.style.format("{:.6f}")
 # independent closed-form draws as the Monte-Carlo floor).
 
 # %%
-x0 = torch.from_numpy(toy2d.sample_toy(toy.distribution, toy.chain_samples, seed=cfg.seed))
+x0 = torch.from_numpy(ch02_background.sample_toy(toy.distribution, toy.chain_samples, seed=cfg.seed))
 gen = torch.Generator().manual_seed(cfg.seed + 1)
 panels, sim_rows = {}, []
 for t in (50, 200, toy.num_train_timesteps - 1):
-    chain = toy2d.forward_chain(ddpm, x0, t, gen).numpy()
-    closed = toy2d.forward_closed_form(ddpm, x0, t, torch.randn(x0.shape, generator=gen)).numpy()
-    closed2 = toy2d.forward_closed_form(ddpm, x0, t, torch.randn(x0.shape, generator=gen)).numpy()
+    chain = ch02_background.forward_chain(ddpm, x0, t, gen).numpy()
+    closed = ch02_background.forward_closed_form(ddpm, x0, t, torch.randn(x0.shape, generator=gen)).numpy()
+    closed2 = ch02_background.forward_closed_form(ddpm, x0, t, torch.randn(x0.shape, generator=gen)).numpy()
     sim_rows.append({"t": t, "SW(chain, closed form)": sliced_wasserstein(chain, closed, seed=cfg.seed),
                      "SW(closed form, closed form) — floor": sliced_wasserstein(closed2, closed, seed=cfg.seed)})
     panels[f"chain, t={t}"], panels[f"closed form, t={t}"] = chain, closed
@@ -90,7 +91,7 @@ for t, row in simulation.iterrows():
 simulation.style.format("{:.4f}")
 
 # %%
-fig = viz.scatter_panels(panels, limit=4, suptitle="Forward process: iterated chain vs closed form")
+fig = figures.scatter_panels(panels, limit=4, suptitle="Forward process: iterated chain vs closed form")
 run.save_figure(fig, "forward_chain_vs_closed_form")
 plt.show()
 
@@ -101,12 +102,12 @@ plt.show()
 # (Eq. 2.23), with $t$ uniform over the $T$ training steps and the closed form above providing $x_t$.
 
 # %%
-data = toy2d.sample_toy(toy.distribution, toy.n_data, seed=cfg.seed)
-model = toy2d.EpsMLP(hidden=toy.hidden)
-losses = toy2d.train_ddpm(model, data, ddpm, steps=toy.train_steps, batch_size=toy.batch_size, lr=toy.lr, seed=cfg.seed)
+data = ch02_background.sample_toy(toy.distribution, toy.n_data, seed=cfg.seed)
+model = ch02_background.EpsMLP(hidden=toy.hidden)
+losses = ch02_background.train_ddpm(model, data, ddpm, steps=toy.train_steps, batch_size=toy.batch_size, lr=toy.lr, seed=cfg.seed)
 tail = float(np.mean(losses[-max(1, len(losses) // 10):]))
 run.log_metric("ch02.toy", "training", "final L_DDPM (mean of last 10%)", tail)
-fig = viz.curve(losses, "L_DDPM during training", "‖ε_θ − ε‖²")
+fig = figures.curve(losses, "L_DDPM during training", "‖ε_θ − ε‖²")
 run.save_figure(fig, "training_loss")
 plt.show()
 
@@ -120,12 +121,12 @@ plt.show()
 
 # %%
 x_T = torch.randn((toy.n_samples, 2), generator=torch.Generator().manual_seed(cfg.seed + 2))
-ddim = toy2d.make_scheduler("ddim", toy.num_train_timesteps, toy.beta_schedule)
-ddpm_x0, ddpm_path = toy2d.sample(model, ddpm, x_T, toy.num_train_timesteps, seed=cfg.seed + 3,
+ddim = ch02_background.make_scheduler("ddim", toy.num_train_timesteps, toy.beta_schedule)
+ddpm_x0, ddpm_path = ch02_background.sample(model, ddpm, x_T, toy.num_train_timesteps, seed=cfg.seed + 3,
                                   keep_every=toy.num_train_timesteps // 4)
-ddim_x0, ddim_path = toy2d.sample(model, ddim, x_T, toy.ddim_steps, seed=cfg.seed + 3, keep_every=max(1, toy.ddim_steps // 4))
-ddim_again, _ = toy2d.sample(model, ddim, x_T, toy.ddim_steps, seed=cfg.seed + 99)
-ddpm_again, _ = toy2d.sample(model, ddpm, x_T, toy.num_train_timesteps, seed=cfg.seed + 99)
+ddim_x0, ddim_path = ch02_background.sample(model, ddim, x_T, toy.ddim_steps, seed=cfg.seed + 3, keep_every=max(1, toy.ddim_steps // 4))
+ddim_again, _ = ch02_background.sample(model, ddim, x_T, toy.ddim_steps, seed=cfg.seed + 99)
+ddpm_again, _ = ch02_background.sample(model, ddpm, x_T, toy.num_train_timesteps, seed=cfg.seed + 99)
 determinism = pd.DataFrame({
     "max |x₀ − x₀'| for the same x_T, another seed": [float((ddpm_x0 - ddpm_again).abs().max()),
                                                       float((ddim_x0 - ddim_again).abs().max())]},
@@ -134,17 +135,17 @@ run.log_table("ch02.determinism", determinism)
 determinism
 
 # %%
-fig = viz.scatter_panels({"data": data[: toy.n_samples], f"DDPM, {toy.num_train_timesteps} steps": ddpm_x0.numpy(),
+fig = figures.scatter_panels({"data": data[: toy.n_samples], f"DDPM, {toy.num_train_timesteps} steps": ddpm_x0.numpy(),
                           f"DDIM, {toy.ddim_steps} steps": ddim_x0.numpy(), "x_T (noise)": x_T.numpy()},
                          suptitle="Samples from the same model and the same x_T")
 run.save_figure(fig, "ddpm_vs_ddim_samples")
 plt.show()
 
 # %%
-fig = viz.scatter_panels({f"DDPM {i}/4": p.numpy() for i, p in enumerate(ddpm_path)}, suptitle="Ancestral trajectory")
+fig = figures.scatter_panels({f"DDPM {i}/4": p.numpy() for i, p in enumerate(ddpm_path)}, suptitle="Ancestral trajectory")
 run.save_figure(fig, "ddpm_trajectory")
 plt.show()
-fig = viz.scatter_panels({f"DDIM {i}/4": p.numpy() for i, p in enumerate(ddim_path)}, suptitle="DDIM trajectory")
+fig = figures.scatter_panels({f"DDIM {i}/4": p.numpy() for i, p in enumerate(ddim_path)}, suptitle="DDIM trajectory")
 run.save_figure(fig, "ddim_trajectory")
 plt.show()
 
@@ -157,8 +158,8 @@ plt.show()
 # that learned nothing).
 
 # %%
-fresh = toy2d.sample_toy(toy.distribution, toy.n_samples, seed=cfg.seed + 7)
-reference = toy2d.sample_toy(toy.distribution, toy.n_samples, seed=cfg.seed + 8)
+fresh = ch02_background.sample_toy(toy.distribution, toy.n_samples, seed=cfg.seed + 7)
+reference = ch02_background.sample_toy(toy.distribution, toy.n_samples, seed=cfg.seed + 8)
 distances = pd.DataFrame({"sliced W1 to data": {
     "data vs data (floor)": sliced_wasserstein(reference, fresh, seed=cfg.seed),
     f"DDPM ancestral ({toy.num_train_timesteps} steps)": sliced_wasserstein(ddpm_x0.numpy(), fresh, seed=cfg.seed),
@@ -194,7 +195,7 @@ distances.style.format("{:.4f}")
 # with scikit-image (`ctrlgen.data.anatomy`; the line printed under each domain says which).
 
 # %%
-from ctrlgen import pretrain as P
+from ctrlgen.experiments import base_models as P
 from ctrlgen.analysis import attention_views as views
 from ctrlgen.analysis.self_attention import summarize_affinity
 from ctrlgen.models import locate_tokens
@@ -399,7 +400,7 @@ run.note(f"default base models: {default}")
 # * What it is not: the loss reads the true masks of the *training* images only, during pretraining of
 #   the stand-in base model; no thesis method is changed and nothing is tuned on held-out images.
 #
-# The `plain` models stay in the cache (`ctrlgen.pretrain.load_variant(cfg, domain, "plain")`), so the
+# The `plain` models stay in the cache (`ctrlgen.experiments.base_models.load_variant(cfg, domain, "plain")`), so the
 # later chapters show each self-attention mechanism on both base models and always report τ = 0 beside
 # τ > 0. The ν/τ table above is not evidence for either variant: on these *base* models the `<lesion>`
 # cross-attention itself is poorly aligned with the lesion (its τ = 0 row), and enhancing a misplaced

@@ -39,8 +39,8 @@ import matplotlib.pyplot as plt
 from diffusers.utils import logging as diffusers_logging
 from transformers.utils import logging as hf_logging
 
-from ctrlgen import load_profile
-from ctrlgen.analysis import didgen as D
+from ctrlgen import figures, load_profile
+from ctrlgen.experiments import ch04_didgen as D
 from ctrlgen.results import ChapterRun
 from ctrlgen.seeding import seed_everything
 from ctrlgen.thesis import compare, in_text
@@ -87,7 +87,7 @@ run.note(f"training pairs: {len(sets.train_images)} ({sets.source}); evaluation 
 # %%
 examples = pd.DataFrame({"id": sets.train_ids[:6], "DermPrompt": [c.text for c in sets.captions[:6]],
                          "tokens": [c.n_tokens for c in sets.captions[:6]]}).set_index("id")
-fig = D.image_grid_figure({"training images": D.pixels01(sets.train_images[:6])}, n=6)
+fig = figures.image_grid_figure({"training images": D.pixels01(sets.train_images[:6])}, n=6)
 plt.show()
 examples
 
@@ -184,7 +184,7 @@ compare("4.1", table_4_1, cfg.profile_name)
 pd.DataFrame({"real training images": reference}).T
 
 # %%
-fig = D.image_grid_figure({row: imgs for row, imgs in samples.items()} | {"real (evaluation)": real},
+fig = figures.image_grid_figure({row: imgs for row, imgs in samples.items()} | {"real (evaluation)": real},
                           n=int(e.n_figure), title="Fig. 4.3 analogue: samples of each method")
 run.save_figure(fig, "table_4_1_samples")
 plt.show()
@@ -358,7 +358,7 @@ for attribute, values in {"skin_colour": ("very light", "intermediate", "dark"),
     vals, ps, imgs = F.customise(mine, base_attrs, attribute, values, num_steps=int(cfg.sampling.num_steps),
                                  guidance_scale=float(cfg.sampling.guidance_scale), seed=cfg.seed)
     grid[f"{attribute}: " + " | ".join(", ".join(v) if isinstance(v, tuple) else str(v) or "none" for v in vals)] = imgs
-fig = D.image_grid_figure(grid, n=4, title="Fig. 4.8 analogue: text-guided attribute customisation")
+fig = figures.image_grid_figure(grid, n=4, title="Fig. 4.8 analogue: text-guided attribute customisation")
 run.save_figure(fig, "fig_4_8_customisation")
 plt.show()
 
@@ -378,7 +378,7 @@ from ctrlgen.methods.baselines.boxdiff import box_masks as boxes_to_masks
 inside = [float((m & (boxes_to_masks([b], side)[0].numpy() > 0.5)).sum() / max(1, m.sum())) for m, b in zip(box_masks, boxes)]
 run.log_metric("ch04.box_guidance", "box-guided samples", "share of the segmented lesion inside its box", float(np.mean(inside)))
 print(f"share of the segmented lesion inside its box: {np.mean(inside):.2f} (per sample: {np.round(inside, 2).tolist()})")
-fig = D.boxes_figure(box_images, boxes)
+fig = figures.boxes_figure(box_images, boxes)
 run.save_figure(fig, "fig_4_9_boxes")
 plt.show()
 
@@ -403,7 +403,7 @@ edits, inversion = F.edit_real_image(mine, sets.eval_images[k], edit_caption.tex
 original = D.pixels01(sets.eval_images[k : k + 1])
 rec_mse = float(((edits[0] - original[0]) ** 2).mean())
 run.log_metric("ch04.edit", "null-text reconstruction", "MSE vs original", rec_mse)
-fig = D.image_grid_figure({"original | reconstruction | " + " | ".join(targets): torch.cat([original, edits])}, n=1 + len(edits))
+fig = figures.image_grid_figure({"original | reconstruction | " + " | ".join(targets): torch.cat([original, edits])}, n=1 + len(edits))
 run.save_figure(fig, "fig_4_10_edit")
 plt.show()
 print(f"prompt: {edit_caption.text}\nedits: {edited}\nreconstruction MSE {rec_mse:.4f}")

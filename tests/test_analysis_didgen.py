@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from ctrlgen.analysis import didgen as D
+from ctrlgen.experiments import ch04_didgen as D
 from ctrlgen.config import load_profile
 
 

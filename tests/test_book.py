@@ -195,11 +195,11 @@ def test_editing_a_module_ch02_imports_reexecutes_it(ch02_copy):
     from ctrlgen.config import load_profile
 
     root, stamp = ch02_copy
-    _append(root / "lib" / "ctrlgen" / "toy2d.py")  # imported by the chapter itself
-    assert stale_reasons(stamp, "ch02_background", load_profile("smoke"), root) == ["lib/ctrlgen/toy2d.py changed"]
-    _append(root / "lib" / "ctrlgen" / "training" / "loop.py")  # imported only transitively (pretrain → training)
+    _append(root / "lib" / "ctrlgen" / "experiments" / "ch02_background.py")  # imported by the chapter itself
+    assert stale_reasons(stamp, "ch02_background", load_profile("smoke"), root) == ["lib/ctrlgen/experiments/ch02_background.py changed"]
+    _append(root / "lib" / "ctrlgen" / "training" / "loop.py")  # imported only transitively (base models → training)
     reasons = stale_reasons(stamp, "ch02_background", load_profile("smoke"), root)
-    assert reasons == ["lib/ctrlgen/toy2d.py, lib/ctrlgen/training/loop.py changed"]
+    assert reasons == ["lib/ctrlgen/experiments/ch02_background.py, lib/ctrlgen/training/loop.py changed"]
     _append(root / "chapters" / "ch02_background.py")
     assert "chapters/ch02_background.py changed" in stale_reasons(stamp, "ch02_background", load_profile("smoke"), root)
 

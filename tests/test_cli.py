@@ -196,9 +196,9 @@ def test_chapter_reexecutes_only_when_its_own_inputs_change(tmp_path):
     stamp = json.loads((out / "executed" / "smoke" / "good.ipynb").read_text())["metadata"]["ctrlgen"]["inputs"]
     assert stamp["config"] == {"seed": 0}
     assert {"lib/ctrlgen/results.py", "lib/ctrlgen/config.py"} <= set(stamp["code"])
-    assert "lib/ctrlgen/toy2d.py" not in stamp["code"]
+    assert "lib/ctrlgen/experiments/ch02_background.py" not in stamp["code"]
 
-    (project / "lib" / "ctrlgen" / "toy2d.py").write_text("# a module GOOD does not import\n")
+    (project / "lib" / "ctrlgen" / "experiments" / "ch02_background.py").write_text("# a module GOOD does not import\n")
     unrelated = ctrlgen("run", "good", "--profile", "smoke", "--cached", "-p", "ch02.toy.train_steps=9", env=env)
     assert unrelated.returncode == 0 and "up to date (cached)" in unrelated.stdout, unrelated.stdout + unrelated.stderr
 

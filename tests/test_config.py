@@ -204,7 +204,7 @@ def test_several_problems_are_listed_together():
 
 
 def test_schema_choices_are_what_the_code_supports():
-    from ctrlgen import pretrain, toy2d
+    from ctrlgen.experiments import base_models, ch02_background
     from ctrlgen.data.readers.common import VERIFY_MODES
     from ctrlgen.models.registry import DTYPES
     from ctrlgen.models.sd import SCHEDULERS
@@ -216,9 +216,9 @@ def test_schema_choices_are_what_the_code_supports():
                             "float64") if rule.ok(c)}
 
     assert choices("sampling.scheduler") == set(SCHEDULERS)
-    assert choices("ch02.toy.distribution") == set(toy2d.TOY_DISTRIBUTIONS)
+    assert choices("ch02.toy.distribution") == set(ch02_background.TOY_DISTRIBUTIONS)
     assert choices("data.verify") == set(VERIFY_MODES)
-    assert choices("pretrain.default_variant") == set(pretrain.VARIANTS)
+    assert choices("pretrain.default_variant") == set(base_models.VARIANTS)
     assert choices("models.dtype") == set(DTYPES)
 
 

@@ -10,7 +10,7 @@ import pytest
 from PIL import Image
 
 from ctrlgen.data import imageio
-from ctrlgen.data.cli import add_data_parser
+from ctrlgen.cli.data import add_data_parser
 from ctrlgen.data.imageio import ImageReadError, read_image, read_mask
 from ctrlgen.data.records import DataError, Record
 

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from ctrlgen.data.cli import add_data_parser
+from ctrlgen.cli.data import add_data_parser
 from ctrlgen.data.fetch import FetchError, fetch_dataset
 from ctrlgen.data.readers.common import ReadOptions
 from ctrlgen.data.readers.derm import read_isic2018_task1

@@ -116,7 +116,7 @@ def test_registry_offline_messages(tmp_path):
 
 def test_cli_check_and_fetch(tmp_path, capsys):
     from ctrlgen.cli.common import EXIT_FAILED, EXIT_USAGE
-    from ctrlgen.models.cli import add_models_parser
+    from ctrlgen.cli.models import add_models_parser
 
     parser = argparse.ArgumentParser()
     add_models_parser(parser.add_subparsers(dest="command"))

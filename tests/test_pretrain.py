@@ -8,9 +8,12 @@ import numpy as np
 import pytest
 import torch
 
-from ctrlgen import pretrain as P
 from ctrlgen.config import load_profile
+from ctrlgen.data.batches import Batches
+from ctrlgen.experiments import base_models as P
+from ctrlgen.experiments.base_models.train import _build_tokenizer
 from ctrlgen.models.cache import key_hash
+from ctrlgen.training import region_self_attention_loss
 
 # the smallest run that still exercises every part (smoke architectures, a handful of images and steps)
 TINY = {"pretrain.max_train": 6, "pretrain.n_heldout": 2, "pretrain.vae.steps": 2, "pretrain.vae.batch_size": 2,
@@ -89,8 +92,8 @@ def test_second_call_loads_from_cache_and_resume_continues(isolated_cache, monke
     def boom(*a, **k):
         raise AssertionError("trained although cached")
 
-    monkeypatch.setattr("ctrlgen.training.train_diffusion", boom)
-    monkeypatch.setattr("ctrlgen.training.train_vae", boom)
+    monkeypatch.setattr("ctrlgen.experiments.base_models.train.train_diffusion", boom)
+    monkeypatch.setattr("ctrlgen.experiments.base_models.train.train_vae", boom)
     cached = P.pretrain_domain(cfg, "derm", False, progress=False, data=data)
     assert cached.cached and cached.history == again.history
     loaded = P.load_variant(cfg, "derm", "plain")
@@ -105,7 +108,7 @@ def test_region_loss_matches_the_two_region_loss():
     sa = torch.softmax(torch.randn(2, 16, 16) * 3, -1)
     mask = (torch.rand(2, 4, 4) > 0.5).float()
     regions = torch.stack([1 - mask, mask], 1)
-    ours = P.region_self_attention_loss({4: sa}, regions)
+    ours = region_self_attention_loss({4: sa}, regions)
     theirs = self_attention_structure_loss({4: sa}, mask)
     assert torch.allclose(ours, theirs, atol=1e-6)
 
@@ -156,7 +159,7 @@ def test_vae_resumes_exactly_where_it_stopped(tmp_path):
 
     def run(steps, folder):
         vae = build_mini_components(cfg, tok, seed=0).vae
-        res = train_vae(vae, P.Batches({"pixel_values": x}, 2, 0, augment=True),
+        res = train_vae(vae, Batches({"pixel_values": x}, 2, 0, augment=True),
                         VAETrainConfig(steps=steps, seed=0, progress=False, output_dir=str(folder), checkpoint_every=1))
         return vae, res
 
@@ -173,7 +176,7 @@ def test_derm_tokenizer_has_every_dermprompt_word_as_one_token(isolated_cache):
     from ctrlgen.methods.didgen import dermprompt_vocabulary
 
     data = P.load_domain_data(_cfg(), "derm")
-    tok = P._build_tokenizer(_cfg(), data)
+    tok = _build_tokenizer(_cfg(), data)
     import re
 
     # CLIP's pre-tokenizer splits "blue-grey" into blue / - / grey: every letter run must be one token

@@ -7,18 +7,18 @@ import numpy as np
 import pytest
 import torch
 
-from ctrlgen import toy2d
+from ctrlgen.experiments import ch02_background
 from ctrlgen.metrics.distribution import sliced_wasserstein
 
 
 @pytest.fixture(scope="module")
 def ddpm():
-    return toy2d.make_scheduler("ddpm", 1000, "linear")
+    return ch02_background.make_scheduler("ddpm", 1000, "linear")
 
 
 @pytest.mark.parametrize("t", [0, 1, 37, 500, 999])
 def test_chain_moments_equal_the_closed_form(ddpm, t):
-    m, v = toy2d.chain_moments(ddpm.alphas, t)
+    m, v = ch02_background.chain_moments(ddpm.alphas, t)
     abar = float(ddpm.alphas_cumprod[t])
     assert m == pytest.approx(math.sqrt(abar), abs=1e-6) and v == pytest.approx(1 - abar, abs=1e-6)
 
@@ -32,7 +32,7 @@ def test_linear_schedule_matches_ddpm_paper(ddpm):
 def test_simulated_chain_matches_closed_form_moments(ddpm):
     x0 = torch.full((20000, 2), 1.5)
     gen = torch.Generator().manual_seed(0)
-    chain = toy2d.forward_chain(ddpm, x0, 300, gen)
+    chain = ch02_background.forward_chain(ddpm, x0, 300, gen)
     abar = float(ddpm.alphas_cumprod[300])
     assert chain.mean().item() == pytest.approx(1.5 * math.sqrt(abar), abs=0.02)
     assert chain.var().item() == pytest.approx(1 - abar, abs=0.02)
@@ -42,7 +42,7 @@ def test_closed_form_is_diffusers_add_noise(ddpm):
     x0, noise = torch.randn(5, 2), torch.randn(5, 2)
     abar = ddpm.alphas_cumprod[123]
     expected = abar.sqrt() * x0 + (1 - abar).sqrt() * noise
-    assert torch.allclose(toy2d.forward_closed_form(ddpm, x0, 123, noise), expected, atol=1e-6)
+    assert torch.allclose(ch02_background.forward_closed_form(ddpm, x0, 123, noise), expected, atol=1e-6)
 
 
 def test_sliced_wasserstein_of_a_shifted_point_mass():
@@ -57,12 +57,12 @@ def test_sliced_wasserstein_of_a_shifted_point_mass():
 
 
 def test_toy_distributions_are_standardised_and_seeded():
-    for name in toy2d.TOY_DISTRIBUTIONS:
-        x = toy2d.sample_toy(name, 4000, seed=3)
+    for name in ch02_background.TOY_DISTRIBUTIONS:
+        x = ch02_background.sample_toy(name, 4000, seed=3)
         assert x.shape == (4000, 2) and np.allclose(x.mean(0), 0, atol=1e-5) and np.allclose(x.std(0), 1, atol=1e-4)
-        assert np.array_equal(x, toy2d.sample_toy(name, 4000, seed=3))
+        assert np.array_equal(x, ch02_background.sample_toy(name, 4000, seed=3))
     with pytest.raises(ValueError, match="unknown toy distribution"):
-        toy2d.sample_toy("circle", 10, 0)
+        ch02_background.sample_toy("circle", 10, 0)
 
 
 class _OracleGaussianEps(torch.nn.Module):
@@ -80,30 +80,30 @@ class _OracleGaussianEps(torch.nn.Module):
 @pytest.mark.parametrize("kind,steps", [("ddpm", 1000), ("ddim", 50)])
 def test_samplers_recover_a_gaussian_with_the_exact_denoiser(kind, steps):
     """With the closed-form ε for Gaussian data, both samplers must return std ≈ s (independent check)."""
-    scheduler = toy2d.make_scheduler(kind, 1000, "linear")
+    scheduler = ch02_background.make_scheduler(kind, 1000, "linear")
     oracle = _OracleGaussianEps(scheduler, s=0.5)
     x_T = torch.randn((4000, 2), generator=torch.Generator().manual_seed(0))
-    x0, _ = toy2d.sample(oracle, scheduler, x_T, steps, seed=1)
+    x0, _ = ch02_background.sample(oracle, scheduler, x_T, steps, seed=1)
     assert x0.std().item() == pytest.approx(0.5, rel=0.06)
 
 
 def test_ddim_is_deterministic_and_ddpm_is_not():
-    model = toy2d.EpsMLP(hidden=16)
+    model = ch02_background.EpsMLP(hidden=16)
     x_T = torch.randn((64, 2), generator=torch.Generator().manual_seed(0))
-    ddim = toy2d.make_scheduler("ddim")
-    a, _ = toy2d.sample(model, ddim, x_T, 10, seed=1)
-    b, _ = toy2d.sample(model, ddim, x_T, 10, seed=2)
+    ddim = ch02_background.make_scheduler("ddim")
+    a, _ = ch02_background.sample(model, ddim, x_T, 10, seed=1)
+    b, _ = ch02_background.sample(model, ddim, x_T, 10, seed=2)
     assert torch.equal(a, b)
-    ddpm = toy2d.make_scheduler("ddpm")
-    c, _ = toy2d.sample(model, ddpm, x_T, 20, seed=1)
-    d, _ = toy2d.sample(model, ddpm, x_T, 20, seed=2)
-    e, _ = toy2d.sample(model, ddpm, x_T, 20, seed=1)
+    ddpm = ch02_background.make_scheduler("ddpm")
+    c, _ = ch02_background.sample(model, ddpm, x_T, 20, seed=1)
+    d, _ = ch02_background.sample(model, ddpm, x_T, 20, seed=2)
+    e, _ = ch02_background.sample(model, ddpm, x_T, 20, seed=1)
     assert not torch.allclose(c, d) and torch.equal(c, e)
 
 
 def test_training_reduces_the_ddpm_loss():
-    data = toy2d.sample_toy("eight_gaussians", 2000, seed=0)
-    model = toy2d.EpsMLP(hidden=64)
-    losses = toy2d.train_ddpm(model, data, toy2d.make_scheduler("ddpm"), steps=300, batch_size=256, lr=2e-3,
+    data = ch02_background.sample_toy("eight_gaussians", 2000, seed=0)
+    model = ch02_background.EpsMLP(hidden=64)
+    losses = ch02_background.train_ddpm(model, data, ch02_background.make_scheduler("ddpm"), steps=300, batch_size=256, lr=2e-3,
                               seed=0, progress=False)
     assert np.mean(losses[-50:]) < 0.8 * np.mean(losses[:20])

@@ -16,12 +16,19 @@ chapter runs it (``didgen.eval.pair_batch``); ratios of medians over interleaved
 """
 from __future__ import annotations
 
-import argparse
-import json
-import sys
+import resource
+import statistics
+import time
 from typing import Any
 
-from ctrlgen.cli.common import EXIT_OK, add_profile_args, profile_from_args
+import numpy as np
+import torch
+
+from ctrlgen.attention import AttentionCapture
+from ctrlgen.guidance import LayoutGuidance
+from ctrlgen.methods.didgen import PairConfig, PairGenerator, setup_placeholders
+from ctrlgen.models import build_caption_tokenizer, build_from_published_config, build_mini_components, locate_tokens
+from ctrlgen.sampling import sample
 
 PROMPT = "an image of a small dark lesion on skin"
 TARGETS = {"capture": 1.15, "guided": 2.2}
@@ -30,18 +37,6 @@ TARGETS = {"capture": 1.15, "guided": 2.2}
 def bench_attention(cfg, arch: str = "", device: str = "cpu", dtype_name: str = "float32", batch: int = 1,
                     steps: int = 0, repeats: int = 3) -> dict[str, Any]:
     """Time plain, capturing and guided sampling on one model, interleaved; return the report."""
-    import resource
-    import statistics
-    import time
-
-    import torch
-
-    from ctrlgen.attention import AttentionCapture
-    from ctrlgen.guidance import LayoutGuidance
-    from ctrlgen.models import (build_caption_tokenizer, build_from_published_config, build_mini_components,
-                                locate_tokens)
-    from ctrlgen.sampling import sample
-
     dtype = getattr(torch, dtype_name)
     if arch:
         model = build_from_published_config(arch, parts=("unet", "text_encoder"), dtype=dtype)
@@ -108,15 +103,6 @@ def bench_attention(cfg, arch: str = "", device: str = "cpu", dtype_name: str = 
 
 def bench_pairs(cfg, n_pairs: int = 0, repeats: int = 3) -> dict[str, Any]:
     """Pairs per minute of guided vs unguided lesion–mask pair generation on a mini-architecture model."""
-    import statistics
-    import time
-
-    import numpy as np
-    import torch
-
-    from ctrlgen.methods.didgen import PairConfig, PairGenerator, setup_placeholders
-    from ctrlgen.models import build_caption_tokenizer, build_mini_components
-
     prefix = str(cfg.didgen.prefix)
     tok = build_caption_tokenizer([prefix.replace("<lesion>", "lesion").replace("<skin>", "skin") + ", a brown lesion"],
                                   model_max_length=int(cfg.models.mini.text_encoder.max_length))
@@ -150,49 +136,4 @@ def bench_pairs(cfg, n_pairs: int = 0, repeats: int = 3) -> dict[str, Any]:
             "ratio_guided_vs_unguided": median["guided"] / median["unguided"]}
 
 
-def _pairs(args: argparse.Namespace) -> int:
-    from ctrlgen import paths
-    from ctrlgen.results import atomic_write_json
-
-    cfg = profile_from_args(args)
-    report = bench_pairs(cfg, args.pairs, args.repeats)
-    target = paths.output_root(cfg) / "bench" / f"pairs-{cfg.profile_name}.json"
-    atomic_write_json(target, report)
-    json.dump(report, sys.stdout, indent=2)
-    print(f"\nwritten to {target}")
-    return EXIT_OK
-
-
-def _attention(args: argparse.Namespace) -> int:
-    from ctrlgen import paths
-    from ctrlgen.results import atomic_write_json
-
-    cfg = profile_from_args(args)
-    report = bench_attention(cfg, args.arch, args.device, args.dtype, args.batch, args.steps, args.repeats)
-    target = paths.output_root(cfg) / "bench" / f"attention-{args.arch or cfg.profile_name}.json"
-    atomic_write_json(target, report)
-    json.dump(report, sys.stdout, indent=2)
-    print(f"\nwritten to {target}")
-    return EXIT_OK
-
-
-def add_bench_parser(subparsers) -> None:
-    bench = subparsers.add_parser("bench", help="run the benchmarks (speed as ratios, peak memory)",
-                                  description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    groups = bench.add_subparsers(dest="bench_command", metavar="BENCHMARK", required=True)
-    attention = groups.add_parser("attention", help="attention capture and layout guidance vs plain sampling",
-                                  description=bench_attention.__doc__)
-    add_profile_args(attention)
-    attention.add_argument("--arch", default="", help="sd21_base or sd14: the real architecture with random weights")
-    attention.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
-    attention.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
-    attention.add_argument("--batch", type=int, default=1)
-    attention.add_argument("--steps", type=int, default=0, help="sampling steps (default: the profile's sampling.num_steps)")
-    attention.add_argument("--repeats", type=int, default=3, help="interleaved repetitions per mode (medians reported)")
-    attention.set_defaults(func=_attention)
-    pairs = groups.add_parser("pairs", help="DiDGen lesion-mask pairs per minute, guided vs unguided",
-                              description=bench_pairs.__doc__)
-    add_profile_args(pairs)
-    pairs.add_argument("--pairs", type=int, default=0, help="pairs per timed run (default: one batch, didgen.eval.pair_batch)")
-    pairs.add_argument("--repeats", type=int, default=3, help="interleaved repetitions per mode (medians reported)")
-    pairs.set_defaults(func=_pairs)
+__all__ = ["PROMPT", "TARGETS", "bench_attention", "bench_pairs"]

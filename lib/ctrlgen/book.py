@@ -26,13 +26,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
 
+import jupytext
+import papermill
 import yaml
+from jupyter_client.kernelspec import KernelSpecManager, NoSuchKernel
 from papermill.engines import NBClientEngine, papermill_engines
+from papermill.exceptions import PapermillExecutionError
 
 from ctrlgen import paths, result_cache
-from ctrlgen.result_cache import data_fingerprint
 from ctrlgen.config import READS_ENV, Config, flatten, load_profile
 from ctrlgen.progress import PROGRESS_ENV, ProgressMonitor
+from ctrlgen.result_cache import data_fingerprint
 
 KERNEL_NAME = "ctrlgen"
 KERNEL_DISPLAY = "Python (ctrlgen)"
@@ -99,15 +103,13 @@ def ensure_kernel() -> str:
     papermill looks kernels up by name; registering one inside the environment (``--sys-prefix``)
     with this interpreter's absolute path avoids NoSuchKernel and the wrong-``python`` trap.
     """
-    from jupyter_client.kernelspec import KernelSpecManager, NoSuchKernel
-
     try:
         spec = KernelSpecManager().get_kernel_spec(KERNEL_NAME)
         if Path(spec.argv[0]).resolve() == Path(sys.executable).resolve():
             return KERNEL_NAME
     except NoSuchKernel:
         pass
-    from ipykernel.kernelspec import install
+    from ipykernel.kernelspec import install  # only on the first run in an environment (registers the kernel)
 
     install(kernel_name=KERNEL_NAME, display_name=KERNEL_DISPLAY, prefix=sys.prefix)
     return KERNEL_NAME
@@ -256,8 +258,6 @@ class ChapterResult:
 
 
 def _prepare_notebook(chapter: str, profile: str, checked: Mapping[str, Any], root: Path) -> Any:
-    import jupytext
-
     notebook = jupytext.read(root / "chapters" / f"{chapter}.py")
     notebook.metadata["kernelspec"] = {"name": KERNEL_NAME, "display_name": KERNEL_DISPLAY, "language": "python"}
     notebook.metadata.pop("jupytext", None)
@@ -280,9 +280,6 @@ def run_chapter(chapter: str, profile: str = "mini", overrides: Mapping[str, Any
     ``<name>.FAILED.ipynb``. ``progress`` is a label (``"[1/3]"``): when given, a status line with the
     current cell, the kernel's bars and the elapsed time is shown on ``stream`` (stderr) while it runs.
     """
-    import papermill
-    from papermill.exceptions import PapermillExecutionError
-
     root = paths.project_root()
     chapter = resolve_chapter(chapter, root)
     cfg = load_profile(profile, overrides)  # raises ConfigError early
@@ -339,7 +336,7 @@ def _stage_mathjax(target: Path) -> None:
     It goes to ``html_extra_path`` (copied verbatim to the site root), not ``_static``: Jupyter Book adds a
     script tag for every .js file under ``_static``, which would load each MathJax component directly.
     """
-    import jupyter_server_mathjax
+    import jupyter_server_mathjax  # only when the HTML site is built (its MathJax copy)
 
     source = Path(jupyter_server_mathjax.__file__).parent / "static"
     shutil.copytree(source, target)

@@ -324,7 +324,7 @@ SCHEMA: dict[str, Rule] = {
     "sampling.scheduler": one_of("ddim", "pndm", "ddpm"),  # models/sd.py SCHEDULERS
     "*beta_schedule": one_of("linear", "scaled_linear", "squaredcos_cap_v2"),  # diffusers' DDPM/DDIM schedules
     "*prediction_type": one_of("epsilon"),  # the losses and samplers predict noise
-    "ch02.toy.distribution": one_of("eight_gaussians", "two_moons", "swiss_roll"),  # toy2d.TOY_DISTRIBUTIONS
+    "ch02.toy.distribution": one_of("eight_gaussians", "two_moons", "swiss_roll"),  # experiments.ch02_background.TOY_DISTRIBUTIONS
     "*guidance_scale": at_least(0),
     "models.kind": one_of("mini", "pretrained"),
     "models.dtype": DTYPE,

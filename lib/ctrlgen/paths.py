@@ -12,6 +12,8 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from ctrlgen.config import ConfigError
+
 ENV_PROJECT = "CTRLGEN_PROJECT_ROOT"
 ENV_DATA = "CTRLGEN_DATA_ROOT"
 ENV_CACHE = "CTRLGEN_CACHE_ROOT"
@@ -70,8 +72,6 @@ def check_data_root(cfg: Mapping[str, Any] | None = None) -> Path:
     The default ``<project>/data`` may be empty (chapters then use procedural data); a root the user
     named and mistyped must not silently turn a real-data run into a procedural one.
     """
-    from ctrlgen.config import ConfigError
-
     root = data_root(cfg)
     explicit = os.environ.get(ENV_DATA) or _profile_path(cfg, "data_root")
     if explicit and not root.is_dir():

@@ -91,7 +91,13 @@ class ReportingTqdm(_std_tqdm):
 
 
 def tqdm(*args: Any, **kwargs: Any) -> _std_tqdm:
-    """``tqdm.auto.tqdm`` outside the book; a :class:`ReportingTqdm` inside a ``ctrlgen book``/``run`` kernel."""
+    """``tqdm.auto.tqdm`` outside the book; a :class:`ReportingTqdm` inside a ``ctrlgen book``/``run`` kernel.
+
+    ``TQDM_DISABLE`` is read at each call (tqdm reads it once, when it is imported), with tqdm's precedence:
+    an explicit ``disable=`` wins; so a command can turn every bar off after the library is loaded.
+    """
+    if "disable" not in kwargs and os.environ.get("TQDM_DISABLE", "").lower() in ("1", "true", "yes"):
+        kwargs["disable"] = True
     target = os.environ.get(PROGRESS_ENV)
     if target:
         return ReportingTqdm(*args, report_to=target, **kwargs)

@@ -77,7 +77,7 @@ def _relative_base(module: str, is_package: bool, level: int) -> str:
 def imported_names(source: str, module: str = "", is_package: bool = False) -> set[str]:
     """Every ``ctrlgen`` module name ``source`` may import: import statements anywhere in the file
     (function-local ones too), relative imports resolved against ``module``, and string constants that
-    name a module (``importlib.import_module("ctrlgen.data.cli")``). ``from a import b`` yields both
+    name a module (``importlib.import_module("ctrlgen.cli.data")``). ``from a import b`` yields both
     ``a`` and ``a.b``, since ``b`` may be a submodule; names that are not files are dropped later."""
     tree = ast.parse(source)
     names: set[str] = set()
@@ -209,11 +209,11 @@ def key_of(key_parts: Mapping[str, Any], code: Iterable[str] = (), root: Path | 
 def _encode(value: Any, kind: str) -> bytes:
     buffer = io.BytesIO()
     if kind == "torch":
-        import torch
+        import torch  # heavy: this layer-1 module is loaded by `ctrlgen --help`, which must not load torch
 
         torch.save(value, buffer)
     elif kind == "numpy":
-        import numpy as np
+        import numpy as np  # only the numpy kind needs it (light CLI start, as torch above)
 
         arrays = value if isinstance(value, Mapping) else {"__array__": value}
         np.savez(buffer, **{k: np.asarray(v) for k, v in arrays.items()})
@@ -224,11 +224,11 @@ def _encode(value: Any, kind: str) -> bytes:
 
 def _decode(path: Path, kind: str) -> Any:
     if kind == "torch":
-        import torch
+        import torch  # heavy: this layer-1 module is loaded by `ctrlgen --help`, which must not load torch
 
         return torch.load(path, map_location="cpu", weights_only=True)  # tensors and containers only: no pickled code
     if kind == "numpy":
-        import numpy as np
+        import numpy as np  # only the numpy kind needs it (light CLI start, as torch above)
 
         with np.load(path, allow_pickle=False) as archive:
             arrays = {k: archive[k] for k in archive.files}

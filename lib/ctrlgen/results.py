@@ -13,6 +13,7 @@ or an empty cache. Wall-clock measurements depend on the machine and its load, s
 """
 from __future__ import annotations
 
+import io
 import json
 import math
 import os
@@ -151,8 +152,6 @@ class ChapterRun:
 
     def save_figure(self, fig: Any, name: str, dpi: int = 110) -> Path:
         """Save a matplotlib figure as PNG beside the record (atomically) and remember its path."""
-        import io
-
         buffer = io.BytesIO()
         fig.savefig(buffer, format="png", dpi=dpi, bbox_inches="tight")
         path = atomic_write_bytes(self.figure_dir / f"{name}.png", buffer.getvalue())

@@ -14,7 +14,7 @@ def resolve_device(cfg: Mapping[str, Any]) -> str:
     than a CUDA/MPS error deep inside a training step. The spelling is checked by the profile schema
     (``config.SCHEMA["device"]``) when the profile is loaded; it is checked again here for plain mappings.
     """
-    import torch
+    import torch  # heavy: this layer-1 module is loaded by `ctrlgen --help`, which must not load torch
 
     wanted = str(cfg["device"])
     if not DEVICE.ok(wanted):

@@ -13,7 +13,7 @@ def seed_everything(seed: int, deterministic: bool = True):
     diffusers schedulers and pipelines take an explicit generator; a CPU generator gives the same
     noise on CPU and GPU, so a sample can be reproduced across machines.
     """
-    import torch
+    import torch  # heavy: this layer-1 module is loaded by `ctrlgen --help`, which must not load torch
 
     random.seed(seed)
     np.random.seed(seed % 2**32)
@@ -27,7 +27,7 @@ def seed_everything(seed: int, deterministic: bool = True):
 
 def make_generator(seed: int, device: str = "cpu"):
     """A fresh ``torch.Generator`` on ``device`` seeded with ``seed``."""
-    import torch
+    import torch  # heavy: this layer-1 module is loaded by `ctrlgen --help`, which must not load torch
 
     return torch.Generator(device=device).manual_seed(seed)
 

@@ -1,6 +1,6 @@
 """Attention made visible on the book's own models (chapter 2, second half): data for the figures and the figures.
 
-Everything works on ``SDComponents`` and ``ctrlgen.pretrain.DomainData``; functions that compute
+Everything works on ``SDComponents`` and ``ctrlgen.data.domains.DomainData``; functions that compute
 return arrays/frames, functions named ``*_figure`` return matplotlib figures. Images come and go in the
 book's convention (``ctrlgen.sampling.pipeline``): float ``(B, 3, H, W)`` in [0, 1].
 """
@@ -9,6 +9,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 import torch
@@ -35,8 +36,6 @@ def prompt_tokens(model, prompt: str) -> list[tuple[int, str]]:
 # ------------------------------------------------------------------------------------------- training
 def loss_curves_figure(results: Mapping[str, Mapping[str, Any]], smooth: int = 25):
     """One panel per domain: VAE loss and each variant's L_rec (and the auxiliary term), smoothed."""
-    import matplotlib.pyplot as plt
-
     def sm(v):
         v = np.asarray(v, float)
         k = max(1, min(smooth, len(v) // 5 or 1))
@@ -63,8 +62,6 @@ def loss_curves_figure(results: Mapping[str, Mapping[str, Any]], smooth: int = 2
 @torch.no_grad()
 def vae_round_trip_figure(models: Mapping[str, Any], datas: Mapping[str, Any], n: int = 6):
     """Held-out images (top) and their VAE reconstructions (bottom) for each domain."""
-    import matplotlib.pyplot as plt
-
     fig, axes = plt.subplots(2 * len(models), n, figsize=(1.4 * n, 2.9 * len(models)), squeeze=False)
     for k, (domain, model) in enumerate(models.items()):
         held = datas[domain].heldout_images[:n]
@@ -83,8 +80,6 @@ def vae_round_trip_figure(models: Mapping[str, Any], datas: Mapping[str, Any], n
 
 def samples_figure(samples: Mapping[str, torch.Tensor], prompts: Sequence[str], title: str = ""):
     """Rows = models (e.g. variants), columns = prompts; ``samples``: images ``(N, 3, H, W)`` in [0, 1] per model."""
-    import matplotlib.pyplot as plt
-
     rows, n = len(samples), len(prompts)
     fig, axes = plt.subplots(rows, n, figsize=(1.6 * n, 1.8 * rows + 0.4), squeeze=False)
     for r, (name, imgs) in enumerate(samples.items()):
@@ -131,8 +126,6 @@ def cross_attention_trajectory(model, prompt: str, num_steps: int, guidance: flo
 
 def cross_attention_figure(traj: Mapping[str, Any], tokens: Sequence[tuple[int, str]], title: str = ""):
     """Tokens (columns) x kept timesteps (rows) of the layer-mean map, next to the generated image."""
-    import matplotlib.pyplot as plt
-
     steps = traj["steps"]
     fig, axes = plt.subplots(len(steps), len(tokens) + 1, figsize=(1.3 * (len(tokens) + 1), 1.35 * len(steps) + 0.4),
                              squeeze=False)
@@ -158,8 +151,6 @@ def cross_attention_figure(traj: Mapping[str, Any], tokens: Sequence[tuple[int, 
 
 def cross_attention_layers_figure(traj: Mapping[str, Any], tokens: Sequence[tuple[int, str]], step_index: int | None = None):
     """Every cross-attention layer (rows) x tokens (columns) at one kept step."""
-    import matplotlib.pyplot as plt
-
     steps = traj["steps"]
     i, t = steps[len(steps) // 2] if step_index is None else next(s for s in steps if s[0] == step_index)
     layers = [name for (j, name) in traj["maps"] if j == i and "attn2" in name]
@@ -206,8 +197,6 @@ def real_maps(model, data, indices: Sequence[int], t: int = 500, seed: int = 0) 
 def self_attention_queries_figure(maps_by_model: Mapping[str, Mapping[str, torch.Tensor]], image_index: int = 0,
                                   queries: Sequence[tuple[int, int]] | None = None):
     """Rows = models; columns = the image (queries marked) and the self-attention map of each query pixel."""
-    import matplotlib.pyplot as plt
-
     first = next(iter(maps_by_model.values()))
     side = first["cross"].shape[1]
     if queries is None:
@@ -266,8 +255,6 @@ def nu_tau_iou(maps: Mapping[str, torch.Tensor], token: int, region: int = 1, nu
 def nu_tau_figure(maps_by_model: Mapping[str, Mapping[str, torch.Tensor]], token: int, image_index: int = 0,
                   nu: float = 2.0, taus: Sequence[float] = (0, 1, 4)):
     """Rows = models; columns = image with true mask, A_C, A_C^ν, and the enhanced maps for each τ > 0."""
-    import matplotlib.pyplot as plt
-
     rows = len(maps_by_model)
     panels = {name: nu_tau_maps(m, token, nu, taus) for name, m in maps_by_model.items()}
     ncol = 1 + len(next(iter(panels.values())))
@@ -297,8 +284,6 @@ def _short(layer: str) -> str:
 
 def affinity_heatmap_figure(tables: Mapping[str, pd.DataFrame]):
     """Affinity ratio per layer (rows) and head (columns), one panel per (domain, variant)."""
-    import matplotlib.pyplot as plt
-
     fig, axes = plt.subplots(1, len(tables), figsize=(3.3 * len(tables), 2.8), squeeze=False)
     for ax, (name, t) in zip(axes[0], tables.items()):
         heads = t[(t["head"] != "mean") & (t["place"] != "all")]

@@ -14,6 +14,8 @@ from typing import Literal
 import numpy as np
 import torch
 import torch.nn.functional as F
+from skimage.filters import threshold_otsu
+from skimage.morphology import dilation, disk, erosion
 
 Power = Literal["elementwise", "matrix"]
 
@@ -183,8 +185,6 @@ def otsu_threshold(values: torch.Tensor | np.ndarray, nbins: int = 256) -> float
 
     A constant input has no threshold; it returns that constant (so ``a > t`` selects nothing).
     """
-    from skimage.filters import threshold_otsu
-
     x = values.detach().double().cpu().numpy() if isinstance(values, torch.Tensor) else np.asarray(values, np.float64)
     x = x.ravel()
     if x.min() == x.max():
@@ -201,8 +201,6 @@ def otsu_mask(a: torch.Tensor, dilate: int = 1, erode: int = 1) -> torch.Tensor:
     threshold and yields an empty mask: callers that build datasets must check for it and count it
     (``methods.didgen.pair_generation`` does).
     """
-    from skimage.morphology import dilation, disk, erosion
-
     lead, (h, w) = a.shape[:-2], a.shape[-2:]
     flat = a.detach().float().cpu().reshape(-1, h, w)
     out = np.zeros((flat.shape[0], h, w), dtype=bool)

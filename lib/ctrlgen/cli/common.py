@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import argparse
+import importlib
+from collections.abc import Callable
 
 from ctrlgen.config import Config, load_profile, parse_assignments
 
@@ -24,3 +26,16 @@ def add_profile_args(parser: argparse.ArgumentParser, default: str = "mini") -> 
 def profile_from_args(args: argparse.Namespace) -> Config:
     """The profile named on the command line with its overrides applied (raises ConfigError)."""
     return load_profile(args.profile, parse_assignments(args.params))
+
+
+def run_later(module: str, function: str) -> Callable[[argparse.Namespace], int]:
+    """A command handler that imports ``module`` only when the command runs.
+
+    For commands whose work loads torch: their parser stays light, so ``ctrlgen CMD --help`` is instant.
+    The module is named by its full dotted name (tests/test_layering.py reads such names as import edges).
+    """
+    def handler(args: argparse.Namespace) -> int:
+        return getattr(importlib.import_module(module), function)(args)
+
+    handler.__qualname__ = f"{module}.{function}"
+    return handler

@@ -6,12 +6,14 @@ import sys
 
 from ctrlgen.cli.common import EXIT_FAILED, EXIT_OK, EXIT_USAGE, add_profile_args, profile_from_args
 from ctrlgen.config import ConfigError
+from ctrlgen.data.check import check_all, format_report
+from ctrlgen.data.datasets import world_root
+from ctrlgen.data.fetch import FetchError, fetch_dataset, refusal
+from ctrlgen.data.registry import WORLD_OF
+from ctrlgen.paths import data_root
 
 
 def _check(args: argparse.Namespace) -> int:
-    from ctrlgen.data.check import check_all, format_report
-    from ctrlgen.paths import data_root
-
     cfg = profile_from_args(args)  # a ConfigError becomes exit 2 in ctrlgen.cli.main
     root = data_root(cfg)
     if not root.is_dir():
@@ -30,9 +32,6 @@ def _check(args: argparse.Namespace) -> int:
 
 
 def _fetch(args: argparse.Namespace) -> int:
-    from ctrlgen.data.fetch import FetchError, fetch_dataset, refusal
-    from ctrlgen.paths import data_root
-
     reason = refusal(args.name)
     if reason:
         print(f"ctrlgen: error: {reason}", file=sys.stderr)
@@ -49,9 +48,6 @@ def _fetch(args: argparse.Namespace) -> int:
 
 
 def _generate(args: argparse.Namespace) -> int:
-    from ctrlgen.data.datasets import world_root
-    from ctrlgen.data.registry import WORLD_OF
-
     cfg = profile_from_args(args)  # a ConfigError becomes exit 2 in ctrlgen.cli.main
     worlds = args.worlds or list(WORLD_OF)
     unknown = [w for w in worlds if w not in WORLD_OF]

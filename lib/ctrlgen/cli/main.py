@@ -12,18 +12,21 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
+import yaml
+
 from ctrlgen import __version__, paths
+from ctrlgen.book import ChapterFailed, build_site, run_chapter, toc_chapters
 from ctrlgen.cli.common import EXIT_FAILED, EXIT_OK, EXIT_USAGE, add_profile_args
 from ctrlgen.config import ConfigError, load_profile, parse_assignments
 
-# Sub-command groups that live beside the layer they drive; each module exposes add_<name>_parser.
-# They are imported only when their command is used (``models`` pulls in torch and diffusers), so
-# ``ctrlgen --help`` and ``ctrlgen run`` start instantly.
+# Sub-command groups in ``ctrlgen.cli``; each module exposes add_<name>_parser. They are imported only
+# when their command is used (``models``, ``pretrain`` and ``bench`` pull in torch and diffusers), so
+# ``ctrlgen --help`` and ``ctrlgen run`` do not load them.
 PLUGINS = {
-    "data": ("ctrlgen.data.cli", "add_data_parser", "inspect, download or generate the datasets"),
-    "models": ("ctrlgen.models.cli", "add_models_parser", "check or fetch the models a profile names"),
-    "pretrain": ("ctrlgen.pretrain_cli", "add_pretrain_parser", "pretrain the mini models of a domain"),
-    "bench": ("ctrlgen.bench", "add_bench_parser", "run the benchmarks (speed as ratios, peak memory)"),
+    "data": ("ctrlgen.cli.data", "add_data_parser", "inspect, download or generate the datasets"),
+    "models": ("ctrlgen.cli.models", "add_models_parser", "check or fetch the models a profile names"),
+    "pretrain": ("ctrlgen.cli.pretrain", "add_pretrain_parser", "pretrain the mini models of a domain"),
+    "bench": ("ctrlgen.cli.bench", "add_bench_parser", "run the benchmarks (speed as ratios, peak memory)"),
 }
 
 
@@ -49,8 +52,6 @@ def _outcome(result) -> str:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from ctrlgen.book import ChapterFailed, run_chapter
-
     overrides = parse_assignments(args.params)
     try:
         result = run_chapter(args.chapter, args.profile, overrides, force=not args.cached, log_output=args.verbose,
@@ -63,8 +64,6 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_book(args: argparse.Namespace) -> int:
-    from ctrlgen.book import ChapterFailed, build_site, run_chapter, toc_chapters
-
     overrides = parse_assignments(args.params)
     paths.check_data_root(load_profile(args.profile, overrides))  # refuse bad keys, values or roots before anything runs
     start = time.perf_counter()
@@ -92,16 +91,12 @@ def cmd_book(args: argparse.Namespace) -> int:
 
 
 def cmd_chapters(args: argparse.Namespace) -> int:
-    from ctrlgen.book import toc_chapters
-
     for chapter in toc_chapters():
         print(chapter)
     return EXIT_OK
 
 
 def cmd_profile(args: argparse.Namespace) -> int:
-    import yaml
-
     cfg = load_profile(args.profile, parse_assignments(args.params))
     print(yaml.safe_dump(cfg.to_dict(), sort_keys=False).rstrip())
     return EXIT_OK

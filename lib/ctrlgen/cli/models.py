@@ -6,6 +6,7 @@ import sys
 
 from ctrlgen.cli.common import EXIT_FAILED, EXIT_OK, EXIT_USAGE, add_profile_args, profile_from_args
 from ctrlgen.config import ConfigError
+from ctrlgen.models.registry import check_models, fetch_models
 
 
 def _print(statuses) -> None:
@@ -20,8 +21,6 @@ def _print(statuses) -> None:
 
 
 def _check(args: argparse.Namespace) -> int:
-    from ctrlgen.models.registry import check_models
-
     cfg = profile_from_args(args)  # a ConfigError becomes exit 2 in ctrlgen.cli.main
     statuses = check_models(cfg)
     _print(statuses)
@@ -29,8 +28,6 @@ def _check(args: argparse.Namespace) -> int:
 
 
 def _fetch(args: argparse.Namespace) -> int:
-    from ctrlgen.models.registry import fetch_models
-
     cfg = profile_from_args(args)  # a ConfigError becomes exit 2 in ctrlgen.cli.main
     if cfg["models"]["kind"] != "pretrained":
         print(f"profile {args.profile!r} uses the book's mini models: they are trained by `ctrlgen pretrain`, "

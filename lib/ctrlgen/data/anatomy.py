@@ -32,6 +32,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from skimage.color import rgb2gray
+from skimage.filters import gaussian, threshold_multiotsu
+from skimage.measure import label, regionprops
+from skimage.morphology import closing, dilation, disk, opening, remove_small_holes
+from skimage.transform import resize
 
 from ctrlgen.data.imageio import read_image
 from ctrlgen.data.records import Dataset, Record
@@ -60,8 +65,6 @@ class LungFields:
 
 def _grey(images: np.ndarray) -> np.ndarray:
     """(N, H, W[, 3]) uint8 -> (N, H, W) float in [0, 1] (luminance for RGB)."""
-    from skimage.color import rgb2gray
-
     images = np.asarray(images)
     if images.ndim == 4:
         return rgb2gray(images[..., :3])
@@ -72,8 +75,6 @@ def _grey(images: np.ndarray) -> np.ndarray:
 
 def _framed(mask: np.ndarray, frame: np.ndarray) -> np.ndarray:
     """The connected components of ``mask`` with more than ``IN_FRAME`` of their pixels in ``frame``."""
-    from skimage.measure import label
-
     components = label(mask, connectivity=1)
     in_frame = np.bincount(components[frame], minlength=components.max() + 1)
     area = np.bincount(components.ravel(), minlength=components.max() + 1)
@@ -84,10 +85,6 @@ def _framed(mask: np.ndarray, frame: np.ndarray) -> np.ndarray:
 
 def _segment_one(grey: np.ndarray) -> np.ndarray | None:
     """Lung fields of one grey image (H, W) in [0, 1], or None when nothing plausible is found."""
-    from skimage.filters import gaussian, threshold_multiotsu
-    from skimage.measure import label, regionprops
-    from skimage.morphology import closing, dilation, disk, opening, remove_small_holes
-
     h, w = grey.shape
     side = max(h, w)
     bridge, smooth_r = disk(max(1, round(side / 32))), disk(max(1, round(side / 64)))
@@ -148,8 +145,6 @@ def lung_field_labels(images: np.ndarray) -> np.ndarray:
 
 def _resize_labels(labels: np.ndarray, size: int) -> np.ndarray:
     """Nearest-neighbour resize of one label map to (size, size), so values stay class ids."""
-    from skimage.transform import resize
-
     if labels.shape == (size, size):
         return labels.astype(np.int64)
     return resize(labels, (size, size), order=0, anti_aliasing=False, preserve_range=True).astype(np.int64)

@@ -18,6 +18,7 @@ from ctrlgen.data.imageio import ImageReadError, image_size
 from ctrlgen.data.readers.cxr import read_chexpert_labels
 from ctrlgen.data.records import DataError, ReadIssue
 from ctrlgen.data.registry import SPECS, DatasetSpec
+from ctrlgen.paths import data_root
 
 
 @dataclass(frozen=True)
@@ -45,8 +46,6 @@ def check_dataset(s: DatasetSpec, cfg: Mapping[str, Any], verify: str = "full") 
             return CheckResult(s.name, "missing", folder, detail=str(err))
     options = replace(read_options(cfg, verify_cache_path(s.name, cfg)), verify=verify, max_samples=0, strict=False)
     try:
-        from ctrlgen.paths import data_root
-
         ds = s.read(folder, options, data_root(cfg))
     except DataError as err:
         return CheckResult(s.name, "missing", folder, detail=str(err).split(";")[0])

@@ -21,12 +21,19 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+from skimage.transform import resize
 
-from ctrlgen.data.readers.common import ReadOptions
+from ctrlgen.data.imageio import read_image, read_mask, write_csv, write_image
+from ctrlgen.data.readers.common import IMAGE_SUFFIXES, ReadOptions
 from ctrlgen.data.readers.cxr import read_chexpert_labels
 from ctrlgen.data.records import DataError, Dataset, Record
 from ctrlgen.data.registry import MULTICONCEPT, SPECS, WORLD_OF, spec
+from ctrlgen.data.worlds import derm_layouts as lay
+from ctrlgen.data.worlds.cxr import render_cxr, sample_labels, write_anatomy_masks, write_mimic_cxr
+from ctrlgen.data.worlds.dermoscopy import DermWorldConfig, generate_dermoscopy
+from ctrlgen.data.worlds.multiconcept import write_multiconcept
 from ctrlgen.paths import cache_root, data_root, make_public
+from ctrlgen.progress import tqdm
 
 WORLD_VERSION = "2"  # bump when a generator's output changes, so cached worlds are rebuilt (2: CXR anatomy masks)
 
@@ -81,8 +88,6 @@ def _build_world(world: str, settings: dict[str, Any], folder: Path, cfg: Mappin
         elif world == "cxr":
             _build_cxr(tmp, settings, cfg)
         elif world == MULTICONCEPT:
-            from ctrlgen.data.worlds.multiconcept import write_multiconcept
-
             write_multiconcept(tmp / MULTICONCEPT, settings["n_pretrain"], settings["n_customize"],
                                settings["resolution"], settings["seed"])
         else:
@@ -99,10 +104,6 @@ def _build_world(world: str, settings: dict[str, Any], folder: Path, cfg: Mappin
 
 
 def _build_derm(root: Path, settings: dict[str, Any]) -> None:
-    from ctrlgen.data.imageio import write_csv
-    from ctrlgen.data.worlds import derm_layouts as lay
-    from ctrlgen.data.worlds.dermoscopy import DermWorldConfig, generate_dermoscopy
-
     config = DermWorldConfig(resolution=settings["resolution"], hair_probability=settings["hair_probability"],
                              vignette_probability=settings["vignette_probability"], texture=settings["texture"])
     seed = settings["seed"]
@@ -130,9 +131,6 @@ def chexpert_label_table(cfg: Mapping[str, Any]) -> pd.DataFrame | None:
 
 
 def _build_cxr(root: Path, settings: dict[str, Any], cfg: Mapping[str, Any]) -> None:
-    from ctrlgen.data.imageio import write_csv
-    from ctrlgen.data.worlds.cxr import render_cxr, sample_labels, write_anatomy_masks, write_mimic_cxr
-
     table = chexpert_label_table(cfg)
     labels = sample_labels(settings["n_images"], settings["seed"], table)
     images, masks = render_cxr(labels, settings["resolution"], settings["seed"])
@@ -211,8 +209,6 @@ def load_dataset(name: str, cfg: Mapping[str, Any], source: str = "", resolution
 def _resized_path(out: Path, record: Record, kind: str) -> Path:
     """``<out>/<kind>/<id>.png``; an id that already ends in an image suffix (NIH ``00000001_000.png``)
     loses it, so the copy is ``00000001_000.png`` and not ``00000001_000.png.png``."""
-    from ctrlgen.data.readers.common import IMAGE_SUFFIXES
-
     stem = record.id[: -len(Path(record.id).suffix)] if Path(record.id).suffix.lower() in IMAGE_SUFFIXES else record.id
     return out / kind / f"{stem}.png"
 
@@ -224,11 +220,6 @@ def resize_dataset(dataset: Dataset, resolution: int, cfg: Mapping[str, Any]) ->
     re-binarised, so a mask stays 0/255. Aspect ratio is not kept (as the 256x256 ISIC copies).
     Files already at the resolution are resized anyway into PNG so every record reads the same way.
     """
-    from skimage.transform import resize
-    from ctrlgen.progress import tqdm
-
-    from ctrlgen.data.imageio import read_image, read_mask, write_image
-
     tag = hashlib.sha256(str(dataset.root.resolve()).encode()).hexdigest()[:10]
     out = cache_root(cfg) / "data" / "resized" / f"{dataset.name}-{dataset.source}-{tag}" / str(resolution)
     records = []

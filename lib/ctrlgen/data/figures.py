@@ -1,19 +1,22 @@
-"""Figures of the data chapter (book appendix): samples with masks, distributions, co-occurrence, world controls."""
+"""Figures of the data chapter (book appendix): samples with masks, distributions, co-occurrence, world controls.
+
+Generic grids are ``ctrlgen.figures``."""
 from __future__ import annotations
 
+import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 
 from ctrlgen.data.attributes import lesion_attributes
 from ctrlgen.data.records import Dataset
+from ctrlgen.data.worlds.dermoscopy import DermWorldConfig, generate_dermoscopy
+from ctrlgen.figures import image_grid  # noqa: F401  (the data appendix calls it as figures.image_grid of this module)
 
 ATTRIBUTE_COLUMNS = ("ita_skin", "ita_lesion", "ita_difference", "area_ratio", "circularity")
 
 
 def show_samples(dataset: Dataset, n: int = 8, title: str = ""):
     """A row of images with their mask outlines (when the dataset has masks)."""
-    import matplotlib.pyplot as plt
-
     records = dataset.with_images()[:n]
     fig, axes = plt.subplots(1, max(len(records), 1), figsize=(1.6 * max(len(records), 1), 1.9), squeeze=False)
     for ax, r in zip(axes[0], records):
@@ -43,8 +46,6 @@ def dataset_attributes(dataset: Dataset) -> pd.DataFrame:
 
 def plot_attributes(frame: pd.DataFrame, title: str = ""):
     """Histograms of ITA skin / lesion / difference, area ratio and circularity."""
-    import matplotlib.pyplot as plt
-
     fig, axes = plt.subplots(1, len(ATTRIBUTE_COLUMNS), figsize=(12, 2.2))
     for ax, column in zip(axes, ATTRIBUTE_COLUMNS):
         ax.hist(frame[column].dropna(), bins=20, color="tab:brown", alpha=0.8)
@@ -63,8 +64,6 @@ def label_cooccurrence(labels: pd.DataFrame, positive_only: bool = True) -> pd.D
 
 
 def plot_cooccurrence(matrix: pd.DataFrame, title: str = ""):
-    import matplotlib.pyplot as plt
-
     fig, ax = plt.subplots(figsize=(6, 5))
     im = ax.imshow(matrix.to_numpy(), cmap="viridis", vmin=0, vmax=1)
     ax.set_xticks(range(len(matrix)), matrix.columns, rotation=90, fontsize=7)
@@ -77,10 +76,6 @@ def plot_cooccurrence(matrix: pd.DataFrame, title: str = ""):
 
 def derm_controls_figure(seed: int = 0, resolution: int = 64):
     """The dermoscopy world's controls, one swept per row with everything else fixed."""
-    import matplotlib.pyplot as plt
-
-    from ctrlgen.data.worlds.dermoscopy import DermWorldConfig, generate_dermoscopy
-
     clean = DermWorldConfig(resolution=resolution, hair_probability=0.0, vignette_probability=0.0)
     base = {"dx": "nv", "target_area": 0.15, "aspect": 1.1, "angle": 0.3, "cy": 0.5, "cx": 0.5, "skin_ita": 50.0,
             "skin_a": 12.0, "skin_b": 16.0, "ita_difference": 45.0, "lesion_a": 13.0, "delta_b": 8.0,
@@ -100,19 +95,5 @@ def derm_controls_figure(seed: int = 0, resolution: int = 64):
             ax.imshow(image)
             ax.axis("off")
         row[0].set_title(label, fontsize=7, loc="left")
-    fig.tight_layout()
-    return fig
-
-
-def image_grid(images: list[np.ndarray], titles: list[str] | None = None, title: str = "", cmap: str | None = None):
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, len(images), figsize=(1.6 * len(images), 1.9), squeeze=False)
-    for i, (ax, image) in enumerate(zip(axes[0], images)):
-        ax.imshow(image, cmap=cmap)
-        ax.axis("off")
-        if titles:
-            ax.set_title(titles[i], fontsize=6)
-    fig.suptitle(title, fontsize=9)
     fig.tight_layout()
     return fig

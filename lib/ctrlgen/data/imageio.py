@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from ctrlgen.data.records import DataError
+from ctrlgen.data.errors import DataError
 from ctrlgen.paths import make_public
 
 MASK_THRESHOLD = 127  # masks are stored 0/255; anything above this is lesion

@@ -13,12 +13,12 @@ from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
+import pandas as pd
+
+from ctrlgen.data.errors import DataError
+from ctrlgen.data.imageio import read_image, read_mask
 
 Source = Literal["real", "procedural"]
-
-
-class DataError(RuntimeError):
-    """A dataset that cannot be used as asked (missing, or defective under ``strict``)."""
 
 
 @dataclass(frozen=True)
@@ -54,16 +54,12 @@ class Record:
 
     def load_image(self, mode: str = "RGB") -> np.ndarray:
         """The image as a uint8 array (H, W, 3) for ``mode="RGB"`` or (H, W) for ``"L"``."""
-        from ctrlgen.data.imageio import read_image
-
         if self.image_path is None:
             raise DataError(f"record {self.id} has no image on disk")
         return read_image(self.image_path, mode)
 
     def load_mask(self) -> np.ndarray:
         """The lesion / object mask as a boolean array (H, W)."""
-        from ctrlgen.data.imageio import read_mask
-
         if self.mask_path is None:
             raise DataError(f"record {self.id} has no mask")
         return read_mask(self.mask_path)
@@ -119,8 +115,6 @@ class Dataset:
 
     def to_frame(self):
         """A pandas DataFrame, one row per record (meta and labels flattened into columns)."""
-        import pandas as pd
-
         rows = []
         for r in self.records:
             row = {"id": r.id, "split": r.split, "label": r.label, "text": r.text,

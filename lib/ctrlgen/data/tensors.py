@@ -26,4 +26,10 @@ def image_tensor(images: np.ndarray, signed: bool = True) -> torch.Tensor:
     return x * 2 - 1 if signed else x
 
 
-__all__ = ["image_tensor"]
+def region_maps(labels: np.ndarray, k: int, side: int) -> torch.Tensor:
+    """One-hot region labels ``(N, H, W)`` -> area-pooled soft regions ``(N, k, side, side)`` (sum 1 per pixel)."""
+    onehot = torch.nn.functional.one_hot(torch.from_numpy(labels).long(), k).permute(0, 3, 1, 2).float()
+    return torch.nn.functional.adaptive_avg_pool2d(onehot, side)
+
+
+__all__ = ["image_tensor", "region_maps"]

@@ -1,4 +1,6 @@
-"""DDPM on a 2-D toy distribution: the background of thesis §2.1.3, small enough to watch.
+"""Chapter 2's experiments: DDPM on a 2-D toy distribution, the background of thesis §2.1.3, small enough to watch.
+
+The base models chapter 2 pretrains are ``ctrlgen.experiments.base_models`` (every chapter uses them).
 
 The forward process uses the thesis's notation: q(x_t | x_{t-1}) = N(√α_t x_{t-1}, (1 − α_t) I)
 (Eq. 2.12), whose T-fold product (Eq. 2.11) has the closed form q(x_t | x_0) = N(√ᾱ_t x_0, (1 − ᾱ_t) I)
@@ -13,7 +15,10 @@ from collections.abc import Callable
 
 import numpy as np
 import torch
+from diffusers import DDIMScheduler, DDPMScheduler
+from sklearn.datasets import make_moons, make_swiss_roll
 from torch import nn
+
 from ctrlgen.progress import tqdm
 
 TOY_DISTRIBUTIONS = ("eight_gaussians", "two_moons", "swiss_roll")
@@ -27,12 +32,8 @@ def sample_toy(name: str, n: int, seed: int) -> np.ndarray:
         centres = np.stack([np.cos(angles), np.sin(angles)], axis=1) * 2.0
         points = centres + 0.12 * rng.standard_normal((n, 2))
     elif name == "two_moons":
-        from sklearn.datasets import make_moons
-
         points, _ = make_moons(n_samples=n, noise=0.06, random_state=int(rng.integers(2**31)))
     elif name == "swiss_roll":
-        from sklearn.datasets import make_swiss_roll
-
         roll, _ = make_swiss_roll(n_samples=n, noise=0.4, random_state=int(rng.integers(2**31)))
         points = roll[:, [0, 2]]
     else:
@@ -43,8 +44,6 @@ def sample_toy(name: str, n: int, seed: int) -> np.ndarray:
 
 def make_scheduler(kind: str, num_train_timesteps: int = 1000, beta_schedule: str = "linear"):
     """A diffusers scheduler: ``"ddpm"`` (ancestral, Eq. 2.24) or ``"ddim"`` (deterministic, η = 0)."""
-    from diffusers import DDIMScheduler, DDPMScheduler
-
     common = dict(num_train_timesteps=num_train_timesteps, beta_schedule=beta_schedule, clip_sample=False)
     if kind == "ddpm":
         return DDPMScheduler(**common, variance_type="fixed_small")

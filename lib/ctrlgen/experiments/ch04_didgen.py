@@ -1,27 +1,155 @@
-"""Chapter 4 experiments (§4.4.2, §4.4.5, §4.4.6): DiDGen and its baselines trained once, cached, evaluated.
+"""Chapter 4's experiments (§4.4.2, §4.4.5, §4.4.6): DiDGen and its baselines trained once, cached, evaluated.
 
 The chapter calls these functions; the methods themselves live in ``ctrlgen.methods.didgen`` and
-``ctrlgen.methods.baselines``, the four finetuned models (``mine``, ``mine-noregion``, ``sd-finetune``,
-``dreambooth``) and their cache in ``ctrlgen.analysis.didgen_models`` (re-exported here). Editing this
-module (evaluation, figures) never retrains them.
+``ctrlgen.methods.baselines``. Editing the evaluation or figure code here retrains nothing the cache holds
+unless it changes this module (the code version of the models' key covers this file).
+
+Models. Chapter 4's four finetuned models, trained once from the derm base model and cached (§4.4.2, §4.4.5):
+
+* ``mine``           region-aware finetuning (L_rec + α L_attn, Eq. 4.6) with DermPrompt prompts (§4.3.3);
+* ``mine-noregion``  the same prompts, α = 0 (the "w/o region-aware finetuning" ablation, Fig. 4.7a);
+* ``sd-finetune``    L_rec with the one prompt "An image of lesion on skin." (§4.4.2);
+* ``dreambooth``     the same prompt with prior preservation on base-model class images (Ruiz et al. 2023).
+
+All four see the same training images, steps, batch and AdamW settings (and, with
+``didgen.finetune.precompute_latents``, the same posterior-mean latents). Each is cached under
+``<models>/mini-<profile>/didgen/<name>`` with a key = hash of (base model key, the profile values that
+affect it, the training data and caption texts, the code version = this file and the training code);
+an interrupted run resumes from its checkpoints (``training.checkpoint_every``). The data object is any
+``sets`` with ``train_images``, ``train_masks``, ``prompts`` and ``fingerprint`` (``DermSets``).
 """
 from __future__ import annotations
 
 import hashlib
+import json
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
+import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 import torch
+from monai.losses import DiceCELoss
+from monai.networks.nets import UNet
 
+from ctrlgen.attention import AttentionCapture, otsu_mask, resize_maps
+from ctrlgen.data import load_dataset
 from ctrlgen.data.tensors import image_tensor
+from ctrlgen.experiments.base_models import default_variant, load_domain_data, pretrain_domain, variant_dir
+from ctrlgen.methods.baselines.dreambooth import dreambooth_finetune, generate_class_images
+from ctrlgen.methods.baselines.sd_finetune import sd_finetune
+from ctrlgen.methods.didgen import (CaptionCache, PairConfig, PairGenerator, PromptSampler, RegionAwareConfig,
+                                    captioner_from_profile, region_aware_finetune)
+from ctrlgen.metrics.image import fid, ms_ssim_between, within_set_diversity
 from ctrlgen.metrics.overlap import iou
+from ctrlgen.models import cache, load_base_model, load_components
+from ctrlgen.models.registry import mini_model_dir
 from ctrlgen.models.tokens import locate_tokens
+from ctrlgen.paths import cache_root
+from ctrlgen.progress import tqdm
 from ctrlgen.sampling import text_to_image
-from ctrlgen.analysis.didgen_models import MODEL_NAMES, Finetuned, base_model, finetune, models_dir  # noqa: F401
+
+# ================================================================================================ models
+MODEL_NAMES = ("mine", "mine-noregion", "sd-finetune", "dreambooth")
+# the captions' texts are in the key already (the data fingerprint), so the captioner's code is not listed
+CODE_FILES = ("experiments/ch04_didgen.py", "data/tensors.py", "methods/didgen/region_aware.py", "methods/baselines/sd_finetune.py",
+              "methods/baselines/dreambooth.py", "training/loop.py", "training/params.py", "training/losses.py",
+              "attention/capture.py", "models/tokens.py")
+
+
+@dataclass
+class Finetuned:
+    """One finetuned model of chapter 4, from the cache or trained by this call."""
+
+    name: str
+    model: Any                          # SDComponents
+    folder: Path
+    cached: bool
+    history: list[dict[str, float]]
+    train_seconds: float
+    key: str
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def _key(cfg: Mapping[str, Any], name: str, base_key: str, sets) -> tuple[str, dict]:
+    d, plain = cfg["didgen"], cache.plain
+    parts = {"name": name, "base": base_key, "data": sets.fingerprint, "seed": int(cfg["seed"]),
+             "finetune": plain(d["finetune"]), "prefix": str(d["prefix"]), "code": cache.code_version(CODE_FILES),
+             "cross_res": list(cfg["attention"]["train_cross_res"])}
+    if name in ("sd-finetune", "dreambooth"):
+        parts["baselines"] = plain(d["baselines"])
+        parts["sampling"] = [int(cfg["sampling"]["num_steps"]), float(cfg["sampling"]["guidance_scale"])]
+    return cache.key_hash(parts), parts
+
+
+def models_dir(cfg: Mapping[str, Any]) -> Path:
+    return mini_model_dir(cfg, "derm").parent / "didgen"
+
+
+def base_model(cfg: Mapping[str, Any], ensure: bool = True, data=None):
+    """The derm base model chapter 4 finetunes (mini/smoke: the default pretrained variant, trained now if the
+    cache lacks it — as ``ctrlgen pretrain derm`` would; full: SD 2.1). ``data``: the derm ``DomainData``
+    if already loaded (the cache check needs its fingerprint)."""
+    if ensure and str(cfg["models"]["kind"]) == "mini":
+        pretrain_domain(cfg, "derm", default_variant(cfg, "derm") == "selfattn", progress=False, data=data)
+    return load_base_model(cfg, "derm")
+
+
+def _base_key(cfg: Mapping[str, Any]) -> str:
+    if str(cfg["models"]["kind"]) != "mini":
+        return f"pretrained:{cfg['models']['pretrained'][cfg['models']['domains']['derm']]}"
+    info = json.loads((variant_dir(cfg, "derm", default_variant(cfg, "derm")) / "pretrain.json").read_text())
+    return str(info["key"])
+
+
+def finetune(cfg: Mapping[str, Any], name: str, sets, progress: bool = False, force: bool = False) -> Finetuned:
+    """The finetuned model ``name`` (one of ``MODEL_NAMES``), loaded from the cache or trained now."""
+    if name not in MODEL_NAMES:
+        raise ValueError(f"unknown chapter-4 model {name!r}; choose one of {', '.join(MODEL_NAMES)}")
+    key, parts = _key(cfg, name, _base_key(cfg), sets)
+    folder = models_dir(cfg) / name
+    info = None if force else cache.cached_record(folder, "didgen.json", key, "unet")
+    if info is not None:
+        model = load_components(folder, name=f"didgen/{name}")
+        return Finetuned(name, model, folder, True, info["history"], info["train_seconds"], key, info.get("extra", {}))
+    work = cache.work_dir(models_dir(cfg), f"{name}-{key}", fresh=force)
+    start = time.perf_counter()
+    model = base_model(cfg, ensure=False)
+    history, extra = _train(cfg, name, model, sets, work, progress)
+    seconds = time.perf_counter() - start
+    info = {"key": key, "key_parts": parts, "history": history, "train_seconds": seconds, "extra": extra}
+    cache.save_folder(folder, model.save, "didgen.json", info, work)
+    model.unet.eval()
+    return Finetuned(name, model, folder, False, history, seconds, key, extra)
+
+
+def _train(cfg, name: str, model, sets, work: Path, progress: bool) -> tuple[list[dict], dict]:
+    f, b = cfg["didgen"]["finetune"], cfg["didgen"]["baselines"]
+    seed = int(cfg["seed"])
+    ckpt = {"checkpoint_every": int(cfg["training"]["checkpoint_every"]), "keep_checkpoints": 2,
+            "mixed_precision": str(cfg["training"]["mixed_precision"])}
+    if name in ("mine", "mine-noregion"):
+        rc = RegionAwareConfig.from_profile(cfg, **({"alpha": 0.0} if name == "mine-noregion" else {}))
+        res, _ = region_aware_finetune(model, sets.train_images, sets.train_masks, sets.prompts, rc, output_dir=str(work),
+                                       train_config=ckpt, progress=progress)
+        return res.history, {"alpha": rc.alpha}
+    # the same data as the region-aware run: posterior-mean latents when it precomputes them (a mini VAE's
+    # posterior is wide — sampling a latent per step would train the baselines on noisier data than `mine`)
+    common = dict(steps=int(f["steps"]), batch_size=int(f["batch_size"]), lr=float(f["lr"]),
+                  weight_decay=float(f["weight_decay"]), seed=seed, output_dir=str(work), train_config=ckpt,
+                  progress=progress, precompute_latents=bool(f["precompute_latents"]))
+    if name == "sd-finetune":
+        return sd_finetune(model, sets.train_images, prompt=str(b["prompt"]), **common).history, {"prompt": str(b["prompt"])}
+    s = cfg["sampling"]
+    class_images = generate_class_images(model, str(b["dreambooth_class_prompt"]), int(b["dreambooth_class_images"]),
+                                         int(s["num_steps"]), float(s["guidance_scale"]), seed=seed)
+    res = dreambooth_finetune(model, sets.train_images, class_images, prior_weight=float(b["dreambooth_prior_weight"]),
+                              instance_prompt=str(b["prompt"]), class_prompt=str(b["dreambooth_class_prompt"]), **common)
+    return res.history, {"prompt": str(b["prompt"]), "class_prompt": str(b["dreambooth_class_prompt"]),
+                         "class_images": int(len(class_images))}
 
 
 # ================================================================================================ data
@@ -47,17 +175,12 @@ class DermSets:
 
 
 def derm_sets(cfg: Mapping[str, Any], tokenizer, data=None) -> DermSets:
-    """The derm training split of ``ctrlgen.pretrain`` captioned with the profile's DermPrompt captioner
+    """The derm training split of the base models (``ctrlgen.data.domains``) captioned with the profile's DermPrompt captioner
     (cached per image), and the evaluation set: the dataset's ``test`` split (thesis: "the testing set of
     Task 1"), else the held-out images.
 
-    ``data``: the domain's ``pretrain.DomainData`` if already loaded (see ``load_base_and_sets``)."""
-    from ctrlgen import pretrain as P
-    from ctrlgen.data import load_dataset
-    from ctrlgen.methods.didgen import CaptionCache, captioner_from_profile
-    from ctrlgen.paths import cache_root
-
-    data = data or P.load_domain_data(cfg, "derm")
+    ``data``: the domain's ``DomainData`` if already loaded (see ``load_base_and_sets``)."""
+    data = data or load_domain_data(cfg, "derm")
     masks = data.regions.astype(bool)
     captioner = captioner_from_profile(cfg, tokenizer)
     cache = CaptionCache(cache_root(cfg) / "captions" / f"{data.dataset}-{cfg['models']['image_size']}")
@@ -77,9 +200,7 @@ def derm_sets(cfg: Mapping[str, Any], tokenizer, data=None) -> DermSets:
 
 def load_base_and_sets(cfg: Mapping[str, Any]):
     """The derm base model (pretrained now if the cache lacks it) and its ``DermSets``, the data read once."""
-    from ctrlgen import pretrain as P
-
-    data = P.load_domain_data(cfg, "derm")
+    data = load_domain_data(cfg, "derm")
     base = base_model(cfg, data=data)
     return base, derm_sets(cfg, base.tokenizer, data=data)
 
@@ -103,8 +224,6 @@ def sample_images(model, prompts: Sequence[str], num_steps: int, guidance_scale:
 def table_4_1_prompts(cfg: Mapping[str, Any], sets: DermSets, tokenizer, n: int) -> dict[str, list[str]]:
     """The prompts of each Table 4.1 row: new DermPrompts (attribute values seen in training, recombined),
     the prefix alone, and the baselines' fixed prompt."""
-    from ctrlgen.methods.didgen import PromptSampler
-
     sampler = PromptSampler(sets.captions, tokenizer, prefix=str(cfg["didgen"]["prefix"]))
     new = [c.text for c in sampler.sample(n, seed=int(cfg["seed"]) + 7, mode="marginal")]
     fixed = str(cfg["didgen"]["baselines"]["prompt"])
@@ -117,8 +236,6 @@ ROW_MODEL = {"Mine-DermPrompt": "mine", "Mine-prefix": "mine", "SD-Finetune": "s
 
 def quality_row(samples: torch.Tensor, real: torch.Tensor, fid_features, distance, cfg: Mapping[str, Any]) -> dict[str, float]:
     """FID and MS-SSIM against the real evaluation images, LPIPS within the generated set (Table 4.1)."""
-    from ctrlgen.metrics.image import fid, ms_ssim_between, within_set_diversity
-
     e, seed = cfg["didgen"]["eval"], int(cfg["seed"])
     return {"FID ↓": fid(real, samples, fid_features),
             "MS-SSIM ↑": ms_ssim_between(samples, real, 0, seed, int(e["ms_ssim_scales"]), int(e["ms_ssim_kernel"])),
@@ -131,8 +248,6 @@ def token_maps_on_real(model, images: np.ndarray, prompts: Sequence[str], tokens
                        seed: int = 0, batch_size: int = 32) -> torch.Tensor:
     """Cross-attention maps ``(N, K, res, res)`` of ``tokens`` on noised real images at timestep ``t`` (one
     U-Net call with capture on side ``res`` only)."""
-    from ctrlgen.attention import AttentionCapture
-
     ids_all = model.tokenize(list(prompts))
     positions = locate_tokens(model.tokenizer, list(prompts), tokens).positions  # ValueError naming a missing token
     gen = torch.Generator().manual_seed(seed)
@@ -153,8 +268,6 @@ def token_maps_on_real(model, images: np.ndarray, prompts: Sequence[str], tokens
 
 def otsu_iou(maps: torch.Tensor, masks: np.ndarray) -> np.ndarray:
     """IoU of ``Otsu(map)`` (bilinear-upsampled to the mask side, no morphology) against the true masks."""
-    from ctrlgen.attention import otsu_mask, resize_maps
-
     side = masks.shape[-1]
     pred = otsu_mask(resize_maps(maps.float(), side), dilate=0, erode=0)
     return iou(pred.numpy(), masks)
@@ -181,8 +294,6 @@ class PairRun:
 def run_pairs(model, cfg: Mapping[str, Any], cond_masks: np.ndarray, prompts: Sequence[str], label: str, seed: int,
               progress: bool = False, **overrides: Any) -> PairRun:
     """Generate pairs with ``PairConfig.from_profile(cfg, **overrides)`` (e.g. ``use_ca=False``, ``guidance=False``)."""
-    from ctrlgen.methods.didgen import PairConfig, PairGenerator
-
     gen = PairGenerator(model, PairConfig.from_profile(cfg, **overrides))
     t0 = time.perf_counter()
     res = gen.generate(cond_masks, list(prompts), seed=seed, batch_size=int(cfg["didgen"]["eval"]["pair_batch"]),
@@ -241,10 +352,6 @@ def train_segmenter(images: np.ndarray, masks: np.ndarray, steps: int, batch_siz
                     channels: Sequence[int], seed: int = 0, progress: bool = False) -> Segmenter:
     """MONAI ``UNet`` (2-D, strided convolutions, residual units) trained with Dice + BCE (``monai.losses.DiceCELoss``)
     and random flips."""
-    from monai.losses import DiceCELoss
-    from monai.networks.nets import UNet
-    from ctrlgen.progress import tqdm
-
     torch.manual_seed(seed)
     net = UNet(spatial_dims=2, in_channels=3, out_channels=1, channels=tuple(channels),
                strides=tuple([2] * (len(channels) - 1)), num_res_units=1)
@@ -272,31 +379,9 @@ def train_segmenter(images: np.ndarray, masks: np.ndarray, steps: int, batch_siz
 
 
 # ================================================================================================ figures
-def image_grid_figure(rows: Mapping[str, torch.Tensor], n: int = 8, title: str = ""):
-    """One row of ``n`` images ``(N, 3, H, W)`` in [0, 1] per label."""
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(len(rows), n, figsize=(1.3 * n, 1.4 * len(rows)), squeeze=False)
-    for r, (label, imgs) in enumerate(rows.items()):
-        for c in range(n):
-            ax = axes[r, c]
-            ax.axis("off")
-            if c < len(imgs):
-                x = imgs[c]
-                ax.imshow(x.permute(1, 2, 0).clamp(0, 1).numpy() if x.ndim == 3 else x.numpy(), cmap="gray",
-                          vmin=0, vmax=1)
-        axes[r, 0].set_title(label, fontsize=8, loc="left")
-    if title:
-        fig.suptitle(title, fontsize=9)
-    fig.tight_layout()
-    return fig
-
-
 def maps_figure(images_by_model: Mapping[str, torch.Tensor], maps_by_model: Mapping[str, torch.Tensor],
                 tokens: Sequence[str], n: int = 4):
     """Fig. 4.7a: per model, generated images and the cross-attention maps of each P-Token beneath them."""
-    import matplotlib.pyplot as plt
-
     models = list(images_by_model)
     rows = len(models) * (1 + len(tokens))
     fig, axes = plt.subplots(rows, n, figsize=(1.5 * n, 1.45 * rows), squeeze=False)
@@ -318,8 +403,6 @@ def maps_figure(images_by_model: Mapping[str, torch.Tensor], maps_by_model: Mapp
 
 def pairs_figure(runs: Sequence[PairRun], n: int = 6):
     """Per condition: generated images, conditioning masks, annotated masks (Eq. 4.11) and A_CS."""
-    import matplotlib.pyplot as plt
-
     kinds = ("image", "condition", "annotation", "A_CS")
     fig, axes = plt.subplots(len(runs) * len(kinds), n, figsize=(1.4 * n, 1.3 * len(runs) * len(kinds)), squeeze=False)
     for i, run in enumerate(runs):
@@ -341,24 +424,6 @@ def pairs_figure(runs: Sequence[PairRun], n: int = 6):
     return fig
 
 
-def boxes_figure(images: torch.Tensor, boxes: Sequence[Sequence[float]], prompts: Sequence[str] = ()):
-    """Fig. 4.9: box-guided samples with their boxes drawn."""
-    import matplotlib.pyplot as plt
-    from matplotlib.patches import Rectangle
-
-    n = len(images)
-    fig, axes = plt.subplots(1, n, figsize=(1.8 * n, 2.0), squeeze=False)
-    side = images.shape[-1]
-    for c in range(n):
-        ax = axes[0, c]
-        ax.imshow(images[c].permute(1, 2, 0).clamp(0, 1).numpy())
-        x0, y0, x1, y1 = (v * side for v in boxes[c])
-        ax.add_patch(Rectangle((x0 - 0.5, y0 - 0.5), x1 - x0, y1 - y0, fill=False, edgecolor="yellow", linewidth=1.5))
-        ax.axis("off")
-    fig.tight_layout()
-    return fig
-
-
 def loss_table(models: Mapping[str, Finetuned], tail: float = 0.1) -> pd.DataFrame:
     """Mean of each logged loss over the last ``tail`` of the steps, per finetuned model."""
     rows = {}
@@ -372,7 +437,7 @@ def loss_table(models: Mapping[str, Finetuned], tail: float = 0.1) -> pd.DataFra
     return pd.DataFrame(rows).T
 
 
-__all__ = ["MODEL_NAMES", "DermSets", "derm_sets", "load_base_and_sets", "pixels01", "Finetuned", "finetune", "models_dir", "base_model",
-           "sample_images", "table_4_1_prompts", "ROW_MODEL", "quality_row", "token_maps_on_real", "otsu_iou",
-           "blob_baseline_iou", "PairRun", "run_pairs", "first_pairs", "pair_summary", "Segmenter", "train_segmenter",
-           "image_grid_figure", "maps_figure", "pairs_figure", "boxes_figure", "loss_table"]
+__all__ = ["MODEL_NAMES", "Finetuned", "finetune", "models_dir", "base_model", "DermSets", "derm_sets",
+           "load_base_and_sets", "pixels01", "sample_images", "table_4_1_prompts", "ROW_MODEL", "quality_row",
+           "token_maps_on_real", "otsu_iou", "blob_baseline_iou", "PairRun", "run_pairs", "first_pairs", "pair_summary",
+           "Segmenter", "train_segmenter", "maps_figure", "pairs_figure", "loss_table"]

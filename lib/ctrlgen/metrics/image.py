@@ -29,16 +29,20 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+import torchmetrics.functional.image.lpips as tm_lpips
+from scipy import linalg
 from torch import nn
+from torchmetrics.functional.image import multiscale_structural_similarity_index_measure as msssim
+from torchmetrics.image.fid import FrechetInceptionDistance, NoTrainInceptionV3
+from torchvision.models import alexnet
 
 from ctrlgen.metrics.overlap import iou
+from ctrlgen.models.registry import models_root
 
 
 # ================================================================================================ FID
 def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma2: np.ndarray) -> float:
     """Eq. (4.12): ‖μ₁ − μ₂‖² + Tr(Σ₁ + Σ₂ − 2 (Σ₁Σ₂)^{1/2}) (closed form, scipy's sqrtm)."""
-    from scipy import linalg
-
     mu1, mu2 = np.atleast_1d(mu1).astype(np.float64), np.atleast_1d(mu2).astype(np.float64)
     s1, s2 = np.atleast_2d(sigma1).astype(np.float64), np.atleast_2d(sigma2).astype(np.float64)
     covmean = linalg.sqrtm(s1 @ s2)
@@ -51,8 +55,6 @@ def fid(real: torch.Tensor, fake: torch.Tensor, extractor: nn.Module, batch_size
     """Eq. (4.12) between image sets ``(N, 3, H, W)`` in [0, 1] with ``extractor`` as the feature network
     (torchmetrics ``FrechetInceptionDistance(feature=extractor)``; with ``InceptionFeatures`` this is
     torchmetrics' standard FID). Batches run on the extractor's device."""
-    from torchmetrics.image.fid import FrechetInceptionDistance
-
     device = next((t.device for t in extractor.parameters()), torch.device("cpu"))
     with torch.no_grad():
         metric = FrechetInceptionDistance(feature=_WithFeatureCount(extractor, real[:1].to(device)),
@@ -107,8 +109,6 @@ class InceptionFeatures(nn.Module):
 
     def __init__(self, weights_path: str | Path, antialias: bool = True):
         super().__init__()
-        from torchmetrics.image.fid import NoTrainInceptionV3
-
         p = inception_weights_file(weights_path)
         try:
             self.net = NoTrainInceptionV3(name="inception-v3-compat", features_list=[str(self.num_features)],
@@ -203,8 +203,6 @@ class PerceptualDistance(nn.Module):
 
 def shipped_lpips_alex() -> Path:
     """The lpips package's v0.1 AlexNet linear layers as torchmetrics ships them (``lpips_models/alex.pth``)."""
-    import torchmetrics.functional.image.lpips as tm_lpips
-
     return Path(tm_lpips.__file__).parent / "lpips_models" / "alex.pth"
 
 
@@ -212,8 +210,6 @@ def alexnet_lpips(alexnet_weights: str | Path, lpips_weights: str | Path | None 
     """The published LPIPS (AlexNet, v0.1; Eq. 4.17 with learned w_l) from local files: torchvision AlexNet
     weights and the lpips package's ``alex.pth`` linear layers (None: the copy torchmetrics ships).
     Full profile; nothing is downloaded."""
-    from torchvision.models import alexnet
-
     lpips_weights = shipped_lpips_alex() if lpips_weights is None else lpips_weights
     for p, what, key in ((alexnet_weights, "torchvision alexnet state dict (alexnet-owt-7be5be79.pth)", "alexnet"),
                          (lpips_weights, "LPIPS linear weights (lpips/weights/v0.1/alex.pth)", "lpips")):
@@ -306,8 +302,6 @@ def ms_ssim(preds: torch.Tensor, target: torch.Tensor, scales: int = 5, kernel_s
     ``scales`` uses the first weights of Wang et al. (renormalised); small images need fewer scales:
     the side must exceed ``(kernel_size − 1) · 2^(scales − 1)`` (64 px: 3 scales with an 11 kernel).
     """
-    from torchmetrics.functional.image import multiscale_structural_similarity_index_measure as msssim
-
     betas = torch.tensor((0.0448, 0.2856, 0.3001, 0.2363, 0.1333)[:scales])
     betas = tuple((betas / betas.sum()).tolist())
     return msssim(preds.float(), target.float(), data_range=1.0, kernel_size=kernel_size, betas=betas,
@@ -335,8 +329,6 @@ def metric_extractors(cfg, vae: nn.Module | None = None) -> tuple[nn.Module, nn.
     m = cfg["didgen"]["metrics"]
     kind = str(m["extractor"])
     if kind == "inception":
-        from ctrlgen.models.registry import models_root
-
         root = models_root(cfg)
         path = lambda key: Path(m[key]).expanduser() if Path(m[key]).expanduser().is_absolute() else root / m[key]  # noqa: E731
         lpips_lin = path("lpips_weights") if str(m["lpips_weights"]) else None  # "": torchmetrics' shipped copy

@@ -1,7 +1,7 @@
 """Cached trained-model folders: content keys, resumable work folders, atomic publishing.
 
-Every model the book trains itself (the mini base models of ``ctrlgen.pretrain``, chapter 4's finetuned
-models of ``ctrlgen.analysis.didgen_models``) lives in a folder holding the model and one JSON record
+Every model the book trains itself (the mini base models of ``ctrlgen.experiments.base_models``, chapter 4's
+finetuned models of ``ctrlgen.experiments.ch04_didgen``) lives in a folder holding the model and one JSON record
 with its ``key`` — a hash of everything the weights depend on (settings, data fingerprint, code
 version). A folder whose key matches is reused; otherwise training runs in a work folder (checkpoints,
 resumed by the next call with the same key) and the finished model replaces the old folder in one

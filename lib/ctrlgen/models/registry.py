@@ -17,7 +17,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from huggingface_hub import snapshot_download
 
+from ctrlgen.models.sd import ModelNotFoundError, load_components, missing_parts
 from ctrlgen.paths import cache_root, project_root
 
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
@@ -70,8 +72,6 @@ class ModelStatus:
 
 
 def _status(key: str, source: str, folder: Path) -> ModelStatus:
-    from ctrlgen.models.sd import missing_parts
-
     if not folder.is_dir():
         return ModelStatus(key, source, folder, ("the whole folder",))
     return ModelStatus(key, source, folder, tuple(missing_parts(folder)))
@@ -221,8 +221,6 @@ def load_base_model(cfg: Mapping[str, Any], domain: str, device: str | torch.dev
     Mini/smoke: the model ``ctrlgen pretrain DOMAIN`` saved under ``mini_model_dir``.
     Raises ``ModelNotFoundError`` with the folder and the command that fills it.
     """
-    from ctrlgen.models.sd import ModelNotFoundError, load_components, missing_parts
-
     models = cfg["models"]
     if domain not in models["domains"]:
         raise KeyError(f"unknown domain {domain!r}; known: {', '.join(models['domains'])}")
@@ -259,8 +257,6 @@ def fetch_models(cfg: Mapping[str, Any], only: tuple[str, ...] = ()) -> list[Mod
     """
     if os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0"):
         raise RuntimeError("HF_HUB_OFFLINE is set: unset it to let `ctrlgen models fetch` download")
-    from huggingface_hub import snapshot_download
-
     done = []
     for key, source in pretrained_sources(cfg).items():
         if only and key.rsplit(".", 1)[-1] not in only:

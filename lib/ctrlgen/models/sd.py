@@ -18,6 +18,7 @@ from diffusers import AutoencoderKL, DDIMScheduler, DDPMScheduler, PNDMScheduler
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
 from ctrlgen.data.tensors import image_tensor
+from ctrlgen.models.tokenizer import build_caption_tokenizer
 
 ARCHES = ("sd21_base", "sd14")
 SCHEDULERS = {"ddim": DDIMScheduler, "pndm": PNDMScheduler, "ddpm": DDPMScheduler}
@@ -206,7 +207,6 @@ def build_from_published_config(arch: str, tokenizer: CLIPTokenizer | None = Non
         cfg = {k: v for k, v in published_config(arch, "text_encoder").items() if k not in ("architectures", "torch_dtype")}
         te = CLIPTextModel(CLIPTextConfig(**cfg)).to(dtype)
     if tokenizer is None:
-        from ctrlgen.models.tokenizer import build_caption_tokenizer
         tokenizer = build_caption_tokenizer(["an image of a lesion on skin", "a photo of a cat and a dog"],
                                             model_max_length=77)
     for m in (unet, vae, te):

@@ -4,6 +4,8 @@ Each table of chapters 2–6 is a YAML file in ``tables/`` (``table_4_1.yaml`` f
 caption, section, row and column labels exactly as in the thesis. These numbers are facts about the
 thesis: a chapter shows them only in a column labelled "thesis", next to the numbers its own run
 computed (DESIGN.md §5).
+
+The claims ledger (the thesis's claims checked against every chapter's record) is ``ctrlgen.thesis.claims``.
 """
 from __future__ import annotations
 
@@ -12,6 +14,7 @@ from functools import lru_cache
 from importlib import resources
 from typing import Any
 
+import pandas as pd
 import yaml
 
 CITATION = (
@@ -38,8 +41,6 @@ class ThesisTable:
 
     def frame(self):
         """The table as a pandas DataFrame (MultiIndex rows/columns where the thesis has levels)."""
-        import pandas as pd
-
         if len(self.index_names) > 1:
             index = pd.MultiIndex.from_tuples([r[0] for r in self.rows], names=list(self.index_names))
         else:
@@ -161,8 +162,6 @@ class Direction:
 def direction_table(directions: list[Direction], precision: int = 3):
     """A DataFrame, one row per comparison: the thesis's direction, this run's numbers and whether they agree.
     A claim-only thesis entry counts as "A better than B"; a tie in this run never agrees."""
-    import pandas as pd
-
     def verdict(a_better: bool | None) -> str:
         return "–" if a_better is None else ("A better" if a_better else "B better")
 
@@ -191,8 +190,6 @@ def side_by_side(table_id: str, this_run, profile: str = ""):
     columns; rows the run adds are kept with an empty thesis cell). Cells the run has not produced
     read "not run yet" — never a thesis number in the run's column.
     """
-    import pandas as pd
-
     thesis = thesis_frame(table_id)
     run_label = f"this run ({profile})" if profile else "this run"
     columns = [c for c in thesis.columns if c in this_run.columns] or list(this_run.columns)
@@ -227,16 +224,3 @@ def compare(table_id: str, this_run, profile: str = "", precision: int = 3):
 
     styler = frame.style.format(fmt).apply(shade, axis=0)
     return styler.set_caption(f"Table {table.id} — {table.title} (thesis §{table.section}) beside this run")
-
-
-from ctrlgen.thesis.claims import (  # noqa: E402  (the ledger reads tables through this module)
-    Claim,
-    Verdict,
-    check_records,
-    claim_seeds,
-    get_claim,
-    ledger_table,
-    load_ledger,
-    record_claim,
-    verdicts,
-)

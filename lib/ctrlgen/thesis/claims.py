@@ -40,7 +40,12 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pandas as pd
 import yaml
+from scipy import stats
+
+from ctrlgen import paths
+from ctrlgen.thesis import load_table
 
 ALPHA = 0.05
 N_RESAMPLES = 9999
@@ -66,8 +71,6 @@ class Cell:
 
     def value(self) -> Any:
         """The cell's value in the transcribed table; KeyError naming the table, row and column when absent."""
-        from ctrlgen.thesis import load_table
-
         frame = load_table(self.table).frame()
         row = _label(frame.index, self.row)
         column = _label(frame.columns, self.column)
@@ -262,8 +265,6 @@ def _seed_for(text: str) -> int:
 def bootstrap_ci(a: Sequence[float], b: Sequence[float], paired: bool, level: float, seed: int) -> tuple[float, float]:
     """Percentile bootstrap interval of mean(a) − mean(b) (``scipy.stats.bootstrap``): pairs resampled
     together when ``paired``, each arm on its own otherwise."""
-    from scipy import stats
-
     a, b = np.asarray(a, float), np.asarray(b, float)
     if paired:
         def statistic(x, y, axis=-1):
@@ -282,8 +283,6 @@ def bootstrap_ci(a: Sequence[float], b: Sequence[float], paired: bool, level: fl
 def two_sided_test(a: Sequence[float], b: Sequence[float], measure: str) -> tuple[float, str]:
     """p-value and test name: Wilcoxon signed-rank (paired samples), Mann–Whitney U (unpaired samples),
     paired t-test (per training seed, same seeds in both arms) — all two-sided, from scipy.stats."""
-    from scipy import stats
-
     a, b = np.asarray(a, float), np.asarray(b, float)
     if measure == "paired":
         if np.all(a == b):
@@ -424,8 +423,6 @@ def check_records(ledger: Sequence[Claim], records: Mapping[str, Mapping[str, An
 
 def load_records(profile: str, cfg: Mapping[str, Any] | None = None) -> dict[str, dict[str, Any]]:
     """Every chapter's result record of ``profile`` (chapter -> record), read from the results folder."""
-    from ctrlgen import paths
-
     folder = paths.results_dir(profile, cfg)
     records = {}
     for path in sorted(Path(folder).glob("*.json")) if Path(folder).is_dir() else []:
@@ -467,8 +464,6 @@ def run_evidence(v: Verdict, precision: int = 3) -> str:
 
 def ledger_table(records: Mapping[str, Mapping[str, Any]], ledger: Sequence[Claim] | None = None):
     """A DataFrame, one row per claim: reference, claim, thesis evidence, this run, verdict, reason."""
-    import pandas as pd
-
     rows = []
     for v in verdicts(records, ledger):
         c = v.claim

@@ -19,6 +19,7 @@ from ctrlgen.training.losses import (
     vae_loss,
 )
 from ctrlgen.training.params import TrainableParams, select_trainable
+from ctrlgen.training.region_loss import RegionSelfAttentionTerm, region_self_attention_loss
 from ctrlgen.training.vae import VAETrainConfig, VAETrainResult, latent_scaling_factor, train_vae
 
 __all__ = [
@@ -27,4 +28,5 @@ __all__ = [
     "self_attention_structure_loss", "vae_loss", "TrainableParams", "select_trainable", "VAETrainConfig",
     "VAETrainResult", "train_vae", "latent_scaling_factor", "save_checkpoint", "load_checkpoint",
     "latest_checkpoint", "list_checkpoints", "mirror_sides", "mirrored_ids", "random_flips", "flip_where", "pick_where",
+    "RegionSelfAttentionTerm", "region_self_attention_loss",
 ]

@@ -22,10 +22,12 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import torch
-from ctrlgen.progress import tqdm
+from accelerate import Accelerator
+from diffusers.training_utils import EMAModel
 
 from ctrlgen.attention.capture import AttentionCapture, AttentionStore
 from ctrlgen.models.sd import SDComponents
+from ctrlgen.progress import tqdm
 from ctrlgen.training.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from ctrlgen.training.losses import attention_alignment_loss, reconstruction_loss, self_attention_structure_loss
 from ctrlgen.training.params import TrainableParams
@@ -159,9 +161,6 @@ def train_diffusion(model: SDComponents, data: Iterable[dict[str, Any]], config:
     Checkpoints (safetensors, atomic) every ``checkpoint_every`` steps into ``output_dir``; with
     ``resume`` the run continues from the newest checkpoint there. Returns the per-step loss history.
     """
-    from accelerate import Accelerator
-    from diffusers.training_utils import EMAModel
-
     acc = accelerator or Accelerator(mixed_precision=config.mixed_precision,
                                      gradient_accumulation_steps=config.gradient_accumulation_steps)
     torch.manual_seed(config.seed)

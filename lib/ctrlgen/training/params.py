@@ -49,7 +49,7 @@ def select_trainable(unet: torch.nn.Module, text_encoder: torch.nn.Module | None
         unet.requires_grad_(True)
         named.update({f"unet.{n}": p for n, p in unet.named_parameters()})
     elif mode == "lora":
-        from peft import LoraConfig
+        from peft import LoraConfig  # heavy (~1 s) and needed only by the LoRA mode
 
         cfg = LoraConfig(r=lora_rank, lora_alpha=lora_alpha or lora_rank, init_lora_weights="gaussian",
                          target_modules=LORA_TARGETS)

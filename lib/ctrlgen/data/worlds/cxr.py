@@ -13,10 +13,14 @@ anatomy label maps (which MIMIC does not have) beside it, as ground truth for re
 """
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pandas as pd
 
-from ctrlgen.data.readers.cxr import CHEXPERT_LABELS
+from ctrlgen.data.imageio import write_csv, write_image, write_text
+from ctrlgen.data.readers.cxr import CHEXPERT_LABELS, mimic_study_dir
+from ctrlgen.data.splits import assign_splits
 from ctrlgen.data.worlds.common import draw_curves, grid, smooth_noise
 
 # Approximate CheXpert training prevalences (positive, uncertain); used only without a real label table.
@@ -227,9 +231,6 @@ def write_anatomy_masks(root, dicom_ids, anatomy: np.ndarray) -> list[str]:
     greyscale PNGs, one per image at the image resolution, under ``root/cxr_anatomy/``. Kept out of
     the MIMIC-CXR layout, which has no masks, so the reader sees exactly the official layout.
     Returns the paths relative to ``root`` (the ``anatomy_mask`` column of ``cxr_truth.csv``)."""
-    from pathlib import Path
-
-    from ctrlgen.data.imageio import write_image
 
     names = [anatomy_mask_name(str(d)) for d in dicom_ids]
     for name, labels in zip(names, anatomy, strict=True):
@@ -242,11 +243,6 @@ def write_mimic_cxr(root, images: np.ndarray, labels: pd.DataFrame, seed: int,
     """Write the MIMIC-CXR-JPG v2.0.0 layout: ``files/pXX/pSUBJECT/sSTUDY/DICOM_ID.jpg``, reports
     ``files/pXX/pSUBJECT/sSTUDY.txt`` and ``mimic-cxr-2.0.0-{metadata,chexpert,split}.csv.gz``.
     One PA image per study; about a third of the subjects have two studies. Returns the metadata."""
-    from pathlib import Path
-
-    from ctrlgen.data.imageio import write_csv, write_image, write_text
-    from ctrlgen.data.readers.cxr import mimic_study_dir
-    from ctrlgen.data.splits import assign_splits
 
     root = Path(root)
     rng = np.random.default_rng([seed, 13])

@@ -23,7 +23,7 @@ import numpy as np
 import pandas as pd
 from skimage.color import lab2rgb
 
-from ctrlgen.data.attributes import FST_TYPES, area_ratio, circularity, ita_from_lab
+from ctrlgen.data.attributes import FST_TYPES, area_ratio, circularity, fitzpatrick_type, ita_from_lab
 from ctrlgen.data.worlds.common import draw_curves, grid, smooth_noise
 
 # HAM10000 class proportions (Tschandl et al. 2018: 6705 NV of 10015 = 66.9 %).
@@ -251,8 +251,6 @@ def generate_dermoscopy(n: int, seed: int = 0, config: DermWorldConfig = DermWor
 
 
 def _fst_of(ita: pd.Series) -> np.ndarray:
-    from ctrlgen.data.attributes import fitzpatrick_type
-
     return fitzpatrick_type(ita.to_numpy(float))
 
 

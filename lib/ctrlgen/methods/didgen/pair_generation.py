@@ -36,6 +36,7 @@ from typing import Any, Literal
 
 import numpy as np
 import torch
+from skimage.transform import AffineTransform, resize, warp
 
 from ctrlgen.attention import AttentionCapture, cross_self_map, otsu_mask, resize_maps
 from ctrlgen.guidance import GuidanceRefiner, layout_terms
@@ -86,8 +87,6 @@ def augment_masks(masks: np.ndarray, rng: np.random.Generator, flip: bool = True
     original is redrawn (up to ``max_tries``; then the original is kept). Returns the masks and how
     many were kept un-augmented for that reason.
     """
-    from skimage.transform import AffineTransform, warp
-
     masks = np.asarray(masks, bool)
     out = np.empty_like(masks)
     kept = 0
@@ -125,8 +124,6 @@ def condition_masks_from(masks: np.ndarray, n: int, size: int, seed: int = 0, au
     masks as they are — ``augment=False``, ``PairConfig.augment_masks``). Returns masks ``(n, size, size)`` bool, the index of
     the source mask of each, and counts ``{"skipped_unusable", "kept_unaugmented"}``.
     """
-    from skimage.transform import resize
-
     rng = np.random.default_rng(seed)
     src = np.asarray(masks, bool)
     if src.shape[-1] != size:
