@@ -3,10 +3,8 @@ held-out images, held-out noise-prediction error, and the self-attention affinit
 from __future__ import annotations
 
 import time
-from collections.abc import Mapping
 from typing import Any
 
-import numpy as np
 import torch
 
 from ctrlgen.analysis.quality import sample_distance
