@@ -101,7 +101,7 @@ def _loss(schema: AttributeSchema, logits: dict[str, torch.Tensor], targets: dic
 
 
 def train_attribute_classifier(images: np.ndarray, labels: Mapping[str, np.ndarray], schema: AttributeSchema,
-                               steps: int = 600, batch_size: int = 64, lr: float = 1e-3, width: int = 32,
+                               steps: int = 1000, batch_size: int = 64, lr: float = 1e-3, width: int = 32,
                                depth: int = 4, flip: bool = True, seed: int = 0, device: str = "cpu",
                                progress: bool = False) -> AttributeClassifier:
     """Train an ``AttributeClassifier`` on real (or world) images and their caption labels with Adam.
