@@ -190,3 +190,27 @@ def test_checkpoint_frequency_is_not_part_of_the_key():
     fp = "data-a"
     for part in ("pretrain.vae.checkpoint_every", "pretrain.unet.checkpoint_every"):
         assert key_hash(P.unet_key_parts(_cfg(), fp, "selfattn")) == key_hash(P.unet_key_parts(_cfg(**{part: 7}), fp, "selfattn"))
+
+
+def test_quality_bar_rows_and_cache(isolated_cache, monkeypatch):
+    """The bar of a (tiny) derm model: every criterion present, labelled pass/fail/undefined with thresholds
+    from the profile; a second call reads the cache (measuring again would raise here)."""
+    from ctrlgen.experiments.base_models import bar
+
+    cfg = _cfg(**{"pretrain.quality_bar.classifier_steps": 3, "pretrain.quality_bar.classifier_batch": 4,
+                  "pretrain.quality_bar.n_samples": 4, "pretrain.quality_bar.sample_steps": 2})
+    res = P.pretrain_domain(cfg, "derm", True, progress=False)
+    data = P.load_domain_data(cfg, "derm")
+    model = P.load_variant(cfg, "derm", "selfattn")
+    table = bar.model_bar(cfg, model, res.key, data, "selfattn")
+    assert set(table["criterion"]) == {"distance", "prompt fidelity", "VAE round trip", "self-attention affinity"}
+    assert set(table.loc[table["criterion"] == "distance", "quantity"]) == {"SW1", "FID (VAE features)"}
+    assert set(table.loc[table["criterion"] == "prompt fidelity", "quantity"]) == {"size", "contrast"}
+    assert set(table["status"]) <= {"pass", "fail", "undefined"}
+    affinity = table[table["criterion"] == "self-attention affinity"].iloc[0]
+    assert affinity["threshold"] == cfg.pretrain.quality_bar.min_affinity
+    assert (affinity["status"] == "pass") == (affinity["value"] >= affinity["threshold"])
+
+    monkeypatch.setattr(bar, "measure_bar", lambda *a, **k: (_ for _ in ()).throw(AssertionError("re-measured")))
+    again = bar.model_bar(cfg, model, res.key, data, "selfattn")
+    assert again.equals(table)

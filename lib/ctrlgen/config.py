@@ -380,6 +380,12 @@ SCHEMA: dict[str, Rule] = {
     "*.edit_lr_decay_steps": at_least(1),
     "*.edit_early_stop*": at_least(0),
     "claims.seeds": at_least(1, " (training seeds per claim)"),
+    "pretrain.quality_bar.classifier_steps": at_least(1, " (training steps)"),
+    "pretrain.quality_bar.class_metric": one_of("accuracy", "balanced accuracy"),  # analysis.quality_bar.score
+    "pretrain.quality_bar.min_count": at_least(1),
+    "pretrain.quality_bar.n_samples": at_least(2),
+    "pretrain.quality_bar.*_threshold": between(0, 1),
+    "pretrain.quality_bar.min_affinity": at_least(1, " (1.0 = no structure)"),
 }
 
 
