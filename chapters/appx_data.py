@@ -23,24 +23,20 @@
 profile = "mini"
 overrides = {}
 
-# %%
-import matplotlib.pyplot as plt
+# %% tags=["hide-input"]
 import pandas as pd
 
-from ctrlgen import load_profile
+from ctrlgen import figures
 from ctrlgen.data import chexpert_label_table, load_dataset, load_multiconcept
-from ctrlgen.data import figures as F
+from ctrlgen.data.attributes import dataset_ita_changes, summarize_ita_changes
 from ctrlgen.data.check import check_all, format_report
+from ctrlgen.data.figures import (class_distribution, dataset_attributes, derm_controls_figure, label_cooccurrence,
+                                  plot_attributes, plot_cooccurrence, plot_ita_changes, show_samples)
 from ctrlgen.results import ChapterRun
 
-cfg = load_profile(profile, overrides)
-run = ChapterRun("appx_data", cfg)
-
-
-def show(fig, name):
-    """Save the figure with the run's record, then display it."""
-    run.save_figure(fig, name)
-    plt.show()
+# %% tags=["hide-input"]
+run = ChapterRun.start("appx_data", profile, overrides)
+cfg = run.cfg
 
 # %% [markdown]
 # ## What the data root holds
@@ -57,7 +53,7 @@ print(format_report(statuses))
 task1 = load_dataset("isic2018_task1", cfg)
 print(task1, "\n", task1.provenance)
 run.note(f"isic2018_task1: {task1.provenance}")
-show(F.show_samples(task1, 8), "isic2018_task1_samples")
+run.show(show_samples(task1, 8), "isic2018_task1_samples")
 
 # %% [markdown]
 # ## Lesion attributes (thesis §5.3.2)
@@ -65,7 +61,7 @@ show(F.show_samples(task1, 8), "isic2018_task1_samples")
 # (Eq. 5.2). Chapter 5 calls the images with ITA Difference < 30 the low-contrast subset.
 
 # %%
-attributes = F.dataset_attributes(task1)
+attributes = dataset_attributes(task1)
 threshold = cfg.data.attributes.low_contrast_threshold
 print(attributes.describe().round(2).to_string())
 low_contrast = int((attributes.ita_difference < threshold).sum())
@@ -73,7 +69,7 @@ print(f"low-contrast (ITA difference < {threshold}): {low_contrast} of {len(attr
 run.log_table("appx.isic2018_task1.attributes", attributes.describe().loc[["mean", "std", "min", "max"]].T)
 run.log_metric("appx.isic2018_task1.attributes", "low-contrast subset", "count", low_contrast)
 run.log_metric("appx.isic2018_task1.attributes", "low-contrast subset", "of", len(attributes))
-show(F.plot_attributes(attributes, f"ISIC 2018 Task 1 ({task1.source})"), "isic2018_task1_attributes")
+run.show(plot_attributes(attributes, f"ISIC 2018 Task 1 ({task1.source})"), "isic2018_task1_attributes")
 
 # %% [markdown]
 # ### Which angle: atan2, not the plain arctangent
@@ -85,16 +81,11 @@ show(F.plot_attributes(attributes, f"ISIC 2018 Task 1 ({task1.source})"), "isic2
 # counted by this run, and the ITA distributions under both.
 
 # %%
-from ctrlgen.data.attributes import dataset_ita_changes, summarize_ita_changes
-
 changes = dataset_ita_changes(task1.with_images(), threshold)
 ita_summary = summarize_ita_changes(changes)
 run.log_table("appx.isic2018_task1.ita_formula", ita_summary)
 print(ita_summary.to_string(float_format="{:.3f}".format))
-fig, axes = plt.subplots(1, 3, figsize=(12, 2.4))
-for ax, part in zip(axes, ("skin", "lesion", "difference")):
-    changes[[f"ita_{part}_old", f"ita_{part}_new"]].plot.hist(bins=40, alpha=0.5, ax=ax, title=f"ITA {part} (degrees)")
-show(fig, "isic2018_task1_ita_formulas")
+run.show(plot_ita_changes(changes), "isic2018_task1_ita_formulas")
 
 # %% [markdown]
 # ## HAM10000 / ISIC 2018 Task 3: diagnoses
@@ -104,7 +95,7 @@ show(fig, "isic2018_task1_ita_formulas")
 # %%
 ham = load_dataset("ham10000", cfg, resolution=0)
 print(ham.provenance)
-classes = F.class_distribution(ham)
+classes = class_distribution(ham)
 run.log_table("appx.ham10000.classes", classes)
 classes
 
@@ -116,14 +107,13 @@ labels = chexpert_label_table(cfg)
 mimic = load_dataset("mimic_cxr", cfg)
 print(mimic.provenance)
 if labels is None:
-    import pandas as pd
     labels = pd.DataFrame([r.labels for r in mimic])
-show(F.plot_cooccurrence(F.label_cooccurrence(labels), "P(column positive | row positive)"), "cxr_label_cooccurrence")
+run.show(plot_cooccurrence(label_cooccurrence(labels), "P(column positive | row positive)"), "cxr_label_cooccurrence")
 
 # %%
 run.note(f"mimic_cxr: {mimic.provenance}")
-show(F.image_grid([r.load_image("L") for r in mimic[:6]], [r.split for r in mimic[:6]], mimic.source, cmap="gray"),
-     "mimic_cxr_samples")
+run.show(figures.image_grid([r.load_image("L") for r in mimic[:6]], [r.split for r in mimic[:6]], mimic.source,
+                            cmap="gray"), "mimic_cxr_samples")
 print(mimic[0].text)
 
 # %% [markdown]
@@ -131,7 +121,7 @@ print(mimic[0].text)
 # Dermoscopy scenes, one control swept per row (contrast, skin tone, size, border irregularity, hair):
 
 # %%
-show(F.derm_controls_figure(cfg.seed, cfg.data.resolution), "derm_world_controls")
+run.show(derm_controls_figure(cfg.seed, cfg.data.resolution), "derm_world_controls")
 
 # %% [markdown]
 # Multi-concept scenes for chapter 3: captioned pretraining scenes, and customization images holding
@@ -140,8 +130,8 @@ show(F.derm_controls_figure(cfg.seed, cfg.data.resolution), "derm_world_controls
 # %%
 scenes = load_multiconcept(cfg)
 shown = scenes.split("pretrain")[:3] + scenes.split("customize")[:3]
-show(F.image_grid([r.load_image() for r in shown], [r.text[12:40] for r in shown], "multi-concept world"),
-     "multiconcept_world")
+run.show(figures.image_grid([r.load_image() for r in shown], [r.text[12:40] for r in shown], "multi-concept world"),
+         "multiconcept_world")
 
 # %% [markdown]
 # ## Licences and attributions

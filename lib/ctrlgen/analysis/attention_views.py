@@ -1,4 +1,5 @@
 """Attention made visible on the book's own models (chapter 2, second half): data for the figures and the figures.
+Chapter 2's pretraining figures (loss curves, VAE round trip) are ``ctrlgen.experiments.ch02_background``'s.
 
 Everything works on ``SDComponents`` and ``ctrlgen.data.domains.DomainData``; functions that compute
 return arrays/frames, functions named ``*_figure`` return matplotlib figures. Images come and go in the
@@ -18,7 +19,7 @@ from ctrlgen.attention import AttentionCapture, otsu_mask, resize_maps, self_enh
 from ctrlgen.attention.layers import available_resolutions
 from ctrlgen.data.tensors import image_tensor
 from ctrlgen.metrics.overlap import iou
-from ctrlgen.sampling import decode_images, text_to_image
+from ctrlgen.sampling import text_to_image
 
 
 def _img(x: torch.Tensor) -> np.ndarray:
@@ -33,51 +34,7 @@ def prompt_tokens(model, prompt: str) -> list[tuple[int, str]]:
     return [(i, t.replace("</w>", "")) for i, t in enumerate(toks)][1:-1]
 
 
-# ------------------------------------------------------------------------------------------- training
-def loss_curves_figure(results: Mapping[str, Mapping[str, Any]], smooth: int = 25):
-    """One panel per domain: VAE loss and each variant's L_rec (and the auxiliary term), smoothed."""
-    def sm(v):
-        v = np.asarray(v, float)
-        k = max(1, min(smooth, len(v) // 5 or 1))
-        return np.convolve(v, np.ones(k) / k, mode="valid") if len(v) >= k else v
-
-    fig, axes = plt.subplots(2, len(results), figsize=(4 * len(results), 5), squeeze=False)
-    for j, (domain, variants) in enumerate(results.items()):
-        first = next(iter(variants.values()))
-        axes[0, j].plot(sm([h["loss"] for h in first.vae_history]), color="tab:brown")
-        axes[0, j].set_title(f"{domain}: VAE loss", fontsize=9)
-        for v, r in variants.items():
-            axes[1, j].plot(sm([h["rec"] for h in r.history]), label=f"{v}: L_rec")
-            if r.history and "sa_struct" in r.history[0]:
-                axes[1, j].plot(sm([h["sa_struct"] for h in r.history]), ls="--", label=f"{v}: SA structure")
-        axes[1, j].set_title(f"{domain}: U-Net losses", fontsize=9)
-        axes[1, j].set_xlabel("step")
-        axes[1, j].legend(fontsize=7)
-        for ax in axes[:, j]:
-            ax.set_yscale("log")
-    fig.tight_layout()
-    return fig
-
-
-@torch.no_grad()
-def vae_round_trip_figure(models: Mapping[str, Any], datas: Mapping[str, Any], n: int = 6):
-    """Held-out images (top) and their VAE reconstructions (bottom) for each domain."""
-    fig, axes = plt.subplots(2 * len(models), n, figsize=(1.4 * n, 2.9 * len(models)), squeeze=False)
-    for k, (domain, model) in enumerate(models.items()):
-        held = datas[domain].heldout_images[:n]
-        x, rec = image_tensor(held, signed=False), decode_images(model, model.encode_images(image_tensor(held)))
-        for i in range(n):
-            for row, src in ((2 * k, x), (2 * k + 1, rec)):
-                ax = axes[row, i]
-                ax.axis("off")
-                if i < len(x):
-                    ax.imshow(_img(src[i]))
-        axes[2 * k, 0].set_title(f"{domain}: held-out", fontsize=8, loc="left")
-        axes[2 * k + 1, 0].set_title(f"{domain}: VAE round trip", fontsize=8, loc="left")
-    fig.tight_layout()
-    return fig
-
-
+# ------------------------------------------------------------------------------------------- samples
 def samples_figure(samples: Mapping[str, torch.Tensor], prompts: Sequence[str], title: str = ""):
     """Rows = models (e.g. variants), columns = prompts; ``samples``: images ``(N, 3, H, W)`` in [0, 1] per model."""
     rows, n = len(samples), len(prompts)

@@ -10,7 +10,6 @@ import pandas as pd
 from ctrlgen.data.attributes import lesion_attributes
 from ctrlgen.data.records import Dataset
 from ctrlgen.data.worlds.dermoscopy import DermWorldConfig, generate_dermoscopy
-from ctrlgen.figures import image_grid  # noqa: F401  (the data appendix calls it as figures.image_grid of this module)
 
 ATTRIBUTE_COLUMNS = ("ita_skin", "ita_lesion", "ita_difference", "area_ratio", "circularity")
 
@@ -52,6 +51,27 @@ def plot_attributes(frame: pd.DataFrame, title: str = ""):
         ax.set_title(column.replace("_", " "), fontsize=8)
         ax.tick_params(labelsize=7)
     fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    return fig
+
+
+def plot_ita_changes(changes: pd.DataFrame, bins: int = 40):
+    """Histograms of ITA skin / lesion / difference (degrees) under both angles of Eq. (5.1), overlaid: the printed
+    arctan((L* − 50)/b*) (``*_old`` columns of ``attributes.dataset_ita_changes``) and the book's atan2 (``*_new``)."""
+    fig, axes = plt.subplots(1, 3, figsize=(12, 2.4))
+    for ax, part in zip(axes, ("skin", "lesion", "difference")):
+        columns = {"arctan": f"ita_{part}_old", "atan2": f"ita_{part}_new"}
+        missing = [c for c in columns.values() if c not in changes]
+        if missing:
+            raise KeyError(f"plot_ita_changes: no column {missing[0]!r}; expected dataset_ita_changes' output "
+                           f"(ita_skin_old, ita_skin_new, ...), got {list(changes.columns)}")
+        values = {label: changes[c].dropna().to_numpy(float) for label, c in columns.items()}
+        edges = np.histogram_bin_edges(np.concatenate(list(values.values())), bins=bins)  # one set of bins for both
+        for label, v in values.items():
+            ax.hist(v, bins=edges, alpha=0.5, label=label)
+        ax.set_title(f"ITA {part} (degrees)", fontsize=9)
+        ax.tick_params(labelsize=7)
+        ax.legend(fontsize=7)
     fig.tight_layout()
     return fig
 

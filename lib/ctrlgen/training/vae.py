@@ -2,7 +2,7 @@
 
 With ``output_dir`` and ``checkpoint_every`` the run writes atomic checkpoints (``ctrlgen.training.checkpoint``:
 weights, optimizer, RNG state, loss history) and a re-run with the same config resumes from the newest one,
-continuing the same batch stream (the data iterable must restart deterministically, as ``pretrain.Batches`` does).
+continuing the same batch stream (the data iterable must restart deterministically, as ``ctrlgen.data.batches.Batches`` does).
 """
 from __future__ import annotations
 
