@@ -246,9 +246,6 @@ def test_reads_are_tracked_per_leaf_and_written_to_the_reads_file(monkeypatch, t
 # Profile keys known to be read by no code yet. Each is a defect with an owner; the coordinator empties this
 # list as they are wired in. A key that becomes read must leave the list (test_allow_list_is_current).
 NOT_READ_YET = {
-    "didgen.placeholder_init": "§4.3.3 P-Token initial words: region_aware should initialise <lesion>/<skin> from them",
-    "didgen.dermprompt.n_new_prompts": "§4.3.2 recombined inference prompts: not generated yet",
-    "didgen.eval.eval_size": "§4.7.2 evaluation at 256x256: metrics do not resize yet",
     "attention.kv_places": "§5.3.3 style K/V injection places: chapter 5 is not written yet",
     "sampling.inversion_steps": "§5.3.3 DDIM inversion of the style reference: chapter 5 is not written yet",
 }

@@ -25,15 +25,20 @@ from typing import Any
 from ctrlgen.experiments.base_models import default_variant, pretrain_domain, variant_dir
 from ctrlgen.methods.baselines.dreambooth import dreambooth_finetune, generate_class_images
 from ctrlgen.methods.baselines.sd_finetune import sd_finetune
-from ctrlgen.methods.didgen import RegionAwareConfig, region_aware_finetune
+from ctrlgen.methods.didgen import PLACEHOLDERS, RegionAwareConfig, region_aware_finetune, setup_placeholders
 from ctrlgen.models import cache, load_base_model, load_components
 from ctrlgen.models.registry import mini_model_dir
 
 MODEL_NAMES = ("mine", "mine-noregion", "sd-finetune", "dreambooth")
 # the captions' texts are in the key already (the data fingerprint), so the captioner's code is not listed
+# what the finetuning runs: the batches (flips and mirrored prompts: training/augment.py), the loop and its resume
+# (checkpoint.py), the attention capture behind L_attn (processor, layers, maps), the VAE/tokenizer calls (models/sd.py)
+# and DreamBooth's class images (sampling). training/region_loss.py is chapter 2's term, not used here.
 CODE_FILES = ("experiments/ch04_didgen/models.py", "data/tensors.py", "methods/didgen/region_aware.py", "methods/baselines/sd_finetune.py",
               "methods/baselines/dreambooth.py", "training/loop.py", "training/params.py", "training/losses.py",
-              "attention/capture.py", "models/tokens.py")
+              "training/augment.py", "training/checkpoint.py", "attention/capture.py", "attention/processor.py",
+              "attention/layers.py", "attention/maps.py", "models/tokens.py", "models/sd.py", "sampling/pipeline.py",
+              "sampling/loop.py")
 
 
 @dataclass
@@ -54,6 +59,7 @@ def _key(cfg: Mapping[str, Any], name: str, base_key: str, sets) -> tuple[str, d
     d, plain = cfg["didgen"], cache.plain
     parts = {"name": name, "base": base_key, "data": sets.fingerprint, "seed": int(cfg["seed"]),
              "finetune": plain(d["finetune"]), "prefix": str(d["prefix"]), "code": cache.code_version(CODE_FILES),
+             "placeholder_init": [str(w) for w in d["placeholder_init"]],
              "cross_res": list(cfg["attention"]["train_cross_res"])}
     if name in ("sd-finetune", "dreambooth"):
         parts["baselines"] = plain(d["baselines"])
@@ -109,13 +115,17 @@ def _train(cfg, name: str, model, sets, work: Path, progress: bool) -> tuple[lis
             "mixed_precision": str(cfg["training"]["mixed_precision"])}
     if name in ("mine", "mine-noregion"):
         rc = RegionAwareConfig.from_profile(cfg, **({"alpha": 0.0} if name == "mine-noregion" else {}))
+        # §4.3.3: the P-Tokens start from the embeddings of the profile's words (didgen.placeholder_init); a token the
+        # base model already has (the mini base models learn <lesion>/<skin> in pretraining) keeps its embedding
+        tokens = setup_placeholders(model, PLACEHOLDERS, tuple(str(w) for w in cfg["didgen"]["placeholder_init"]))
         res, _ = region_aware_finetune(model, sets.train_images, sets.train_masks, sets.prompts, rc, output_dir=str(work),
-                                       train_config=ckpt, progress=progress)
+                                       train_config=ckpt, tokens=tokens, progress=progress)
         return res.history, {"alpha": rc.alpha}
     # the same data as the region-aware run: posterior-mean latents when it precomputes them (a mini VAE's
     # posterior is wide — sampling a latent per step would train the baselines on noisier data than `mine`)
     common = dict(steps=int(f["steps"]), batch_size=int(f["batch_size"]), lr=float(f["lr"]),
-                  weight_decay=float(f["weight_decay"]), seed=seed, output_dir=str(work), train_config=ckpt,
+                  weight_decay=float(f["weight_decay"]), adam_betas=tuple(f["adam_betas"]), adam_eps=f["adam_eps"],
+                  seed=seed, output_dir=str(work), train_config=ckpt,
                   progress=progress, precompute_latents=bool(f["precompute_latents"]))
     if name == "sd-finetune":
         return sd_finetune(model, sets.train_images, prompt=str(b["prompt"]), **common).history, {"prompt": str(b["prompt"])}
