@@ -104,6 +104,13 @@ def test_model_key_changes_with_the_placeholder_words():
     assert a != b
 
 
+def test_a_training_seed_replicate_has_its_own_key():
+    sets, cfg = _sets(), load_profile("smoke")
+    main, parts = ch04_models._key(cfg, "mine", "base", sets)
+    assert ch04_models._key(cfg, "mine", "base", sets, seed=cfg.seed)[0] == main and parts["seed"] == cfg.seed
+    assert ch04_models._key(cfg, "mine", "base", sets, seed=cfg.seed + 1)[0] != main
+
+
 def test_code_files_exist_and_cover_the_flip_augmentation():
     lib = Path(ch04_models.__file__).resolve().parents[2]
     assert "training/augment.py" in ch04_models.CODE_FILES

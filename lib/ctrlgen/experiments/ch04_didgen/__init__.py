@@ -240,9 +240,11 @@ def quality_row(samples: torch.Tensor, real: torch.Tensor, fid_features, distanc
 
 @dataclass
 class Table41:
-    """Table 4.1 of this run: the table, each row's samples, the real evaluation images and the real-data floor."""
+    """Table 4.1 of this run: the table, each row's prompts and samples, the real evaluation images and the
+    real-data floor."""
 
     table: pd.DataFrame
+    prompts: dict[str, list[str]]
     samples: dict[str, torch.Tensor]
     real: torch.Tensor
     reference: dict[str, float]
@@ -257,7 +259,7 @@ def table_4_1(models: Mapping[str, Finetuned], sets: DermSets, prompts: Mapping[
     table = pd.DataFrame({row: quality_row(s, real, fid_features, distance, ec) for row, s in samples.items()}).T
     table.index.name = "Methods"
     reference = quality_row(pixels01(sets.train_images[: len(real)]), real, fid_features, distance, ec)
-    return Table41(table, samples, real, reference)
+    return Table41(table, {row: list(p) for row, p in prompts.items()}, samples, real, reference)
 
 
 # ================================================================================================ Fig. 4.7a
@@ -528,6 +530,42 @@ def speed_table(runs: Mapping[str, PairRun]) -> pd.DataFrame:
                          "time ratio vs unguided": {"guided": g / u, "unguided": 1.0}})
 
 
+# ================================================================================================ training seeds
+REPLICATED = ("mine", "sd-finetune", "dreambooth")  # the models behind Table 4.1 and Table 4.7's LPIPS row
+
+
+def seed_replicates(cfg: Mapping[str, Any], sets: DermSets, ec: EvalConfig, n_seeds: int, t41: Table41,
+                    t47: pd.DataFrame, pairs: PairConfig, cond_masks: np.ndarray, pair_prompts: Sequence[str],
+                    fid_features, distance) -> pd.DataFrame:
+    """Per training seed (``claims.seeds``): Table 4.1's FID and LPIPS of every row and Table 4.7's mask-set LPIPS
+    w/ and w/o cross-attention guidance — the units of the ledger's per-seed claims. The profile's seed is this
+    chapter's main run (``t41``, ``t47``); each further seed ``seed + k`` finetunes the three models again (cached in
+    their own folders), samples with that seed and regenerates the first ``n_ablation_pairs`` pairs on the same
+    conditioning masks and prompts. Rows: seeds; columns: ``(metric, row)``."""
+    def row(table: pd.DataFrame, mask_table: pd.DataFrame) -> dict[tuple[str, str], float]:
+        out = {(m, r): float(table.at[r, m]) for m in ("FID ↓", "LPIPS ↑") for r in table.index}
+        out |= {("mask LPIPS ↑", c): float(mask_table.iloc[0][c]) for c in mask_table.columns}
+        return out
+
+    rows = {ec.seed: row(t41.table, t47)}
+    n = ec.n_ablation_pairs
+    for k in range(1, n_seeds):
+        seed = ec.seed + k
+        eck = replace(ec, seed=seed)
+        models = {name: finetune(cfg, name, sets, seed=seed) for name in REPLICATED}
+        table = table_4_1(models, sets, t41.prompts, eck, fid_features, distance, cfg).table
+        runs = {GUIDED: run_pairs(models["mine"], pairs, cond_masks[:n], pair_prompts[:n], GUIDED, eck, cfg),
+                "w/o CA guidance (L_SA only)": run_pairs(models["mine"], replace(pairs, use_ca=False), cond_masks[:n],
+                                                         pair_prompts[:n], "w/o CA guidance (L_SA only)", eck, cfg),
+                "unguided": run_pairs(models["mine"], replace(pairs, guidance=False), cond_masks[:n], pair_prompts[:n],
+                                      "unguided", eck, cfg)}
+        mask_table, _ = mask_diversity(cond_masks, runs, runs[GUIDED], distance, eck)
+        rows[seed] = row(table, mask_table)
+    frame = pd.DataFrame(rows).T
+    frame.index.name = "training seed"
+    return frame
+
+
 # ================================================================================================ §4.4.6
 CUSTOMISED = {"skin_colour": ("very light", "intermediate", "dark"), "lesion_colour": ("black", "brown", "red", "blue-grey"),
               "marks": ((), ("a dark frame",), ("purple ink marks",))}
@@ -719,6 +757,7 @@ __all__ = ["MODEL_NAMES", "Finetuned", "finetune", "models_dir", "base_model", "
            "load_base_and_sets", "pixels01", "EvalConfig", "sample_images", "cached_samples", "new_prompts",
            "table_4_1_prompts", "ROW_MODEL", "eval_resize", "quality_row", "Table41", "table_4_1", "token_maps_on_real",
            "otsu_iou", "blob_baseline_iou", "IOU_COLUMN", "TOKENS", "RegionAblation", "region_ablation", "figure_4_7a",
+           "REPLICATED", "seed_replicates",
            "PairRun", "run_pairs", "ABLATIONS", "GUIDED", "pair_runs", "pair_iou", "first_pairs", "pair_summary",
            "Segmenter", "train_segmenter", "evaluation_segmenter", "segmenter_scores", "agreement_table",
            "mask_diversity", "speed_table", "CUSTOMISED", "BOXES", "customisation_figure", "BoxResult", "box_guidance",

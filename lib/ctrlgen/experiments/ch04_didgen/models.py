@@ -55,9 +55,10 @@ class Finetuned:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
-def _key(cfg: Mapping[str, Any], name: str, base_key: str, sets) -> tuple[str, dict]:
+def _key(cfg: Mapping[str, Any], name: str, base_key: str, sets, seed: int | None = None) -> tuple[str, dict]:
     d, plain = cfg["didgen"], cache.plain
-    parts = {"name": name, "base": base_key, "data": sets.fingerprint, "seed": int(cfg["seed"]),
+    seed = int(cfg["seed"]) if seed is None else int(seed)
+    parts = {"name": name, "base": base_key, "data": sets.fingerprint, "seed": seed,
              "finetune": plain(d["finetune"]), "prefix": str(d["prefix"]), "code": cache.code_version(CODE_FILES),
              "placeholder_init": [str(w) for w in d["placeholder_init"]],
              "cross_res": list(cfg["attention"]["train_cross_res"])}
@@ -87,12 +88,17 @@ def _base_key(cfg: Mapping[str, Any]) -> str:
     return str(info["key"])
 
 
-def finetune(cfg: Mapping[str, Any], name: str, sets, progress: bool = False, force: bool = False) -> Finetuned:
-    """The finetuned model ``name`` (one of ``MODEL_NAMES``), loaded from the cache or trained now."""
+def finetune(cfg: Mapping[str, Any], name: str, sets, progress: bool = False, force: bool = False,
+             seed: int | None = None) -> Finetuned:
+    """The finetuned model ``name`` (one of ``MODEL_NAMES``), loaded from the cache or trained now.
+
+    ``seed``: the training seed (default the profile's ``seed``); another seed is a replicate for the claims ledger
+    (``claims.seeds``), kept in its own folder ``<name>-seed<seed>`` so that replicates never evict each other."""
     if name not in MODEL_NAMES:
         raise ValueError(f"unknown chapter-4 model {name!r}; choose one of {', '.join(MODEL_NAMES)}")
-    key, parts = _key(cfg, name, _base_key(cfg), sets)
-    folder = models_dir(cfg) / name
+    seed = int(cfg["seed"]) if seed is None else int(seed)
+    key, parts = _key(cfg, name, _base_key(cfg), sets, seed)
+    folder = models_dir(cfg) / (name if seed == int(cfg["seed"]) else f"{name}-seed{seed}")
     info = None if force else cache.cached_record(folder, "didgen.json", key, "unet")
     if info is not None:
         model = load_components(folder, name=f"didgen/{name}")
@@ -100,7 +106,7 @@ def finetune(cfg: Mapping[str, Any], name: str, sets, progress: bool = False, fo
     work = cache.work_dir(models_dir(cfg), f"{name}-{key}", fresh=force)
     start = time.perf_counter()
     model = base_model(cfg, ensure=False)
-    history, extra = _train(cfg, name, model, sets, work, progress)
+    history, extra = _train(cfg, name, model, sets, work, progress, seed)
     seconds = time.perf_counter() - start
     info = {"key": key, "key_parts": parts, "history": history, "train_seconds": seconds, "extra": extra}
     cache.save_folder(folder, model.save, "didgen.json", info, work)
@@ -108,13 +114,13 @@ def finetune(cfg: Mapping[str, Any], name: str, sets, progress: bool = False, fo
     return Finetuned(name, model, folder, False, history, seconds, key, extra)
 
 
-def _train(cfg, name: str, model, sets, work: Path, progress: bool) -> tuple[list[dict], dict]:
+def _train(cfg, name: str, model, sets, work: Path, progress: bool, seed: int | None = None) -> tuple[list[dict], dict]:
     f, b = cfg["didgen"]["finetune"], cfg["didgen"]["baselines"]
-    seed = int(cfg["seed"])
+    seed = int(cfg["seed"]) if seed is None else int(seed)
     ckpt = {"checkpoint_every": int(cfg["training"]["checkpoint_every"]), "keep_checkpoints": 2,
             "mixed_precision": str(cfg["training"]["mixed_precision"])}
     if name in ("mine", "mine-noregion"):
-        rc = RegionAwareConfig.from_profile(cfg, **({"alpha": 0.0} if name == "mine-noregion" else {}))
+        rc = RegionAwareConfig.from_profile(cfg, seed=seed, **({"alpha": 0.0} if name == "mine-noregion" else {}))
         # §4.3.3: the P-Tokens start from the embeddings of the profile's words (didgen.placeholder_init); a token the
         # base model already has (the mini base models learn <lesion>/<skin> in pretraining) keeps its embedding
         tokens = setup_placeholders(model, PLACEHOLDERS, tuple(str(w) for w in cfg["didgen"]["placeholder_init"]))
