@@ -309,7 +309,8 @@ print("\n".join(ch02_background.quality_lines(quality.metrics)))
 # %%
 refined, unrefined = ch02_background.refinement_ious(real[ch02_background.default_variants(cfg)["derm"]], pos, tau=4.0)
 record_claim(run, "ch2.self_attention_refines", a=refined, b=unrefined, seeds=1)
-print(f"mean IoU with the lesion mask over {len(refined)} images: τ = 4 {refined.mean():.3f}, τ = 0 {unrefined.mean():.3f}")
+print(f"mean IoU with the lesion mask over {len(refined)} images: "
+      f"τ = 4 {refined.mean():.3f}, τ = 0 {unrefined.mean():.3f}")
 
 # %%
 record = run.save()

@@ -309,7 +309,8 @@ def sampler_figures(data: np.ndarray, samplers: Samplers) -> dict[str, Any]:
     return {
         "ddpm_vs_ddim_samples": figures.scatter_panels(
             {"data": data[:n], f"DDPM, {samplers.num_train_timesteps} steps": samplers.ddpm_x0.numpy(),
-             f"DDIM, {samplers.ddim_steps} steps": samplers.ddim_x0.numpy(), "x_T (noise)": samplers.x_T.numpy()}, suptitle="Samples from the same model and the same x_T"),
+             f"DDIM, {samplers.ddim_steps} steps": samplers.ddim_x0.numpy(), "x_T (noise)": samplers.x_T.numpy()},
+            suptitle="Samples from the same model and the same x_T"),
         "ddpm_trajectory": figures.scatter_panels({f"DDPM {i}/4": p.numpy() for i, p in enumerate(samplers.ddpm_path)},
                                                   suptitle="Ancestral trajectory"),
         "ddim_trajectory": figures.scatter_panels({f"DDIM {i}/4": p.numpy() for i, p in enumerate(samplers.ddim_path)},
