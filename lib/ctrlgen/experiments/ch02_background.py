@@ -31,6 +31,7 @@ from ctrlgen.attention import otsu_mask, self_enhance
 from ctrlgen.data.domains import DomainData
 from ctrlgen.data.tensors import image_tensor
 from ctrlgen.experiments import base_models
+from ctrlgen.experiments.base_models.bar import model_bar
 from ctrlgen.metrics.distribution import sliced_wasserstein
 from ctrlgen.metrics.overlap import iou
 from ctrlgen.progress import tqdm
@@ -394,6 +395,33 @@ def quality_lines(quality: pd.DataFrame) -> list[str]:
                  "above the per-pixel-Gaussian ceiling")
         lines.append(f"{d}/{v}: samples' SW1 {row['SW1 samples']:.3f} — {where}; "
                      f"VAE round trip {row['vae_psnr_heldout_db']:.1f} dB")
+    return lines
+
+
+def quality_bar_table(cfg: Mapping[str, Any], base: BaseModels) -> pd.DataFrame:
+    """The base-model quality bar (``base_models.bar``, issue 12) for every domain and variant, one row per
+    criterion and quantity: value, threshold, pass / fail / undefined and the signed margin."""
+    frames = []
+    for domain, results in base.results.items():
+        for variant, result in results.items():
+            model = base_models.load_variant(cfg, domain, variant)
+            table = model_bar(cfg, model, result.key, base.datas[domain], variant)
+            frames.append(table.assign(domain=domain, variant=variant))
+    frame = pd.concat(frames, ignore_index=True)
+    return frame.set_index(["domain", "variant", "criterion", "quantity"])[["value", "threshold", "status", "margin"]]
+
+
+def quality_bar_lines(bar: pd.DataFrame, defaults: Mapping[str, str]) -> list[str]:
+    """Per domain: does its default base model pass, and if not, which criteria fail and by how much."""
+    lines = []
+    for domain, variant in defaults.items():
+        rows = bar.loc[(domain, variant)]
+        failing = rows[rows["status"] != "pass"]
+        if failing.empty:
+            lines.append(f"{domain} ({variant}): passes every criterion")
+            continue
+        parts = [f"{c} / {q}: {r['value']:.3g} vs {r['threshold']:.3g} ({r['status']})" for (c, q), r in failing.iterrows()]
+        lines.append(f"{domain} ({variant}): {len(failing)} of {len(rows)} not passed — " + "; ".join(parts))
     return lines
 
 
