@@ -251,3 +251,21 @@ def test_a_changed_data_root_reexecutes(ch02_copy, tmp_path, monkeypatch):
     (data / "isic2018").mkdir(parents=True)
     monkeypatch.setenv(paths.ENV_DATA, str(data))
     assert stale_reasons(stamp, "ch02_background", load_profile("smoke"), root) == ["the data root's contents changed"]
+
+
+def test_claims_ledger_integrity_on_the_built_records(built_site):
+    """Every chapter that ran recorded every claim it registers; a claim whose chapter did not run reads
+    "not run" (with its reason) instead of disappearing from the ledger."""
+    from ctrlgen.thesis.claims import check_records, load_ledger, load_records, verdicts
+
+    records = load_records("smoke")
+    ledger = load_ledger()
+    assert check_records(ledger, records) == {}
+    ran = {c for c in records}
+    out = {v.claim.id: v for v in verdicts(records, ledger)}
+    assert set(out) == {c.id for c in ledger}
+    for claim in ledger:
+        registered = any(claim.registers(chapter) for chapter in ran)
+        assert (out[claim.id].verdict == "not run") == (not registered), claim.id
+        if not registered:
+            assert out[claim.id].reason

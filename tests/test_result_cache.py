@@ -70,13 +70,13 @@ def test_code_files_follows_the_graph_and_nothing_else(tmp_path):
 
 def test_ch02_does_not_depend_on_chapter_4_code():
     """Hand-checked against chapters/ch02_background.py's imports: its graph reaches the toy DDPM and
-    pretraining, not the chapter-4 baselines, the FID metrics, the thesis tables or the CLI."""
+    pretraining and the claims ledger (chapter 2 records its claim), not the chapter-4 baselines or the CLI."""
     root = Path(__file__).resolve().parents[1]
     files = {str(p.relative_to(root / "lib" / "ctrlgen")) for p in
              code_files(sources=[root / "chapters" / "ch02_background.py"], root=root)}
     assert {"experiments/ch02_background.py", "results.py", "seeding.py", "experiments/base_models/train.py",
-            "data/domains.py", "metrics/distribution.py"} <= files
-    assert not {"methods/baselines/dreambooth.py", "book.py", "cli/main.py", "thesis/__init__.py"} & files
+            "data/domains.py", "metrics/distribution.py", "thesis/claims.py"} <= files
+    assert not {"methods/baselines/dreambooth.py", "book.py", "cli/main.py", "experiments/ch04_didgen/__init__.py"} & files
     assert not any(f.startswith("profiles/") and f.endswith(".yaml") for f in files)  # profile values are keyed per key
 
 
