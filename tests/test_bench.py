@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from ctrlgen import paths
 from ctrlgen.cli.main import main
 
@@ -24,3 +26,26 @@ def test_pairs_benchmark_reports_pairs_per_minute_and_the_ratio(capsys):
     s = report["seconds_median"]
     assert report["ratio_guided_vs_unguided"] == s["guided"] / s["unguided"]
     assert report["pairs_per_minute"]["guided"] == 60 * report["pairs"] / s["guided"]
+
+
+def test_flop_counter_matches_the_closed_form_of_a_matmul_and_a_linear_layer():
+    """2·m·n·k for an (m×k)·(k×n) product; a linear layer's forward is one such product (bias not counted)."""
+    import torch
+
+    from ctrlgen.bench import count_flops
+
+    a, b = torch.randn(3, 5), torch.randn(5, 7)
+    assert count_flops(lambda: a @ b) == 2 * 3 * 5 * 7
+    layer = torch.nn.Linear(5, 7)
+    assert count_flops(lambda: layer(a)) == 2 * 3 * 5 * 7
+
+
+def test_flops_benchmark_reports_counts_rates_and_the_matmul_rate(capsys):
+    assert main(["bench", "flops", "--profile", "smoke", "--batch", "2", "--repeats", "1"]) == 0
+    report = json.loads((paths.output_root() / "bench" / "flops-smoke.json").read_text())
+    train, sample = report["steps"]["training step"], report["steps"]["sampling step"]
+    assert train["GFLOP"] > sample["GFLOP"] > 0  # backward costs about twice the forward
+    for step in (train, sample):
+        assert abs(step["GFLOP/s"] - step["GFLOP"] / step["seconds_median"]) < 1e-9 * step["GFLOP/s"] + 1e-12
+        assert step["fraction_of_matmul_rate"] == pytest.approx(step["GFLOP/s"] / report["matmul_GFLOP/s"], rel=1e-9)
+    assert report["torch"] and report["cpus"] >= 1 and "written to" in capsys.readouterr().out

@@ -13,9 +13,18 @@ profile's ``didgen.pairs`` settings, annotation included) in pairs per minute, g
 the first ``guidance_fraction`` of the steps) against the same generator unguided, batched as the
 chapter runs it (``didgen.eval.pair_batch``); ratios of medians over interleaved repeats, written to
 ``<output>/bench/pairs-<profile>.json``.
+
+``ctrlgen bench flops --profile mini`` (issue 18, benchmark 7) counts the floating-point operations of one
+training step (text encoder + U-Net forward and backward, AdamW update) and of one classifier-free-guided
+sampling step of the profile's mini architecture with torch's ``FlopCounterMode``, times both, and times a
+dense float32 matmul in the same process: achieved FLOP/s against the machine's matmul FLOP/s says how much
+faster any code change could make the mini book on this hardware. Written to ``<output>/bench/flops-<profile>.json``
+with the machine and library versions.
 """
 from __future__ import annotations
 
+import os
+import platform
 import resource
 import statistics
 import time
@@ -23,6 +32,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from torch.utils.flop_counter import FlopCounterMode
 
 from ctrlgen.attention import AttentionCapture
 from ctrlgen.guidance import LayoutGuidance
@@ -136,4 +146,72 @@ def bench_pairs(cfg, n_pairs: int = 0, repeats: int = 3) -> dict[str, Any]:
             "ratio_guided_vs_unguided": median["guided"] / median["unguided"]}
 
 
-__all__ = ["PROMPT", "TARGETS", "bench_attention", "bench_pairs"]
+def count_flops(fn) -> int:
+    """Floating-point operations torch's ``FlopCounterMode`` counts for one call of ``fn`` (matmuls and
+    convolutions, forward and backward: 2·m·n·k for an (m×k)·(k×n) product)."""
+    counter = FlopCounterMode(display=False)
+    with counter:
+        fn()
+    return int(counter.get_total_flops())
+
+
+def _median_seconds(fn, repeats: int) -> float:
+    fn()  # warm-up
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def matmul_flops_per_second(n: int = 1024, repeats: int = 5) -> float:
+    """This process's dense float32 matmul rate: 2·n³ operations per (n×n)·(n×n) product, median time."""
+    g = torch.Generator().manual_seed(0)
+    a, b = torch.randn(n, n, generator=g), torch.randn(n, n, generator=g)
+    return 2 * n**3 / _median_seconds(lambda: a @ b, repeats)
+
+
+def bench_flops(cfg, batch: int = 0, repeats: int = 3) -> dict[str, Any]:
+    """FLOPs, achieved FLOP/s and the matmul rate for a training step and a sampling step (module doc)."""
+    batch = batch or int(cfg.pretrain.unet.batch_size)
+    tok = build_caption_tokenizer([PROMPT], model_max_length=int(cfg.models.mini.text_encoder.max_length))
+    model = build_mini_components(cfg, tok)
+    unet, text = model.unet, model.text_encoder
+    side, channels = int(unet.config.sample_size), int(unet.config.in_channels)
+    g = torch.Generator().manual_seed(0)
+    latents = torch.randn(batch, channels, side, side, generator=g)
+    noise = torch.randn(latents.shape, generator=g)
+    t = torch.randint(0, 1000, (batch,), generator=g)
+    ids = model.tokenize([PROMPT] * batch)
+    params = [p for m in (unet, text) for p in m.parameters()]
+    optimizer = torch.optim.AdamW(params, lr=1e-4)
+
+    def train_step() -> None:
+        pred = unet(latents + noise, t, encoder_hidden_states=text(ids)[0]).sample
+        loss = torch.nn.functional.mse_loss(pred, noise)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+
+    with torch.no_grad():
+        cond, uncond = model.encode_prompt([PROMPT] * batch), model.encode_prompt([""] * batch)
+
+    @torch.no_grad()
+    def sample_step() -> None:  # classifier-free guidance: one U-Net call on [uncond; cond]
+        unet(torch.cat([latents, latents]), t[0], encoder_hidden_states=torch.cat([uncond, cond]))
+
+    matmul = matmul_flops_per_second()
+    steps = {}
+    for name, fn in (("training step", train_step), ("sampling step", sample_step)):
+        flops = count_flops(fn)
+        seconds = _median_seconds(fn, repeats)
+        steps[name] = {"GFLOP": flops / 1e9, "seconds_median": seconds, "GFLOP/s": flops / seconds / 1e9,
+                       "fraction_of_matmul_rate": flops / seconds / matmul}
+    return {"model": f"mini architecture ({cfg.profile_name}), random weights", "batch": batch, "latent": side,
+            "threads": torch.get_num_threads(), "machine": platform.processor() or platform.machine(),
+            "cpus": os.cpu_count(), "torch": torch.__version__, "matmul_GFLOP/s": matmul / 1e9, "steps": steps}
+
+
+__all__ = ["PROMPT", "TARGETS", "bench_attention", "bench_pairs", "bench_flops", "count_flops",
+           "matmul_flops_per_second"]

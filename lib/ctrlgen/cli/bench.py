@@ -1,4 +1,4 @@
-"""``ctrlgen bench attention|pairs``: the command line of the benchmarks in ``ctrlgen.bench``."""
+"""``ctrlgen bench attention|pairs|flops``: the command line of the benchmarks in ``ctrlgen.bench``."""
 from __future__ import annotations
 
 import argparse
@@ -6,7 +6,7 @@ import json
 import sys
 
 from ctrlgen import bench, paths
-from ctrlgen.bench import bench_attention, bench_pairs
+from ctrlgen.bench import bench_attention, bench_flops, bench_pairs
 from ctrlgen.cli.common import EXIT_OK, add_profile_args, profile_from_args
 from ctrlgen.results import atomic_write_json
 
@@ -25,6 +25,16 @@ def _attention(args: argparse.Namespace) -> int:
     cfg = profile_from_args(args)
     report = bench_attention(cfg, args.arch, args.device, args.dtype, args.batch, args.steps, args.repeats)
     target = paths.output_root(cfg) / "bench" / f"attention-{args.arch or cfg.profile_name}.json"
+    atomic_write_json(target, report)
+    json.dump(report, sys.stdout, indent=2)
+    print(f"\nwritten to {target}")
+    return EXIT_OK
+
+
+def _flops(args: argparse.Namespace) -> int:
+    cfg = profile_from_args(args)
+    report = bench_flops(cfg, args.batch, args.repeats)
+    target = paths.output_root(cfg) / "bench" / f"flops-{cfg.profile_name}.json"
     atomic_write_json(target, report)
     json.dump(report, sys.stdout, indent=2)
     print(f"\nwritten to {target}")
@@ -51,3 +61,9 @@ def add_bench_parser(subparsers) -> None:
     pairs.add_argument("--pairs", type=int, default=0, help="pairs per timed run (default: one batch, didgen.eval.pair_batch)")
     pairs.add_argument("--repeats", type=int, default=3, help="interleaved repetitions per mode (medians reported)")
     pairs.set_defaults(func=_pairs)
+    flops = groups.add_parser("flops", help="FLOPs of a training and a sampling step against the machine's matmul rate",
+                              description=bench_flops.__doc__)
+    add_profile_args(flops)
+    flops.add_argument("--batch", type=int, default=0, help="batch size (default: the profile's pretrain.unet.batch_size)")
+    flops.add_argument("--repeats", type=int, default=3, help="timed repetitions per step (medians reported)")
+    flops.set_defaults(func=_flops)
