@@ -70,10 +70,9 @@ class GuidanceRefiner:
                 active = [term.weight * values[term.name] for term in self.terms if term.weight]
                 # Σ over the batch of per-sample losses: each sample takes the step η of its own loss
                 grad = torch.autograd.grad(sum(active).sum(), z)[0] if active else torch.zeros_like(z)
+            means = {name: float(v.detach().mean()) for name, v in values.items()}  # one device sync per term
             self.history.append({"step": step_index, "t": int(t),
-                                 "loss": float(sum(term.weight * float(values[term.name].detach().mean())
-                                                   for term in self.terms)),
-                                 **{name: float(v.detach().mean()) for name, v in values.items()}})
+                                 "loss": float(sum(term.weight * means[term.name] for term in self.terms)), **means})
             z = (z - self.eta * grad).detach()
         return z
 

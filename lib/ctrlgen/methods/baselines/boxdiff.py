@@ -15,13 +15,14 @@ k = ⌊P · area⌋ **per sample** (at least 1), and the edges are the first box
 past the box (the code's x1 and x2), each with the positions |i − edge| ≤ L. Two choices of this book:
 L_CC is the mean over those positions (the code sums over the axis and divides by its length), averaged
 over the two axes, and the map is max-normalised before projecting. The three constraints are guidance
-terms (``InnerBoxTerm``, ``OuterBoxTerm``, ``CornerTerm``); ``box_guidance`` puts them in the one refiner,
+terms (``BoxTerm``s from ``box_terms``); ``box_guidance`` puts them in the one refiner,
 ``ctrlgen.guidance.GuidanceRefiner``, which applies ẑ_t = z_t − η ∇ (L_IB + L_OB + L_CC) on the first steps.
 """
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 import torch
@@ -115,12 +116,15 @@ def box_losses(maps: torch.Tensor, box: torch.Tensor, config: BoxDiffConfig = Bo
 
 
 @dataclass
-class _BoxTerm:
-    """A box constraint on ``token_map`` against ``box`` (``(B, H, W)`` or ``(H, W)``, pooled to the map side
-    and thresholded at 0.5; ``box_masks`` at the map side is exact)."""
+class BoxTerm:
+    """One of BoxDiff's constraints (``loss``: ``inner_box_loss``, ``outer_box_loss`` or ``corner_loss`` with
+    P or L bound) per sample on ``token_map`` against ``box`` (``(B, H, W)`` or ``(H, W)``, pooled to the map
+    side and thresholded at 0.5; ``box_masks`` at the map side is exact)."""
 
     box: torch.Tensor
     token_map: TokenMap
+    loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+    name: str
     weight: float = 1.0
     self_res: tuple[int, ...] = ()
 
@@ -128,50 +132,17 @@ class _BoxTerm:
     def cross_res(self) -> tuple[int, ...]:
         return (self.token_map.cross_res,)
 
-    def _maps(self, ctx: GuidanceContext) -> tuple[torch.Tensor, torch.Tensor]:
+    def __call__(self, ctx: GuidanceContext) -> torch.Tensor:
         a = ctx.token_map(self.token_map)
-        return a, (mask_at(self.box, self.token_map.cross_res, a) > 0.5).float().expand_as(a)
-
-
-@dataclass
-class InnerBoxTerm(_BoxTerm):
-    """L_IB per sample (module doc)."""
-
-    topk_frac: float = 0.8
-    name: str = "ib"
-
-    def __call__(self, ctx: GuidanceContext) -> torch.Tensor:
-        return inner_box_loss(*self._maps(ctx), self.topk_frac)
-
-
-@dataclass
-class OuterBoxTerm(_BoxTerm):
-    """L_OB per sample (module doc)."""
-
-    topk_frac: float = 0.8
-    name: str = "ob"
-
-    def __call__(self, ctx: GuidanceContext) -> torch.Tensor:
-        return outer_box_loss(*self._maps(ctx), self.topk_frac)
-
-
-@dataclass
-class CornerTerm(_BoxTerm):
-    """L_CC per sample (module doc)."""
-
-    pixels: int = 6
-    name: str = "cc"
-
-    def __call__(self, ctx: GuidanceContext) -> torch.Tensor:
-        return corner_loss(*self._maps(ctx), self.pixels)
+        return self.loss(a, (mask_at(self.box, self.token_map.cross_res, a) > 0.5).float().expand_as(a))
 
 
 def box_terms(box: torch.Tensor, token_map: TokenMap, config: BoxDiffConfig = BoxDiffConfig(),
               weight: float = 1.0) -> list[GuidanceTerm]:
     """BoxDiff's three constraints ``ib``, ``ob``, ``cc`` (P and L from ``config``) as guidance terms of equal ``weight``."""
-    return [InnerBoxTerm(box, token_map, weight, topk_frac=config.topk_frac),
-            OuterBoxTerm(box, token_map, weight, topk_frac=config.topk_frac),
-            CornerTerm(box, token_map, weight, pixels=config.corner_pixels)]
+    return [BoxTerm(box, token_map, partial(inner_box_loss, topk_frac=config.topk_frac), "ib", weight),
+            BoxTerm(box, token_map, partial(outer_box_loss, topk_frac=config.topk_frac), "ob", weight),
+            BoxTerm(box, token_map, partial(corner_loss, pixels=config.corner_pixels), "cc", weight)]
 
 
 def box_guidance(box: torch.Tensor, token_map: TokenMap, eta: float, fraction: float = 0.5,
@@ -180,5 +151,5 @@ def box_guidance(box: torch.Tensor, token_map: TokenMap, eta: float, fraction: f
     return GuidanceRefiner(box_terms(box, token_map, config), eta=eta, fraction=fraction, iterations=iterations)
 
 
-__all__ = ["BoxDiffConfig", "box_masks", "inner_box_loss", "outer_box_loss", "corner_loss", "box_losses", "InnerBoxTerm", "OuterBoxTerm",
-           "CornerTerm", "box_terms", "box_guidance"]
+__all__ = ["BoxDiffConfig", "box_masks", "inner_box_loss", "outer_box_loss", "corner_loss", "box_losses", "BoxTerm",
+           "box_terms", "box_guidance"]
