@@ -41,7 +41,7 @@ from ctrlgen.methods.baselines.boxdiff import BoxDiffConfig
 from ctrlgen.methods.baselines.null_text_inversion import NullTextConfig
 from ctrlgen.methods.didgen import PairConfig
 from ctrlgen.metrics.image import metric_extractors
-from ctrlgen.metrics.overlap import iou
+from ctrlgen.metrics.overlap import iou, overlap_summary
 from ctrlgen.results import ChapterRun
 from ctrlgen.thesis import compare
 from ctrlgen.thesis.claims import claim_seeds, record_claim
@@ -210,9 +210,10 @@ print("main run:", runs[ch04_didgen.GUIDED].result.counts())
 
 # %%
 segmenter = ch04_didgen.evaluation_segmenter(sets, ec, cfg)
-for name, value in ch04_didgen.segmenter_scores(segmenter, t41.real, sets.eval_masks).items():
+seg_pred = segmenter.predict(t41.real)
+for name, value in overlap_summary(seg_pred, sets.eval_masks).items():
     run.log_metric("ch04.segmenter", "MONAI U-Net", f"{name} on real evaluation images", value)
-seg_iou = iou(segmenter.predict(t41.real), sets.eval_masks)
+seg_iou = iou(seg_pred, sets.eval_masks)
 print(f"segmenter: IoU {seg_iou.mean():.3f} ± {seg_iou.std():.3f} on the real evaluation images")
 agreement = ch04_didgen.agreement_table(runs, segmenter)
 run.log_table("ch04.pairs", agreement.drop(columns="thesis IoU(annotation, condition)"))

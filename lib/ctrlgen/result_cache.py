@@ -42,7 +42,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from ctrlgen import paths
-from ctrlgen.results import atomic_write_bytes, atomic_write_json
+from ctrlgen.results import _jsonable, atomic_write_bytes, atomic_write_json
 
 PACKAGE = "ctrlgen"
 # Profile YAML files are not code: a run's profile values are keyed one by one (config_reads).
@@ -185,19 +185,11 @@ def _listing_digest(root: str) -> str:
 
 # ---------------------------------------------------------------- keys and values
 def _plain(value: Any) -> Any:
-    """JSON-able form of a key part: mappings (``Config`` sections too), sequences, paths, scalars."""
-    if isinstance(value, Mapping):
-        return {str(k): _plain(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_plain(v) for v in value]
-    if isinstance(value, Path):
-        return str(value)
-    if hasattr(value, "item") and getattr(value, "ndim", None) == 0:
-        return value.item()
-    if value is None or isinstance(value, (bool, int, float, str)):
-        return value
-    raise TypeError(f"result_cache key parts must be JSON-like (mappings, lists, numbers, strings, paths); "
-                    f"got {type(value).__name__}: {value!r}")
+    """JSON-able form of a key part: mappings (``Config`` sections too), sequences, paths, scalars.
+    NaN/inf stay as they are (unlike result records), so keys already written stay byte-identical."""
+    return _jsonable(value, nonfinite_to_none=False,
+                     error="result_cache key parts must be JSON-like (mappings, lists, numbers, strings, paths); "
+                           "got {kind}: {value!r}")
 
 
 def key_of(key_parts: Mapping[str, Any], code: Iterable[str] = (), root: Path | None = None) -> str:

@@ -60,21 +60,24 @@ def atomic_write_json(path: str | os.PathLike, obj: Any) -> Path:
     return atomic_write_text(path, json.dumps(_jsonable(obj), indent=2, sort_keys=False, allow_nan=False) + "\n")
 
 
-def _jsonable(obj: Any) -> Any:
-    """Plain JSON types; numpy/torch scalars become Python numbers, NaN/inf become None."""
+def _jsonable(obj: Any, nonfinite_to_none: bool = True,
+              error: str = "cannot store {kind} in a result record: {value!r}") -> Any:
+    """Plain JSON types; numpy/torch scalars become Python numbers, NaN/inf become None unless
+    ``nonfinite_to_none`` is False (``result_cache`` keys keep them, so existing keys stay the same).
+    ``error`` is the message for anything else, formatted with ``kind`` and ``value``."""
     if isinstance(obj, Mapping):
-        return {str(k): _jsonable(v) for k, v in obj.items()}
+        return {str(k): _jsonable(v, nonfinite_to_none, error) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
-        return [_jsonable(v) for v in obj]
+        return [_jsonable(v, nonfinite_to_none, error) for v in obj]
     if isinstance(obj, Path):
         return str(obj)
     if hasattr(obj, "item") and callable(obj.item) and getattr(obj, "ndim", 0) == 0:
         obj = obj.item()
-    if isinstance(obj, float) and not math.isfinite(obj):
+    if nonfinite_to_none and isinstance(obj, float) and not math.isfinite(obj):
         return None
     if obj is None or isinstance(obj, (bool, int, float, str)):
         return obj
-    raise TypeError(f"cannot store {type(obj).__name__} in a result record: {obj!r}")
+    raise TypeError(error.format(kind=type(obj).__name__, value=obj))
 
 
 def git_commit(root: Path | None = None) -> str:

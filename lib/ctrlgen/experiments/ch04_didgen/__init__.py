@@ -42,7 +42,7 @@ from ctrlgen.methods.didgen import (
 )
 from ctrlgen.methods.didgen import further_control
 from ctrlgen.metrics.image import fid, mask_set_diversity, ms_ssim_between, within_set_diversity
-from ctrlgen.metrics.overlap import iou, overlap_summary
+from ctrlgen.metrics.overlap import iou
 from ctrlgen.thesis import Direction, direction_table, in_text, thesis_frame
 from ctrlgen import figures
 from ctrlgen.models.tokens import locate_tokens
@@ -494,11 +494,6 @@ def evaluation_segmenter(sets: DermSets, ec: EvalConfig, cfg: Mapping[str, Any])
     return Segmenter(net, list(stored["history"]))
 
 
-def segmenter_scores(segmenter: Segmenter, real: torch.Tensor, masks: np.ndarray) -> dict[str, float]:
-    """IoU, Dice and the thresholded Jaccard of the segmenter on the real evaluation images (how far to trust it)."""
-    return overlap_summary(segmenter.predict(real), masks)
-
-
 def agreement_table(runs: Mapping[str, PairRun], segmenter: Segmenter) -> pd.DataFrame:
     """``pair_summary`` of every run, the thesis's IoU(annotation, condition) (§4.4.4) beside the guided run."""
     table = pd.DataFrame({label: pair_summary(r, segmenter) for label, r in runs.items()}).T
@@ -759,7 +754,7 @@ __all__ = ["MODEL_NAMES", "Finetuned", "finetune", "models_dir", "base_model", "
            "otsu_iou", "blob_baseline_iou", "IOU_COLUMN", "TOKENS", "RegionAblation", "region_ablation", "figure_4_7a",
            "REPLICATED", "seed_replicates",
            "PairRun", "run_pairs", "ABLATIONS", "GUIDED", "pair_runs", "pair_iou", "first_pairs", "pair_summary",
-           "Segmenter", "train_segmenter", "evaluation_segmenter", "segmenter_scores", "agreement_table",
+           "Segmenter", "train_segmenter", "evaluation_segmenter", "agreement_table",
            "mask_diversity", "speed_table", "CUSTOMISED", "BOXES", "customisation_figure", "BoxResult", "box_guidance",
            "EditResult", "edit_example", "maps_figure", "pairs_figure", "loss_table", "training_timings", "loss_figure",
            "dermprompt_summary", "directions"]
