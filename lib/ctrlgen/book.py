@@ -131,18 +131,20 @@ def chapter_stamp(chapter: str, cfg: Config, reads: set[str], code: Mapping[str,
     return {"profile": cfg.profile_name, **code, "config": {k: flat[k] for k in sorted(reads) if k in flat}, "data": data}
 
 
-def stale_reasons(stamp: Mapping[str, Any] | None, chapter: str, cfg: Config, root: Path) -> list[str]:
+def stale_reasons(stamp: Mapping[str, Any] | None, chapter: str, cfg: Config, root: Path,
+                  now: tuple[Mapping[str, Any], str] | None = None) -> list[str]:
     """Why an executed chapter with ``stamp`` is out of date for ``cfg`` now (empty: up to date).
 
     Only the chapter's own inputs count: a library file it does not import or a profile value it did
-    not read can change without re-executing it.
+    not read can change without re-executing it. ``now``: this run's ``(code_inputs, data_fingerprint)``
+    when the caller has them already (each hashes files).
     """
     if not stamp:
         return ["no record of its inputs"]
     reasons = []
     if stamp.get("profile") != cfg.profile_name:
         reasons.append(f"profile {stamp.get('profile')!r} -> {cfg.profile_name!r}")
-    now = code_inputs(chapter, root)
+    now, data = now or (code_inputs(chapter, root), data_fingerprint(cfg))
     if stamp.get("source") != now["source"]:
         reasons.append(f"chapters/{chapter}.py changed")
     before = stamp.get("code", {})
@@ -154,7 +156,7 @@ def stale_reasons(stamp: Mapping[str, Any] | None, chapter: str, cfg: Config, ro
               if k not in flat or flat[k] != v]
     if values:
         reasons.append("profile values it read changed: " + ", ".join(values[:3]) + (" ..." if len(values) > 3 else ""))
-    if stamp.get("data") != data_fingerprint(cfg):
+    if stamp.get("data") != data:
         reasons.append("the data root's contents changed")
     return reasons
 
@@ -289,13 +291,13 @@ def run_chapter(chapter: str, profile: str = "mini", overrides: Mapping[str, Any
     out_dir.mkdir(parents=True, exist_ok=True)
     target = out_dir / f"{chapter}.ipynb"
     record = paths.results_dir(profile, cfg) / f"{chapter}.json"
+    code, data = code_inputs(chapter, root), data_fingerprint(cfg)  # what runs, taken before it runs
     reasons = ["--force"] if force else (
-        stale_reasons(_read_stamp(target), chapter, cfg, root) if target.is_file() and record.is_file()
-        else ["never executed on this profile"])
+        stale_reasons(_read_stamp(target), chapter, cfg, root, now=(code, data))
+        if target.is_file() and record.is_file() else ["never executed on this profile"])
     if not reasons:
         return ChapterResult(chapter, target, 0.0, cached=True)
 
-    code, data = code_inputs(chapter, root), data_fingerprint(cfg)  # what runs, taken before it runs
     notebook = _prepare_notebook(chapter, profile, checked, root)
     running = out_dir / f"{chapter}.running.ipynb"
     failed = out_dir / f"{chapter}.FAILED.ipynb"

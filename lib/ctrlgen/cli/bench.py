@@ -11,34 +11,29 @@ from ctrlgen.cli.common import EXIT_OK, add_profile_args, profile_from_args
 from ctrlgen.results import atomic_write_json
 
 
-def _pairs(args: argparse.Namespace) -> int:
-    cfg = profile_from_args(args)
-    report = bench_pairs(cfg, args.pairs, args.repeats)
-    target = paths.output_root(cfg) / "bench" / f"pairs-{cfg.profile_name}.json"
+def _publish(cfg, report: dict, name: str) -> int:
+    """Write ``report`` to ``<output>/bench/<name>.json`` atomically, print it and where it went."""
+    target = paths.output_root(cfg) / "bench" / f"{name}.json"
     atomic_write_json(target, report)
     json.dump(report, sys.stdout, indent=2)
     print(f"\nwritten to {target}")
     return EXIT_OK
+
+
+def _pairs(args: argparse.Namespace) -> int:
+    cfg = profile_from_args(args)
+    return _publish(cfg, bench_pairs(cfg, args.pairs, args.repeats), f"pairs-{cfg.profile_name}")
 
 
 def _attention(args: argparse.Namespace) -> int:
     cfg = profile_from_args(args)
     report = bench_attention(cfg, args.arch, args.device, args.dtype, args.batch, args.steps, args.repeats)
-    target = paths.output_root(cfg) / "bench" / f"attention-{args.arch or cfg.profile_name}.json"
-    atomic_write_json(target, report)
-    json.dump(report, sys.stdout, indent=2)
-    print(f"\nwritten to {target}")
-    return EXIT_OK
+    return _publish(cfg, report, f"attention-{args.arch or cfg.profile_name}")
 
 
 def _flops(args: argparse.Namespace) -> int:
     cfg = profile_from_args(args)
-    report = bench_flops(cfg, args.batch, args.repeats)
-    target = paths.output_root(cfg) / "bench" / f"flops-{cfg.profile_name}.json"
-    atomic_write_json(target, report)
-    json.dump(report, sys.stdout, indent=2)
-    print(f"\nwritten to {target}")
-    return EXIT_OK
+    return _publish(cfg, bench_flops(cfg, args.batch, args.repeats), f"flops-{cfg.profile_name}")
 
 
 def add_bench_parser(subparsers) -> None:

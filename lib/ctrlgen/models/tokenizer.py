@@ -101,8 +101,3 @@ def save_tokenizer(tokenizer: CLIPTokenizer, folder: str | Path) -> Path:
 def load_tokenizer(folder: str | Path) -> CLIPTokenizer:
     """Read a tokenizer written by ``save_tokenizer`` (or any SD ``tokenizer/`` folder)."""
     return CLIPTokenizer.from_pretrained(str(folder))
-
-
-def word_pieces(tokenizer: CLIPTokenizer, text: str) -> list[str]:
-    """Tokens of ``text`` without start/end tokens (for checks and notebooks)."""
-    return tokenizer.tokenize(text)
