@@ -1,0 +1,273 @@
+"""Training the downstream models with early stopping on a validation split (thesis §4.7.2, §5.4.1, §5.4.2).
+
+§4.7.2: segmenters with Adam, lr 1e-3, batch 16, early stopping with patience 20 "concerning the accuracy on the
+validation set"; classifiers with SGD (momentum 0.9), lr 1e-3, batch 128, patience 10 on validation accuracy.
+§5.4.2: the bias-analysis segmenters with batch 24; §5.4.1: the skin-tone classifiers with batch 64 (optimizer
+unstated: §4.7.2's SGD is used). Those values live in the full profile's ``downstream`` section
+(:meth:`FitSettings.from_profile`).
+
+The validation score is mean per-image IoU for segmenters (the thesis's "accuracy" of a mask) and accuracy for
+classifiers; the weights of the best validation epoch are restored at the end. The model's initialisation is the
+caller's (seed it with :func:`ctrlgen.seeding.seed_everything` before ``build_*``); shuffling and augmentation
+draw from generators seeded with ``settings.seed``, so a seed gives the same run on CPU.
+"""
+from __future__ import annotations
+
+import copy
+import math
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from monai.losses import DiceCELoss
+from torch import nn
+
+from ctrlgen.data.tensors import image_tensor
+from ctrlgen.metrics.overlap import iou
+from ctrlgen.progress import tqdm
+from ctrlgen.runtime import resolve_device
+
+TASKS = ("segmentation", "classification")
+OPTIMIZERS = ("adam", "sgd")
+
+
+@dataclass(frozen=True)
+class FitSettings:
+    """How one downstream model is trained (one ``downstream.<task>`` profile section)."""
+
+    max_epochs: int
+    batch_size: int
+    lr: float
+    optimizer: str = "adam"       # "adam" | "sgd"
+    momentum: float = 0.0         # SGD only
+    patience: int = 10            # epochs without a better validation score before stopping
+    seed: int = 0
+    augment: bool = True          # random horizontal and vertical flips (image and mask together)
+    device: str = "cpu"
+    progress: bool = False
+
+    def __post_init__(self) -> None:
+        if self.optimizer not in OPTIMIZERS:
+            raise ValueError(f"optimizer {self.optimizer!r} is not one of {', '.join(OPTIMIZERS)}")
+        for name in ("max_epochs", "batch_size", "patience"):
+            if int(getattr(self, name)) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if not self.lr > 0:
+            raise ValueError(f"lr must be > 0, got {self.lr}")
+        if not 0 <= self.momentum < 1:
+            raise ValueError(f"momentum must be in [0, 1), got {self.momentum}")
+
+    @classmethod
+    def from_profile(cls, cfg: Mapping[str, Any], task: str, chapter: int = 4, progress: bool = False) -> "FitSettings":
+        """Settings of ``downstream.<task>`` ("segmentation" or "classification"); ``chapter=5`` takes the section's
+        ``ch05_batch_size`` (§5.4.2's 24 for segmentation, §5.4.1's 64 for skin-tone classification)."""
+        if task not in TASKS:
+            raise ValueError(f"unknown downstream task {task!r}; expected one of {', '.join(TASKS)}")
+        if chapter not in (4, 5):
+            raise ValueError(f"chapter must be 4 or 5, got {chapter}")
+        s = cfg["downstream"][task]
+        return cls(max_epochs=int(s["max_epochs"]),
+                   batch_size=int(s["ch05_batch_size"] if chapter == 5 else s["batch_size"]),
+                   lr=float(s["lr"]), optimizer=str(s["optimizer"]), momentum=float(s["momentum"]),
+                   patience=int(s["patience"]), seed=int(cfg["seed"]), augment=bool(s["augment"]),
+                   device=resolve_device(cfg), progress=progress)
+
+
+# ================================================================================================ early stopping
+class EarlyStopping:
+    """Stop after ``patience`` consecutive epochs whose validation score does not beat the best so far.
+
+    ``mode="max"`` (accuracy, IoU) or ``"min"`` (a loss). A NaN score never counts as an improvement.
+    """
+
+    def __init__(self, patience: int, mode: str = "max"):
+        if patience < 1:
+            raise ValueError(f"patience must be >= 1, got {patience}")
+        if mode not in ("max", "min"):
+            raise ValueError(f"mode must be 'max' or 'min', got {mode!r}")
+        self.patience, self.mode = patience, mode
+        self.best = -math.inf if mode == "max" else math.inf
+        self.best_epoch = -1
+        self.epoch = -1
+        self.bad_epochs = 0
+
+    def step(self, score: float) -> bool:
+        """Record one epoch's score; True when it is the new best (save the weights then)."""
+        self.epoch += 1
+        better = score > self.best if self.mode == "max" else score < self.best
+        if better:  # NaN compares False: never better
+            self.best, self.best_epoch, self.bad_epochs = float(score), self.epoch, 0
+        else:
+            self.bad_epochs += 1
+        return better
+
+    @property
+    def should_stop(self) -> bool:
+        return self.bad_epochs >= self.patience
+
+
+def stopping_epoch(curve: Sequence[float], patience: int, mode: str = "max") -> tuple[int, int]:
+    """``(best epoch, last epoch run)`` (0-based) when early stopping watches the validation ``curve``."""
+    stopper = EarlyStopping(patience, mode)
+    for score in curve:
+        stopper.step(score)
+        if stopper.should_stop:
+            break
+    return stopper.best_epoch, stopper.epoch
+
+
+# ================================================================================================ training
+@dataclass
+class FitResult:
+    """A trained model (best-validation weights restored, in eval mode) and its per-epoch history."""
+
+    model: nn.Module
+    history: list[dict[str, float]] = field(default_factory=list)  # epoch, train loss, validation score
+    best_epoch: int = -1
+    best_score: float = float("nan")
+    epochs_run: int = 0
+    stopped_early: bool = False
+
+
+def _optimizer(model: nn.Module, s: FitSettings) -> torch.optim.Optimizer:
+    params = [p for p in model.parameters() if p.requires_grad]
+    if s.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=s.lr, momentum=s.momentum)
+    return torch.optim.Adam(params, lr=s.lr)
+
+
+def _check_images(images: np.ndarray, name: str) -> np.ndarray:
+    arr = np.asarray(images)
+    if arr.ndim != 4 or arr.shape[-1] != 3 or arr.dtype != np.uint8:
+        raise ValueError(f"{name} must be uint8 images (N, H, W, 3), got {arr.dtype} {arr.shape}")
+    if len(arr) == 0:
+        raise ValueError(f"{name} is empty: nothing to train or validate on")
+    return arr
+
+
+def _batches(n: int, batch_size: int, generator: torch.Generator) -> list[torch.Tensor]:
+    """Shuffled index batches; a last batch of one sample is dropped (BatchNorm cannot train on it)."""
+    order = torch.randperm(n, generator=generator)
+    out = [order[i:i + batch_size] for i in range(0, n, batch_size)]
+    return out[:-1] if len(out) > 1 and len(out[-1]) == 1 else out
+
+
+def _flip(x: torch.Tensor, y: torch.Tensor | None, rng: np.random.Generator):
+    for dim in (-1, -2):
+        if rng.uniform() < 0.5:
+            x = x.flip(dim)
+            y = y.flip(dim) if y is not None else None
+    return x, y
+
+
+def _fit(model: nn.Module, images: np.ndarray, targets: torch.Tensor, val_score: Callable[[nn.Module], float],
+         loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], s: FitSettings, dense: bool,
+         desc: str) -> FitResult:
+    """The loop both trainers share: epochs of shuffled mini-batches, validation, early stopping, best weights."""
+    model.to(s.device)
+    opt = _optimizer(model, s)
+    generator = torch.Generator().manual_seed(s.seed)
+    rng = np.random.default_rng(s.seed)
+    stopper = EarlyStopping(s.patience, "max")
+    best_state = copy.deepcopy(model.state_dict())
+    result = FitResult(model)
+    bar = tqdm(range(s.max_epochs), desc=desc, disable=not s.progress, leave=False)
+    for epoch in bar:
+        model.train()
+        losses = []
+        for idx in _batches(len(images), s.batch_size, generator):
+            x = image_tensor(images[idx.numpy()], signed=False)
+            y = targets[idx]
+            if s.augment:
+                x, flipped = _flip(x, y if dense else None, rng)
+                y = flipped if dense else y
+            x, y = x.to(s.device), y.to(s.device)
+            loss = loss_fn(model(x), y)
+            aux = model.auxiliary_loss(y) if dense and hasattr(model, "auxiliary_loss") else None
+            loss = loss + aux if aux is not None else loss
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            losses.append(float(loss.detach()))
+        score = val_score(model)
+        result.history.append({"epoch": epoch, "train loss": float(np.mean(losses)), "validation": score})
+        bar.set_postfix(loss=f"{np.mean(losses):.3f}", val=f"{score:.3f}")
+        if stopper.step(score):
+            best_state = copy.deepcopy(model.state_dict())
+        if stopper.should_stop:
+            result.stopped_early = True
+            break
+    bar.close()
+    model.load_state_dict(best_state)
+    model.eval()
+    result.best_epoch, result.best_score, result.epochs_run = stopper.best_epoch, stopper.best, stopper.epoch + 1
+    return result
+
+
+def train_segmenter(model: nn.Module, train_images: np.ndarray, train_masks: np.ndarray, val_images: np.ndarray,
+                    val_masks: np.ndarray, settings: FitSettings) -> FitResult:
+    """Train a one-channel segmenter on lesion masks with BCE + soft Dice (MONAI ``DiceCELoss``), early stopping on
+    the validation mean IoU (Eq. (4.22), prediction = logit > 0), plus the model's auxiliary loss if it has one
+    (XBound-Former's boundary supervision). Images uint8 ``(N, H, W, 3)``, masks bool ``(N, H, W)``."""
+    train_images, val_images = _check_images(train_images, "train_images"), _check_images(val_images, "val_images")
+    masks = _check_masks(train_masks, train_images, "train_masks")
+    val_masks = _check_masks(val_masks, val_images, "val_masks")
+    loss = DiceCELoss(sigmoid=True)
+    return _fit(model, train_images, torch.from_numpy(masks.astype(np.float32))[:, None],
+                lambda m: float(iou(predict_masks(m, val_images, settings.batch_size), val_masks).mean()),
+                loss, settings, dense=True, desc="segmenter")
+
+
+def train_classifier(model: nn.Module, train_images: np.ndarray, train_labels: Sequence[int], val_images: np.ndarray,
+                     val_labels: Sequence[int], settings: FitSettings) -> FitResult:
+    """Train a classifier with cross-entropy, early stopping on validation accuracy (§4.7.2). Labels are class
+    indices ``0 .. num_classes - 1`` (the model's output width)."""
+    train_images, val_images = _check_images(train_images, "train_images"), _check_images(val_images, "val_images")
+    labels = _check_labels(train_labels, train_images, "train_labels")
+    val = _check_labels(val_labels, val_images, "val_labels")
+    return _fit(model, train_images, torch.from_numpy(labels),
+                lambda m: float((predict_labels(m, val_images, settings.batch_size) == val).mean()),
+                nn.CrossEntropyLoss(), settings, dense=False, desc="classifier")
+
+
+def _check_masks(masks: np.ndarray, images: np.ndarray, name: str) -> np.ndarray:
+    arr = np.asarray(masks)
+    if arr.shape != images.shape[:3]:
+        raise ValueError(f"{name} must be (N, H, W) = {images.shape[:3]} like its images, got {arr.shape}")
+    if arr.dtype != bool and not np.isin(arr, (0, 1)).all():
+        raise ValueError(f"{name} must be boolean (or 0/1) masks, got {arr.dtype} with other values")
+    return arr.astype(bool)
+
+
+def _check_labels(labels: Sequence[int], images: np.ndarray, name: str) -> np.ndarray:
+    arr = np.asarray(labels)
+    if arr.shape != (len(images),) or not np.issubdtype(arr.dtype, np.integer) or (arr < 0).any():
+        raise ValueError(f"{name} must be {len(images)} non-negative integer class indices, got {arr.dtype} {arr.shape}")
+    return arr.astype(np.int64)
+
+
+# ================================================================================================ prediction
+@torch.no_grad()
+def predict(model: nn.Module, images: np.ndarray, batch_size: int = 64) -> np.ndarray:
+    """The model's outputs (logits) for uint8 images ``(N, H, W, 3)``, in eval mode, batched, on the model's device."""
+    model.eval()
+    device = next(model.parameters()).device
+    out = [model(image_tensor(images[i:i + batch_size], signed=False).to(device)).float().cpu()
+           for i in range(0, len(images), batch_size)]
+    return torch.cat(out).numpy()
+
+
+def predict_masks(model: nn.Module, images: np.ndarray, batch_size: int = 64) -> np.ndarray:
+    """Boolean masks ``(N, H, W)``: a segmenter's first output channel with logit > 0 (probability > 0.5)."""
+    return predict(model, images, batch_size)[:, 0] > 0
+
+
+def predict_labels(model: nn.Module, images: np.ndarray, batch_size: int = 64) -> np.ndarray:
+    """Class indices ``(N,)``: the arg-max of a classifier's logits."""
+    return predict(model, images, batch_size).argmax(axis=1)
+
+
+__all__ = ["FitSettings", "FitResult", "EarlyStopping", "stopping_epoch", "train_segmenter", "train_classifier",
+           "predict", "predict_masks", "predict_labels"]
