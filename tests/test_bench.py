@@ -49,3 +49,21 @@ def test_flops_benchmark_reports_counts_rates_and_the_matmul_rate(capsys):
         assert abs(step["GFLOP/s"] - step["GFLOP"] / step["seconds_median"]) < 1e-9 * step["GFLOP/s"] + 1e-12
         assert step["fraction_of_matmul_rate"] == pytest.approx(step["GFLOP/s"] / report["matmul_GFLOP/s"], rel=1e-9)
     assert report["torch"] and report["cpus"] >= 1 and "written to" in capsys.readouterr().out
+
+
+def test_dual_branch_benchmark_counts_half_the_denoising_passes_and_reports_the_fields(capsys):
+    """Benchmark 3 (issue 18): T denoising passes for the dual-branch model against 2T for the two-stage pipeline,
+    counted on the U-Net's calls (exactly 0.5); wall time reported as a ratio of medians, never asserted."""
+    assert main(["bench", "dual", "--profile", "smoke", "--repeats", "1", "--targets", "1"]) == 0
+    report = json.loads((paths.output_root() / "bench" / "dual-smoke.json").read_text())
+    passes, steps = report["passes"], report["steps"]
+    assert passes["dual_branch"]["denoising"] == steps and passes["two_stage"]["denoising"] == 2 * steps
+    assert report["ratio_denoising_passes"] == 0.5
+    assert passes["dual_branch"]["guidance"] == passes["two_stage"]["guidance"] > 0  # guidance included in both
+    median = report["seconds_median"]
+    assert set(median) == {"dual_branch", "two_stage"} and len(report["seconds"]["two_stage"]) == 1
+    assert report["ratio_wall_time"] == median["dual_branch"] / median["two_stage"]
+    assert report["target_wall_ratio"] == 0.6 and report["bifurcation_step"] == steps // 2
+    assert report["torch"] and report["diffusers"] and report["cpus"] >= 1 and report["machine"]
+    out = capsys.readouterr().out
+    assert "machine:" in out and "written to" in out

@@ -80,7 +80,7 @@ def sample(unet: torch.nn.Module, scheduler, latents: torch.Tensor, cond: torch.
            refine: Refiner | None = None, store: AttentionStore | None = None,
            generator: torch.Generator | None = None, eta: float = 0.0, keep_trajectory: bool = False,
            callback: Callable[[int, int, torch.Tensor], None] | None = None, start_step: int = 0,
-           progress: bool = True) -> SampleOutput:
+           progress: bool = True, stop_step: int | None = None) -> SampleOutput:
     """Denoise ``latents`` (z_T, unit-variance noise or an inverted latent) into z_0.
 
     Args:
@@ -90,6 +90,8 @@ def sample(unet: torch.nn.Module, scheduler, latents: torch.Tensor, cond: torch.
         refine: called before the U-Net on the steps where ``refine.active(i, num_steps)``.
         store: an ``AttentionStore`` of an enclosing ``AttentionCapture`` (kept to the conditional half).
         start_step: skip the first steps (start from an intermediate latent at that step's timestep).
+        stop_step: run only the steps ``i < stop_step`` and return z at ``timesteps[stop_step]`` (default: all);
+            a later ``sample(..., start_step=stop_step)`` continues, e.g. on a bifurcated batch (§5.3.3).
         callback: ``callback(i, t, z_{t-1})`` after every step.
     """
     scheduler.set_timesteps(num_steps, device=latents.device)
@@ -103,6 +105,8 @@ def sample(unet: torch.nn.Module, scheduler, latents: torch.Tensor, cond: torch.
     for i, t in enumerate(tqdm(timesteps, disable=not progress, desc="sampling", leave=False)):
         if i < start_step:
             continue
+        if stop_step is not None and i >= stop_step:
+            break
         if refined[i]:
             latents = refine(unet, latents, t, cond, i)
         if keep_trajectory:
