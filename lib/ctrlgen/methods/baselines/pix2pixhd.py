@@ -22,6 +22,7 @@ trains G1 at half resolution, then G2, then fine-tunes both: a simplification of
 """
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,6 +34,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ctrlgen.methods.baselines.progressive_gan import GANModel, _from_section, adamw, load_gan_parts, pixels, run_gan_training
+from ctrlgen.models.registry import weight_path
 
 LABELS = 2  # background, lesion
 
@@ -72,8 +74,12 @@ class Pix2PixHDConfig:
 
     @classmethod
     def from_profile(cls, cfg: Mapping[str, Any], **overrides: Any) -> "Pix2PixHDConfig":
-        """From the profile section ``gan_baselines.pix2pixhd``; ``overrides`` replace fields."""
-        return _from_section(cls, cfg["gan_baselines"]["pix2pixhd"], overrides)
+        """From the profile section ``gan_baselines.pix2pixhd``; ``overrides`` replace fields. A relative
+        ``vgg_weights`` is a file under the models root (``ctrlgen.models.registry.weight_path``)."""
+        config = _from_section(cls, cfg["gan_baselines"]["pix2pixhd"], overrides)
+        if config.vgg_weights and "vgg_weights" not in overrides:
+            config = dataclasses.replace(config, vgg_weights=str(weight_path(cfg, config.vgg_weights, "file")))
+        return config
 
 
 # --------------------------------------------------------------------------- generator
