@@ -14,14 +14,14 @@ Models take images as float ``(B, 3, H, W)`` in [0, 1] (CONVENTIONS.md); the Ima
 classifiers, the resize to the classifier's input size happen inside the returned module (:class:`ImageInput`).
 """
 from ctrlgen.downstream.classifiers import CLASSIFIERS, build_classifier, classifier_weights
-from ctrlgen.downstream.inputs import ImageInput
+from ctrlgen.downstream.inputs import ImageInput, resize_images, resize_masks
 from ctrlgen.downstream.scores import (ClassificationScores, PairedTest, classification_scores, gain_analysis,
                                        paired_test, segmentation_scores, segmentation_summary)
 from ctrlgen.downstream.segmenters import SEGMENTERS, build_segmenter
-from ctrlgen.downstream.train import (EarlyStopping, FitResult, FitSettings, predict, predict_labels, predict_masks,
-                                      stopping_epoch, train_classifier, train_segmenter)
+from ctrlgen.downstream.train import (EarlyStopping, FitResult, FitSettings, TaskSettings, predict, predict_labels,
+                                      predict_masks, stopping_epoch, train_classifier, train_segmenter)
 
-__all__ = ["CLASSIFIERS", "SEGMENTERS", "ImageInput", "build_classifier", "classifier_weights", "build_segmenter",
-           "FitSettings", "FitResult", "EarlyStopping", "stopping_epoch", "train_segmenter", "train_classifier",
-           "predict", "predict_masks", "predict_labels", "segmentation_scores", "segmentation_summary",
+__all__ = ["CLASSIFIERS", "SEGMENTERS", "ImageInput", "resize_images", "resize_masks", "build_classifier",
+           "classifier_weights", "build_segmenter", "FitSettings", "TaskSettings", "FitResult", "EarlyStopping",
+           "stopping_epoch", "train_segmenter", "train_classifier", "predict", "predict_masks", "predict_labels", "segmentation_scores", "segmentation_summary",
            "classification_scores", "ClassificationScores", "paired_test", "PairedTest", "gain_analysis"]

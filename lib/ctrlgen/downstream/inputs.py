@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -51,6 +52,35 @@ class ImageInput(nn.Module):
         """The wrapped net's auxiliary training loss on the last forward pass (XBound-Former's boundary loss), if any."""
         aux = getattr(self.net, "auxiliary_loss", None)
         return aux(masks) if aux is not None else None
+
+
+def resize_images(images: np.ndarray, size: int) -> np.ndarray:
+    """uint8 images ``(N, H, W, 3)`` resized to ``size`` × ``size`` (:func:`_resample`), still uint8."""
+    arr = np.asarray(images)
+    if arr.ndim != 4 or arr.shape[-1] != 3 or arr.dtype != np.uint8:
+        raise ValueError(f"expected uint8 images (N, H, W, 3), got {arr.dtype} {arr.shape}")
+    if arr.shape[1:3] == (size, size):
+        return arr
+    x = _resample(torch.from_numpy(np.ascontiguousarray(arr)).permute(0, 3, 1, 2).float(), size)
+    return x.round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).numpy()
+
+
+def resize_masks(masks: np.ndarray, size: int) -> np.ndarray:
+    """Boolean masks ``(N, H, W)`` resized to ``size`` × ``size`` (:func:`_resample` of the 0/1 map), lesion where the
+    resampled value is at least 0.5 (at least half of a shrunk pixel's area)."""
+    arr = np.asarray(masks)
+    if arr.ndim != 3:
+        raise ValueError(f"expected masks (N, H, W), got shape {arr.shape}")
+    if arr.shape[1:] == (size, size):
+        return arr.astype(bool)
+    return (_resample(torch.from_numpy(arr.astype(np.float32))[:, None], size)[:, 0] >= 0.5).numpy()
+
+
+def _resample(x: torch.Tensor, size: int) -> torch.Tensor:
+    """Area averaging when shrinking (each output pixel the mean of the input pixels it covers, no aliasing),
+    bilinear when enlarging."""
+    mode = "area" if size < min(x.shape[-2:]) else "bilinear"
+    return F.interpolate(x, size=(size, size), mode=mode, **({} if mode == "area" else {"align_corners": False}))
 
 
 def load_state_dict_file(module: nn.Module, path: str | Path, what: str,

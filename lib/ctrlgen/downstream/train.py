@@ -2,9 +2,9 @@
 
 §4.7.2: segmenters with Adam, lr 1e-3, batch 16, early stopping with patience 20 "concerning the accuracy on the
 validation set"; classifiers with SGD (momentum 0.9), lr 1e-3, batch 128, patience 10 on validation accuracy.
-§5.4.2: the bias-analysis segmenters with batch 24; §5.4.1: the skin-tone classifiers with batch 64 (optimizer
-unstated: §4.7.2's SGD is used). Those values live in the full profile's ``downstream`` section
-(:meth:`FitSettings.from_profile`).
+(§5.4.2 trains the bias-analysis segmenters with batch 24 and §5.4.1 the skin-tone classifiers with batch 64:
+chapter 5's own profile section carries those.) The §4.7.2 values live in the full profile's ``downstream``
+section (:meth:`FitSettings.from_profile`, :meth:`TaskSettings.from_profile`).
 
 The validation score is mean per-image IoU for segmenters (the thesis's "accuracy" of a mask) and accuracy for
 classifiers; the weights of the best validation epoch are restored at the end. The model's initialisation is the
@@ -25,6 +25,8 @@ from monai.losses import DiceCELoss
 from torch import nn
 
 from ctrlgen.data.tensors import image_tensor
+from ctrlgen.downstream.classifiers import CLASSIFIERS
+from ctrlgen.downstream.segmenters import SEGMENTERS
 from ctrlgen.metrics.overlap import iou
 from ctrlgen.progress import tqdm
 from ctrlgen.runtime import resolve_device
@@ -60,19 +62,45 @@ class FitSettings:
             raise ValueError(f"momentum must be in [0, 1), got {self.momentum}")
 
     @classmethod
-    def from_profile(cls, cfg: Mapping[str, Any], task: str, chapter: int = 4, progress: bool = False) -> "FitSettings":
-        """Settings of ``downstream.<task>`` ("segmentation" or "classification"); ``chapter=5`` takes the section's
-        ``ch05_batch_size`` (§5.4.2's 24 for segmentation, §5.4.1's 64 for skin-tone classification)."""
-        if task not in TASKS:
-            raise ValueError(f"unknown downstream task {task!r}; expected one of {', '.join(TASKS)}")
-        if chapter not in (4, 5):
-            raise ValueError(f"chapter must be 4 or 5, got {chapter}")
-        s = cfg["downstream"][task]
-        return cls(max_epochs=int(s["max_epochs"]),
-                   batch_size=int(s["ch05_batch_size"] if chapter == 5 else s["batch_size"]),
-                   lr=float(s["lr"]), optimizer=str(s["optimizer"]), momentum=float(s["momentum"]),
-                   patience=int(s["patience"]), seed=int(cfg["seed"]), augment=bool(s["augment"]),
-                   device=resolve_device(cfg), progress=progress)
+    def from_profile(cls, cfg: Mapping[str, Any], task: str, progress: bool = False) -> "FitSettings":
+        """Settings of the profile's ``downstream.<task>`` section ("segmentation" or "classification"), the
+        profile's ``seed`` and ``device``."""
+        s = _section(cfg, task)
+        return cls(max_epochs=int(s["max_epochs"]), batch_size=int(s["batch_size"]), lr=float(s["lr"]),
+                   optimizer=str(s["optimizer"]), momentum=float(s["momentum"]), patience=int(s["patience"]),
+                   seed=int(cfg["seed"]), augment=bool(s["augment"]), device=resolve_device(cfg), progress=progress)
+
+
+@dataclass(frozen=True)
+class TaskSettings:
+    """One ``downstream.<task>`` profile section: which models of the zoo, at what input side, and how to fit them.
+
+    ``size``: the segmenters' size ("mini" or "full", :func:`build_segmenter`); "" for classification.
+    """
+
+    task: str
+    models: tuple[str, ...]
+    image_size: int
+    size: str
+    fit: FitSettings
+
+    @classmethod
+    def from_profile(cls, cfg: Mapping[str, Any], task: str, progress: bool = False) -> "TaskSettings":
+        s = _section(cfg, task)
+        known = SEGMENTERS if task == "segmentation" else CLASSIFIERS
+        models = tuple(str(m) for m in s["models"])
+        unknown = [m for m in models if m not in known]
+        if unknown or not models:
+            raise ValueError(f"downstream.{task}.models = {list(models)}: expected a non-empty list of "
+                             f"{', '.join(known)}")
+        return cls(task, models, int(s["image_size"]), str(s["size"]) if task == "segmentation" else "",
+                   FitSettings.from_profile(cfg, task, progress))
+
+
+def _section(cfg: Mapping[str, Any], task: str) -> Mapping[str, Any]:
+    if task not in TASKS:
+        raise ValueError(f"unknown downstream task {task!r}; expected one of {', '.join(TASKS)}")
+    return cfg["downstream"][task]
 
 
 # ================================================================================================ early stopping
@@ -269,5 +297,5 @@ def predict_labels(model: nn.Module, images: np.ndarray, batch_size: int = 64) -
     return predict(model, images, batch_size).argmax(axis=1)
 
 
-__all__ = ["FitSettings", "FitResult", "EarlyStopping", "stopping_epoch", "train_segmenter", "train_classifier",
+__all__ = ["FitSettings", "TaskSettings", "FitResult", "EarlyStopping", "stopping_epoch", "train_segmenter", "train_classifier",
            "predict", "predict_masks", "predict_labels"]
