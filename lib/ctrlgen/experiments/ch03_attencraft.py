@@ -1,0 +1,566 @@
+"""Chapter 3's experiments (AttenCraft vs Custom Diffusion, DisenDiff, Break-a-Scene; Tables 3.1–3.3, 3.6; Fig. 3.8).
+
+What only chapter 3 does: which customization sets it reads (the scenes world's two-concept sets, thesis
+§3.6.1), which models it finetunes and caches (every method × dataset × learning rate × steps, as content-keyed
+trained tensors, ``result_cache``), how samples are drawn and scored, and how tables and figures are assembled.
+
+Metrics (§3.4.1 defines CLIP-I, CLIP-T, DINO, CLIP-I-sync). The ``full`` profile would use CLIP ViT-L/14 and DINO
+from local paths; no CLIP or DINO runs offline on the mini world, so here:
+
+* **image alignment** (the CLIP-I stand-in, "feat-I"): cosine similarity of the scenes VAE encoder's pooled
+  features (``metrics.image.VAEEncoderFeatures``) between a sample and its reference — the concept's crop for
+  single-concept prompts, the whole input image for the group (§3.4.1's DisenDiff-dataset rule);
+* **identity** (the DINO stand-in, "cls-I"): the same cosine on the features of the scenes attribute classifier
+  (``experiments.base_models.bar.domain_classifier``: a CNN trained on the world's images and captions);
+* **measured ground truth** the world allows: *colour fidelity* (share of a sample's pixels in the concept's own
+  colour, at full or textured shade) and *feature fusion* (share in the **other** concept's colour, in
+  single-concept samples — concept B's colour leaking into concept A);
+* **CLIP-I-sync**: |feat-I(concept 1) − feat-I(concept 2)| per dataset;
+* **CLIP-T**: not measured (no text–image model offline); the prompts' contexts are the world's backgrounds.
+"""
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+import matplotlib.pyplot as plt
+import numpy as np
+import pandas as pd
+import torch
+import torch.nn.functional as F
+
+from ctrlgen import result_cache
+from ctrlgen.analysis.quality_bar import AttributeClassifier
+from ctrlgen.attention.maps import normalize_minmax
+from ctrlgen.data import load_multiconcept
+from ctrlgen.data.imageio import read_image, read_mask
+from ctrlgen.data.worlds.multiconcept import COLOURS, Concept, render_scene
+from ctrlgen.experiments.base_models import (available_variants, default_variant, load_domain_data, load_variant,
+                                            pretrain_domain, variant_dir)
+from ctrlgen.experiments.base_models.bar import BarSettings, domain_classifier
+from ctrlgen.methods.attencraft import (AttenCraftConfig, MaskSettings, concept_masks, mask_iou, sampling_ratios,
+                                        stage_one, token_maps)
+from ctrlgen.methods.attencraft.training import attencraft_finetune
+from ctrlgen.methods.baselines.break_a_scene import BreakASceneConfig, break_a_scene_finetune
+from ctrlgen.methods.baselines.custom_diffusion import CustomDiffusionConfig, custom_diffusion_finetune
+from ctrlgen.methods.baselines.disendiff import DisenDiffConfig, disendiff_finetune
+from ctrlgen.methods.customization import Customized, add_identifiers, load_state
+from ctrlgen.metrics.image import VAEEncoderFeatures
+from ctrlgen.models import load_base_model
+from ctrlgen.sampling import text_to_image
+
+METHODS = ("CusDiff", "DisenDiff", "BAS", "Mine")
+CODE = ("ctrlgen.methods.attencraft", "ctrlgen.methods.customization", "ctrlgen.methods.baselines.custom_diffusion",
+        "ctrlgen.methods.baselines.disendiff", "ctrlgen.methods.baselines.break_a_scene", "ctrlgen.training.loop")
+SAMPLE_CODE = CODE + ("ctrlgen.sampling.pipeline", "ctrlgen.sampling.loop")
+
+
+# ------------------------------------------------------------------------------------------ settings
+@dataclass(frozen=True)
+class Ch3Config:
+    """The profile's ``ch03`` section, typed."""
+
+    n_datasets: int
+    steps: dict[str, int]
+    lr: dict[str, float]
+    sweep_lrs: tuple[float, ...]
+    step_scales: tuple[float, ...]
+    omegas: tuple[float, ...]
+    n_ratio_datasets: int
+    mask: MaskSettings
+    alpha: float
+    omega: float
+    bas_ti_lr: float
+    bas_attn_weight: float
+    bind_weight: float
+    sep_weight: float
+    general_word: str
+    contexts: tuple[str, ...]
+    n_images: int
+    num_steps: int
+    guidance_scale: float
+    scheduler: str
+    train_cross_res: tuple[int, ...]
+    seed: int
+
+    @classmethod
+    def from_profile(cls, cfg: Mapping[str, Any]) -> "Ch3Config":
+        c, a, b, e = cfg["ch03"], cfg["ch03"]["attencraft"], cfg["ch03"]["baselines"], cfg["ch03"]["eval"]
+        mask = MaskSettings(nu=float(a["nu"]), tau=float(a["tau"]), gamma=float(a["gamma"]), t_max=int(a["t_max"]),
+                            n_top=int(a["n_top"]), score_timesteps=tuple(int(t) for t in a["score_times"]),
+                            cross_res=int(cfg["attention"]["cross_res"][0]), self_res=int(cfg["attention"]["self_res"][0]))
+        return cls(n_datasets=int(c["n_datasets"]),
+                   steps={"Mine": int(a["steps"]), "CusDiff": int(b["cusdiff_steps"]),
+                          "DisenDiff": int(b["disendiff_steps"]), "BAS": int(b["bas_steps"]), "BAS-TI": int(b["bas_ti_steps"])},
+                   lr={"Mine": float(a["lr"]), "CusDiff": float(b["lr"]), "DisenDiff": float(b["lr"]), "BAS": float(b["lr"])},
+                   sweep_lrs=tuple(float(x) for x in c["sweep"]["lrs"]),
+                   step_scales=tuple(float(x) for x in c["sweep"]["step_scales"]),
+                   omegas=tuple(float(x) for x in c["ablations"]["omegas"]),
+                   n_ratio_datasets=int(c["ablations"]["n_ratio_datasets"]), mask=mask, alpha=float(a["alpha"]),
+                   omega=float(a["omega"]), bas_ti_lr=float(b["bas_ti_lr"]), bas_attn_weight=float(b["bas_attn_weight"]),
+                   bind_weight=float(b["disendiff_bind_weight"]), sep_weight=float(b["disendiff_sep_weight"]),
+                   general_word=str(c["general_word"]), contexts=tuple(str(x) for x in e["contexts"]),
+                   n_images=int(e["n_images"]), num_steps=int(e["num_steps"]), guidance_scale=float(e["guidance_scale"]),
+                   scheduler=str(e["scheduler"]), train_cross_res=tuple(int(r) for r in cfg["attention"]["train_cross_res"]),
+                   seed=int(cfg["seed"]))
+
+
+# ------------------------------------------------------------------------------------------ data and models
+@dataclass(frozen=True)
+class Scene:
+    """One customization set: the image (H, W, 3) uint8, one true mask per concept (N, H, W), class names, colours."""
+
+    name: str
+    image: np.ndarray
+    masks: np.ndarray
+    class_names: tuple[str, ...]
+    colours: tuple[str, ...]
+
+
+def _resize(image: np.ndarray, masks: np.ndarray, size: int) -> tuple[np.ndarray, np.ndarray]:
+    x = torch.from_numpy(np.array(image)).permute(2, 0, 1)[None].float()
+    im = F.interpolate(x, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+    m = F.interpolate(torch.from_numpy(masks.astype(np.float32))[:, None], size=(size, size), mode="area")[:, 0] > 0.5
+    return im[0].permute(1, 2, 0).round().clamp(0, 255).byte().numpy(), m.numpy()
+
+
+def load_scenes(cfg: Mapping[str, Any], n: int) -> list[Scene]:
+    """The first ``n`` two-concept customization sets of the scenes world (§3.6.1), at the models' image size."""
+    ds = load_multiconcept(cfg)
+    size = int(cfg["models"]["image_size"])
+    out = []
+    for r in [r for r in ds.records if r.split == "customize"][:n]:
+        masks = np.stack([read_mask(p) for p in r.meta["masks"]])
+        image, masks = _resize(read_image(r.image_path), masks, size)
+        out.append(Scene(r.id, image, masks, tuple(r.meta["class_names"]), tuple(c["colour"] for c in r.meta["concepts"])))
+    return out
+
+
+def three_concept_scene(cfg: Mapping[str, Any]) -> Scene:
+    """A three-concept input (§3.4.5), rendered by the world's own scene renderer."""
+    size = int(cfg["models"]["image_size"])
+    concepts = [Concept("heart", "red", "plain"), Concept("star", "blue", "striped"), Concept("moon", "yellow", "plain")]
+    image, masks, _ = render_scene(concepts, 256, np.random.default_rng([int(cfg["seed"]), 33]), "plain")
+    image, m = _resize(image, np.stack(masks), size)
+    return Scene("three concepts", image, m, tuple(c.shape for c in concepts), tuple(c.colour for c in concepts))
+
+
+def same_class_scene(cfg: Mapping[str, Any]) -> Scene:
+    """§7.2's first limitation: two concepts of the same class (both tokens start from the same word)."""
+    size = int(cfg["models"]["image_size"])
+    concepts = [Concept("star", "red", "plain"), Concept("star", "green", "dotted")]
+    image, masks, _ = render_scene(concepts, 256, np.random.default_rng([int(cfg["seed"]), 34]), "plain")
+    image, m = _resize(image, np.stack(masks), size)
+    return Scene("two stars", image, m, ("star", "star"), ("red", "green"))
+
+
+def base_model(cfg: Mapping[str, Any], variant: str | None = None):
+    """The scenes base model (mini: pretrained now if the cache lacks it, as ``ctrlgen pretrain scenes``)."""
+    if str(cfg["models"]["kind"]) != "mini" or variant == "pretrained":
+        return load_base_model(cfg, "scenes")
+    variant = variant or default_variant(cfg, "scenes")
+    pretrain_domain(cfg, "scenes", variant == "selfattn", progress=False)
+    return load_variant(cfg, "scenes", variant)
+
+
+def base_key(cfg: Mapping[str, Any], variant: str | None = None) -> str:
+    if str(cfg["models"]["kind"]) != "mini":
+        return f"pretrained:{cfg['models']['pretrained'][cfg['models']['domains']['scenes']]}"
+    info = json.loads((variant_dir(cfg, "scenes", variant or default_variant(cfg, "scenes")) / "pretrain.json").read_text())
+    return str(info["key"])
+
+
+def variants(cfg: Mapping[str, Any]) -> tuple[str, ...]:
+    """The scenes base models Stage I is compared on (mini: ``selfattn`` and ``plain``; full: the pretrained one)."""
+    return available_variants(cfg, "scenes") if str(cfg["models"]["kind"]) == "mini" else ("pretrained",)
+
+
+def default_name(cfg: Mapping[str, Any]) -> str:
+    """The base model the chapter finetunes (a key of ``variants``)."""
+    return default_variant(cfg, "scenes") if str(cfg["models"]["kind"]) == "mini" else "pretrained"
+
+
+@torch.no_grad()
+def latent_of(model, scene: Scene) -> torch.Tensor:
+    """Posterior-mean latent of the scene image ``(1, C, h, w)``."""
+    return model.encode_dataset(scene.image[None])
+
+
+# ------------------------------------------------------------------------------------------ Stage I
+MASK_ABLATIONS = {"all three techniques": {}, "w/o cross-attention suppression": {"suppression": False},
+                  "w/o self-attention enhancement": {"enhancement": False},
+                  "Otsu instead of delta masking": {"thresholding": "otsu"}}
+
+
+def stage_one_masks(model, scene: Scene, settings: MaskSettings, seed: int) -> dict[str, Any]:
+    """Stage I on a fresh copy of ``model`` with class-name tokens: maps, masks of each Fig. 3.8 variant, IoUs."""
+    m = copy.deepcopy(model)
+    tokens = add_identifiers(m, scene.class_names)
+    custom = Customized("Mine", tokens, scene.class_names, with_class=False)
+    st = stage_one(m, latent_of(m, scene), custom.prompt(range(len(scene.class_names))), tokens.tokens, settings, seed)
+    out = {"stage": st, "masks": {}, "iou": {}}
+    for name, change in MASK_ABLATIONS.items():
+        masks = concept_masks(st.cross, st.self_attn, replace(settings, **change))
+        out["masks"][name] = masks
+        out["iou"][name] = mask_iou(masks, scene.masks)
+    return out
+
+
+def mask_table(results: Mapping[str, Mapping[str, Any]]) -> pd.DataFrame:
+    """Mean IoU with the true masks per variant (Fig. 3.8) for each base model."""
+    rows = {v: {name: float(np.mean(np.concatenate([r["iou"][name] for r in res])))
+                for name in MASK_ABLATIONS} for v, res in results.items()}
+    return pd.DataFrame(rows).T.rename_axis("base model")
+
+
+def mask_figure(scenes: Sequence[Scene], results: Sequence[Mapping[str, Any]]):
+    """Fig. 3.8/3.14 analogue: input, true masks, and each variant's masks (concept 1 red, concept 2 green, 3 blue)."""
+    cols = ["input", "true masks"] + list(MASK_ABLATIONS)
+    fig, axes = plt.subplots(len(scenes), len(cols), figsize=(2 * len(cols), 2 * len(scenes)), squeeze=False)
+    for i, (scene, res) in enumerate(zip(scenes, results)):
+        axes[i, 0].imshow(scene.image)
+        axes[i, 1].imshow(_colour_masks(torch.from_numpy(scene.masks)))
+        for j, name in enumerate(MASK_ABLATIONS, 2):
+            axes[i, j].imshow(_colour_masks(res["masks"][name]))
+            axes[i, j].set_xlabel(" / ".join(f"{v:.2f}" for v in res["iou"][name]), fontsize=7)
+        for j, c in enumerate(cols):
+            axes[0, j].set_title(c, fontsize=8)
+    for ax in axes.flat:
+        ax.set_xticks([]), ax.set_yticks([])
+    fig.suptitle("Stage I masks (IoU with the true masks under each)")
+    fig.tight_layout()
+    return fig
+
+
+def _colour_masks(masks: torch.Tensor) -> np.ndarray:
+    m = masks.float().numpy()
+    rgb = np.zeros((*m.shape[1:], 3))
+    for k in range(min(3, m.shape[0])):
+        rgb[..., k] = m[k]
+    return rgb
+
+
+def ratio_table(scenes: Sequence[Scene], stages: Sequence[Any]) -> pd.DataFrame:
+    """Eq. (3.4) scores and Eq. (3.5) ratios per dataset (and the Table 3.3 variants)."""
+    rows = []
+    for scene, st in zip(scenes, stages):
+        s = st.scores.numpy()
+        r = sampling_ratios(s)
+        rows.append({"dataset": scene.name, "S_1": s[0], "S_2": s[1], "r_1": r[0], "r_2": r[1],
+                     "r_1 w/o softmax": sampling_ratios(s, "no_softmax")[0], "ratio gap": abs(r[0] - r[1])})
+    return pd.DataFrame(rows).set_index("dataset")
+
+
+# ------------------------------------------------------------------------------------------ finetuning (cached)
+@dataclass
+class Trial:
+    """One finetuned model: method, dataset, settings, trained tensors and history."""
+
+    method: str
+    scene: Scene
+    settings: dict[str, Any]
+    state: dict[str, torch.Tensor]
+    history: list[dict[str, float]]
+    init_words: tuple[str, ...]
+    ratios: list[float] = field(default_factory=list)
+
+
+def _train_now(cfg, model, method: str, scene: Scene, s: dict[str, Any], cc: Ch3Config) -> dict[str, Any]:
+    latent = latent_of(model, scene)
+    tc = {"mixed_precision": str(cfg["training"]["mixed_precision"])}
+    common = dict(cross_res=cc.train_cross_res, seed=cc.seed)
+    if method == "Mine":
+        c = AttenCraftConfig(steps=s["steps"], lr=s["lr"], alpha=cc.alpha, omega=s["omega"], ratio_mode=s["ratio_mode"],
+                             rec_on_groups=s["rec_on_groups"], masks=cc.mask, **common)
+        r = attencraft_finetune(model, latent, scene.class_names, c, train_config=tc)
+        return {"state": r.state, "history": r.train.history, "init": list(r.custom.tokens.init_words),
+                "ratios": [float(x) for x in r.ratios], "masks": r.stage.masks.float()}
+    if method == "CusDiff":
+        r = custom_diffusion_finetune(model, latent, scene.class_names, CustomDiffusionConfig(steps=s["steps"], lr=s["lr"], **common),
+                                      train_config=tc)
+    elif method == "DisenDiff":
+        r = disendiff_finetune(model, latent, scene.class_names,
+                               DisenDiffConfig(steps=s["steps"], lr=s["lr"], bind_weight=cc.bind_weight,
+                                               sep_weight=cc.sep_weight, nu=cc.mask.nu, **common), train_config=tc)
+    else:
+        c = BreakASceneConfig(ti_steps=s["ti_steps"], ti_lr=cc.bas_ti_lr, steps=s["steps"], lr=s["lr"],
+                              attn_weight=cc.bas_attn_weight, **common)
+        r = break_a_scene_finetune(model, latent, scene.class_names, scene.masks, c, init_words=s.get("init"), train_config=tc)
+    return {"state": r.state, "history": r.train.history, "init": list(r.custom.tokens.init_words), "ratios": []}
+
+
+def trial_settings(cc: Ch3Config, method: str, lr: float | None = None, scale: float = 1.0, **variant: Any) -> dict[str, Any]:
+    """A trial's settings: steps scaled by ``scale`` (the sweep), lr, and AttenCraft's variant switches."""
+    s = {"lr": float(lr if lr is not None else cc.lr[method]), "steps": max(1, int(round(cc.steps[method] * scale)))}
+    if method == "Mine":
+        s.update(omega=cc.omega, ratio_mode="adaptive", rec_on_groups=False)
+    if method == "BAS":
+        s["ti_steps"] = cc.steps["BAS-TI"]
+    s.update(variant)
+    return s
+
+
+def finetune(cfg: Mapping[str, Any], base, method: str, scene: Scene, settings: dict[str, Any], cc: Ch3Config) -> Trial:
+    """The trial's trained tensors, from the result cache or trained now on a copy of ``base``."""
+    parts = {"what": "ch03 finetune", "method": method, "base": base_key(cfg), "scene": scene.name,
+             "image": _digest(scene), "settings": settings, "mask": cc.mask.__dict__,
+             "alpha": cc.alpha, "bas": [cc.bas_ti_lr, cc.bas_attn_weight], "disendiff": [cc.bind_weight, cc.sep_weight],
+             "cross_res": list(cc.train_cross_res), "seed": cc.seed}
+    out = result_cache.cached(parts, lambda: _train_now(cfg, copy.deepcopy(base), method, scene, settings, cc),
+                              kind="torch", cfg=cfg, code=CODE)
+    return Trial(method, scene, settings, out["state"], out["history"], tuple(out["init"]), list(out["ratios"]))
+
+
+def _digest(scene: Scene) -> str:
+    return hashlib.sha256(scene.image.tobytes() + scene.masks.tobytes()).hexdigest()
+
+
+def customized(base, trial: Trial) -> tuple[Any, Customized]:
+    """A copy of ``base`` with the trial's tokens and trained tensors."""
+    m = copy.deepcopy(base)
+    tokens = add_identifiers(m, trial.init_words)
+    with_class = trial.method in ("CusDiff", "DisenDiff")
+    load_state(m, trial.state)
+    m.unet.eval()
+    return m, Customized(trial.method, tokens, trial.scene.class_names, with_class)
+
+
+# ------------------------------------------------------------------------------------------ sampling and metrics
+@dataclass(frozen=True)
+class Extractors:
+    """Image features standing in for CLIP ("feat-I") and DINO ("cls-I") in mini (module doc)."""
+
+    vae: VAEEncoderFeatures
+    classifier: AttributeClassifier
+    note: str
+
+
+def extractors(cfg: Mapping[str, Any], base) -> Extractors:
+    data = load_domain_data(cfg, "scenes")
+    clf = domain_classifier(cfg, data, BarSettings.from_profile(cfg))
+    return Extractors(VAEEncoderFeatures(base.vae).eval(), clf,
+                      "feat-I: scenes VAE-encoder features (CLIP-I stand-in); cls-I: scenes attribute-classifier "
+                      "features (DINO stand-in); colour fidelity / fusion measured from the world's palette")
+
+
+@torch.no_grad()
+def _cos(features, x: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
+    a, b = features(x), features(ref)
+    return F.cosine_similarity(a, b.expand_as(a), dim=1)
+
+
+def _crop(scene: Scene, i: int) -> torch.Tensor:
+    ys, xs = np.nonzero(scene.masks[i])
+    pad = 2
+    y0, y1 = max(0, ys.min() - pad), min(scene.image.shape[0], ys.max() + pad + 1)
+    x0, x1 = max(0, xs.min() - pad), min(scene.image.shape[1], xs.max() + pad + 1)
+    crop = torch.from_numpy(scene.image[y0:y1, x0:x1]).permute(2, 0, 1)[None].float() / 255
+    return F.interpolate(crop, size=scene.image.shape[:2], mode="bilinear", align_corners=False)
+
+
+def colour_share(images: torch.Tensor, colour: str, tol: float = 50.0) -> torch.Tensor:
+    """Share of each image's pixels within ``tol`` (RGB, 0–255) of ``colour`` at full or textured (×0.55) shade."""
+    rgb = torch.tensor(COLOURS[colour], dtype=torch.float32)
+    px = images.permute(0, 2, 3, 1) * 255
+    d = torch.stack([(px - rgb * s).norm(dim=-1) for s in (1.0, 0.55)]).amin(0)
+    return (d < tol).float().flatten(1).mean(1)
+
+
+def prompts_for(custom: Customized, n: int, cc: Ch3Config) -> dict[tuple[int, ...], list[str]]:
+    """Single-concept and group prompts × contexts × images (§3.4.1: 10 prompts × 10 images each)."""
+    subsets = [(i,) for i in range(n)] + [tuple(range(n))]
+    return {s: [custom.prompt(s, f"on a {c} background") for c in cc.contexts for _ in range(cc.n_images)] for s in subsets}
+
+
+def sample_trial(cfg: Mapping[str, Any], base, trial: Trial, cc: Ch3Config) -> dict[str, torch.Tensor]:
+    """Samples of every subset (cached by content): ``{"0": (n, 3, H, W), "1": …, "0,1": …}`` in [0, 1]."""
+    def draw():
+        model, custom = customized(base, trial)
+        out = {}
+        for s, prompts in prompts_for(custom, len(trial.scene.class_names), cc).items():
+            out[",".join(map(str, s))] = text_to_image(model, prompts, num_steps=cc.num_steps, guidance_scale=cc.guidance_scale,
+                                                       scheduler=cc.scheduler, seed=cc.seed).images.cpu()
+        return out
+    parts = {"what": "ch03 samples", "method": trial.method, "scene": trial.scene.name, "base": base_key(cfg),
+             "settings": trial.settings, "state": _state_digest(trial.state), "contexts": list(cc.contexts),
+             "n_images": cc.n_images, "steps": cc.num_steps, "cfg": cc.guidance_scale, "scheduler": cc.scheduler,
+             "seed": cc.seed}
+    return result_cache.cached(parts, draw, kind="torch", cfg=cfg, code=SAMPLE_CODE)
+
+
+def _state_digest(state: Mapping[str, torch.Tensor]) -> str:
+    h = hashlib.sha256()
+    for k in sorted(state):
+        h.update(k.encode())
+        h.update(state[k].float().numpy().tobytes())
+    return h.hexdigest()
+
+
+def score_samples(samples: Mapping[str, torch.Tensor], scene: Scene, ex: Extractors) -> pd.DataFrame:
+    """Per-image metrics: scope (single / group), concept, feat-I, cls-I, colour fidelity, feature fusion."""
+    rows = []
+    n = len(scene.class_names)
+    whole = torch.from_numpy(scene.image).permute(2, 0, 1)[None].float() / 255
+    for key, images in samples.items():
+        subset = tuple(int(k) for k in key.split(","))
+        single = len(subset) == 1
+        ref = _crop(scene, subset[0]) if single else whole
+        feat = _cos(ex.vae, images, ref)
+        cls = _cos(lambda x: ex.classifier.features(x * 2 - 1), images, ref)
+        own = torch.stack([colour_share(images, scene.colours[i]) for i in subset]).mean(0)
+        others = [i for i in range(n) if i not in subset and scene.colours[i] not in {scene.colours[j] for j in subset}]
+        fusion = torch.stack([colour_share(images, scene.colours[i]) for i in others]).mean(0) if others else torch.full_like(own, float("nan"))
+        for j in range(len(images)):
+            rows.append({"scope": "single" if single else "group", "concept": key, "image": j, "feat-I": float(feat[j]),
+                         "cls-I": float(cls[j]), "colour fidelity": float(own[j]), "feature fusion": float(fusion[j])})
+    return pd.DataFrame(rows)
+
+
+def sync(per_image: pd.DataFrame) -> float:
+    """CLIP-I-sync analogue: |mean feat-I of concept 1 − of concept 2| in single-concept samples."""
+    s = per_image[per_image.scope == "single"].groupby("concept")["feat-I"].mean()
+    return float(abs(s.iloc[0] - s.iloc[1])) if len(s) >= 2 else float("nan")
+
+
+METRICS = ("feat-I", "cls-I", "colour fidelity", "feature fusion")
+
+
+def summary(per_image: pd.DataFrame) -> dict[tuple[str, str], float]:
+    """Table 3.1's rows for one method: each metric per scope and the sync."""
+    out = {}
+    for scope, label in (("single", "Single concept"), ("group", "Concept group")):
+        part = per_image[per_image.scope == scope]
+        for m in METRICS:
+            out[(label, m)] = float(part[m].mean())
+    return out
+
+
+@dataclass
+class Evaluated:
+    """A trial with its per-image scores (all datasets of the method's arm)."""
+
+    trials: list[Trial]
+    per_image: pd.DataFrame
+    syncs: list[float]
+
+    @property
+    def score(self) -> float:
+        """What picks the best trial of a sweep (§3.6.3: "best-performing"): mean feat-I over both scopes."""
+        return float(self.per_image.groupby("scope")["feat-I"].mean().mean())
+
+
+def evaluate_arm(cfg, base, method: str, scenes: Sequence[Scene], settings: dict[str, Any], cc: Ch3Config, ex: Extractors) -> Evaluated:
+    """Finetune (cached) and score one method with one setting on every dataset."""
+    trials, frames, syncs = [], [], []
+    for scene in scenes:
+        t = finetune(cfg, base, method, scene, settings, cc)
+        per = score_samples(sample_trial(cfg, base, t, cc), scene, ex).assign(dataset=scene.name)
+        trials.append(t)
+        frames.append(per)
+        syncs.append(sync(per))
+    return Evaluated(trials, pd.concat(frames, ignore_index=True), syncs)
+
+
+def arm_table(arms: Mapping[str, Evaluated]) -> pd.DataFrame:
+    """Rows (scope, metric), one column per arm, plus the sync row (Table 3.1 layout)."""
+    cols = {}
+    for name, ev in arms.items():
+        col = summary(ev.per_image)
+        col[("Concept group", "CLIP-I-sync (feat-I) ↓")] = float(np.nanmean(ev.syncs))
+        cols[name] = col
+    frame = pd.DataFrame(cols)
+    frame.index = pd.MultiIndex.from_tuples(frame.index, names=["scope", "metric"])
+    return frame
+
+
+def sweep(cfg, base, scenes, cc: Ch3Config, ex: Extractors, lrs: Sequence[float]) -> dict[str, dict[str, Evaluated]]:
+    """Every method at every (lr, step scale) of the sweep: ``{method: {"lr=…, steps=…": Evaluated}}``."""
+    out: dict[str, dict[str, Evaluated]] = {}
+    for method in METHODS:
+        for lr in lrs:
+            for scale in cc.step_scales:
+                s = trial_settings(cc, method, lr, scale)
+                out.setdefault(method, {})[f"lr={lr:g}, steps={s['steps']}"] = evaluate_arm(cfg, base, method, scenes, s, cc, ex)
+    return out
+
+
+def best(trials: Mapping[str, Evaluated]) -> tuple[str, Evaluated]:
+    name = max(trials, key=lambda k: trials[k].score)
+    return name, trials[name]
+
+
+# ------------------------------------------------------------------------------------------ figures
+def samples_figure(samples: Mapping[str, Mapping[str, torch.Tensor]], scene: Scene, title: str):
+    """Fig. 3.5 analogue: the input and, per method, one sample of each concept and of the group."""
+    keys = list(next(iter(samples.values())))
+    fig, axes = plt.subplots(len(samples) + 1, len(keys), figsize=(1.8 * len(keys), 1.8 * (len(samples) + 1)), squeeze=False)
+    axes[0, 0].imshow(scene.image)
+    axes[0, 0].set_title("input", fontsize=8)
+    for j in range(1, len(keys)):
+        axes[0, j].axis("off")
+    for i, (method, s) in enumerate(samples.items(), 1):
+        for j, k in enumerate(keys):
+            axes[i, j].imshow(s[k][0].permute(1, 2, 0).numpy())
+            axes[i, j].set_title(f"{method}: " + (f"[V{int(k) + 1}]" if "," not in k else "group"), fontsize=7)
+    for ax in axes.flat:
+        ax.set_xticks([]), ax.set_yticks([])
+    fig.suptitle(title)
+    fig.tight_layout()
+    return fig
+
+
+@torch.no_grad()
+def attention_figure(base, trials: Mapping[str, Trial], cc: Ch3Config, seed: int):
+    """Fig. 3.7 analogue: each method's cross-attention map of every [V] on its own group prompt at t = t_max/2."""
+    fig, axes = plt.subplots(len(trials), 3, figsize=(6, 2 * len(trials)), squeeze=False)
+    for i, (method, t) in enumerate(trials.items()):
+        model, custom = customized(base, t)
+        lat = latent_of(model, t.scene)
+        noise = torch.randn(lat.shape, generator=torch.Generator().manual_seed(seed))
+        cross, _ = token_maps(model, lat, custom.prompt((0, 1)), custom.tokens.tokens[:2], cc.mask.t_max // 2, noise,
+                              cc.mask, with_self=False)
+        axes[i, 0].imshow(t.scene.image)
+        axes[i, 0].set_ylabel(method, fontsize=8)
+        for k in range(2):
+            axes[i, k + 1].imshow(normalize_minmax(cross[k]).numpy(), cmap="jet")
+            axes[i, k + 1].set_title(f"[V{k + 1}]", fontsize=8)
+    for ax in axes.flat:
+        ax.set_xticks([]), ax.set_yticks([])
+    fig.tight_layout()
+    return fig
+
+
+def loss_curves(trials: Mapping[str, Trial]):
+    fig, ax = plt.subplots(figsize=(6, 3))
+    for name, t in trials.items():
+        ax.plot([h["step"] for h in t.history], [h["loss"] for h in t.history], label=name)
+    ax.set_xlabel("step"), ax.set_ylabel("loss"), ax.legend(fontsize=7)
+    fig.tight_layout()
+    return fig
+
+
+# ------------------------------------------------------------------------------------------ preliminary (§3.6.2)
+def init_scores(base, scene: Scene, cc: Ch3Config, general: str) -> dict[str, np.ndarray]:
+    """Eq. (3.4) scores of [V1], [V2] on the true masks, before training, for P-P, P-G and G-P initialisations."""
+    p = scene.class_names
+    patterns = {"P-P": (p[0], p[1]), "P-G": (p[0], general), "G-P": (general, p[1])}
+    out = {}
+    for name, words in patterns.items():
+        m = copy.deepcopy(base)
+        tokens = add_identifiers(m, words)
+        custom = Customized("BAS", tokens, p, with_class=False)
+        st = stage_one(m, latent_of(m, scene), custom.prompt((0, 1)), tokens.tokens, cc.mask, cc.seed,
+                       masks=torch.from_numpy(scene.masks))
+        out[name] = st.scores.numpy()
+    return out
+
+
+__all__ = ["METHODS", "Ch3Config", "Scene", "load_scenes", "three_concept_scene", "same_class_scene", "base_model",
+           "variants", "default_name", "latent_of", "MASK_ABLATIONS", "stage_one_masks", "mask_table", "mask_figure", "ratio_table",
+           "Trial", "trial_settings", "finetune", "customized", "Extractors", "extractors", "colour_share", "prompts_for",
+           "sample_trial", "score_samples", "sync", "summary", "Evaluated", "evaluate_arm", "arm_table", "sweep", "best",
+           "samples_figure", "attention_figure", "loss_curves", "init_scores"]
