@@ -144,6 +144,9 @@ def test_stored_keys_and_values_count_steps_times_selected_layers(model, config,
     ref8 = invert_style(model, reference.image, PROMPT, narrow)
     assert ref8.kv_count() == config.num_steps * 2
     assert len(reference.inversion.by_timestep) == config.num_steps  # z_t^style for every t
+    cfg_inverted = invert_style(model, reference.image, PROMPT,
+                                DualBranchConfig(**{**config.__dict__, "inversion_guidance_scale": 2.0}))
+    assert all(k.shape[0] == 1 for layers in cfg_inverted.kv.data.values() for k, _ in layers.values())
 
 
 def test_model_is_restored_after_an_exception_inside_the_two_branch_phase(model, config, reference):
@@ -218,6 +221,22 @@ def test_passes_layouts_and_pairs_of_dual_branch_and_two_stage(model, config, re
         assert 0 <= res.images.min() and res.images.max() <= 1
         assert {"ca", "sa"} <= set(res.history[0]) and "style" in res.history[0] and "style" not in res.history[-1]
     assert not torch.allclose(dual.images, two.images, atol=1e-3)
+
+
+def test_one_reference_per_target_in_one_batch_equals_each_target_alone(model, config, reference):
+    """Targets with different style references share a batch (per-target z_T, z_t^style and K/V rows per CFG
+    group) without changing each other's result: the batch equals the targets generated one at a time."""
+    other = invert_style(model, torch.rand(3, 32, 32, generator=torch.Generator().manual_seed(9)), PROMPT, config)
+    gen = DualBranchGenerator(model, config)
+    both = gen.generate([reference, other], disks(), PROMPT)
+    alone = [gen.generate(ref, disks()[i:i + 1], PROMPT) for i, ref in enumerate((reference, other))]
+    for name in ("images", "layout_images"):
+        assert torch.allclose(getattr(both, name), torch.cat([getattr(a, name) for a in alone]), atol=1e-4)
+    pair = two_stage_generate(gen, [reference, other], disks(), PROMPT)
+    single = two_stage_generate(gen, other, disks()[1:], PROMPT)
+    assert torch.allclose(pair.images[1:], single.images, atol=1e-4)
+    with pytest.raises(ValueError, match="3 style references for 2 layout masks"):
+        gen.generate([reference, other, other], disks(), PROMPT)
 
 
 def test_bad_input_is_named(model, config, reference):

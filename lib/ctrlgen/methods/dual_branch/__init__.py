@@ -10,6 +10,7 @@ from ctrlgen.methods.dual_branch.generation import (
     DualBranchResult,
     LayoutBranchRefiner,
     StepRange,
+    StyleBatch,
     StyleReference,
     check_reference,
     invert_style,
@@ -26,7 +27,7 @@ from ctrlgen.methods.dual_branch.targets import StyleTargets, low_contrast_subse
 from ctrlgen.methods.dual_branch.two_stage import two_stage_generate
 
 __all__ = [
-    "DualBranchConfig", "DualBranchGenerator", "DualBranchResult", "LayoutBranchRefiner", "StepRange",
+    "DualBranchConfig", "DualBranchGenerator", "DualBranchResult", "LayoutBranchRefiner", "StepRange", "StyleBatch",
     "StyleReference", "check_reference", "invert_style", "style_image_tensor", "two_stage_generate",
     "QueryRecorder", "QueryStore", "StyleIDInjector", "STYLEID_GAMMA", "STYLEID_TEMPERATURE",
     "UNetCalls", "median_seconds", "medians", "compare_efficiency", "TARGET_WALL_RATIO",

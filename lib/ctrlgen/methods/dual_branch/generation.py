@@ -35,6 +35,7 @@ import torch
 from ctrlgen.attention import (
     AttentionCapture,
     DualBranchInjector,
+    KVRecorder,
     KVSelection,
     KVStore,
     interleave_branches,
@@ -175,8 +176,11 @@ def invert_style(model: SDComponents, image: np.ndarray | torch.Tensor, prompt: 
     x = style_image_tensor(image, side)
     z0 = model.encode_images(x * 2 - 1)
     cond, uncond = model.encode_prompt([prompt]), model.encode_prompt([""])
+    # under CFG the inversion's U-Net batch is [uncond; cond]: keep the conditional row's K/V only
+    rows = slice(1, 2) if config.inversion_guidance_scale != 1.0 else slice(None)
+    recorder = KVRecorder(model.unet, config.selection, rows=rows, latent_size=tuple(z0.shape[-2:]))
     out = ddim_invert(model.unet, model.scheduler_config, z0, cond, num_steps=config.num_steps, uncond=uncond,
-                      guidance_scale=config.inversion_guidance_scale, record_kv=config.selection, progress=False)
+                      guidance_scale=config.inversion_guidance_scale, record_kv=recorder, progress=False)
     bad = [t for t, z in zip([0, *out.timesteps], out.latents) if not torch.isfinite(z).all()]
     if bad or any(not (torch.isfinite(k).all() and torch.isfinite(v).all())
                   for layers in out.kv.data.values() for k, v in layers.values()):
@@ -266,10 +270,41 @@ def check_reference(reference: StyleReference, model: SDComponents, config: Dual
         raise ValueError("the style reference holds no self-attention keys/values for every step: use invert_style")
 
 
+@dataclass
+class StyleBatch:
+    """The style side of one batch of G targets: z_T^style ``(G, C, h, w)``, z_t^style per timestep, and the
+    style K/V with one row (one reference for all) or one row per U-Net group (``[uncond targets; cond targets]``
+    under classifier-free guidance, the targets otherwise), as ``KVInjectProcessor`` reads them."""
+
+    z_T: torch.Tensor
+    latents: dict[int, torch.Tensor]
+    kv: KVStore
+
+    @classmethod
+    def of(cls, references: Sequence[StyleReference], targets: int, cfg: bool) -> "StyleBatch":
+        """One reference for every target, or one per target (``len(references) == targets``)."""
+        if len(references) == 1:
+            r = references[0]
+            return cls(r.final.expand(targets, -1, -1, -1), {t: z.expand(targets, -1, -1, -1)
+                                                              for t, z in r.inversion.by_timestep.items()}, r.kv)
+        if len(references) != targets:
+            raise ValueError(f"{len(references)} style references for {targets} layout masks (give one, or one each)")
+        cat = lambda xs: torch.cat(xs)  # noqa: E731
+        latents = {t: cat([r.inversion.by_timestep[t] for r in references]) for t in references[0].timesteps}
+        kv = KVStore()
+        for t, layers in references[0].kv.data.items():
+            for name in layers:
+                k = cat([r.kv.data[t][name][0] for r in references])
+                v = cat([r.kv.data[t][name][1] for r in references])
+                kv.put(t, name, cat([k, k]) if cfg else k, cat([v, v]) if cfg else v)
+        return cls(cat([r.final for r in references]), latents, kv)
+
+
 class DualBranchGenerator:
     """Algorithm 3, Stage II–III on a region-aware model holding the P-Tokens (module doc).
 
-    ``generate(reference, masks, prompts)`` makes one pair per layout mask, all with the one style reference.
+    ``generate(references, masks, prompts)`` makes one pair per layout mask, with one style reference for all
+    masks or one per mask (batched: each target's result does not depend on the others in its batch).
     """
 
     def __init__(self, model: SDComponents, config: DualBranchConfig, lesion_token: str = "<lesion>"):
@@ -277,13 +312,16 @@ class DualBranchGenerator:
         self.image_size = int(model.unet.config.sample_size) * model.vae_scale_factor
 
     # -- pieces the two-stage baseline shares ----------------------------------------------------------
-    def prepare(self, reference: StyleReference, cond_masks: np.ndarray | torch.Tensor, prompts: Sequence[str] | str
-                ) -> tuple[torch.Tensor, list[str], int, tuple[int, ...]]:
-        """Checked masks ``(G, H, W)``, one prompt per mask, the ``<lesion>`` position and end positions."""
-        if tuple(reference.image.shape[-2:]) != (self.image_size, self.image_size):
-            raise ValueError(f"style image {tuple(reference.image.shape[-2:])} and layout masks "
-                             f"({self.image_size}, {self.image_size}) differ in size")
-        check_reference(reference, self.model, self.config)
+    def prepare(self, references: StyleReference | Sequence[StyleReference], cond_masks: np.ndarray | torch.Tensor,
+                prompts: Sequence[str] | str) -> tuple[torch.Tensor, list[str], int, tuple[int, ...], StyleBatch]:
+        """Checked masks ``(G, H, W)``, one prompt per mask, the ``<lesion>`` position and end positions, and
+        the batch's style side."""
+        refs = [references] if isinstance(references, StyleReference) else list(references)
+        for reference in refs:
+            if tuple(reference.image.shape[-2:]) != (self.image_size, self.image_size):
+                raise ValueError(f"style image {tuple(reference.image.shape[-2:])} and layout masks "
+                                 f"({self.image_size}, {self.image_size}) differ in size")
+            check_reference(reference, self.model, self.config)
         masks = validate_condition_masks(cond_masks, self.image_size)
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
         if len(prompts) == 1:
@@ -291,16 +329,17 @@ class DualBranchGenerator:
         if len(prompts) != len(masks):
             raise ValueError(f"{len(prompts)} prompts for {len(masks)} layout masks")
         loc = locate_tokens(self.model.tokenizer, prompts, self.lesion_token)
-        return masks, prompts, loc.position(self.lesion_token), tuple(int(e) for e in loc.ends)
+        style = StyleBatch.of(refs, len(masks), cfg=self.config.guidance_scale != 1.0)
+        return masks, prompts, loc.position(self.lesion_token), tuple(int(e) for e in loc.ends), style
 
     def refiner(self, masks: torch.Tensor, pos: int, lasts: tuple[int, ...],
-                reference: StyleReference | None = None) -> GuidanceRefiner:
-        """Eq. (5.9) with a reference (λ_attn (L_CA + L_SA) + λ_style L_style), Eq. (5.10) without one."""
+                style: StyleBatch | None = None) -> GuidanceRefiner:
+        """Eq. (5.9) with a style batch (λ_attn (L_CA + L_SA) + λ_style L_style), Eq. (5.10) without one."""
         c = self.config
         terms = layout_terms(masks.to(self.model.device), pos, lasts, c.cross_res, c.self_res, c.lambda_attn,
                              c.smoothing_kernel, c.smoothing_sigma, c.softmax_scale, c.sa_normalize)
-        if reference is not None and c.lambda_style:
-            terms.append(StyleTerm(reference.inversion.by_timestep, weight=c.lambda_style))
+        if style is not None and c.lambda_style:
+            terms.append(StyleTerm(style.latents, weight=c.lambda_style))
         return GuidanceRefiner(terms, eta=c.eta, fraction=1.0, iterations=c.iterations)
 
     def annotate(self, z_last: torch.Tensor, t_last: int, prompts: list[str], pos: int) -> dict[str, Any]:
@@ -317,16 +356,16 @@ class DualBranchGenerator:
         return annotate_masks(cross, sa, self.image_size, c.tau, c.dilate, c.erode)
 
     # -- Algorithm 3 --------------------------------------------------------------------------------------
-    def generate(self, reference: StyleReference, cond_masks: np.ndarray | torch.Tensor,
+    def generate(self, references: StyleReference | Sequence[StyleReference], cond_masks: np.ndarray | torch.Tensor,
                  prompts: Sequence[str] | str) -> DualBranchResult:
         """One stylised image, layout image and annotated mask per layout mask (module doc, steps 2–4)."""
         c, model, unet = self.config, self.model, self.model.unet
-        masks, prompts, pos, lasts = self.prepare(reference, cond_masks, prompts)
-        g, b = len(masks), c.bifurcation_step
+        masks, prompts, pos, lasts, style = self.prepare(references, cond_masks, prompts)
+        b = c.bifurcation_step
         with torch.no_grad():
             cond, uncond = model.encode_prompt(prompts), model.encode_prompt([""])
-        z_t = reference.final.to(model.device, cond.dtype).expand(g, -1, -1, -1).clone()
-        joint = self.refiner(masks, pos, lasts, reference)
+        z_t = style.z_T.to(model.device, cond.dtype).clone()
+        joint = self.refiner(masks, pos, lasts, style)
         common = dict(num_steps=c.num_steps, guidance_scale=c.guidance_scale, progress=False)
         with UNetCalls(unet) as calls:
             # lines 10–12: joint layout + style refinement (Eq. 5.9) on the shared latent
@@ -334,7 +373,7 @@ class DualBranchGenerator:
                             stop_step=b, **common)
             # lines 13–17: both branches in one batched call per step
             layout_guide = self.refiner(masks, pos, lasts)
-            with DualBranchInjector(unet, reference.kv, 0, c.selection, tuple(z_t.shape[-2:])) as injector:
+            with DualBranchInjector(unet, style.kv, 0, c.selection, tuple(z_t.shape[-2:])) as injector:
                 injector.active = c.inject_style
                 late = (LayoutBranchRefiner(layout_guide, b, c.num_steps, injector) if c.layout_guidance_after
                         else None)
@@ -351,4 +390,4 @@ class DualBranchGenerator:
 
 
 __all__ = ["DualBranchConfig", "StyleReference", "DualBranchResult", "DualBranchGenerator", "StepRange",
-           "LayoutBranchRefiner", "invert_style", "style_image_tensor", "check_reference"]
+           "LayoutBranchRefiner", "StyleBatch", "invert_style", "style_image_tensor", "check_reference"]

@@ -30,17 +30,17 @@ from ctrlgen.methods.dual_branch.styleid import QueryRecorder, StyleIDInjector
 from ctrlgen.sampling import decode_images, sample
 
 
-def two_stage_generate(generator: DualBranchGenerator, reference: StyleReference,
+def two_stage_generate(generator: DualBranchGenerator, references: StyleReference | Sequence[StyleReference],
                        cond_masks: np.ndarray | torch.Tensor, prompts: Sequence[str] | str) -> DualBranchResult:
     """Layout image (stage 1), then StyleID-style injection into it (stage 2): module doc. Same config, model,
     checks, annotation (on stage 1's final step) and result type as ``DualBranchGenerator.generate``."""
     c, model, unet = generator.config, generator.model, generator.model.unet
-    masks, prompts, pos, lasts = generator.prepare(reference, cond_masks, prompts)
-    g, b = len(masks), c.bifurcation_step
+    masks, prompts, pos, lasts, style = generator.prepare(references, cond_masks, prompts)
+    b = c.bifurcation_step
     with torch.no_grad():
         cond, uncond = model.encode_prompt(prompts), model.encode_prompt([""])
-    z_t = reference.final.to(model.device, cond.dtype).expand(g, -1, -1, -1).clone()
-    joint, late = generator.refiner(masks, pos, lasts, reference), generator.refiner(masks, pos, lasts)
+    z_t = style.z_T.to(model.device, cond.dtype).clone()
+    joint, late = generator.refiner(masks, pos, lasts, style), generator.refiner(masks, pos, lasts)
     common = dict(num_steps=c.num_steps, guidance_scale=c.guidance_scale, progress=False)
     side = tuple(z_t.shape[-2:])
     with UNetCalls(unet) as calls:
@@ -52,7 +52,7 @@ def two_stage_generate(generator: DualBranchGenerator, reference: StyleReference
                           refine=StepRange(late, b, c.num_steps) if c.layout_guidance_after else None,
                           start_step=b, keep_trajectory=True, **common)
         # stage 2: StyleID-style injection, a second trajectory
-        with StyleIDInjector(unet, recorder.queries, reference.kv, c.selection, c.styleid_gamma,
+        with StyleIDInjector(unet, recorder.queries, style.kv, c.selection, c.styleid_gamma,
                              c.styleid_temperature, latent_size=side):
             styled = sample(unet, model.scheduler("ddim"), z_t, cond, uncond, **common)
         calls.phase = "annotation"
