@@ -14,10 +14,10 @@ from torchvision import models as tvm
 from ctrlgen.config import load_profile
 from ctrlgen.downstream import (CLASSIFIERS, SEGMENTERS, EarlyStopping, FitSettings, TaskSettings, build_classifier,
                                 build_segmenter, classification_scores, classifier_weights, gain_analysis,
-                                paired_test, predict, predict_masks, resize_images, resize_masks,
+                                paired_test, predict, predict_masks, predict_proba, resize_images, resize_masks,
                                 segmentation_scores, segmentation_summary, stopping_epoch, train_classifier,
                                 train_segmenter)
-from ctrlgen.downstream.train import _fit
+from ctrlgen.downstream.train import VAL_METRICS, _fit
 
 
 # ================================================================================================ zoos
@@ -190,6 +190,9 @@ def test_classifier_trains_and_predictions_do_not_depend_on_the_batch():
     assert len(result.history) == 2 and 0 <= result.best_score <= 1
     np.testing.assert_allclose(predict(result.model, images, batch_size=5), predict(result.model, images, batch_size=24),
                                rtol=1e-4, atol=1e-5)
+    proba = predict_proba(result.model, images)
+    assert proba.shape == (24, 2) and np.allclose(proba.sum(1), 1)
+    assert (proba.argmax(1) == predict(result.model, images).argmax(1)).all()
     with pytest.raises(ValueError, match="train_labels must be 16 non-negative integer"):
         train_classifier(result.model, images[:16], labels[:15], images[16:], labels[16:], s)
     with pytest.raises(ValueError, match="val_images must be uint8"):
@@ -287,3 +290,13 @@ def test_gain_analysis_bins_a_hand_case():
         gain_analysis([1.2], [1.0], bins=[0.0, 1.0])
     with pytest.raises(ValueError, match="increasing"):
         gain_analysis(base, aug, bins=[0.0, 0.5, 0.5])
+
+
+def test_classifier_early_stopping_can_watch_macro_f1():
+    y, p = np.array([0, 0, 0, 1]), np.array([0, 0, 0, 0])
+    assert VAL_METRICS["accuracy"](y, p) == 0.75
+    assert VAL_METRICS["macro_f1"](y, p) == pytest.approx((6 / 7 + 0) / 2)  # class 0: P 3/4, R 1; class 1: 0
+    images = np.zeros((4, 32, 32, 3), np.uint8)
+    with pytest.raises(ValueError, match="val_metric 'auc'"):
+        train_classifier(nn.Linear(1, 1), images, [0, 1, 0, 1], images, [0, 1, 0, 1],
+                         FitSettings(max_epochs=1, batch_size=2, lr=1e-3), val_metric="auc")

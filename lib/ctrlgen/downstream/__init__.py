@@ -19,9 +19,10 @@ from ctrlgen.downstream.scores import (ClassificationScores, PairedTest, classif
                                        paired_test, segmentation_scores, segmentation_summary)
 from ctrlgen.downstream.segmenters import SEGMENTERS, build_segmenter
 from ctrlgen.downstream.train import (EarlyStopping, FitResult, FitSettings, TaskSettings, predict, predict_labels,
-                                      predict_masks, stopping_epoch, train_classifier, train_segmenter)
+                                      predict_masks, predict_proba, stopping_epoch, train_classifier, train_segmenter)
 
 __all__ = ["CLASSIFIERS", "SEGMENTERS", "ImageInput", "resize_images", "resize_masks", "build_classifier",
            "classifier_weights", "build_segmenter", "FitSettings", "TaskSettings", "FitResult", "EarlyStopping",
-           "stopping_epoch", "train_segmenter", "train_classifier", "predict", "predict_masks", "predict_labels", "segmentation_scores", "segmentation_summary",
+           "stopping_epoch", "train_segmenter", "train_classifier", "predict", "predict_masks", "predict_labels",
+           "predict_proba", "segmentation_scores", "segmentation_summary",
            "classification_scores", "ClassificationScores", "paired_test", "PairedTest", "gain_analysis"]

@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 import torch
 from monai.losses import DiceCELoss
+from sklearn.metrics import f1_score
 from torch import nn
 
 from ctrlgen.data.tensors import image_tensor
@@ -32,6 +33,11 @@ from ctrlgen.progress import tqdm
 from ctrlgen.runtime import resolve_device
 
 TASKS = ("segmentation", "classification")
+# validation scores a classifier's early stopping can watch: (true, predicted) -> score, higher is better
+VAL_METRICS: dict[str, Callable[[np.ndarray, np.ndarray], float]] = {
+    "accuracy": lambda y, p: float((y == p).mean()),
+    "macro_f1": lambda y, p: float(f1_score(y, p, average="macro", zero_division=0)),
+}
 OPTIMIZERS = ("adam", "sgd")
 
 
@@ -249,14 +255,17 @@ def train_segmenter(model: nn.Module, train_images: np.ndarray, train_masks: np.
 
 
 def train_classifier(model: nn.Module, train_images: np.ndarray, train_labels: Sequence[int], val_images: np.ndarray,
-                     val_labels: Sequence[int], settings: FitSettings) -> FitResult:
-    """Train a classifier with cross-entropy, early stopping on validation accuracy (§4.7.2). Labels are class
-    indices ``0 .. num_classes - 1`` (the model's output width)."""
+                     val_labels: Sequence[int], settings: FitSettings, val_metric: str = "accuracy") -> FitResult:
+    """Train a classifier with cross-entropy, early stopping on validation accuracy (§4.7.2) or, with
+    ``val_metric="macro_f1"``, on the validation macro-F1 (Table 5.1's metric, for the skin-tone base models).
+    Labels are class indices ``0 .. num_classes - 1`` (the model's output width)."""
+    if val_metric not in VAL_METRICS:
+        raise ValueError(f"val_metric {val_metric!r} is not one of {', '.join(VAL_METRICS)}")
     train_images, val_images = _check_images(train_images, "train_images"), _check_images(val_images, "val_images")
     labels = _check_labels(train_labels, train_images, "train_labels")
     val = _check_labels(val_labels, val_images, "val_labels")
     return _fit(model, train_images, torch.from_numpy(labels),
-                lambda m: float((predict_labels(m, val_images, settings.batch_size) == val).mean()),
+                lambda m: VAL_METRICS[val_metric](val, predict_labels(m, val_images, settings.batch_size)),
                 nn.CrossEntropyLoss(), settings, dense=False, desc="classifier")
 
 
@@ -297,5 +306,10 @@ def predict_labels(model: nn.Module, images: np.ndarray, batch_size: int = 64) -
     return predict(model, images, batch_size).argmax(axis=1)
 
 
-__all__ = ["FitSettings", "TaskSettings", "FitResult", "EarlyStopping", "stopping_epoch", "train_segmenter", "train_classifier",
-           "predict", "predict_masks", "predict_labels"]
+def predict_proba(model: nn.Module, images: np.ndarray, batch_size: int = 64) -> np.ndarray:
+    """Class probabilities ``(N, C)``: the softmax of a classifier's logits (inputs of an ensemble, §5.4.1)."""
+    return torch.from_numpy(predict(model, images, batch_size)).softmax(dim=1).numpy()
+
+
+__all__ = ["FitSettings", "TaskSettings", "FitResult", "EarlyStopping", "stopping_epoch", "train_segmenter",
+           "train_classifier", "predict", "predict_masks", "predict_labels", "predict_proba", "VAL_METRICS"]
