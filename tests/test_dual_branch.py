@@ -26,6 +26,7 @@ from ctrlgen.methods.dual_branch import (
     StyleIDInjector,
     invert_style,
     low_contrast_subset,
+    single_branch_generate,
     style_targets,
     two_stage_generate,
 )
@@ -237,6 +238,23 @@ def test_one_reference_per_target_in_one_batch_equals_each_target_alone(model, c
     assert torch.allclose(pair.images[1:], single.images, atol=1e-4)
     with pytest.raises(ValueError, match="3 style references for 2 layout masks"):
         gen.generate([reference, other, other], disks(), PROMPT)
+
+
+def test_single_branch_ablation_is_the_layout_trajectory_plus_self_query_injection(model, config, reference):
+    """Without injection the single branch IS the dual-branch model's layout branch (same guidance, one
+    trajectory); with injection it departs from it (clearly when injecting from step 0: on the tiny model the
+    last two of four steps barely move the image), at T denoising passes."""
+    off = DualBranchConfig(**{**config.__dict__, "inject_style": False})
+    layout = DualBranchGenerator(model, config).generate(reference, disks(), PROMPT)
+    plain = single_branch_generate(DualBranchGenerator(model, off), reference, disks(), PROMPT)
+    assert torch.allclose(plain.images, layout.layout_images, atol=1e-5)
+    single = single_branch_generate(DualBranchGenerator(model, config), reference, disks(), PROMPT)
+    assert single.passes == {"denoising": config.num_steps, "guidance": config.num_steps, "annotation": 1}
+    assert not torch.equal(single.images, layout.layout_images)
+    early = single_branch_generate(DualBranchGenerator(model, config), reference, disks(), PROMPT, inject_from=0)
+    assert (early.images - layout.layout_images).abs().max() > 1e-2
+    with pytest.raises(ValueError, match="inject_from"):
+        single_branch_generate(DualBranchGenerator(model, config), reference, disks(), PROMPT, inject_from=4)
 
 
 def test_bad_input_is_named(model, config, reference):
