@@ -347,18 +347,20 @@ def adamw(params, lr: float, betas: Sequence[float], eps: float, weight_decay: f
 
 @torch.no_grad()
 def sample_images(generator: nn.Module, latent_dim: int, n: int, seed: int = 0, batch_size: int = 64) -> torch.Tensor:
-    """``n`` images of an unconditional generator from z ~ N(0, I) drawn on a CPU generator seeded ``seed``,
-    in the book's convention: float32 ``(n, 3, H, W)`` in [0, 1] on the CPU."""
+    """``n`` images of an unconditional generator from z ~ N(0, I) drawn at once on a CPU generator seeded
+    ``seed`` (the same z whatever ``batch_size``), in the book's convention: float32 ``(n, 3, H, W)`` in [0, 1]
+    on the CPU. StyleGAN's noise inputs come from torch's generator seeded per batch: the same ``seed`` and
+    ``batch_size`` give the same images."""
     if n < 1:
         raise ValueError(f"generate at least one image (n={n})")
-    gen = torch.Generator().manual_seed(seed)
+    z_all = torch.randn(n, latent_dim, generator=torch.Generator().manual_seed(seed))
     device = next(generator.parameters()).device
     generator.eval()
     out = []
     for start in range(0, n, batch_size):
-        z = torch.randn(min(batch_size, n - start), latent_dim, generator=gen).to(device)
+        z = z_all[start:start + batch_size].to(device)
         with torch.random.fork_rng(devices=[device.index or 0] if device.type == "cuda" else []):
-            torch.manual_seed(seed + start)  # StyleGAN's noise inputs: fixed by the seed too
+            torch.manual_seed(seed + start)  # noise inputs fixed by the seed, without touching the caller's stream
             out.append(((generator(z).float().clamp(-1, 1) + 1) / 2).cpu())
     return torch.cat(out)
 
