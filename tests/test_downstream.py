@@ -173,6 +173,8 @@ def test_xboundformer_trains_with_its_boundary_loss():
     aux = net.auxiliary_loss(target)
     aux.backward()
     assert torch.isfinite(aux) and net.net.boundary[0].edge.weight.grad.abs().sum() > 0
+    net(torch.rand(1, 3, 40, 40))  # padded to 64 x 64 inside: the boundary target is padded alike
+    assert net.net._edges[-1].shape[-2:] == (16, 16) and torch.isfinite(net.auxiliary_loss(target[:1, :, :40, :40]))
     result = train_segmenter(net, images[:8], masks[:8], images[8:], masks[8:],
                              FitSettings(max_epochs=1, batch_size=4, lr=1e-3))
     assert math.isfinite(result.history[0]["train loss"])

@@ -49,9 +49,13 @@ class ImageInput(nn.Module):
         return out[..., :h, :w] if (pad_h or pad_w) else out
 
     def auxiliary_loss(self, masks: torch.Tensor) -> torch.Tensor | None:
-        """The wrapped net's auxiliary training loss on the last forward pass (XBound-Former's boundary loss), if any."""
+        """The wrapped net's auxiliary training loss on the last forward pass (XBound-Former's boundary loss), if any;
+        ``masks`` ``(B, 1, H, W)`` are padded with background as the images were, so both stay aligned."""
         aux = getattr(self.net, "auxiliary_loss", None)
-        return aux(masks) if aux is not None else None
+        if aux is None:
+            return None
+        h, w = masks.shape[-2:]
+        return aux(F.pad(masks, (0, (-w) % self.pad_multiple, 0, (-h) % self.pad_multiple)))
 
 
 def resize_images(images: np.ndarray, size: int) -> np.ndarray:
