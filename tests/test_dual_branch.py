@@ -87,7 +87,8 @@ def test_batched_two_branch_step_equals_the_branches_run_separately(model, confi
     s = config.guidance_scale
     with torch.no_grad():
         with DualBranchInjector(unet, reference.kv, 0, config.selection, (8, 8)):
-            both = predict_noise(unet, interleave_branches(layout, style), t, interleave_branches(cond, cond), uncond, s)
+            both = predict_noise(unet, interleave_branches(layout, style), t, interleave_branches(cond, cond),
+                                 uncond, s)
         eps_layout, eps_style = split_branches(both)
         by_hand_layout = predict_noise(unet, layout, t, cond, uncond, s)
         with QueryRecorder(unet, config.selection, latent_size=(8, 8)) as rec:
@@ -259,7 +260,7 @@ def test_single_branch_ablation_is_the_layout_trajectory_plus_self_query_injecti
 
 def test_bad_input_is_named(model, config, reference):
     gen = DualBranchGenerator(model, config)
-    with pytest.raises(ValueError, match=r"the style image is \(64, 64\) but the model and the layout masks are \(32, 32\)"):
+    with pytest.raises(ValueError, match=r"style image is \(64, 64\) but the model and the layout masks are \(32, 32\)"):
         invert_style(model, torch.rand(3, 64, 64), PROMPT, config)
     with pytest.raises(ValueError, match="produced NaN/inf"):
         invert_style(model, torch.full((3, 32, 32), float("nan")), PROMPT, config)
@@ -269,9 +270,9 @@ def test_bad_input_is_named(model, config, reference):
     with pytest.raises(ValueError, match="inverted over 4 steps"):
         DualBranchGenerator(model, other).generate(reference, disks(), PROMPT)
     with pytest.raises(ValueError, match="do not match images"):
-        DualBranchResult(torch.zeros(1, 3, 32, 32), torch.zeros(1, 3, 32, 32), torch.zeros(1, 16, 16, dtype=torch.bool),
-                         torch.zeros(1, 16, 16, dtype=torch.bool), torch.zeros(1, 32, 32), torch.ones(1, dtype=torch.bool),
-                         torch.zeros(1, dtype=torch.bool), [""], [PROMPT])
+        small = torch.zeros(1, 16, 16, dtype=torch.bool)
+        DualBranchResult(torch.zeros(1, 3, 32, 32), torch.zeros(1, 3, 32, 32), small, small, torch.zeros(1, 32, 32),
+                         torch.ones(1, dtype=torch.bool), torch.zeros(1, dtype=torch.bool), [""], [PROMPT])
 
 
 def _scene(skin: tuple[int, int, int], lesion: tuple[int, int, int]) -> tuple[np.ndarray, np.ndarray]:

@@ -81,8 +81,8 @@ def bench_dual(cfg, targets: int = 2, repeats: int = 3, device: str = "cpu") -> 
 def _dual(args: argparse.Namespace) -> int:
     cfg = profile_from_args(args)
     report = bench_dual(cfg, args.targets, args.repeats, args.device)
-    print(f"machine: {report['machine']} ({report['cpus']} CPUs, {report['threads']} threads), torch {report['torch']}, "
-          f"diffusers {report['diffusers']}")
+    print(f"machine: {report['machine']} ({report['cpus']} CPUs, {report['threads']} threads), "
+          f"torch {report['torch']}, diffusers {report['diffusers']}")
     return _publish(cfg, report, f"dual-{cfg.profile_name}")
 
 

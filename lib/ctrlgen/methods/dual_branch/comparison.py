@@ -43,7 +43,8 @@ def compare_efficiency(generator: DualBranchGenerator, reference: StyleReference
     passes = {name: r.passes for name, r in results.items()}
     c = generator.config
     return {
-        "steps": c.num_steps, "bifurcation_step": c.bifurcation_step, "targets": int(len(results["dual_branch"].images)),
+        "steps": c.num_steps, "bifurcation_step": c.bifurcation_step,
+        "targets": int(len(results["dual_branch"].images)),
         "kv_layers": len(c.selection.layers(generator.model.unet, tuple(reference.final.shape[-2:]))),
         "passes": passes, "rows": {name: r.rows for name, r in results.items()},
         "ratio_denoising_passes": passes["dual_branch"]["denoising"] / passes["two_stage"]["denoising"],

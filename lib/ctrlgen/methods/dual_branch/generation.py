@@ -185,7 +185,8 @@ def invert_style(model: SDComponents, image: np.ndarray | torch.Tensor, prompt: 
     if bad or any(not (torch.isfinite(k).all() and torch.isfinite(v).all())
                   for layers in out.kv.data.values() for k, v in layers.values()):
         raise ValueError(f"DDIM inversion of the style reference ({prompt!r}) produced NaN/inf latents or keys "
-                         f"(first non-finite latent at timestep {bad[0] if bad else '-'}): check the image and the model")
+                         f"(first non-finite latent at timestep {bad[0] if bad else '-'}): "
+                         "check the image and the model")
     return StyleReference(x.cpu(), prompt, out)
 
 
@@ -194,7 +195,8 @@ def invert_style(model: SDComponents, image: np.ndarray | torch.Tensor, prompt: 
 class DualBranchResult:
     """Generated pairs: ``images`` (stylised) and ``layout_images`` ``(G, 3, H, W)`` in [0, 1]; ``masks``
     ``(G, H, W)`` bool (Eq. 4.11/5.11, τ = 0 fallback as in chapter 4); ``passes``: U-Net calls by kind
-    (``denoising``: the trajectory's calls, ``guidance``: gradient calls, ``annotation``), ``rows``: their batch rows."""
+    (``denoising``: the trajectory's calls, ``guidance``: gradient calls, ``annotation``), ``rows``: their
+    batch rows."""
 
     images: torch.Tensor
     layout_images: torch.Tensor

@@ -57,7 +57,7 @@ def single_branch_generate(generator: DualBranchGenerator, references: StyleRefe
     common = dict(num_steps=c.num_steps, guidance_scale=c.guidance_scale, progress=False)
 
     def refine(start: int, stop: int, injector: KVInjector | None):
-        """Eq. (5.9) on the steps before b, Eq. (5.10) from b on (if ``layout_guidance_after``), within [start, stop)."""
+        """Eq. (5.9) before b, Eq. (5.10) from b on (if ``layout_guidance_after``), within [start, stop)."""
         parts = [(joint, max(start, 0), min(stop, b)),
                  (late, max(start, b), stop if c.layout_guidance_after else max(start, b))]
         parts = [(r, lo, hi) for r, lo, hi in parts if lo < hi]
@@ -71,8 +71,8 @@ def single_branch_generate(generator: DualBranchGenerator, references: StyleRefe
         with KVInjector(unet, style.kv, c.selection, branches=1, style_branch=0, query_from=None,
                         latent_size=tuple(z_t.shape[-2:])) as injector:
             injector.active = c.inject_style
-            out = sample(unet, model.scheduler("ddim"), z, cond, uncond, refine=_Chain(refine(s, c.num_steps, injector)),
-                         start_step=s, keep_trajectory=True, **common)
+            out = sample(unet, model.scheduler("ddim"), z, cond, uncond,
+                         refine=_Chain(refine(s, c.num_steps, injector)), start_step=s, keep_trajectory=True, **common)
         calls.phase = "annotation"
         ann = generator.annotate(out.trajectory[-1], out.timesteps[-1], prompts, pos)
     images = decode_images(model, out.latents)
