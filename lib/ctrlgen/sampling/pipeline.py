@@ -70,7 +70,8 @@ def text_to_image(model: SDComponents, prompts: str | Sequence[str], *, num_step
                   same_noise: bool = False, batch_size: int | None = None, scheduler: str = "ddim",
                   refiner: Refiner | None = None, callback: Callable[[int, int, torch.Tensor], None] | None = None,
                   store: AttentionStore | None = None, output_type: Literal["pt", "latent"] = "pt",
-                  progress: bool = False) -> PipelineOutput:
+                  progress: bool = False, prompt_embeds: torch.Tensor | None = None,
+                  negative_prompt_embeds: torch.Tensor | None = None) -> PipelineOutput:
     """Generate one image per prompt (module doc: steps, image convention, random numbers).
 
     Args:
@@ -86,6 +87,9 @@ def text_to_image(model: SDComponents, prompts: str | Sequence[str], *, num_step
         callback: ``callback(i, t, z_{t-1})`` after every step (of every batch).
         store: the ``AttentionStore`` of an enclosing ``AttentionCapture`` (conditional half kept).
         output_type: "pt" (images and latents) or "latent" (no decoding).
+        prompt_embeds, negative_prompt_embeds: conditions ``(B, L, D)`` / ``(1, L, D)`` given instead of
+            encoding ``prompts`` / ``negative_prompt`` (as diffusers' pipelines take them; e.g. a text embedding
+            combined with an image embedding, Eq. 6.1); ``prompts`` then only name the images.
     """
     # 1. check inputs
     prompts = [prompts] if isinstance(prompts, str) else list(prompts)
@@ -95,8 +99,10 @@ def text_to_image(model: SDComponents, prompts: str | Sequence[str], *, num_step
     unet = model.unet
     channels, side = unet.config.in_channels, int(unet.config.sample_size)
     # 2. encode the negative (unconditional) prompt once
+    if prompt_embeds is not None and len(prompt_embeds) != len(prompts):
+        raise ValueError(f"{len(prompt_embeds)} prompt_embeds for {len(prompts)} prompts")
     with torch.no_grad():
-        uncond = model.encode_prompt([negative_prompt])
+        uncond = model.encode_prompt([negative_prompt]) if negative_prompt_embeds is None else negative_prompt_embeds
     if latents is None and same_noise:
         latents = initial_latents(1, channels, side, g, model.device, uncond.dtype).expand(len(prompts), -1, -1, -1).clone()
     z0s, noises, images, timesteps = [], [], [], []
@@ -104,7 +110,7 @@ def text_to_image(model: SDComponents, prompts: str | Sequence[str], *, num_step
         chunk = prompts[start:start + batch_size]
         # 2. encode the batch's prompts
         with torch.no_grad():
-            cond = model.encode_prompt(chunk)
+            cond = model.encode_prompt(chunk) if prompt_embeds is None else prompt_embeds[start:start + len(chunk)]
         # 3. prepare the initial latents z_T
         z = (latents[start:start + len(chunk)].to(model.device, cond.dtype) if latents is not None
              else initial_latents(len(chunk), channels, side, g, model.device, cond.dtype))

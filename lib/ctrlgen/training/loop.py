@@ -9,7 +9,8 @@ self-attention structure term). What is trained is a ``TrainableParams``; extra 
 
 Batch format (a dict per step, from any iterable; it is cycled until ``steps``):
 ``pixel_values`` (B, 3, H, W) in [-1, 1] *or* ``latents`` (B, C, h, w) already scaled;
-``input_ids`` (B, L) *or* ``prompts`` (list of str); optional ``mask`` (B, 1, H, W) region mask
+``input_ids`` (B, L) *or* ``prompts`` (list of str) *or* ``encoder_hidden_states`` (B, L, D), the condition itself
+(no text encoder call, no ``prompt_dropout``: the caller drops conditions); optional ``mask`` (B, 1, H, W) region mask
 (masked L_rec when ``TrainConfig.masked_rec``), ``rec_weight`` (B,), ``token_indices`` (B, K),
 ``token_masks`` (B, K, H, W), ``token_valid`` (B, K) for the attention-alignment term.
 """
@@ -220,13 +221,16 @@ def train_diffusion(model: SDComponents, data: Iterable[dict[str, Any]], config:
                     latents = batch["latents"]
                 else:
                     latents = model.encode_images(batch["pixel_values"], sample=True)
-            ids = batch["input_ids"] if "input_ids" in batch else model.tokenize(batch["prompts"])
-            ids = ids.to(acc.device)
-            if config.prompt_dropout > 0:
-                drop = torch.rand(ids.shape[0], generator=gen) < config.prompt_dropout
-                ids = torch.where(drop[:, None].to(acc.device), empty_ids.to(acc.device).expand_as(ids), ids)
-            with torch.set_grad_enabled(te_trains):
-                emb = text_encoder(ids)[0]
+            if "encoder_hidden_states" in batch:  # conditions computed by the caller (Eq. 6.1: text + image embedding)
+                emb = batch["encoder_hidden_states"]
+            else:
+                ids = batch["input_ids"] if "input_ids" in batch else model.tokenize(batch["prompts"])
+                ids = ids.to(acc.device)
+                if config.prompt_dropout > 0:
+                    drop = torch.rand(ids.shape[0], generator=gen) < config.prompt_dropout
+                    ids = torch.where(drop[:, None].to(acc.device), empty_ids.to(acc.device).expand_as(ids), ids)
+                with torch.set_grad_enabled(te_trains):
+                    emb = text_encoder(ids)[0]
             noise = torch.randn(latents.shape, generator=gen).to(latents)
             t = torch.randint(0, noise_sched.config.num_train_timesteps, (latents.shape[0],), generator=gen).to(acc.device)
             noisy = noise_sched.add_noise(latents, noise, t)

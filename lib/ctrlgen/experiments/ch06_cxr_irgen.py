@@ -1,0 +1,747 @@
+"""Chapter 6's experiments (§6.4, §6.5): CXR-IRGen's vision and language modules trained once, cached, evaluated.
+
+The chapter calls these functions; the method is ``ctrlgen.methods.cxr_irgen``. What runs on each profile:
+
+* vision module — the book's ``cxr`` base model (mini/smoke: chapter 2's small LDM pretrained on the domain's
+  images, NIH ChestX-ray14 when the data root has it, else the procedural MIMIC-CXR world; full: SD 1.4) is
+  finetuned with and without the reference image embedding (RIE) at two lengths (the thesis's 5k and 10k steps:
+  ``ch06.vision.short_steps`` / ``long_steps``, the long run continuing the short one); a U-ViT is trained the
+  same way (from scratch on mini, from ``ch06.vision.uvit_weights`` on full). Every trained backbone is stored
+  by content (``ctrlgen.result_cache``: base model, data, settings, seed and code).
+* Table 6.1 — FID (chapter 4's extractor: ``ctrlgen.metrics.image``), PSNR and SSIM of images generated from
+  the held-out labels against the real held-out images, image i generated from the label of real image i
+  (the pairing for PSNR/SSIM; FID compares the sets).
+* Table 6.2 — AUROC of a pathology classifier (mini: a small CNN trained here on the real training images'
+  findings, ``ctrlgen.analysis.quality_bar``; full: the torchxrayvision DenseNet is not wired, see the chapter)
+  separating images generated for each pathology from images generated for "No Finding"; "Original" = the
+  same on the real held-out images.
+* language module — stage 1 on real IU X-ray findings and the world's reports; stage 2 and the reports of
+  Tables 6.3/6.5 on the world's true image–report pairs (its images through the frozen VAE); Fig. 6.5's
+  BOS/EOS/mean curves on held-out IU X-ray findings.
+"""
+from __future__ import annotations
+
+import copy
+import hashlib
+import inspect
+import json
+import math
+import tempfile
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import matplotlib.pyplot as plt
+import numpy as np
+import pandas as pd
+import torch
+from sklearn.metrics import roc_auc_score
+from torchmetrics.functional.image import peak_signal_noise_ratio, structural_similarity_index_measure
+from transformers import AutoTokenizer, BartForConditionalGeneration
+
+from ctrlgen import result_cache
+from ctrlgen.analysis.attribute_labels import attribute_schema
+from ctrlgen.analysis.quality_bar import AttributeClassifier, predict, train_attribute_classifier
+from ctrlgen.data import load_dataset
+from ctrlgen.data.readers.cxr import CHEXPERT_LABELS
+from ctrlgen.data.records import DataError
+from ctrlgen.experiments.base_models import default_variant, load_domain_data, pretrain_domain, variant_dir
+from ctrlgen.methods.cxr_irgen import language as lm
+from ctrlgen.methods.cxr_irgen.prompts import NO_REFERENCE, ReferencePool, branch_counts, check_label, label_prompt
+from ctrlgen.methods.cxr_irgen.uvit import UViT
+from ctrlgen.methods.cxr_irgen.vision import (
+    CLIPImageEmbedder, Conditions, LatentProjectionEmbedder, build_conditions, finetune_backbone, generate, pixels,
+    reference_embeddings, text_token_norm,
+)
+from ctrlgen.metrics.image import fid
+from ctrlgen.metrics.report import BLEU_NAMES, nlg_scores, per_report_scores
+from ctrlgen.models import load_base_model
+
+# NIH ChestX-ray14 finding -> CheXpert observation (the book's mapping; NIH has no Lung Opacity and no -1 values;
+# Infiltration, Emphysema, Fibrosis and Hernia have no CheXpert observation and are left out)
+NIH_TO_CHEXPERT = {"Atelectasis": "Atelectasis", "Cardiomegaly": "Cardiomegaly", "Effusion": "Pleural Effusion",
+                   "Pneumonia": "Pneumonia", "Pneumothorax": "Pneumothorax", "Consolidation": "Consolidation",
+                   "Edema": "Edema", "Mass": "Lung Lesion", "Nodule": "Lung Lesion", "Pleural_Thickening": "Pleural Other"}
+NO_FINDING = "No Finding"
+# Table 6.2's pathologies: CheXpert observation -> the thesis's column
+TABLE_6_2 = {"Atelectasis": "Atelectasis", "Cardiomegaly": "Cardiomegaly", "Lung Opacity": "Lung opacity",
+             "Pleural Effusion": "Effusion", "Pneumonia": "Pneumonia"}
+# the finding names a base-model caption uses for each observation (NIH's and CheXpert's spellings)
+CAPTION_NAMES = {"Atelectasis": ("atelectasis",), "Cardiomegaly": ("cardiomegaly",), "Lung Opacity": ("lung opacity",),
+                 "Pleural Effusion": ("pleural effusion", "effusion"), "Pneumonia": ("pneumonia",)}
+BACKBONES = {"unet": "LDM with the U-Net backbone", "uvit": "LDM with the U-ViT backbone"}
+VARIANTS = tuple((b, rie, length) for b in BACKBONES for length in ("short", "long") for rie in (False, True))
+METHOD_CODE = ["ctrlgen.methods.cxr_irgen.vision", "ctrlgen.methods.cxr_irgen.uvit"]
+LANGUAGE_CODE = ["ctrlgen.methods.cxr_irgen.language"]
+
+
+def _source(*functions: Any) -> str:
+    """Hash of the source of the functions that compute a cached value (the rest of this module may change)."""
+    return hashlib.sha256("".join(inspect.getsource(f) for f in functions).encode()).hexdigest()[:16]
+
+
+# ================================================================================================ settings
+@dataclass(frozen=True)
+class Ch06Config:
+    """The profile's ``ch06`` section, typed once (thesis values in the full profile, each marked there)."""
+
+    short_steps: int
+    long_steps: int
+    batch_size: int
+    lr: float
+    condition_dropout: float
+    image_encoder: str
+    clip_image_encoder: str
+    uvit_width: int
+    uvit_depth: int
+    uvit_heads: int
+    uvit_patch: int
+    uvit_lr: float
+    uvit_weights: str
+    n_table_6_1: int
+    n_per_label: int
+    classifier_steps: int
+    classifier_batch: int
+    n_figure: int
+    bart: str
+    d_model: int
+    layers: int
+    heads: int
+    ffn: int
+    max_length: int
+    stage1_steps: int
+    stage1_batch: int
+    stage1_lr: float
+    eval_every: int
+    n_eval_reports: int
+    prior_width: int
+    prior_depth: int
+    prior_heads: int
+    prior_steps: int
+    prior_batch: int
+    prior_lr: float
+    prior_lambda: float
+    max_new_tokens: int
+    num_beams: int
+    num_steps: int
+    guidance_scale: float
+    seed: int
+
+    @classmethod
+    def from_profile(cls, cfg: Mapping[str, Any]) -> "Ch06Config":
+        v, lang, s = cfg["ch06"]["vision"], cfg["ch06"]["language"], cfg["sampling"]
+        p = lang["prior"]
+        return cls(short_steps=int(v["short_steps"]), long_steps=int(v["long_steps"]), batch_size=int(v["batch_size"]),
+                   lr=float(v["lr"]), condition_dropout=float(v["dropout_probability"]), image_encoder=str(v["image_encoder"]),
+                   clip_image_encoder=str(v["clip_image_encoder"]), uvit_width=int(v["uvit"]["width"]),
+                   uvit_depth=int(v["uvit"]["depth"]), uvit_heads=int(v["uvit"]["heads"]),
+                   uvit_patch=int(v["uvit"]["patch_size"]), uvit_lr=float(v["uvit"]["lr"]),
+                   uvit_weights=str(v["uvit"]["weights"]), n_table_6_1=int(v["n_table_6_1"]),
+                   n_per_label=int(v["n_per_label"]), classifier_steps=int(v["classifier_steps"]),
+                   classifier_batch=int(v["classifier_batch"]), n_figure=int(v["n_figure"]), bart=str(lang["bart"]),
+                   d_model=int(lang["d_model"]), layers=int(lang["layers"]), heads=int(lang["heads"]), ffn=int(lang["ffn"]),
+                   max_length=int(lang["max_length"]), stage1_steps=int(lang["stage1_steps"]),
+                   stage1_batch=int(lang["stage1_batch"]), stage1_lr=float(lang["stage1_lr"]),
+                   eval_every=int(lang["eval_every"]), n_eval_reports=int(lang["n_eval_reports"]),
+                   prior_width=int(p["width"]), prior_depth=int(p["depth"]), prior_heads=int(p["heads"]),
+                   prior_steps=int(p["steps"]), prior_batch=int(p["batch_size"]), prior_lr=float(p["lr"]),
+                   prior_lambda=float(p["lambda"]), max_new_tokens=int(lang["max_new_tokens"]),
+                   num_beams=int(lang["num_beams"]), num_steps=int(s["num_steps"]),
+                   guidance_scale=float(s["guidance_scale"]), seed=int(cfg["seed"]))
+
+    def steps_of(self, length: str) -> int:
+        return self.short_steps if length == "short" else self.long_steps
+
+
+# ================================================================================================ vision data
+def nih_to_chexpert(labels: Mapping[str, float]) -> dict[str, float | None]:
+    """NIH labels (1.0 found / 0.0 not listed) as CheXpert observations: a listed finding is 1.0, everything
+    else blank (NIH lists what it found, it does not negate), "No Finding" 1.0 when nothing is listed."""
+    out: dict[str, float | None] = {c: None for c in CHEXPERT_LABELS}
+    found = [n for n, v in labels.items() if v == 1.0]
+    for name in found:
+        if name in NIH_TO_CHEXPERT:
+            out[NIH_TO_CHEXPERT[name]] = 1.0
+    if not found:
+        out[NO_FINDING] = 1.0
+    return out
+
+
+@dataclass
+class VisionSets:
+    """Training and held-out images of the ``cxr`` domain with CheXpert-style labels and their prompts."""
+
+    train_images: np.ndarray
+    train_labels: list[dict]
+    test_images: np.ndarray
+    test_labels: list[dict]
+    captions: list[str]               # the base model's captions (the classifier's labels)
+    test_captions: list[str]
+    dataset: str
+    provenance: str
+    fingerprint: str
+    counts: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def train_prompts(self) -> list[str]:
+        return [label_prompt(l) for l in self.train_labels]
+
+
+def _labels_of(dataset: str, record) -> dict:
+    return nih_to_chexpert(record.labels) if dataset == "nih_chestxray14" else {c: record.labels.get(c) for c in CHEXPERT_LABELS}
+
+
+def vision_sets(cfg: Mapping[str, Any], data=None) -> VisionSets:
+    """The ``cxr`` domain's split (chapter 2's) with each image's label; an invalid label drops its image (counted)."""
+    data = data or load_domain_data(cfg, "cxr")
+    ds = load_dataset(data.dataset, cfg, resolution=int(cfg["models"]["image_size"]), require_images=True)
+    by_id = {r.id: r for r in ds.records}
+    counts = {"invalid label (dropped)": 0}
+
+    def labelled(ids, images, captions):
+        keep, labels = [], []
+        for i, rid in enumerate(ids):
+            try:
+                labels.append(check_label(_labels_of(data.dataset, by_id[rid]), where=f"{data.dataset} {rid}"))
+                keep.append(i)
+            except ValueError:
+                counts["invalid label (dropped)"] += 1
+        return images[keep], labels, [captions[i] for i in keep]
+
+    tr_im, tr_lab, caps = labelled(data.ids, data.images, data.captions)
+    te_im, te_lab, te_caps = labelled(data.heldout_ids, data.heldout_images, data.heldout_captions)
+    counts["no observation left (prompt is the prefix alone)"] = sum(all(v is None for v in l.values()) for l in tr_lab)
+    return VisionSets(tr_im, tr_lab, te_im, te_lab, caps, te_caps, data.dataset, data.provenance, data.fingerprint, counts)
+
+
+def label_summary(sets: VisionSets) -> pd.DataFrame:
+    """How often each observation is 1 / 0 / −1 / blank in the training labels, and the prompt clauses used."""
+    rows = {}
+    for name in CHEXPERT_LABELS:
+        values = [l.get(name) for l in sets.train_labels]
+        rows[name] = {"1.0": sum(v == 1.0 for v in values), "0.0": sum(v == 0.0 for v in values),
+                      "-1.0": sum(v == -1.0 for v in values), "blank": sum(v is None for v in values)}
+    return pd.DataFrame(rows).T
+
+
+# ================================================================================================ base model
+def base_model(cfg: Mapping[str, Any], data=None):
+    """The ``cxr`` base model (mini/smoke: chapter 2's default variant, pretrained now if the cache lacks it)."""
+    if str(cfg["models"]["kind"]) == "mini":
+        pretrain_domain(cfg, "cxr", default_variant(cfg, "cxr") == "selfattn", progress=False, data=data)
+    return load_base_model(cfg, "cxr")
+
+
+def base_key(cfg: Mapping[str, Any]) -> str:
+    if str(cfg["models"]["kind"]) != "mini":
+        return f"pretrained:{cfg['models']['pretrained'][cfg['models']['domains']['cxr']]}"
+    return str(json.loads((variant_dir(cfg, "cxr", default_variant(cfg, "cxr")) / "pretrain.json").read_text())["key"])
+
+
+def load_base_and_sets(cfg: Mapping[str, Any]):
+    data = load_domain_data(cfg, "cxr")
+    return base_model(cfg, data), vision_sets(cfg, data)
+
+
+def image_embedder(base, ec: Ch06Config, norm: float):
+    """τ_i: CLIP's image encoder (``image_encoder: clip``) or the frozen-VAE projection (mini)."""
+    dim = int(base.text_encoder.config.hidden_size)
+    if ec.image_encoder == "clip":
+        if not ec.clip_image_encoder:
+            raise ValueError("ch06.vision.image_encoder is 'clip' but ch06.vision.clip_image_encoder is empty: give the "
+                             "folder of a CLIPVisionModelWithProjection (CLIP ViT-L/14, as SD 1.4's text encoder)")
+        return CLIPImageEmbedder(ec.clip_image_encoder, norm)
+    if ec.image_encoder == "latent_projection":
+        return LatentProjectionEmbedder(base, dim, norm, seed=ec.seed)
+    raise ValueError(f"ch06.vision.image_encoder is {ec.image_encoder!r}: expected clip or latent_projection")
+
+
+@dataclass
+class VisionContext:
+    """What every vision model shares: the base model, data, pool embeddings, references and latents."""
+
+    base: Any
+    sets: VisionSets
+    ec: Ch06Config
+    key: str
+    pool: ReferencePool
+    pool_embeddings: torch.Tensor
+    train_refs: list
+    latents: torch.Tensor
+
+
+def vision_context(cfg: Mapping[str, Any], base, sets: VisionSets, ec: Ch06Config) -> VisionContext:
+    pool = ReferencePool(sets.train_labels)
+    norm = text_token_norm(base, sets.train_prompts[:256])
+    embeddings = image_embedder(base, ec, norm)(sets.train_images)
+    refs = pool.select_many(sets.train_labels, seed=ec.seed, exclude_self=True)
+    return VisionContext(base, sets, ec, base_key(cfg), pool, embeddings, refs, base.encode_dataset(sets.train_images))
+
+
+def _backbone_model(ctx: VisionContext, backbone: str):
+    """A copy of the base model whose ``unet`` is the U-Net (copied) or a fresh / loaded U-ViT."""
+    base = ctx.base
+    if backbone == "unet":
+        return replace(base, unet=copy.deepcopy(base.unet))
+    cond_tokens = int(base.tokenizer.model_max_length) + 1
+    uvit = UViT(sample_size=int(base.unet.config.sample_size), in_channels=int(base.unet.config.in_channels),
+                out_channels=int(base.unet.config.in_channels), patch_size=ctx.ec.uvit_patch, width=ctx.ec.uvit_width,
+                depth=ctx.ec.uvit_depth, heads=ctx.ec.uvit_heads, cross_attention_dim=int(base.text_encoder.config.hidden_size),
+                max_condition_tokens=cond_tokens)
+    if ctx.ec.uvit_weights:
+        uvit.load_state_dict(torch.load(ctx.ec.uvit_weights, map_location="cpu", weights_only=True))
+    return replace(base, unet=uvit)
+
+
+def _mode(backbone: str, rie: bool) -> str:
+    return ("concat" if backbone == "unet" else "mean") if rie else "none"
+
+
+def train_conditions(ctx: VisionContext, model, backbone: str, rie: bool) -> Conditions:
+    ref = reference_embeddings(ctx.pool_embeddings, [r.index for r in ctx.train_refs]) if rie else None
+    return build_conditions(model, ctx.sets.train_prompts, ref, _mode(backbone, rie))
+
+
+def _train_pair(ctx: VisionContext, backbone: str, rie: bool) -> dict[str, Any]:
+    """The short and the long run of one backbone/RIE variant (the long run resumes the short one's checkpoint)."""
+    ec = ctx.ec
+    model = _backbone_model(ctx, backbone)
+    conds = train_conditions(ctx, model, backbone, rie)
+    lr = ec.lr if backbone == "unet" else ec.uvit_lr
+    out: dict[str, Any] = {"history": []}
+    with tempfile.TemporaryDirectory() as work:
+        for length in ("short", "long"):
+            res = finetune_backbone(model, ctx.latents, conds, ec.steps_of(length), ec.batch_size, lr,
+                                    dropout=ec.condition_dropout, seed=ec.seed, output_dir=work,
+                                    train_config={"checkpoint_every": ec.short_steps, "keep_checkpoints": 1})
+            out["history"] += [h["loss"] for h in res.history]
+            out[length] = {k: v.detach().clone() for k, v in model.unet.state_dict().items()}
+    return out
+
+
+def trained_backbones(cfg: Mapping[str, Any], ctx: VisionContext, backbone: str, rie: bool) -> dict[str, Any]:
+    """``{"short": state_dict, "long": state_dict, "history": losses}`` of one variant, stored by content."""
+    ec = ctx.ec
+    parts = {"what": "ch06 vision module", "backbone": backbone, "rie": rie, "base": ctx.key, "data": ctx.sets.fingerprint,
+             "steps": [ec.short_steps, ec.long_steps], "batch": ec.batch_size, "lr": ec.lr if backbone == "unet" else ec.uvit_lr,
+             "dropout": ec.condition_dropout, "encoder": [ec.image_encoder, ec.clip_image_encoder], "seed": ec.seed,
+             "uvit": [ec.uvit_width, ec.uvit_depth, ec.uvit_heads, ec.uvit_patch, ec.uvit_weights] if backbone == "uvit" else None,
+             "function": _source(_train_pair, _backbone_model, train_conditions, vision_context)}
+    return result_cache.cached(parts, lambda: _train_pair(ctx, backbone, rie), kind="torch", cfg=cfg, code=METHOD_CODE)
+
+
+def load_variant(ctx: VisionContext, backbone: str, state: Mapping[str, torch.Tensor]):
+    model = _backbone_model(ctx, backbone)
+    model.unet.load_state_dict(state)
+    model.unet.eval().requires_grad_(False)
+    return model
+
+
+# ================================================================================================ sampling
+def eval_conditions(ctx: VisionContext, model, labels: Sequence[Mapping], backbone: str, rie: bool, seed: int
+                    ) -> tuple[Conditions, list]:
+    """Conditions for generating from ``labels``: their prompts and references drawn from the training pool."""
+    refs = ctx.pool.select_many(labels, seed=seed)
+    ref = reference_embeddings(ctx.pool_embeddings, [r.index for r in refs]) if rie else None
+    return build_conditions(model, [label_prompt(l) for l in labels], ref, _mode(backbone, rie)), refs
+
+
+def _generate(ctx: VisionContext, model, labels, backbone: str, rie: bool, seed: int) -> dict[str, torch.Tensor]:
+    conds, _ = eval_conditions(ctx, model, labels, backbone, rie, seed)
+    images, latents = generate(model, [label_prompt(l) for l in labels], conds, ctx.ec.num_steps, ctx.ec.guidance_scale, seed)
+    return {"images": images, "latents": latents}
+
+
+def cached_generation(cfg: Mapping[str, Any], ctx: VisionContext, name: str, model, model_key: str, labels: Sequence[Mapping],
+                      backbone: str, rie: bool, seed: int) -> dict[str, torch.Tensor]:
+    """Generated images and their z_0, stored by content (model, labels, sampling settings, seed, code)."""
+    parts = {"what": "ch06 samples", "name": name, "model": model_key,
+             "labels": hashlib.sha256(json.dumps([sorted((k, v) for k, v in l.items() if v is not None) for l in labels]).encode()).hexdigest(),
+             "steps": ctx.ec.num_steps, "scale": ctx.ec.guidance_scale, "seed": seed,
+             "function": _source(_generate, eval_conditions)}
+    return result_cache.cached(parts, lambda: _generate(ctx, model, labels, backbone, rie, seed), kind="torch", cfg=cfg,
+                               code=METHOD_CODE + ["ctrlgen.sampling"])
+
+
+@dataclass
+class VisionModels:
+    """The vanilla base model and the eight finetuned variants, with their cache keys and loss histories."""
+
+    models: dict[tuple, Any]
+    keys: dict[tuple, str]
+    histories: dict[tuple, list[float]]
+
+
+def vision_models(cfg: Mapping[str, Any], ctx: VisionContext) -> VisionModels:
+    models, keys, hist = {("vanilla", False, ""): ctx.base}, {("vanilla", False, ""): ctx.key}, {}
+    for backbone in BACKBONES:
+        for rie in (False, True):
+            trained = trained_backbones(cfg, ctx, backbone, rie)
+            for length in ("short", "long"):
+                k = (backbone, rie, length)
+                models[k] = load_variant(ctx, backbone, trained[length])
+                keys[k] = hashlib.sha256(f"{ctx.key}|{k}|{trained['history'][-1]!r}|{len(trained['history'])}".encode()).hexdigest()
+            hist[(backbone, rie)] = trained["history"]
+    return VisionModels(models, keys, hist)
+
+
+def row_name(ec: Ch06Config, backbone: str, rie: bool, length: str, table: str = "6.1") -> tuple[str, str]:
+    """The thesis's row of a variant ("5k" = the short run, "10k" = the long run; steps in the chapter text)."""
+    steps = "5k steps" if length == "short" else "10k steps"
+    if table == "6.2":
+        return "Proposed approach (U-Net backbone)", f"{steps} {'w/' if rie else 'no'} RIE"
+    return BACKBONES[backbone], f"{steps} {'with' if rie else 'without'} RIE"
+
+
+def loss_figure(vm: VisionModels, ec: Ch06Config):
+    fig, ax = plt.subplots(figsize=(7, 3))
+    for (backbone, rie), losses in vm.histories.items():
+        w = max(1, len(losses) // 20)
+        smooth = np.convolve(losses, np.ones(w) / w, mode="valid")
+        ax.plot(smooth, label=f"{backbone} {'with' if rie else 'without'} RIE")
+    ax.axvline(ec.short_steps, color="k", ls=":", lw=1)
+    ax.set_xlabel("step (dotted: the short run ends)")
+    ax.set_ylabel("L_LDM (moving mean)")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    return fig
+
+
+# ================================================================================================ Table 6.1
+def psnr_ssim(generated: torch.Tensor, real: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+    """Per-pair PSNR (dB) and SSIM (torchmetrics, data range 1) of images ``(N, 3, H, W)`` in [0, 1]."""
+    psnr = peak_signal_noise_ratio(generated, real, data_range=1.0, reduction="none", dim=(1, 2, 3))
+    ssim = structural_similarity_index_measure(generated, real, data_range=1.0, reduction="none")
+    return psnr.numpy(), ssim.numpy()
+
+
+@dataclass
+class Table61:
+    table: pd.DataFrame
+    samples: dict[str, torch.Tensor]
+    real: torch.Tensor
+    per_image: dict[tuple, dict[str, np.ndarray]]
+
+
+def table_6_1(cfg: Mapping[str, Any], ctx: VisionContext, vm: VisionModels, extractor) -> Table61:
+    """FID / PSNR / SSIM of each model's images generated from the held-out labels (module doc)."""
+    n = min(ctx.ec.n_table_6_1, len(ctx.sets.test_labels))
+    labels, real = ctx.sets.test_labels[:n], pixels(ctx.sets.test_images[:n])
+    rows, samples, per = {}, {}, {}
+    for k, model in vm.models.items():
+        backbone, rie, length = k
+        name = ("Baseline", "Vanilla LDM") if backbone == "vanilla" else row_name(ctx.ec, backbone, rie, length)
+        gen = cached_generation(cfg, ctx, "table 6.1", model, vm.keys[k], labels, "unet" if backbone == "vanilla" else backbone,
+                                rie, ctx.ec.seed)["images"]
+        psnr, ssim = psnr_ssim(gen, real)
+        rows[name] = {"FID↓": fid(real, gen, extractor), "PSNR↑": float(psnr.mean()), "SSIM↑": float(ssim.mean())}
+        samples[" / ".join(name)] = gen
+        per[k] = {"psnr": psnr, "ssim": ssim}
+    table = pd.DataFrame(rows).T
+    table.index = pd.MultiIndex.from_tuples(table.index, names=["Group", "Model"])
+    return Table61(table, samples, real, per)
+
+
+# ================================================================================================ Table 6.2
+def pathology_classifier(cfg: Mapping[str, Any], sets: VisionSets, ec: Ch06Config) -> AttributeClassifier:
+    """A small CNN trained on the real training images' findings (their base-model captions), stored by content."""
+    schema = attribute_schema("cxr", sets.captions + sets.test_captions)
+
+    def train() -> dict[str, torch.Tensor]:
+        return train_attribute_classifier(sets.train_images, schema.encode(sets.captions), schema, steps=ec.classifier_steps,
+                                          batch_size=ec.classifier_batch, seed=ec.seed).state_dict()
+
+    parts = {"what": "ch06 pathology classifier", "data": sets.fingerprint, "steps": ec.classifier_steps,
+             "batch": ec.classifier_batch, "seed": ec.seed}
+    classifier = AttributeClassifier(schema)
+    classifier.load_state_dict(result_cache.cached(parts, train, kind="torch", cfg=cfg,
+                                                   code=["ctrlgen.analysis.quality_bar", "ctrlgen.analysis.attribute_labels"]))
+    return classifier.eval()
+
+
+def pathology_scores(classifier: AttributeClassifier, images) -> dict[str, np.ndarray]:
+    """Probability of each Table 6.2 pathology per image (NaN where the classifier has no such finding)."""
+    probs = predict(classifier, images)["findings"]
+    values = list(classifier.schema["findings"].values)
+    out = {}
+    for obs, names in CAPTION_NAMES.items():
+        col = next((values.index(n) for n in names if n in values), None)
+        out[obs] = probs[:, col] if col is not None else np.full(len(probs), np.nan)
+    return out
+
+
+def _auroc(pos: np.ndarray, neg: np.ndarray) -> float:
+    if len(pos) == 0 or len(neg) == 0 or np.isnan(pos).any() or np.isnan(neg).any():
+        return float("nan")
+    return float(roc_auc_score(np.r_[np.ones(len(pos)), np.zeros(len(neg))], np.r_[pos, neg]))
+
+
+def auroc_row(scores_by_label: Mapping[str, dict[str, np.ndarray]]) -> dict[str, float]:
+    """AUROC per pathology: images of that pathology (its score) against the No Finding images (same score)."""
+    neg = scores_by_label[NO_FINDING]
+    row = {TABLE_6_2[obs]: _auroc(scores_by_label[obs][obs], neg[obs]) for obs in TABLE_6_2}
+    finite = [v for v in row.values() if not math.isnan(v)]
+    row["Mean"] = float(np.mean(finite)) if finite else float("nan")
+    return row
+
+
+def table_6_2(cfg: Mapping[str, Any], ctx: VisionContext, vm: VisionModels, classifier) -> pd.DataFrame:
+    """Table 6.2 analogue: the Original row on real held-out images, then vanilla and the four U-Net variants."""
+    rows = {}
+    test = ctx.sets.test_labels
+    real = {obs: [i for i, l in enumerate(test) if l.get(obs) == 1.0] for obs in (*TABLE_6_2, NO_FINDING)}
+    real_scores = pathology_scores(classifier, ctx.sets.test_images)
+    rows[("Baseline", "Original")] = auroc_row({obs: {k: v[idx] for k, v in real_scores.items()} for obs, idx in real.items()})
+    for k, model in vm.models.items():
+        backbone, rie, length = k
+        if backbone == "uvit":
+            continue   # the thesis evaluates clinical efficacy on the U-Net backbone only
+        by_label = {}
+        for j, obs in enumerate((*TABLE_6_2, NO_FINDING)):
+            labels = [{obs: 1.0}] * ctx.ec.n_per_label
+            gen = cached_generation(cfg, ctx, f"table 6.2 {obs}", model, vm.keys[k], labels, "unet", rie, ctx.ec.seed + 1000 * j)
+            by_label[obs] = pathology_scores(classifier, gen["images"])
+        name = ("Baseline", "Vanilla LDM") if backbone == "vanilla" else row_name(ctx.ec, backbone, rie, length, "6.2")
+        rows[name] = auroc_row(by_label)
+    table = pd.DataFrame(rows).T
+    table.index = pd.MultiIndex.from_tuples(table.index, names=["Group", "Source"])
+    return table
+
+
+def real_pathology_counts(sets: VisionSets) -> dict[str, int]:
+    return {obs: sum(l.get(obs) == 1.0 for l in sets.test_labels) for obs in (*TABLE_6_2, NO_FINDING)}
+
+
+# ================================================================================================ language data
+@dataclass
+class ReportSets:
+    """Reports for stage 1 (IU X-ray + the world) and the world's image–report pairs for stage 2."""
+
+    stage1_f: list[str]
+    stage1_fi: list[str]
+    eval_iu: list[str]                        # held-out IU X-ray findings (Fig. 6.5)
+    pair_images_train: np.ndarray
+    pair_images_test: np.ndarray
+    pair_f_train: list[str]
+    pair_f_test: list[str]
+    pair_fi_train: list[str]
+    pair_fi_test: list[str]
+    pair_labels_test: list[dict]
+    iu_source: str
+    world_source: str
+    counts: dict[str, int] = field(default_factory=dict)
+    fingerprint: str = ""
+
+
+def _clean_all(texts: Sequence[str], counts: dict[str, int], what: str) -> list[str]:
+    out = []
+    for t in texts:
+        clean, why = lm.usable_report(t)
+        if why:
+            counts[f"{what}: {why} (dropped)"] = counts.get(f"{what}: {why} (dropped)", 0) + 1
+        else:
+            out.append(clean)
+    return out
+
+
+def report_sets(cfg: Mapping[str, Any]) -> ReportSets:
+    """IU X-ray findings (real when the data root has them) and the CXR world's image–report pairs (procedural)."""
+    counts: dict[str, int] = {}
+    try:
+        iu = load_dataset("iu_xray", cfg, source="real", resolution=0)
+        iu_train = _clean_all([r.text for r in iu.records if r.split not in ("val", "test")], counts, "IU X-ray")
+        iu_eval = _clean_all([r.text for r in iu.records if r.split in ("val", "test")], counts, "IU X-ray held-out")
+        iu_source = iu.provenance
+    except DataError as err:
+        iu_train, iu_eval, iu_source = [], [], f"IU X-ray not used: {str(err).splitlines()[0]}"
+    size = int(cfg["models"]["image_size"])
+    world = load_dataset("mimic_cxr", cfg, source="procedural", resolution=size)
+    recs = world.with_images()
+    f_all = [r.meta["sections"].get("FINDINGS", "") for r in recs]
+    i_all = [r.meta["sections"].get("IMPRESSION", "") for r in recs]
+    usable = [i for i, f in enumerate(f_all) if not lm.usable_report(f)[1]]
+    counts["world: empty findings (pair dropped)"] = len(recs) - len(usable)
+    test = [i for i in usable if recs[i].split == "test"] or usable[-max(1, len(usable) // 10):]
+    train = [i for i in usable if i not in set(test)]
+    images, _ = world.load_arrays([recs[i] for i in range(len(recs))])
+    f = [lm.clean_report(t) for t in f_all]
+    fi = [lm.join_findings_impression(a, b) for a, b in zip(f_all, i_all)]
+    iu_eval = iu_eval or [f[i] for i in test]
+    fp = hashlib.sha256(json.dumps([iu_train, iu_eval, f, fi]).encode()).hexdigest()[:16]
+    return ReportSets(iu_train + [f[i] for i in train], iu_train + [fi[i] for i in train], iu_eval,
+                      images[train], images[test], [f[i] for i in train], [f[i] for i in test], [fi[i] for i in train],
+                      [fi[i] for i in test], [{c: recs[i].labels.get(c) for c in CHEXPERT_LABELS} for i in test],
+                      iu_source, world.provenance, counts, fp)
+
+
+# ================================================================================================ language models
+def report_tokenizer(ec: Ch06Config, texts: Sequence[str]):
+    """bart-base's tokenizer from ``ch06.language.bart`` (full), else a word-level one built from ``texts``."""
+    if ec.bart:
+        return AutoTokenizer.from_pretrained(_bart_folder(ec), local_files_only=True, model_max_length=ec.max_length)
+    return lm.build_report_tokenizer(texts, ec.max_length)
+
+
+def _bart_folder(ec: Ch06Config) -> Path:
+    folder = Path(ec.bart).expanduser()
+    if not (folder / "config.json").is_file():
+        raise FileNotFoundError(f"ch06.language.bart is {ec.bart!r}: expected a local facebook/bart-base folder "
+                                "(config.json, model weights, tokenizer files)")
+    return folder
+
+
+def _bart(ec: Ch06Config, tokenizer):
+    """bart-base from its folder (full), else a small BART from scratch (mini, smoke)."""
+    if ec.bart:
+        return BartForConditionalGeneration.from_pretrained(_bart_folder(ec), local_files_only=True)
+    return lm.small_bart(tokenizer, ec.d_model, ec.layers, ec.heads, ec.ffn, ec.max_length, seed=ec.seed)
+
+
+def _stage1(ec: Ch06Config, texts: list[str], eval_texts: list[str], how: str) -> dict[str, Any]:
+    tok = report_tokenizer(ec, texts)
+    model = _bart(ec, tok)
+
+    def evaluate(m) -> dict[str, float]:
+        hyp = lm.decode_embeddings(m, tok, lm.encode_reports(m, tok, eval_texts, how), ec.max_new_tokens, ec.num_beams)
+        return nlg_scores(hyp, eval_texts)
+
+    res = lm.train_stage1(model, tok, texts, ec.stage1_steps, ec.stage1_batch, ec.stage1_lr, how, ec.seed, evaluate, ec.eval_every)
+    return {"state": model.state_dict(), "history": [h["loss"] for h in res.history],
+            "curve": [[c["step"], *[c[n] for n in (*BLEU_NAMES, "ROUGE-L")]] for c in res.curve]}
+
+
+@dataclass
+class Stage1:
+    model: Any
+    tokenizer: Any
+    history: list[float]
+    curve: pd.DataFrame
+    how: str
+
+
+def stage1(cfg: Mapping[str, Any], ec: Ch06Config, rs: ReportSets, variant: str, how: str = "mean") -> Stage1:
+    """Stage-1 BART for ``variant`` "F" or "F+I" with representative embedding ``how``, stored by content."""
+    texts = rs.stage1_f if variant == "F" else rs.stage1_fi
+    eval_texts = rs.eval_iu[:ec.n_eval_reports]
+    parts = {"what": "ch06 stage 1", "variant": variant, "how": how, "data": rs.fingerprint, "seed": ec.seed,
+             "bart": [ec.bart, ec.d_model, ec.layers, ec.heads, ec.ffn, ec.max_length],
+             "train": [ec.stage1_steps, ec.stage1_batch, ec.stage1_lr, ec.eval_every, ec.n_eval_reports, ec.max_new_tokens,
+                       ec.num_beams], "function": _source(_stage1, _bart, report_tokenizer)}
+    out = result_cache.cached(parts, lambda: _stage1(ec, texts, eval_texts, how), kind="torch", cfg=cfg,
+                              code=LANGUAGE_CODE + ["ctrlgen.metrics.report"])
+    tok = report_tokenizer(ec, texts)
+    model = _bart(ec, tok)
+    model.load_state_dict(out["state"])
+    model.eval()
+    curve = pd.DataFrame(out["curve"], columns=["step", *BLEU_NAMES, "ROUGE-L"]).set_index("step")
+    return Stage1(model, tok, out["history"], curve, how)
+
+
+def prior_inputs(base, images: np.ndarray, raw: bool) -> torch.Tensor:
+    """The prior's input: the frozen VAE's posterior-mean latent (the image embedding), or raw pixels in [-1, 1]."""
+    return pixels(images) * 2 - 1 if raw else base.encode_dataset(images)
+
+
+def _prior(ec: Ch06Config, inputs: torch.Tensor, targets: torch.Tensor, kind: str, raw: bool) -> dict[str, Any]:
+    prior = _prior_module(ec, inputs, targets.shape[1], raw)
+    history = lm.train_prior(prior, inputs, targets, ec.prior_steps, ec.prior_batch, ec.prior_lr, kind, ec.prior_lambda, ec.seed)
+    return {"state": prior.state_dict(), "history": [h["loss"] for h in history]}
+
+
+def _prior_module(ec: Ch06Config, inputs: torch.Tensor, out_dim: int, raw: bool) -> lm.PriorViT:
+    side = inputs.shape[-1]
+    patch = max(1, side // 8)   # 64 tokens for a 16x16 latent and for 64x64 pixels alike (the book's choice)
+    torch.manual_seed(ec.seed)
+    return lm.PriorViT(inputs.shape[1], side, patch, out_dim, ec.prior_width, ec.prior_depth, ec.prior_heads)
+
+
+@dataclass
+class Prior:
+    module: lm.PriorViT
+    history: list[float]
+    raw: bool
+
+
+def prior(cfg: Mapping[str, Any], ec: Ch06Config, s1: Stage1, base, base_k: str, rs: ReportSets, variant: str,
+          kind: str = "mse+cos", raw: bool = False) -> Prior:
+    """Stage-2 prior for ``variant`` trained with loss ``kind`` on latents (or raw pixels), stored by content."""
+    texts = rs.pair_f_train if variant == "F" else rs.pair_fi_train
+    inputs = prior_inputs(base, rs.pair_images_train, raw)
+    targets = lm.encode_reports(s1.model, s1.tokenizer, texts, s1.how)
+    parts = {"what": "ch06 prior", "variant": variant, "kind": kind, "raw": raw, "base": base_k, "data": rs.fingerprint,
+             "stage1": hashlib.sha256(targets.numpy().tobytes()).hexdigest()[:16], "seed": ec.seed,
+             "prior": [ec.prior_width, ec.prior_depth, ec.prior_heads, ec.prior_steps, ec.prior_batch, ec.prior_lr, ec.prior_lambda],
+             "function": _source(_prior, _prior_module, prior_inputs)}
+    out = result_cache.cached(parts, lambda: _prior(ec, inputs, targets, kind, raw), kind="torch", cfg=cfg, code=LANGUAGE_CODE)
+    module = _prior_module(ec, inputs, targets.shape[1], raw)
+    module.load_state_dict(out["state"])
+    return Prior(module.eval(), out["history"], raw)
+
+
+def reports_for(ec: Ch06Config, s1: Stage1, pr: Prior, base, images: np.ndarray | None = None,
+                latents: torch.Tensor | None = None) -> list[str]:
+    """Reports for real images (through the VAE) or for generated z_0 ``latents``."""
+    inputs = latents if latents is not None else prior_inputs(base, images, pr.raw)
+    return lm.write_reports(pr.module, s1.model, s1.tokenizer, inputs, ec.max_new_tokens, ec.num_beams)
+
+
+def report_row(hyp: Sequence[str], ref: Sequence[str], f1_column: str = "F1 score↑", arrows: str = "↑") -> dict[str, Any]:
+    scores = nlg_scores(hyp, ref)
+    row = {f"{k}{arrows}": v for k, v in scores.items()}
+    row[f1_column] = "not run yet"   # the CheXpert-style labeler is another part of chapter 6
+    return row
+
+
+def frame(rows: Mapping[tuple, Mapping], names=("Group", "Model")) -> pd.DataFrame:
+    table = pd.DataFrame(rows).T
+    table.index = pd.MultiIndex.from_tuples(table.index, names=list(names))
+    return table
+
+
+def fig_6_5(curves: Mapping[str, pd.DataFrame]):
+    """Fig. 6.5 analogue: BLEU-1..4 and ROUGE-L of reconstructed held-out reports during stage-1 training."""
+    metrics = (*BLEU_NAMES, "ROUGE-L")
+    fig, axes = plt.subplots(1, len(metrics), figsize=(3 * len(metrics), 2.6))
+    for ax, m in zip(axes, metrics):
+        for how, curve in curves.items():
+            ax.plot(curve.index, curve[m], marker="o", ms=3, label=how)
+        ax.set_title(m)
+        ax.set_xlabel("step")
+    axes[0].legend(fontsize=7)
+    fig.tight_layout()
+    return fig
+
+
+def pairs_figure(images: torch.Tensor, reports: Sequence[str], prompts: Sequence[str], width: int = 46):
+    """Generated images beside their generated reports (and the prompt they came from)."""
+    n = len(images)
+    fig, axes = plt.subplots(n, 2, figsize=(9, 2.2 * n), gridspec_kw={"width_ratios": [1, 3]}, squeeze=False)
+    for i in range(n):
+        axes[i, 0].imshow(images[i].permute(1, 2, 0).numpy())
+        axes[i, 0].axis("off")
+        wrapped = "\n".join(reports[i][j:j + width * 2] for j in range(0, len(reports[i]), width * 2))
+        axes[i, 1].text(0, 0.5, f"prompt: {prompts[i]}\nreport: {wrapped}", fontsize=7, va="center", wrap=True)
+        axes[i, 1].axis("off")
+    fig.tight_layout()
+    return fig
+
+
+def reconstruction_scores(ec: Ch06Config, s1: Stage1, texts: Sequence[str]) -> dict[str, np.ndarray]:
+    """Per-report scores of stage 1 rebuilding ``texts`` from their own representative embeddings (Fig. 6.5's units)."""
+    emb = lm.encode_reports(s1.model, s1.tokenizer, texts, s1.how)
+    return per_report_scores(lm.decode_embeddings(s1.model, s1.tokenizer, emb, ec.max_new_tokens, ec.num_beams), texts)
+
+
+def reference_counts(ctx: VisionContext) -> dict[str, int]:
+    counts = branch_counts(ctx.train_refs)
+    return {f"training labels: {k}": v for k, v in counts.items()}
+
+
+__all__ = ["NIH_TO_CHEXPERT", "TABLE_6_2", "BACKBONES", "VARIANTS", "NO_REFERENCE", "Ch06Config", "nih_to_chexpert",
+           "VisionSets", "vision_sets", "label_summary", "base_model", "base_key", "load_base_and_sets", "image_embedder",
+           "VisionContext", "vision_context", "trained_backbones", "load_variant", "eval_conditions", "cached_generation",
+           "VisionModels", "vision_models", "row_name", "loss_figure", "psnr_ssim", "Table61", "table_6_1",
+           "pathology_classifier", "pathology_scores", "auroc_row", "table_6_2", "real_pathology_counts", "ReportSets",
+           "report_sets", "Stage1", "stage1", "prior_inputs", "Prior", "prior", "reports_for", "report_row", "frame",
+           "fig_6_5", "pairs_figure", "reconstruction_scores", "reference_counts", "per_report_scores"]
