@@ -4,8 +4,8 @@ What only chapter 3 does: which customization sets it reads (the scenes world's 
 §3.6.1), which models it finetunes and caches (every method × dataset × learning rate × steps, as content-keyed
 trained tensors, ``result_cache``), how samples are drawn and scored, and how tables and figures are assembled.
 
-Metrics (§3.4.1 defines CLIP-I, CLIP-T, DINO, CLIP-I-sync). The ``full`` profile would use CLIP ViT-L/14 and DINO
-from local paths; no CLIP or DINO runs offline on the mini world, so here:
+Metrics (§3.4.1 defines CLIP-I, CLIP-T, DINO, CLIP-I-sync). The ``full`` profile uses CLIP ViT-L/14 and DINOv2
+from the local folders ``models.weights.clip``/``dino`` (``Extractors``); neither runs offline on the mini world, so there:
 
 * **image alignment** (the CLIP-I stand-in, "feat-I"): cosine similarity of the scenes VAE encoder's pooled
   features (``metrics.image.VAEEncoderFeatures``) between a sample and its reference — the concept's crop for
@@ -23,7 +23,8 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
-from collections.abc import Mapping, Sequence
+import time
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -32,9 +33,9 @@ import numpy as np
 import pandas as pd
 import torch
 import torch.nn.functional as F
+from transformers import AutoImageProcessor, AutoModel, CLIPModel, CLIPProcessor
 
 from ctrlgen import result_cache
-from ctrlgen.analysis.quality_bar import AttributeClassifier
 from ctrlgen.attention.maps import normalize_minmax
 from ctrlgen.data import load_multiconcept
 from ctrlgen.data.imageio import read_image, read_mask
@@ -48,9 +49,10 @@ from ctrlgen.methods.attencraft.training import attencraft_finetune
 from ctrlgen.methods.baselines.break_a_scene import BreakASceneConfig, break_a_scene_finetune
 from ctrlgen.methods.baselines.custom_diffusion import CustomDiffusionConfig, custom_diffusion_finetune
 from ctrlgen.methods.baselines.disendiff import DisenDiffConfig, disendiff_finetune
-from ctrlgen.methods.customization import Customized, add_identifiers, load_state
+from ctrlgen.methods.customization import PROMPT_TEMPLATE, Customized, add_identifiers, load_state
 from ctrlgen.metrics.image import VAEEncoderFeatures
 from ctrlgen.models import load_base_model
+from ctrlgen.models.registry import weight_path
 from ctrlgen.sampling import text_to_image
 
 METHODS = ("CusDiff", "DisenDiff", "BAS", "Mine")
@@ -70,7 +72,9 @@ class Ch3Config:
     sweep_lrs: tuple[float, ...]
     step_scales: tuple[float, ...]
     omegas: tuple[float, ...]
+    n_ablation_datasets: int
     n_ratio_datasets: int
+    timing_steps: int
     mask: MaskSettings
     alpha: float
     omega: float
@@ -100,7 +104,8 @@ class Ch3Config:
                    sweep_lrs=tuple(float(x) for x in c["sweep"]["lrs"]),
                    step_scales=tuple(float(x) for x in c["sweep"]["step_scales"]),
                    omegas=tuple(float(x) for x in c["ablations"]["omegas"]),
-                   n_ratio_datasets=int(c["ablations"]["n_ratio_datasets"]), mask=mask, alpha=float(a["alpha"]),
+                   n_ablation_datasets=int(c["ablations"]["n_datasets"]),
+                   n_ratio_datasets=int(c["ablations"]["n_ratio_datasets"]), timing_steps=int(c["timing_steps"]), mask=mask, alpha=float(a["alpha"]),
                    omega=float(a["omega"]), bas_ti_lr=float(b["bas_ti_lr"]), bas_attn_weight=float(b["bas_attn_weight"]),
                    bind_weight=float(b["disendiff_bind_weight"]), sep_weight=float(b["disendiff_sep_weight"]),
                    general_word=str(c["general_word"]), contexts=tuple(str(x) for x in e["contexts"]),
@@ -332,19 +337,55 @@ def customized(base, trial: Trial) -> tuple[Any, Customized]:
 # ------------------------------------------------------------------------------------------ sampling and metrics
 @dataclass(frozen=True)
 class Extractors:
-    """Image features standing in for CLIP ("feat-I") and DINO ("cls-I") in mini (module doc)."""
+    """Feature extractors of the image-alignment and identity metrics, and their column names.
 
-    vae: VAEEncoderFeatures
-    classifier: AttributeClassifier
+    ``full`` (``models.weights.clip``/``dino`` set and the pretrained SD): CLIP ViT-L/14 image features
+    ("CLIP-I"), their text features ("CLIP-T") and the DINO CLS token ("DINO"). ``mini``/``smoke``: the scenes
+    VAE encoder ("feat-I") and the scenes attribute classifier ("cls-I"); no text metric.
+    Every ``image``/``identity`` function takes ``(B, 3, H, W)`` in [0, 1].
+    """
+
+    image: Callable[[torch.Tensor], torch.Tensor]
+    identity: Callable[[torch.Tensor], torch.Tensor]
+    text: Callable[[list[str]], torch.Tensor] | None
+    image_name: str
+    identity_name: str
     note: str
+
+    @property
+    def sync_name(self) -> str:
+        return f"CLIP-I-sync ({self.image_name}) ↓"
 
 
 def extractors(cfg: Mapping[str, Any], base) -> Extractors:
+    """The profile's extractors (class doc)."""
+    w = cfg["models"]["weights"]
+    if str(cfg["models"]["kind"]) != "mini" and str(w["clip"]) and str(w["dino"]):
+        return _clip_dino(weight_path(cfg, str(w["clip"]), "transformers"), weight_path(cfg, str(w["dino"]), "transformers"))
     data = load_domain_data(cfg, "scenes")
     clf = domain_classifier(cfg, data, BarSettings.from_profile(cfg))
-    return Extractors(VAEEncoderFeatures(base.vae).eval(), clf,
+    vae = VAEEncoderFeatures(base.vae).eval()
+    return Extractors(vae, lambda x: clf.features(x * 2 - 1), None, "feat-I", "cls-I",
                       "feat-I: scenes VAE-encoder features (CLIP-I stand-in); cls-I: scenes attribute-classifier "
-                      "features (DINO stand-in); colour fidelity / fusion measured from the world's palette")
+                      "features (DINO stand-in); colour fidelity / fusion measured from the world's palette; "
+                      "CLIP-T not measured (no text-image model offline)")
+
+
+def _clip_dino(clip_dir, dino_dir) -> Extractors:
+    """CLIP ViT-L/14 (image and text features) and DINO (CLS token) from local folders (§3.4.1)."""
+    clip = CLIPModel.from_pretrained(clip_dir, local_files_only=True).eval()
+    proc = CLIPProcessor.from_pretrained(clip_dir, local_files_only=True)
+    dino = AutoModel.from_pretrained(dino_dir, local_files_only=True).eval()
+    dproc = AutoImageProcessor.from_pretrained(dino_dir, local_files_only=True)
+
+    def pixels(processor, x):
+        return processor(images=[im.permute(1, 2, 0).numpy() for im in x.clamp(0, 1)], return_tensors="pt",
+                         do_rescale=False)["pixel_values"]
+
+    return Extractors(lambda x: clip.get_image_features(pixel_values=pixels(proc, x)),
+                      lambda x: dino(pixel_values=pixels(dproc, x)).last_hidden_state[:, 0],
+                      lambda t: clip.get_text_features(**proc(text=t, return_tensors="pt", padding=True)),
+                      "CLIP-I", "DINO", f"CLIP-I/CLIP-T: {clip_dir}; DINO: {dino_dir} (CLS token)")
 
 
 @torch.no_grad()
@@ -400,41 +441,52 @@ def _state_digest(state: Mapping[str, torch.Tensor]) -> str:
     return h.hexdigest()
 
 
-def score_samples(samples: Mapping[str, torch.Tensor], scene: Scene, ex: Extractors) -> pd.DataFrame:
-    """Per-image metrics: scope (single / group), concept, feat-I, cls-I, colour fidelity, feature fusion."""
+def class_prompts(scene: Scene, cc: Ch3Config) -> dict[str, list[str]]:
+    """CLIP-T's texts: each sample's prompt with its identifier tokens replaced by the class names."""
+    n = len(scene.class_names)
+    subsets = [(i,) for i in range(n)] + [tuple(range(n))]
+    return {",".join(map(str, s)): [PROMPT_TEMPLATE.format(" and ".join(scene.class_names[i] for i in s)) + f" on a {c} background"
+                                    for c in cc.contexts for _ in range(cc.n_images)] for s in subsets}
+
+
+@torch.no_grad()
+def score_samples(samples: Mapping[str, torch.Tensor], scene: Scene, ex: Extractors,
+                  texts: Mapping[str, list[str]] | None = None) -> pd.DataFrame:
+    """Per-image metrics: scope (single / group), concept, image alignment, identity, (text alignment), colour
+    fidelity and feature fusion (module doc). References: the concept's crop for one concept, the input for the group."""
     rows = []
     n = len(scene.class_names)
-    whole = torch.from_numpy(scene.image).permute(2, 0, 1)[None].float() / 255
+    whole = torch.from_numpy(np.array(scene.image)).permute(2, 0, 1)[None].float() / 255
     for key, images in samples.items():
         subset = tuple(int(k) for k in key.split(","))
         single = len(subset) == 1
         ref = _crop(scene, subset[0]) if single else whole
-        feat = _cos(ex.vae, images, ref)
-        cls = _cos(lambda x: ex.classifier.features(x * 2 - 1), images, ref)
-        own = torch.stack([colour_share(images, scene.colours[i]) for i in subset]).mean(0)
+        cols = {ex.image_name: _cos(ex.image, images, ref), ex.identity_name: _cos(ex.identity, images, ref)}
+        if ex.text is not None and texts is not None:
+            cols["CLIP-T"] = F.cosine_similarity(ex.image(images), ex.text(texts[key]), dim=1)
+        cols["colour fidelity"] = torch.stack([colour_share(images, scene.colours[i]) for i in subset]).mean(0)
         others = [i for i in range(n) if i not in subset and scene.colours[i] not in {scene.colours[j] for j in subset}]
-        fusion = torch.stack([colour_share(images, scene.colours[i]) for i in others]).mean(0) if others else torch.full_like(own, float("nan"))
+        cols["feature fusion"] = (torch.stack([colour_share(images, scene.colours[i]) for i in others]).mean(0) if others
+                                  else torch.full((len(images),), float("nan")))
         for j in range(len(images)):
-            rows.append({"scope": "single" if single else "group", "concept": key, "image": j, "feat-I": float(feat[j]),
-                         "cls-I": float(cls[j]), "colour fidelity": float(own[j]), "feature fusion": float(fusion[j])})
+            rows.append({"scope": "single" if single else "group", "concept": key, "image": j,
+                         **{k: float(v[j]) for k, v in cols.items()}})
     return pd.DataFrame(rows)
 
 
-def sync(per_image: pd.DataFrame) -> float:
-    """CLIP-I-sync analogue: |mean feat-I of concept 1 − of concept 2| in single-concept samples."""
-    s = per_image[per_image.scope == "single"].groupby("concept")["feat-I"].mean()
+def sync(per_image: pd.DataFrame, column: str = "feat-I") -> float:
+    """CLIP-I-sync (§3.4.1): |mean image alignment of concept 1 − of concept 2| in single-concept samples."""
+    s = per_image[per_image.scope == "single"].groupby("concept")[column].mean()
     return float(abs(s.iloc[0] - s.iloc[1])) if len(s) >= 2 else float("nan")
 
 
-METRICS = ("feat-I", "cls-I", "colour fidelity", "feature fusion")
-
-
 def summary(per_image: pd.DataFrame) -> dict[tuple[str, str], float]:
-    """Table 3.1's rows for one method: each metric per scope and the sync."""
+    """Table 3.1's rows for one method: each metric column per scope."""
+    metrics = [c for c in per_image.columns if c not in ("scope", "concept", "image", "dataset")]
     out = {}
     for scope, label in (("single", "Single concept"), ("group", "Concept group")):
         part = per_image[per_image.scope == scope]
-        for m in METRICS:
+        for m in metrics:
             out[(label, m)] = float(part[m].mean())
     return out
 
@@ -446,11 +498,18 @@ class Evaluated:
     trials: list[Trial]
     per_image: pd.DataFrame
     syncs: list[float]
+    image_name: str = "feat-I"
 
     @property
     def score(self) -> float:
-        """What picks the best trial of a sweep (§3.6.3: "best-performing"): mean feat-I over both scopes."""
-        return float(self.per_image.groupby("scope")["feat-I"].mean().mean())
+        """What picks the best trial of a sweep (§3.6.3: "best-performing"): mean image alignment over both scopes."""
+        return float(self.per_image.groupby("scope")[self.image_name].mean().mean())
+
+    def only(self, datasets: Sequence[str]) -> "Evaluated":
+        """The same arm restricted to ``datasets`` (a like-for-like subset for the ablations)."""
+        keep = [i for i, t in enumerate(self.trials) if t.scene.name in set(datasets)]
+        return Evaluated([self.trials[i] for i in keep], self.per_image[self.per_image.dataset.isin(list(datasets))],
+                         [self.syncs[i] for i in keep], self.image_name)
 
 
 def evaluate_arm(cfg, base, method: str, scenes: Sequence[Scene], settings: dict[str, Any], cc: Ch3Config, ex: Extractors) -> Evaluated:
@@ -458,11 +517,11 @@ def evaluate_arm(cfg, base, method: str, scenes: Sequence[Scene], settings: dict
     trials, frames, syncs = [], [], []
     for scene in scenes:
         t = finetune(cfg, base, method, scene, settings, cc)
-        per = score_samples(sample_trial(cfg, base, t, cc), scene, ex).assign(dataset=scene.name)
+        per = score_samples(sample_trial(cfg, base, t, cc), scene, ex, class_prompts(scene, cc)).assign(dataset=scene.name)
         trials.append(t)
         frames.append(per)
-        syncs.append(sync(per))
-    return Evaluated(trials, pd.concat(frames, ignore_index=True), syncs)
+        syncs.append(sync(per, ex.image_name))
+    return Evaluated(trials, pd.concat(frames, ignore_index=True), syncs, ex.image_name)
 
 
 def arm_table(arms: Mapping[str, Evaluated]) -> pd.DataFrame:
@@ -470,7 +529,7 @@ def arm_table(arms: Mapping[str, Evaluated]) -> pd.DataFrame:
     cols = {}
     for name, ev in arms.items():
         col = summary(ev.per_image)
-        col[("Concept group", "CLIP-I-sync (feat-I) ↓")] = float(np.nanmean(ev.syncs))
+        col[("Concept group", f"CLIP-I-sync ({ev.image_name}) ↓")] = float(np.nanmean(ev.syncs))
         cols[name] = col
     frame = pd.DataFrame(cols)
     frame.index = pd.MultiIndex.from_tuples(frame.index, names=["scope", "metric"])
@@ -491,6 +550,18 @@ def sweep(cfg, base, scenes, cc: Ch3Config, ex: Extractors, lrs: Sequence[float]
 def best(trials: Mapping[str, Evaluated]) -> tuple[str, Evaluated]:
     name = max(trials, key=lambda k: trials[k].score)
     return name, trials[name]
+
+
+def step_time_ratio(base, scene: Scene, cc: Ch3Config) -> dict[str, float]:
+    """Seconds per training step of AttenCraft and of Custom Diffusion, measured side by side in this process
+    (``timing_steps`` steps each, the loop only: Stage I and set-up excluded), and their ratio (issue 16's benchmark)."""
+    lat = latent_of(base, scene)
+    common = dict(steps=cc.timing_steps, lr=1e-4, cross_res=cc.train_cross_res, seed=cc.seed)
+    mine = attencraft_finetune(copy.deepcopy(base), lat, scene.class_names, AttenCraftConfig(masks=cc.mask, **common),
+                               true_masks=torch.from_numpy(scene.masks))
+    cd = custom_diffusion_finetune(copy.deepcopy(base), lat, scene.class_names, CustomDiffusionConfig(**common))
+    a, b = mine.train.seconds / cc.timing_steps, cd.train.seconds / cc.timing_steps
+    return {"AttenCraft s/step": a, "Custom Diffusion s/step": b, "ratio": a / b}
 
 
 # ------------------------------------------------------------------------------------------ figures
@@ -562,5 +633,5 @@ def init_scores(base, scene: Scene, cc: Ch3Config, general: str) -> dict[str, np
 __all__ = ["METHODS", "Ch3Config", "Scene", "load_scenes", "three_concept_scene", "same_class_scene", "base_model",
            "variants", "default_name", "latent_of", "MASK_ABLATIONS", "stage_one_masks", "mask_table", "mask_figure", "ratio_table",
            "Trial", "trial_settings", "finetune", "customized", "Extractors", "extractors", "colour_share", "prompts_for",
-           "sample_trial", "score_samples", "sync", "summary", "Evaluated", "evaluate_arm", "arm_table", "sweep", "best",
+           "sample_trial", "class_prompts", "score_samples", "step_time_ratio", "sync", "summary", "Evaluated", "evaluate_arm", "arm_table", "sweep", "best",
            "samples_figure", "attention_figure", "loss_curves", "init_scores"]
