@@ -1,0 +1,372 @@
+"""Chapter 5's experiments (§5.4, §5.5): skin-tone annotation (Table 5.1), bias identification (Fig. 5.4 / 5.8 with tests)
+and the mitigation tables (Table 5.3 / 5.4) with what this book can run.
+
+Everything trained is cached by content (``ctrlgen.result_cache``): the skin-tone base models' predictions, each
+segmenter's weights and each finetuned segmenter's predictions, keyed by settings, data and code.
+"""
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import inspect
+import json
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+
+from ctrlgen import result_cache
+from ctrlgen.analysis.bias import ShiftSettings, annotate, poor_subsets, shift_table
+from ctrlgen.data import load_dataset
+from ctrlgen.data.attributes import FST_GROUPS
+from ctrlgen.data.worlds.dermoscopy import DermWorldConfig, generate_dermoscopy
+from ctrlgen.downstream.segmenters import build_segmenter
+from ctrlgen.downstream.train import FitSettings, predict_masks, train_segmenter
+from ctrlgen.metrics.overlap import dice, iou
+from ctrlgen.methods.skin_tone import (
+    BASE_MODELS,
+    DISPLAY_NAMES,
+    ENSEMBLE_BASES,
+    ENSEMBLES,
+    FINAL_ENSEMBLE,
+    ITA_METHODS,
+    BaseFitConfig,
+    SkinToneAnnotator,
+    build_base_model,
+    finetune_base,
+    fit_ensembles,
+    group_index,
+    ita_annotate,
+    predict_proba,
+    score_table,
+    stack_features,
+)
+from ctrlgen.runtime import resolve_device
+from ctrlgen.seeding import seed_everything
+
+SEGMENTER_NAMES = {"attention_unet": "AttenU-Net", "dcsau_net": "DCSAU-Net", "fat_net": "FAT-Net"}
+# Table 5.3 / 5.4 data sources; the generative ones need generators this book does not have yet (see ``not_run_reasons``)
+SOURCES = ("Pretrained", "Training Sample (Random)", "Training Sample (Target)", "ControlNet", "IP-Adapter",
+           "ControlNet+StyleID", "Mine")
+DUAL_BRANCH_AVAILABLE = importlib.util.find_spec("ctrlgen.methods.dual_branch") is not None
+
+
+# ================================================================================================ settings
+@dataclass(frozen=True)
+class Ch05Config:
+    """Chapter 5's settings, typed once from the profile section ``ch05``."""
+
+    tone_train_images: int          # procedural stand-in for Fitzpatrick17k (80/20 train/val)
+    tone_test_per_group: int        # procedural stand-in for DDI: class-balanced test set
+    tone_resolution: int
+    patch_size: int                 # 8-patch ITA patch side (20 px in Bevan & Atapour-Abarghouei 2022 at full size)
+    tone_fit: BaseFitConfig
+    bias_images: int                # procedural bias set when ISIC 2018 Task 1 is absent
+    resolution: int
+    segmenters: tuple[str, ...]
+    segmenter_size: str
+    seg_fit: FitSettings
+    thresholds: tuple[float, ...]
+    external_thresholds: tuple[float, ...]
+    n_resamples: int
+    low_contrast_threshold: float
+    finetune_fit: FitSettings
+    seed: int
+
+    @classmethod
+    def from_profile(cls, cfg: Mapping[str, Any]) -> "Ch05Config":
+        c, device, seed = cfg["ch05"], resolve_device(cfg), int(cfg["seed"])
+        s, m = c["segmentation"], c["mitigation"]
+
+        def fit(section, lr_key: str) -> FitSettings:
+            return FitSettings(max_epochs=int(section["max_epochs"]), batch_size=int(section["batch_size"]),
+                               lr=float(section[lr_key]), patience=int(section["patience"]), seed=seed, device=device)
+        return cls(tone_train_images=int(c["skin_tone"]["n_train_images"]),
+                   tone_test_per_group=int(c["skin_tone"]["n_test_per_group"]),
+                   tone_resolution=int(c["skin_tone"]["resolution"]), patch_size=int(c["skin_tone"]["patch_size"]),
+                   tone_fit=BaseFitConfig.from_profile(cfg), bias_images=int(c["bias"]["n_procedural_images"]),
+                   resolution=int(c["bias"]["resolution"]), segmenters=tuple(str(n) for n in s["models"]),
+                   segmenter_size=str(s["size"]), seg_fit=fit(s, "lr"),
+                   thresholds=tuple(float(t) for t in c["bias"]["thresholds"]),
+                   external_thresholds=tuple(float(t) for t in c["bias"]["external_thresholds"]),
+                   n_resamples=int(c["bias"]["n_resamples"]), low_contrast_threshold=float(m["low_contrast_threshold"]),
+                   finetune_fit=fit(m, "lr"), seed=seed)
+
+    @property
+    def shift(self) -> ShiftSettings:
+        return ShiftSettings(self.thresholds, self.n_resamples, self.seed)
+
+
+def _digest(*values: Any) -> str:
+    h = hashlib.sha256()
+    for v in values:
+        if isinstance(v, np.ndarray):
+            h.update(f"{v.dtype}{v.shape}".encode())
+            h.update(np.ascontiguousarray(v).tobytes())
+        else:
+            h.update(json.dumps(v, sort_keys=True, default=str).encode())
+    return h.hexdigest()[:20]
+
+
+def _source(*functions: Any) -> str:
+    return _digest([inspect.getsource(f) for f in functions])
+
+
+# ================================================================================================ data
+@dataclass
+class SegSet:
+    """Images (N, H, W, 3) uint8 and masks (N, H, W) bool of one split."""
+
+    images: np.ndarray
+    masks: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def take(self, index: np.ndarray) -> "SegSet":
+        return SegSet(self.images[index], self.masks[index])
+
+
+@dataclass
+class BiasData:
+    """Train / val / test splits of the bias-analysis dataset, where they came from, and the external set if any."""
+
+    train: SegSet
+    val: SegSet
+    test: SegSet
+    source: str
+    external: SegSet | None
+    external_note: str
+
+
+def _split(images: np.ndarray, masks: np.ndarray, seed: int, fractions=(0.7, 0.1, 0.2)) -> tuple[SegSet, SegSet, SegSet]:
+    order = np.random.default_rng(seed).permutation(len(images))
+    a, b = int(fractions[0] * len(images)), int((fractions[0] + fractions[1]) * len(images))
+    return tuple(SegSet(images[i], masks[i]) for i in (order[:a], order[a:b], order[b:]))
+
+
+def bias_data(cfg: Mapping[str, Any], cc: Ch05Config) -> BiasData:
+    """ISIC 2018 Task 1 at ``resolution`` px from the data root (its records' train/val/test splits), else the procedural
+    dermoscopy world (``bias_images`` scenes, 70/10/20); PH2 as the external set when the data root holds it."""
+    ds = load_dataset("isic2018_task1", cfg, resolution=cc.resolution, require_images=True)
+    if ds.source != "procedural":
+        parts = {}
+        for split in ("train", "val", "test"):
+            recs = [r for r in ds.with_images() if r.split == split and r.mask_path is not None]
+            images, masks = ds.load_arrays(recs)
+            parts[split] = SegSet(images, masks.astype(bool))
+        train, val, test = parts["train"], parts["val"], parts["test"]
+        source = f"ISIC 2018 Task 1 ({ds.source}), {len(train)}/{len(val)}/{len(test)} train/val/test at {cc.resolution} px"
+    else:
+        scenes = generate_dermoscopy(cc.bias_images, seed=cc.seed + 5, config=DermWorldConfig(resolution=cc.resolution))
+        train, val, test = _split(scenes.images, scenes.masks, cc.seed)
+        source = (f"procedural dermoscopy world ({cc.bias_images} scenes at {cc.resolution} px, 70/10/20 train/val/test): "
+                  "ISIC 2018 Task 1 is not in the data root")
+    ph2 = load_dataset("ph2", cfg, resolution=cc.resolution, require_images=True)
+    external, note = None, "PH2 is not in the data root: the external-set analysis (thesis: HAM10000) did not run"
+    if ph2.source != "procedural":
+        recs = [r for r in ph2.with_images() if r.mask_path is not None]
+        images, masks = ph2.load_arrays(recs)
+        external, note = SegSet(images, masks.astype(bool)), f"PH2 ({len(recs)} images) stands in for HAM10000"
+    return BiasData(train, val, test, source, external, note)
+
+
+# ================================================================================================ skin tone (Table 5.1)
+@dataclass
+class ToneData:
+    """Procedural stand-ins for Fitzpatrick17k (train/val, ISIC-like skin-type weights) and DDI (balanced test)."""
+
+    train_x: np.ndarray
+    train_y: np.ndarray
+    val_x: np.ndarray
+    val_y: np.ndarray
+    test_x: np.ndarray
+    test_y: np.ndarray
+    note: str
+
+
+def tone_data(cc: Ch05Config) -> ToneData:
+    """Scenes with known Fitzpatrick types (the world's skin ITA is a control), grouped I-II / III-IV / V-VI."""
+    world = DermWorldConfig(resolution=cc.tone_resolution)
+    scenes = generate_dermoscopy(cc.tone_train_images, seed=cc.seed + 11, config=world)
+    y = group_index([{"I": "I-II", "II": "I-II", "III": "III-IV", "IV": "III-IV"}.get(t, "V-VI")
+                     for t in scenes.truth["fitzpatrick"]])
+    n_val = max(3, len(y) // 5)  # §5.4.1: 80/20 train/validation
+    balanced = DermWorldConfig(resolution=cc.tone_resolution, skin_type_weights=(1, 1, 1, 1, 1, 1))
+    test = generate_dermoscopy(3 * cc.tone_test_per_group, seed=cc.seed + 12, config=balanced)
+    test_y = group_index([{"I": "I-II", "II": "I-II", "III": "III-IV", "IV": "III-IV"}.get(t, "V-VI")
+                          for t in test.truth["fitzpatrick"]])
+    note = (f"Fitzpatrick17k and DDI images are not here: the base models train on {len(y) - n_val} procedural scenes "
+            f"(validation {n_val}; ISIC-like skin-type mix) and are tested on {len(test_y)} scenes with equal skin-type "
+            "weights (DDI-like balance), labels from the world's skin ITA")
+    return ToneData(scenes.images[n_val:], y[n_val:], scenes.images[:n_val], y[:n_val], test.images, test_y, note)
+
+
+def _base_predictions(name: str, data: ToneData, extra: np.ndarray, fit: BaseFitConfig) -> dict[str, Any]:
+    seed_everything(fit.seed)
+    res = finetune_base(build_base_model(name, 3, fit.image_size), data.train_x, data.train_y, data.val_x, data.val_y, fit)
+    return {"val": predict_proba(res.model, data.val_x, fit.image_size),
+            "test": predict_proba(res.model, data.test_x, fit.image_size),
+            "extra": predict_proba(res.model, extra, fit.image_size),
+            "history": np.array([[h["epoch"], h["loss"], h["val_f1"]] for h in res.history]),
+            "best_epoch": np.array(res.best_epoch)}
+
+
+def base_predictions(cfg: Mapping[str, Any], cc: Ch05Config, data: ToneData, extra: np.ndarray) -> dict[str, dict]:
+    """Each base model finetuned once (cached): its probabilities on the validation, test and ``extra`` images
+    (the bias-analysis images the annotator labels). Weights are not kept: the predictions are what the chapter uses."""
+    out = {}
+    for name in BASE_MODELS:
+        parts = {"what": "ch05 skin-tone base model", "name": name, "fit": asdict(cc.tone_fit),
+                 "data": _digest(data.train_x, data.train_y, data.val_x, data.test_x), "extra": _digest(extra),
+                 "function": _source(_base_predictions)}
+        out[name] = result_cache.cached(parts, lambda n=name: _base_predictions(n, data, extra, cc.tone_fit), kind="numpy",
+                                        cfg=cfg, code=["ctrlgen.methods.skin_tone"])
+    return out
+
+
+@dataclass
+class ToneResult:
+    table: pd.DataFrame                 # Table 5.1 analogue
+    per_image_correct: dict[str, np.ndarray]
+    annotator: SkinToneAnnotator
+    extra_groups: np.ndarray            # the annotator's groups for the bias-analysis images
+    histories: dict[str, np.ndarray]
+
+
+def table_5_1(cc: Ch05Config, data: ToneData, preds: Mapping[str, Mapping[str, np.ndarray]]) -> ToneResult:
+    """ITA baselines, base models and the seven ensembles (fitted on validation predictions) on the balanced test set."""
+    rows, correct = {}, {}
+    for method in ITA_METHODS:
+        _, groups = ita_annotate(method, data.test_x, cc.patch_size)
+        pred = np.array([FST_GROUPS.index(g) if g in FST_GROUPS else -1 for g in groups])
+        rows[method], correct[method] = ("ITA-based methods", pred), pred == data.test_y
+    for name in BASE_MODELS:
+        pred = preds[name]["test"].argmax(1)
+        rows[DISPLAY_NAMES[name]], correct[DISPLAY_NAMES[name]] = ("Base models", pred), pred == data.test_y
+    val = {n: preds[n]["val"] for n in ENSEMBLE_BASES}
+    fitted = fit_ensembles(stack_features(val, ENSEMBLE_BASES), data.val_y, seed=cc.seed)
+    test = stack_features({n: preds[n]["test"] for n in ENSEMBLE_BASES}, ENSEMBLE_BASES)
+    for name in ENSEMBLES:
+        pred = fitted[name].predict(test)
+        rows[name], correct[name] = ("Ensemble models", pred), pred == data.test_y
+    annotator = SkinToneAnnotator(ENSEMBLE_BASES, fitted[FINAL_ENSEMBLE])
+    extra = annotator.predict({n: preds[n]["extra"] for n in ENSEMBLE_BASES})
+    return ToneResult(score_table(data.test_y, rows), correct, annotator, extra,
+                      {DISPLAY_NAMES[n]: preds[n]["history"] for n in BASE_MODELS})
+
+
+# ================================================================================================ segmenters (§5.4.2)
+def _train_segmenter(name: str, size: str, data: BiasData, fit: FitSettings) -> dict[str, Any]:
+    seed_everything(fit.seed)
+    res = train_segmenter(build_segmenter(name, size=size), data.train.images, data.train.masks, data.val.images,
+                          data.val.masks, fit)
+    return {"state": res.model.state_dict(), "history": [[h["epoch"], h["train loss"], h["validation"]] for h in res.history],
+            "best_epoch": res.best_epoch, "epochs_run": res.epochs_run}
+
+
+def _data_key(data: BiasData) -> str:
+    return _digest(data.train.images, data.train.masks, data.val.images, data.val.masks)
+
+
+def pretrained_segmenter(cfg: Mapping[str, Any], cc: Ch05Config, name: str, data: BiasData):
+    """A segmenter of §5.4.2 trained on the bias set's training split (cached weights), in eval mode, and its record."""
+    parts = {"what": "ch05 segmenter", "name": name, "size": cc.segmenter_size, "fit": asdict(cc.seg_fit) | {"device": ""},
+             "data": _data_key(data), "function": _source(_train_segmenter)}
+    stored = result_cache.cached(parts, lambda: _train_segmenter(name, cc.segmenter_size, data, cc.seg_fit), kind="torch",
+                                 cfg=cfg, code=["ctrlgen.downstream"])
+    model = build_segmenter(name, size=cc.segmenter_size)
+    model.load_state_dict(stored["state"])
+    return model.eval(), stored
+
+
+def scores(model, images: np.ndarray, masks: np.ndarray, batch_size: int) -> dict[str, np.ndarray]:
+    """Per-image IoU and Dice of a segmenter's masks (logit > 0) against ``masks``."""
+    pred = predict_masks(model, images, batch_size)
+    return {"iou": np.asarray(iou(pred, masks)), "dice": np.asarray(dice(pred, masks)), "pred": pred}
+
+
+# ================================================================================================ mitigation (§5.5)
+def low_contrast_subset(images: np.ndarray, masks: np.ndarray, threshold: float) -> np.ndarray:
+    """Indices of the training images with ITA Difference < ``threshold`` (§5.5.1: 30, 569 ISIC images)."""
+    attrs = annotate(images, masks)
+    index = np.flatnonzero(attrs["ita_difference"].to_numpy() < threshold)
+    if len(index) == 0:
+        raise ValueError(f"no training image has ITA Difference < {threshold}: the low-contrast subset is empty "
+                         f"(range {attrs['ita_difference'].min():.1f} .. {attrs['ita_difference'].max():.1f})")
+    return index
+
+
+def random_subset(n_total: int, size: int, seed: int) -> np.ndarray:
+    """The "Training Sample (Random)" control: ``size`` training images drawn without replacement."""
+    return np.sort(np.random.default_rng([seed, 55]).choice(n_total, size=min(size, n_total), replace=False))
+
+
+def _finetune(name: str, size: str, state: dict, train: SegSet, val: SegSet, test: SegSet, fit: FitSettings) -> dict:
+    seed_everything(fit.seed)
+    model = build_segmenter(name, size=size)
+    model.load_state_dict(state)
+    res = train_segmenter(model, train.images, train.masks, val.images, val.masks, fit)
+    out = scores(res.model, test.images, test.masks, fit.batch_size)
+    return {"iou": out["iou"], "dice": out["dice"], "epochs_run": np.array(res.epochs_run)}
+
+
+def finetuned_scores(cfg: Mapping[str, Any], cc: Ch05Config, name: str, stored: dict, finetune_set: SegSet,
+                     data: BiasData, test: SegSet, label: str) -> dict[str, np.ndarray]:
+    """Per-image test IoU/Dice of a pretrained segmenter finetuned on ``finetune_set`` (§5.5.1: lr 1e-4, batch 24;
+    synthetic or real data only, no mixing), cached by content."""
+    if len(finetune_set) == 0:
+        raise ValueError(f"{label}: the finetuning set is empty")
+    parts = {"what": "ch05 finetuned segmenter", "name": name, "size": cc.segmenter_size, "label": label,
+             "pretrained": _digest(*[v.numpy() for v in stored["state"].values()]),
+             "fit": asdict(cc.finetune_fit) | {"device": ""}, "set": _digest(finetune_set.images, finetune_set.masks),
+             "val": _digest(data.val.images), "test": _digest(test.images, test.masks), "function": _source(_finetune, scores)}
+    return result_cache.cached(parts, lambda: _finetune(name, cc.segmenter_size, stored["state"], finetune_set, data.val, test,
+                                                        cc.finetune_fit), kind="numpy", cfg=cfg, code=["ctrlgen.downstream"])
+
+
+def not_run_reasons() -> dict[str, str]:
+    """Why a Table 5.3 / 5.4 data source has no row in this run (never a typed number)."""
+    dual = ("the dual-branch generator (ctrlgen.methods.dual_branch, Algorithm 3) is in the book but its pair generation "
+            "is not wired into this chapter yet" if DUAL_BRANCH_AVAILABLE else
+            "the dual-branch generator (ctrlgen.methods.dual_branch, Algorithm 3) is not in this book yet")
+    return {"ControlNet": "no ControlNet baseline in this book yet", "IP-Adapter": "no IP-Adapter baseline in this book yet",
+            "ControlNet+StyleID": "no ControlNet + StyleID baseline in this book yet", "Mine": dual}
+
+
+def mitigation_table(per_source: Mapping[str, Mapping[str, Mapping[str, np.ndarray]]], s06: Mapping[str, np.ndarray],
+                     subset_name: str = "S_{0.6}") -> pd.DataFrame:
+    """Table 5.3 / 5.4 rows (segmenter, source): mean IoU and Dice on S_0.6 (fixed per model from its pretrained
+    predictions) and on all images. ``per_source[model][source]`` holds per-image ``iou``/``dice``."""
+    rows = {}
+    for model, sources in per_source.items():
+        member = s06[model]
+        for source, sc in sources.items():
+            rows[(SEGMENTER_NAMES.get(model, model), source)] = {
+                (f"Poorly segmented samples {subset_name}", "IoU ↑"): float(sc["iou"][member].mean()) if member.any() else np.nan,
+                (f"Poorly segmented samples {subset_name}", "Dice ↑"): float(sc["dice"][member].mean()) if member.any() else np.nan,
+                ("All samples", "IoU ↑"): float(sc["iou"].mean()), ("All samples", "Dice ↑"): float(sc["dice"].mean())}
+    frame = pd.DataFrame.from_dict(rows, orient="index")
+    frame.index = pd.MultiIndex.from_tuples(frame.index, names=["Segmentation model", "Data source"])
+    frame.columns = pd.MultiIndex.from_tuples(frame.columns)
+    return frame
+
+
+def split_for_claim(values: np.ndarray, iou_values: np.ndarray, threshold: float) -> tuple[np.ndarray, np.ndarray, str]:
+    """(values in S_θ, values of the rest, note): when S_θ or its rest is empty (tiny smoke sets), the split falls back to the
+    median IoU and the note says so."""
+    member = iou_values < threshold
+    note = f"S_{threshold:g} (IoU < {threshold:g}) vs the rest"
+    if member.all() or not member.any():
+        member = iou_values < np.median(iou_values)
+        note = f"S_{threshold:g} or its rest was empty: split at the median IoU instead"
+    return values[member], values[~member], note
+
+
+__all__ = ["Ch05Config", "BiasData", "SegSet", "bias_data", "ToneData", "tone_data", "base_predictions", "table_5_1",
+           "pretrained_segmenter", "scores", "low_contrast_subset", "random_subset", "finetuned_scores", "not_run_reasons",
+           "mitigation_table", "split_for_claim", "SEGMENTER_NAMES", "SOURCES", "DUAL_BRANCH_AVAILABLE", "annotate",
+           "poor_subsets", "shift_table"]

@@ -1,0 +1,90 @@
+"""Chapter 5's experiment module: settings from the profile, the procedural tone data, Table 5.1 assembly, the
+low-contrast selection and its bad input, the mitigation table by hand, and the "not run" rows."""
+import numpy as np
+import pandas as pd
+import pytest
+
+from ctrlgen.config import load_profile
+from ctrlgen.experiments import ch05_lowcontrast as ch05
+from ctrlgen.data.worlds.dermoscopy import generate_dermoscopy
+from ctrlgen.methods.skin_tone import BASE_MODELS
+from ctrlgen.thesis import thesis_frame
+
+
+@pytest.fixture(scope="module")
+def cc():
+    return ch05.Ch05Config.from_profile(load_profile("smoke"))
+
+
+def test_settings_from_every_profile():
+    for name in ("smoke", "mini", "full"):
+        c = ch05.Ch05Config.from_profile(load_profile(name))
+        assert set(c.segmenters) == set(ch05.SEGMENTER_NAMES)
+        assert c.low_contrast_threshold == 30.0 and c.thresholds == (0.8, 0.6)
+    full = ch05.Ch05Config.from_profile(load_profile("full"))
+    assert (full.tone_fit.lr, full.tone_fit.batch_size, full.tone_fit.patience) == (1e-3, 64, 10)  # §5.4.1
+    assert (full.seg_fit.lr, full.seg_fit.batch_size, full.seg_fit.patience) == (1e-3, 24, 20)     # §5.4.2
+    assert (full.finetune_fit.lr, full.finetune_fit.batch_size) == (1e-4, 24)                       # §5.5.1
+
+
+def test_tone_data_has_a_balanced_test_set(cc):
+    tone = ch05.tone_data(cc)
+    assert len(tone.test_y) == 3 * cc.tone_test_per_group
+    assert len(tone.val_y) + len(tone.train_y) == cc.tone_train_images
+    assert set(np.unique(tone.test_y)) <= {0, 1, 2}
+    assert "Fitzpatrick17k" in tone.note and "DDI" in tone.note
+
+
+def test_table_5_1_rows_match_the_thesis_table(cc):
+    tone = ch05.tone_data(cc)
+    rng = np.random.default_rng(0)
+
+    def fake(y):  # a base model that is right 80% of the time
+        p = np.full((len(y), 3), 0.1)
+        right = rng.uniform(size=len(y)) < 0.8
+        p[np.arange(len(y)), np.where(right, y, (y + 1) % 3)] = 0.8
+        return p
+    preds = {n: {"val": fake(tone.val_y), "test": fake(tone.test_y), "extra": fake(np.zeros(5, int)),
+                 "history": np.zeros((1, 3))} for n in BASE_MODELS}
+    res = ch05.table_5_1(cc, tone, preds)
+    assert set(res.table.index) == set(thesis_frame("5.1").index)
+    assert list(res.table.columns) == list(thesis_frame("5.1").columns)
+    assert len(res.extra_groups) == 5
+    assert res.per_image_correct["Logistic Regression"].shape == tone.test_y.shape
+
+
+def test_low_contrast_subset_selects_by_ita_difference_and_refuses_an_empty_one():
+    scenes = generate_dermoscopy(24, seed=1, overrides={"ita_difference": np.r_[np.full(8, 10.0), np.full(16, 60.0)]})
+    index = ch05.low_contrast_subset(scenes.images, scenes.masks, 30.0)
+    assert set(index) == set(range(8))
+    with pytest.raises(ValueError, match="low-contrast subset is empty"):
+        ch05.low_contrast_subset(scenes.images[8:], scenes.masks[8:], 30.0)
+
+
+def test_random_control_has_the_target_size():
+    idx = ch05.random_subset(50, 12, seed=0)
+    assert len(idx) == 12 == len(set(idx)) and idx.max() < 50
+
+
+def test_mitigation_table_by_hand():
+    per_source = {"dcsau_net": {"Pretrained": {"iou": np.array([0.2, 0.5, 0.9]), "dice": np.array([0.3, 0.6, 0.95])},
+                                "Training Sample (Target)": {"iou": np.array([0.4, 0.7, 0.8]), "dice": np.array([0.5, 0.8, 0.9])}}}
+    s06 = {"dcsau_net": np.array([True, True, False])}
+    t = ch05.mitigation_table(per_source, s06)
+    assert t.loc[("DCSAU-Net", "Training Sample (Target)"), ("Poorly segmented samples S_{0.6}", "IoU ↑")] == pytest.approx(0.55)
+    assert t.loc[("DCSAU-Net", "Pretrained"), ("All samples", "Dice ↑")] == pytest.approx((0.3 + 0.6 + 0.95) / 3)
+    assert set(t.columns) == set(thesis_frame("5.3").columns)
+
+
+def test_generative_rows_say_why_they_did_not_run():
+    reasons = ch05.not_run_reasons()
+    assert set(reasons) == {"ControlNet", "IP-Adapter", "ControlNet+StyleID", "Mine"}
+    assert all(isinstance(v, str) and v for v in reasons.values())
+
+
+def test_claim_split_falls_back_to_the_median_and_says_so():
+    values, ious = np.arange(4.0), np.array([0.1, 0.2, 0.3, 0.4])
+    poor, rest, note = ch05.split_for_claim(values, ious, 0.6)
+    assert poor.tolist() == [0.0, 1.0] and rest.tolist() == [2.0, 3.0] and "median" in note
+    poor, rest, note = ch05.split_for_claim(values, np.array([0.1, 0.9, 0.3, 0.7]), 0.6)
+    assert poor.tolist() == [0.0, 2.0] and "median" not in note
