@@ -211,6 +211,18 @@ run.log_table("ch03.limitations_mask_iou", lim)
 lim
 
 # %% [markdown]
+# AttenCraft trained on the three-concept image (Fig. 3.11 analogue): every single concept and the group.
+
+# %%
+three = ch03_attencraft.evaluate_arm(cfg, base, "Mine", extra[:1], ch03_attencraft.trial_settings(cc, "Mine", 1e-4), cc, ex)
+three_samples = ch03_attencraft.sample_trial(cfg, base, three.trials[0], cc)
+run.show(ch03_attencraft.samples_figure({"Mine": three_samples}, extra[0], "Fig. 3.11 analogue: three concepts"),
+         "fig_3_11_three_concepts")
+three_t = ch03_attencraft.arm_table({"Mine, three concepts": three})
+run.log_table("ch03.three_concepts", three_t)
+three_t
+
+# %% [markdown]
 # ## Claims
 
 # %% tags=["hide-input"]

@@ -33,9 +33,20 @@ def _identity_self(side):
 def test_suppression_squares_the_cross_maps_when_enhancement_is_off():
     cross = torch.tensor([[[0.5, 0.2], [0.1, 0.0]]])
     s = MaskSettings(nu=2.0, enhancement=False)
-    out = refined_maps(cross, _identity_self(2), s)
-    assert torch.allclose(out, torch.tensor([[[0.25, 0.04], [0.01, 0.0]]]))
-    assert torch.allclose(refined_maps(cross, _identity_self(2), MaskSettings(suppression=False, enhancement=False)), cross)
+    out = refined_maps(cross, _identity_self(2), s)  # divided by its maximum 0.25
+    assert torch.allclose(out, torch.tensor([[[0.25, 0.04], [0.01, 0.0]]]) / 0.25)
+    assert torch.allclose(refined_maps(cross, _identity_self(2), MaskSettings(suppression=False, enhancement=False)), cross / 0.5)
+
+
+def test_masks_survive_the_tiny_values_of_real_maps():
+    # real A_S rows over 1024 pixels are ~1e-3 and A_C ~1e-2: (A_C)^2 ⊗ (A_S)^4 is ~1e-13, under a 1e-8 range floor
+    a = torch.tensor([[1.0, 0.0], [0.8, 0.05]])
+    b = torch.tensor([[0.0, 1.0], [0.1, 0.9]])
+    s = MaskSettings(nu=2.0, tau=4.0)
+    sa = torch.full((4, 4), 0.25) + torch.eye(4) * 0.5
+    big = concept_masks(torch.stack([a, b]), sa / sa.sum(1, keepdim=True), s)
+    tiny = concept_masks(torch.stack([a, b]) * 1e-2, (sa / sa.sum(1, keepdim=True)) * 1e-3, s)
+    assert big.any() and torch.equal(big, tiny)
 
 
 def test_enhancement_is_an_elementwise_power_then_matrix_product():
@@ -43,7 +54,7 @@ def test_enhancement_is_an_elementwise_power_then_matrix_product():
     sa = torch.tensor([[0.6, 0.4, 0.0, 0.0], [0.2, 0.8, 0.0, 0.0], [0.5, 0.0, 0.5, 0.0], [0.1, 0.0, 0.0, 0.9]])
     cross = torch.tensor([[[1.0, 0.0], [0.0, 0.0]]])
     out = refined_maps(cross, sa, MaskSettings(nu=1.0, tau=2.0))
-    assert torch.allclose(out.flatten(), torch.tensor([0.36, 0.04, 0.25, 0.01]))
+    assert torch.allclose(out.flatten(), torch.tensor([0.36, 0.04, 0.25, 0.01]) / 0.36)
 
 
 def test_delta_mask_hand_case_two_concepts():

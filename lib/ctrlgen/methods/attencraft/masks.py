@@ -58,16 +58,21 @@ class MaskSettings:
 def refined_maps(cross: torch.Tensor, self_attn: torch.Tensor, settings: MaskSettings) -> torch.Tensor:
     """Eq. (3.2): ``A_C^S = (A_C)^ν ⊗ (A_S)^τ`` for a concept stack ``cross`` ``(K, hc, wc)`` and ``self_attn`` ``(N, N)``.
 
-    Returns ``(K, hs, ws)`` at the self-attention side (module doc: upsampling, element-wise powers).
+    Returns ``(K, hs, ws)`` at the self-attention side (module doc: upsampling, element-wise powers), each map
+    divided by its maximum (computed in float64: the raw product is tiny).
     """
     side = int(round(self_attn.shape[-1] ** 0.5))
-    a = resize_maps(cross.float(), side) if cross.shape[-1] != side else cross.float()
+    # float64: (A_S)^τ of a 32x32 map is ~(1e-3)^4 per entry, and the product lands near 1e-13
+    a = resize_maps(cross.double(), side) if cross.shape[-1] != side else cross.double()
     a = a.clamp_min(0)
     if settings.suppression:
         a = suppress(a, settings.nu)
     if settings.enhancement:
-        a = self_enhance(a, self_attn.float(), settings.tau, power="elementwise")
-    return a
+        a = self_enhance(a, self_attn.double(), settings.tau, power="elementwise")
+    # each map divided by its own maximum: a scale, so the min-max normalisation before γ is unchanged, but the
+    # maps no longer fall under normalize_minmax's 1e-8 range floor (which would empty every mask)
+    peak = a.flatten(-2).amax(-1).clamp_min(torch.finfo(a.dtype).tiny)
+    return (a / peak[..., None, None]).float()
 
 
 def concept_masks(cross: torch.Tensor, self_attn: torch.Tensor, settings: MaskSettings = MaskSettings()) -> torch.Tensor:
