@@ -73,6 +73,10 @@ for name, count in sets.counts.items():
     run.log_metric("ch06.data", "vision labels", name, count)
 print("label handling:", sets.counts)
 print("example prompts:", *sorted(set(sets.train_prompts))[:5], sep="\n  ")
+lengths = ch06.prompt_lengths(base, sets.train_prompts)
+for name, count in lengths.items():
+    run.log_metric("ch06.data", "training prompts", name, count)
+print("prompt tokens:", lengths)
 ch06.label_summary(sets)
 
 # %% [markdown]
@@ -122,6 +126,15 @@ run.note(f"Table 6.1 metrics: {metric_note}")
 t61 = ch06.table_6_1(cfg, ctx, vm, fid_features)
 run.log_table("6.1", t61.table)
 compare("6.1", t61.table, cfg.profile_name)
+
+# %% [markdown]
+# What the reference image embedding changes, per backbone and length (with RIE minus without; the thesis's §7.2
+# reads its U-ViT rows as a limitation of averaging: better FID, lower PSNR and SSIM):
+
+# %%
+effect = ch06.rie_effect(t61.table)
+run.log_table("ch06.rie_effect", effect.xs("this run", axis=1, level=1))
+effect
 
 # %%
 run.show(figures.image_grid_figure({**{k: v for k, v in list(t61.samples.items())[:5]}, "real (held-out)": t61.real},

@@ -57,6 +57,8 @@ from ctrlgen.methods.cxr_irgen.vision import (
 from ctrlgen.metrics.image import fid
 from ctrlgen.metrics.report import BLEU_NAMES, nlg_scores, per_report_scores
 from ctrlgen.models import load_base_model
+from ctrlgen.runtime import resolve_device
+from ctrlgen.thesis import thesis_frame
 
 # NIH ChestX-ray14 finding -> CheXpert observation (the book's mapping; NIH has no Lung Opacity and no -1 values;
 # Infiltration, Emphysema, Fibrosis and Hernia have no CheXpert observation and are left out)
@@ -126,6 +128,7 @@ class Ch06Config:
     num_beams: int
     num_steps: int
     guidance_scale: float
+    mixed_precision: str
     seed: int
 
     @classmethod
@@ -148,7 +151,8 @@ class Ch06Config:
                    prior_steps=int(p["steps"]), prior_batch=int(p["batch_size"]), prior_lr=float(p["lr"]),
                    prior_lambda=float(p["lambda"]), max_new_tokens=int(lang["max_new_tokens"]),
                    num_beams=int(lang["num_beams"]), num_steps=int(s["num_steps"]),
-                   guidance_scale=float(s["guidance_scale"]), seed=int(cfg["seed"]))
+                   guidance_scale=float(s["guidance_scale"]),
+                   mixed_precision=str(cfg["training"]["mixed_precision"]), seed=int(cfg["seed"]))
 
     def steps_of(self, length: str) -> int:
         return self.short_steps if length == "short" else self.long_steps
@@ -230,7 +234,7 @@ def base_model(cfg: Mapping[str, Any], data=None):
     """The ``cxr`` base model (mini/smoke: chapter 2's default variant, pretrained now if the cache lacks it)."""
     if str(cfg["models"]["kind"]) == "mini":
         pretrain_domain(cfg, "cxr", default_variant(cfg, "cxr") == "selfattn", progress=False, data=data)
-    return load_base_model(cfg, "cxr")
+    return load_base_model(cfg, "cxr", device=resolve_device(cfg))
 
 
 def base_key(cfg: Mapping[str, Any]) -> str:
@@ -291,7 +295,7 @@ def _backbone_model(ctx: VisionContext, backbone: str):
                 max_condition_tokens=cond_tokens)
     if ctx.ec.uvit_weights:
         uvit.load_state_dict(torch.load(ctx.ec.uvit_weights, map_location="cpu", weights_only=True))
-    return replace(base, unet=uvit)
+    return replace(base, unet=uvit.to(base.device))
 
 
 def _mode(backbone: str, rie: bool) -> str:
@@ -314,9 +318,10 @@ def _train_pair(ctx: VisionContext, backbone: str, rie: bool) -> dict[str, Any]:
         for length in ("short", "long"):
             res = finetune_backbone(model, ctx.latents, conds, ec.steps_of(length), ec.batch_size, lr,
                                     dropout=ec.condition_dropout, seed=ec.seed, output_dir=work,
-                                    train_config={"checkpoint_every": ec.short_steps, "keep_checkpoints": 1})
+                                    train_config={"checkpoint_every": ec.short_steps, "keep_checkpoints": 1,
+                                                  "mixed_precision": ec.mixed_precision})
             out["history"] += [h["loss"] for h in res.history]
-            out[length] = {k: v.detach().clone() for k, v in model.unet.state_dict().items()}
+            out[length] = {k: v.detach().cpu().clone() for k, v in model.unet.state_dict().items()}
     return out
 
 
@@ -325,7 +330,7 @@ def trained_backbones(cfg: Mapping[str, Any], ctx: VisionContext, backbone: str,
     ec = ctx.ec
     parts = {"what": "ch06 vision module", "backbone": backbone, "rie": rie, "base": ctx.key, "data": ctx.sets.fingerprint,
              "steps": [ec.short_steps, ec.long_steps], "batch": ec.batch_size, "lr": ec.lr if backbone == "unet" else ec.uvit_lr,
-             "dropout": ec.condition_dropout, "encoder": [ec.image_encoder, ec.clip_image_encoder], "seed": ec.seed,
+             "dropout": ec.condition_dropout, "precision": ec.mixed_precision, "encoder": [ec.image_encoder, ec.clip_image_encoder], "seed": ec.seed,
              "uvit": [ec.uvit_width, ec.uvit_depth, ec.uvit_heads, ec.uvit_patch, ec.uvit_weights] if backbone == "uvit" else None,
              "function": _source(_train_pair, _backbone_model, train_conditions, vision_context)}
     return result_cache.cached(parts, lambda: _train_pair(ctx, backbone, rie), kind="torch", cfg=cfg, code=METHOD_CODE)
@@ -334,7 +339,7 @@ def trained_backbones(cfg: Mapping[str, Any], ctx: VisionContext, backbone: str,
 def load_variant(ctx: VisionContext, backbone: str, state: Mapping[str, torch.Tensor]):
     model = _backbone_model(ctx, backbone)
     model.unet.load_state_dict(state)
-    model.unet.eval().requires_grad_(False)
+    model.unet.to(ctx.base.device).eval().requires_grad_(False)
     return model
 
 
@@ -497,16 +502,32 @@ def table_6_2(cfg: Mapping[str, Any], ctx: VisionContext, vm: VisionModels, clas
         backbone, rie, length = k
         if backbone == "uvit":
             continue   # the thesis evaluates clinical efficacy on the U-Net backbone only
-        by_label = {}
-        for j, obs in enumerate((*TABLE_6_2, NO_FINDING)):
-            labels = [{obs: 1.0}] * ctx.ec.n_per_label
-            gen = cached_generation(cfg, ctx, f"table 6.2 {obs}", model, vm.keys[k], labels, "unet", rie, ctx.ec.seed + 1000 * j)
-            by_label[obs] = pathology_scores(classifier, gen["images"])
+        observations, n = (*TABLE_6_2, NO_FINDING), ctx.ec.n_per_label
+        labels = [{obs: 1.0} for obs in observations for _ in range(n)]   # n images per label, one sampling call
+        gen = cached_generation(cfg, ctx, "table 6.2", model, vm.keys[k], labels, "unet", rie, ctx.ec.seed + 1000)
+        scores = pathology_scores(classifier, gen["images"])
+        by_label = {obs: {o: v[j * n:(j + 1) * n] for o, v in scores.items()} for j, obs in enumerate(observations)}
         name = ("Baseline", "Vanilla LDM") if backbone == "vanilla" else row_name(ctx.ec, backbone, rie, length, "6.2")
         rows[name] = auroc_row(by_label)
     table = pd.DataFrame(rows).T
     table.index = pd.MultiIndex.from_tuples(table.index, names=["Group", "Source"])
     return table
+
+
+def rie_effect(t61: pd.DataFrame) -> pd.DataFrame:
+    """With RIE minus without RIE, per backbone and length, in this run and in the thesis's Table 6.1 (§6.4.3, §7.2:
+    averaging the embeddings into the U-ViT's tokens improves FID but lowers PSNR and SSIM)."""
+    thesis = thesis_frame("6.1")
+    rows = {}
+    for group in BACKBONES.values():
+        for steps in ("5k steps", "10k steps"):
+            w, wo = (group, f"{steps} with RIE"), (group, f"{steps} without RIE")
+            for col in ("FID↓", "PSNR↑", "SSIM↑"):
+                rows.setdefault((group, steps), {})[(col, "thesis")] = thesis.at[w, col] - thesis.at[wo, col]
+                rows[(group, steps)][(col, "this run")] = (t61.at[w, col] - t61.at[wo, col]) if w in t61.index else float("nan")
+    out = pd.DataFrame(rows).T
+    out.index.names = ["Backbone", "Length"]
+    return out
 
 
 def real_pathology_counts(sets: VisionSets) -> dict[str, int]:
@@ -733,6 +754,15 @@ def reconstruction_scores(ec: Ch06Config, s1: Stage1, texts: Sequence[str]) -> d
     return per_report_scores(lm.decode_embeddings(s1.model, s1.tokenizer, emb, ec.max_new_tokens, ec.num_beams), texts)
 
 
+def prompt_lengths(base, prompts: Sequence[str]) -> dict[str, int]:
+    """Token counts of the prompts under the base model's tokenizer, and how many exceed its length (truncated
+    by the text encoder: the last observations of a long label are lost; the mini tokenizer splits words it was
+    not built with, such as "without" and "unclear", into pieces)."""
+    limit = int(base.tokenizer.model_max_length)
+    lengths = [len(ids) for ids in base.tokenizer(list(prompts), truncation=False).input_ids]
+    return {"max tokens": max(lengths), "token limit": limit, "prompts truncated": sum(n > limit for n in lengths)}
+
+
 def reference_counts(ctx: VisionContext) -> dict[str, int]:
     counts = branch_counts(ctx.train_refs)
     return {f"training labels: {k}": v for k, v in counts.items()}
@@ -742,6 +772,6 @@ __all__ = ["NIH_TO_CHEXPERT", "TABLE_6_2", "BACKBONES", "VARIANTS", "NO_REFERENC
            "VisionSets", "vision_sets", "label_summary", "base_model", "base_key", "load_base_and_sets", "image_embedder",
            "VisionContext", "vision_context", "trained_backbones", "load_variant", "eval_conditions", "cached_generation",
            "VisionModels", "vision_models", "row_name", "loss_figure", "psnr_ssim", "Table61", "table_6_1",
-           "pathology_classifier", "pathology_scores", "auroc_row", "table_6_2", "real_pathology_counts", "ReportSets",
+           "pathology_classifier", "pathology_scores", "auroc_row", "table_6_2", "rie_effect", "real_pathology_counts", "ReportSets",
            "report_sets", "Stage1", "stage1", "prior_inputs", "Prior", "prior", "reports_for", "report_row", "frame",
-           "fig_6_5", "pairs_figure", "reconstruction_scores", "reference_counts", "per_report_scores"]
+           "fig_6_5", "pairs_figure", "reconstruction_scores", "prompt_lengths", "reference_counts", "per_report_scores"]

@@ -207,7 +207,7 @@ class PriorViT(nn.Module):
         self.cls = nn.Parameter(torch.zeros(1, 1, width))
         self.pos = nn.Parameter(torch.randn(1, 1 + (side // patch) ** 2, width) * 0.02)
         layer = nn.TransformerEncoderLayer(width, heads, 4 * width, dropout=0.0, batch_first=True, norm_first=True)
-        self.encoder = nn.TransformerEncoder(layer, depth)
+        self.encoder = nn.TransformerEncoder(layer, depth, enable_nested_tensor=False)  # norm_first layers cannot nest
         self.head = nn.Sequential(nn.LayerNorm(width), nn.Linear(width, out_dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -240,10 +240,11 @@ def train_prior(prior: nn.Module, inputs: torch.Tensor, targets: torch.Tensor, s
     g = torch.Generator().manual_seed(seed)
     opt = torch.optim.AdamW(prior.parameters(), lr=lr)
     history = []
+    device = next(prior.parameters()).device
     prior.train()
     for step in range(1, steps + 1):
         idx = torch.randint(0, len(inputs), (min(batch_size, len(inputs)),), generator=g)
-        loss = prior_loss(prior(inputs[idx]), targets[idx], lam, kind)
+        loss = prior_loss(prior(inputs[idx].to(device)), targets[idx].to(device), lam, kind)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -257,7 +258,8 @@ def write_reports(prior: nn.Module, model: BartForConditionalGeneration, tokeniz
                   max_new_tokens: int, num_beams: int = 1) -> list[str]:
     """Inference (§6.3.2): image embeddings → prior → representative embedding → BART decoder → reports."""
     prior.eval()
-    return decode_embeddings(model, tokenizer, prior(inputs), max_new_tokens, num_beams)
+    embeddings = torch.cat([prior(inputs[i:i + 256].to(next(prior.parameters()).device)) for i in range(0, len(inputs), 256)])
+    return decode_embeddings(model, tokenizer, embeddings, max_new_tokens, num_beams)
 
 
 __all__ = ["Representative", "PriorLoss", "DEID", "clean_report", "usable_report", "join_findings_impression",
