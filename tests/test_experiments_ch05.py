@@ -78,7 +78,7 @@ def test_mitigation_table_by_hand():
 
 def test_generative_rows_say_why_they_did_not_run():
     reasons = ch05.not_run_reasons()
-    assert set(reasons) == {"ControlNet", "IP-Adapter", "ControlNet+StyleID", "Mine"}
+    assert set(reasons) == {"ControlNet", "IP-Adapter", "ControlNet+StyleID"}
     assert all(isinstance(v, str) and v for v in reasons.values())
 
 
@@ -88,3 +88,17 @@ def test_claim_split_falls_back_to_the_median_and_says_so():
     assert poor.tolist() == [0.0, 1.0] and rest.tolist() == [2.0, 3.0] and "median" in note
     poor, rest, note = ch05.split_for_claim(values, np.array([0.1, 0.9, 0.3, 0.7]), 0.6)
     assert poor.tolist() == [0.0, 2.0] and "median" not in note
+
+
+def test_dual_branch_pairs_refuse_an_empty_low_contrast_subset(cc):
+    scenes = generate_dermoscopy(6, seed=2, overrides={"ita_difference": np.full(6, 70.0)})
+    data = ch05.BiasData(ch05.SegSet(scenes.images, scenes.masks), ch05.SegSet(scenes.images[:1], scenes.masks[:1]),
+                         ch05.SegSet(scenes.images[:1], scenes.masks[:1]), "test", None, "")
+    with pytest.raises(ValueError, match="low-contrast subset is empty"):
+        ch05.dual_branch_pairs(load_profile("smoke"), cc, data, model=None, model_key="none")
+
+
+def test_to_unit_for_figures():
+    x = ch05.to_unit(np.full((2, 4, 4, 3), 255, np.uint8))
+    assert x.shape == (2, 3, 4, 4) and float(x.max()) == 1.0
+    assert ch05.to_unit(np.ones((2, 4, 4), bool)).shape == (2, 4, 4)

@@ -7,7 +7,6 @@ segmenter's weights and each finetuned segmenter's predictions, keyed by setting
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 import inspect
 import json
 from collections.abc import Mapping, Sequence
@@ -17,6 +16,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import torch
+import torch.nn.functional as F
 
 from ctrlgen import result_cache
 from ctrlgen.analysis.bias import ShiftSettings, annotate, poor_subsets, shift_table
@@ -24,6 +24,7 @@ from ctrlgen.data import load_dataset
 from ctrlgen.data.attributes import FST_GROUPS
 from ctrlgen.data.worlds.dermoscopy import DermWorldConfig, generate_dermoscopy
 from ctrlgen.downstream.segmenters import build_segmenter
+from ctrlgen.methods.dual_branch import DualBranchConfig, DualBranchGenerator, invert_style, style_targets
 from ctrlgen.downstream.train import FitSettings, predict_masks, train_segmenter
 from ctrlgen.metrics.overlap import dice, iou
 from ctrlgen.methods.skin_tone import (
@@ -51,7 +52,6 @@ SEGMENTER_NAMES = {"attention_unet": "AttenU-Net", "dcsau_net": "DCSAU-Net", "fa
 # Table 5.3 / 5.4 data sources; the generative ones need generators this book does not have yet (see ``not_run_reasons``)
 SOURCES = ("Pretrained", "Training Sample (Random)", "Training Sample (Target)", "ControlNet", "IP-Adapter",
            "ControlNet+StyleID", "Mine")
-DUAL_BRANCH_AVAILABLE = importlib.util.find_spec("ctrlgen.methods.dual_branch") is not None
 
 
 # ================================================================================================ settings
@@ -330,11 +330,87 @@ def finetuned_scores(cfg: Mapping[str, Any], cc: Ch05Config, name: str, stored: 
 
 def not_run_reasons() -> dict[str, str]:
     """Why a Table 5.3 / 5.4 data source has no row in this run (never a typed number)."""
-    dual = ("the dual-branch generator (ctrlgen.methods.dual_branch, Algorithm 3) is in the book but its pair generation "
-            "is not wired into this chapter yet" if DUAL_BRANCH_AVAILABLE else
-            "the dual-branch generator (ctrlgen.methods.dual_branch, Algorithm 3) is not in this book yet")
-    return {"ControlNet": "no ControlNet baseline in this book yet", "IP-Adapter": "no IP-Adapter baseline in this book yet",
-            "ControlNet+StyleID": "no ControlNet + StyleID baseline in this book yet", "Mine": dual}
+    return {"ControlNet": "ControlNet-generated pairs are not wired into this chapter yet",
+            "IP-Adapter": "no IP-Adapter baseline in this book yet",
+            "ControlNet+StyleID": "the two-stage baseline's pairs are not wired into this chapter yet"}
+
+
+# ================================================================================================ dual-branch pairs (§5.5.1)
+@dataclass
+class DualBranchPairs:
+    """Generated low-contrast pairs (only those with a usable annotation) and how they were made."""
+
+    images: np.ndarray          # (G, H, W, 3) uint8 at the bias set's resolution
+    masks: np.ndarray           # (G, H, W) bool
+    style_index: np.ndarray     # the training image each pair took its style from
+    requested: int
+    passes: dict[str, int]
+    note: str
+
+    @property
+    def set(self) -> SegSet:
+        return SegSet(self.images, self.masks)
+
+
+def to_unit(images: np.ndarray) -> torch.Tensor:
+    """uint8 ``(N, H, W, 3)`` images or bool ``(N, H, W)`` masks -> float ``(N, 3, H, W)`` / ``(N, H, W)`` in [0, 1] (figures)."""
+    x = torch.from_numpy(np.ascontiguousarray(images))
+    return x.permute(0, 3, 1, 2).float() / 255.0 if x.ndim == 4 else x.float()
+
+
+def _resize(x: torch.Tensor, side: int, mode: str) -> torch.Tensor:
+    if x.shape[-1] == side:
+        return x
+    return F.interpolate(x, size=(side, side), mode=mode, **({"align_corners": False} if mode == "bilinear" else {}))
+
+
+def _generate_pairs(model, config: DualBranchConfig, images: np.ndarray, style_index: np.ndarray, layouts: np.ndarray,
+                    prompt: str, batch: int, out_side: int) -> dict[str, Any]:
+    side = int(model.unet.config.sample_size) * model.vae_scale_factor
+    styles = _resize(torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255.0, side, "bilinear").clamp(0, 1)
+    masks = _resize(torch.from_numpy(layouts.astype(np.float32))[:, None], side, "nearest")[:, 0] > 0.5
+    gen = DualBranchGenerator(model, config)
+    kept_images, kept_masks, kept_index, passes = [], [], [], {}
+    for start in range(0, len(style_index), batch):
+        idx = style_index[start:start + batch]
+        references = [invert_style(model, styles[i], prompt, config) for i in idx]  # one inversion per reference
+        res = gen.generate(references, masks[start:start + batch], prompt)
+        ok = res.ok.bool()
+        kept_images.append(_resize(res.images[ok], out_side, "bilinear"))
+        kept_masks.append(_resize(res.masks[ok].float()[:, None], out_side, "nearest")[:, 0] > 0.5)
+        kept_index.append(torch.as_tensor(idx)[ok])
+        for k, v in res.passes.items():
+            passes[k] = passes.get(k, 0) + int(v)
+    return {"images": (torch.cat(kept_images).clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1),
+            "masks": torch.cat(kept_masks), "style_index": torch.cat(kept_index),
+            "passes": {k: torch.tensor(v) for k, v in passes.items()}}
+
+
+def dual_branch_pairs(cfg: Mapping[str, Any], cc: Ch05Config, data: BiasData, model: Any, model_key: str,
+                      per_sample: int = 1) -> DualBranchPairs:
+    """§5.5.1: ``per_sample`` pairs per low-contrast training image, each styled by that image and laid out by its
+    augmented mask (expand/compress, flip, rotate: ``didgen.pairs`` scale), generated by Algorithm 3 on chapter 4's
+    region-aware model (``model``: ``ch04_didgen.finetune(cfg, "mine", sets).model``, from chapter 4's cache, whose
+    ``key`` is ``model_key``; the chapter passes it in, since one chapter's experiments never import another's) with
+    the thesis prompt "An image of <lesion> on <skin>" (the profile's ``didgen.prefix``) for inversion and generation.
+    Stored by content."""
+    config = DualBranchConfig.from_profile(cfg)
+    pairs_cfg = cfg["didgen"]["pairs"]
+    targets = style_targets(data.train.images, data.train.masks, cc.low_contrast_threshold, per_sample=per_sample,
+                            seed=cc.seed + per_sample, augment=bool(pairs_cfg["augment"]),
+                            scale=tuple(float(x) for x in pairs_cfg["augment_scale"]))
+    prompt, batch = str(cfg["didgen"]["prefix"]), int(cfg["didgen"]["eval"]["pair_batch"])
+    parts = {"what": "ch05 dual-branch pairs", "model": model_key, "config": asdict(config), "prompt": prompt,
+             "styles": _digest(data.train.images[targets.style_index]), "layouts": _digest(targets.layout_masks),
+             "side": cc.resolution, "function": _source(_generate_pairs, _resize)}
+    out = result_cache.cached(parts, lambda: _generate_pairs(model, config, data.train.images, targets.style_index,
+                                                             targets.layout_masks, prompt, batch, cc.resolution),
+                              kind="torch", cfg=cfg, code=["ctrlgen.methods.dual_branch"])
+    note = (f"{len(out['images'])} of {len(targets.style_index)} dual-branch pairs kept (annotation usable); "
+            f"chapter 4's region-aware model (DermPrompt-trained: a deviation from the thesis's prefix-only model), "
+            f"prompt {prompt!r}, T = {config.num_steps}, η = {config.eta:g}")
+    return DualBranchPairs(out["images"].numpy(), out["masks"].numpy().astype(bool), out["style_index"].numpy(),
+                           len(targets.style_index), {k: int(v) for k, v in out["passes"].items()}, note)
 
 
 def mitigation_table(per_source: Mapping[str, Mapping[str, Mapping[str, np.ndarray]]], s06: Mapping[str, np.ndarray],
@@ -368,5 +444,5 @@ def split_for_claim(values: np.ndarray, iou_values: np.ndarray, threshold: float
 
 __all__ = ["Ch05Config", "BiasData", "SegSet", "bias_data", "ToneData", "tone_data", "base_predictions", "table_5_1",
            "pretrained_segmenter", "scores", "low_contrast_subset", "random_subset", "finetuned_scores", "not_run_reasons",
-           "mitigation_table", "split_for_claim", "SEGMENTER_NAMES", "SOURCES", "DUAL_BRANCH_AVAILABLE", "annotate",
+           "mitigation_table", "split_for_claim", "SEGMENTER_NAMES", "SOURCES", "DualBranchPairs", "dual_branch_pairs", "to_unit", "annotate",
            "poor_subsets", "shift_table"]
