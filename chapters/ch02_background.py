@@ -190,6 +190,23 @@ for line in ch02_background.quality_bar_lines(bar, ch02_background.default_varia
 bar
 
 # %% [markdown]
+# ### Quality against minutes of training
+#
+# How far is each default model from the bar, and would more training close the gap? The pretraining keeps
+# EMA snapshots of the U-Net at `pretrain.unet.curve_points` points of its run; each is measured against the
+# same bar. The ringed point is the final model, the one every chapter uses (the recipe the profile
+# chose); a point is green where that criterion passes. Minutes are this machine's training wall time,
+# VAE included.
+
+# %%
+curve = ch02_background.quality_curve(cfg, base)
+shown = curve.set_index(["domain", "step", "criterion", "quantity"])
+run.log_table("ch02.quality_curve", shown[["value", "threshold", "status"]])
+for (domain, step), minutes in curve.groupby(["domain", "step"])["minutes"].first().items():
+    run.log_timing("ch02.quality_curve", f"{domain} / {step}", "training minutes", minutes)
+run.show(ch02_background.quality_curve_figure(curve), "quality_curve")
+
+# %% [markdown]
 # ### The VAE round trip
 #
 # Latent diffusion runs in the VAE's latent space (Eq. 2.26): an image is encoded once, diffused and

@@ -9,7 +9,7 @@ Layers, each importing only from its own layer or the layers above it in this li
 4. ``attention``
 5. ``guidance``, ``inversion``, ``sampling``, ``training``
 6. ``methods``
-7. ``metrics``, ``analysis`` (``analysis`` may import ``metrics``, not the reverse)
+7. ``metrics``, ``analysis``, ``downstream`` (``analysis`` and ``downstream`` may import ``metrics``, not the reverse)
 8. ``experiments`` (a chapter's module may import the shared ``experiments.base_models``, never another
    chapter's module)
 9. ``cli``, ``book``, ``bench``
@@ -39,12 +39,12 @@ LAYERS: dict[str, int] = {
     "attention": 4,
     "guidance": 5, "inversion": 5, "sampling": 5, "training": 5,
     "methods": 6,
-    "metrics": 7, "analysis": 7,
+    "metrics": 7, "analysis": 7, "downstream": 7,
     "experiments": 8,
     "cli": 9, "book": 9, "bench": 9,
 }
 # Within a layer, pairs (importer's top package, imported top package) that are refused.
-SAME_LAYER_FORBIDDEN = {("metrics", "analysis")}
+SAME_LAYER_FORBIDDEN = {("metrics", "analysis"), ("metrics", "downstream")}
 # The experiments package: modules everyone in it may import (the shared base models); the rest are chapters'.
 EXPERIMENTS_SHARED = "ctrlgen.experiments.base_models"
 

@@ -12,6 +12,7 @@ from ctrlgen.config import load_profile
 from ctrlgen.data.batches import Batches
 from ctrlgen.experiments import base_models as P
 from ctrlgen.experiments.base_models.train import _build_tokenizer
+from ctrlgen.models import ModelNotFoundError
 from ctrlgen.models.cache import key_hash
 from ctrlgen.training import region_self_attention_loss
 
@@ -214,3 +215,27 @@ def test_quality_bar_rows_and_cache(isolated_cache, monkeypatch):
     monkeypatch.setattr(bar, "measure_bar", lambda *a, **k: (_ for _ in ()).throw(AssertionError("re-measured")))
     again = bar.model_bar(cfg, model, res.key, data, "selfattn")
     assert again.equals(table)
+
+
+def test_snapshot_steps_split_the_run_evenly():
+    assert P.snapshot_steps(_cfg(**{"pretrain.unet.steps": 6, "pretrain.unet.curve_points": 3}), "selfattn") == [2, 4]
+    assert P.snapshot_steps(_cfg(**{"pretrain.unet.steps": 6, "pretrain.unet.curve_points": 1}), "selfattn") == []
+    assert P.snapshot_steps(_cfg(**{"pretrain.unet.steps": 2, "pretrain.unet.curve_points": 4}), "selfattn") == [1]
+    assert P.snapshot_steps(_cfg(**{"pretrain.unet.curve_points": 3}), "plain") == []  # the default variant only
+
+
+def test_snapshots_survive_a_resume_and_load_as_earlier_models(isolated_cache):
+    cfg = _cfg(**{"pretrain.unet.steps": 6, "pretrain.unet.curve_points": 3, "pretrain.unet.checkpoint_every": 3})
+    data = P.load_domain_data(cfg, "derm")
+    part = P.pretrain_domain(cfg, "derm", True, progress=False, stop_after=3, data=data)  # snapshot 2 written
+    assert part.steps == 3 and not part.snapshots
+    done = P.pretrain_domain(cfg, "derm", True, progress=False, data=data)
+    assert [s["step"] for s in done.snapshots] == [2, 4]
+    assert done.snapshots[0]["train_seconds"] < done.snapshots[1]["train_seconds"] <= done.curve_seconds
+    final = P.load_variant(cfg, "derm")
+    early = P.load_snapshot(cfg, "derm", 2)
+    w_final = dict(final.unet.named_parameters())
+    assert any(not torch.equal(p, w_final[n]) for n, p in early.unet.named_parameters())
+    assert torch.equal(early.vae.encoder.conv_in.weight, final.vae.encoder.conv_in.weight)  # one VAE
+    with pytest.raises(ModelNotFoundError, match="step 3"):
+        P.load_snapshot(cfg, "derm", 3)

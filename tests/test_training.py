@@ -126,3 +126,43 @@ def test_adamw_gets_the_configured_betas_and_eps(monkeypatch):
     tp = select_trainable(model.unet, model.text_encoder, mode="custom_diffusion")
     train_diffusion(model, batches(model), TrainConfig(steps=1, lr=1e-3, betas=(0.7, 0.95), eps=1e-6, progress=False), tp)
     assert seen["betas"] == (0.7, 0.95) and seen["eps"] == 1e-6 and seen["lr"] == 1e-3
+
+
+def test_resume_restores_the_ema_warm_up_too(tmp_path):
+    """With EMA, an interrupted-and-resumed run ends on the same (EMA) weights as a straight one: the EMA's own
+    step count (its warm-up decay) is checkpointed too, not restarted at 0."""
+    def run(steps, out):
+        model, _ = tiny_model()
+        tp = select_trainable(model.unet, model.text_encoder, mode="custom_diffusion")
+        cfg = TrainConfig(steps=steps, lr=1e-3, checkpoint_every=2, output_dir=str(out), ema_decay=0.99,
+                          noise_offset=0.1, progress=False)
+        train_diffusion(model, batches(model), cfg, tp)
+        return {n: p.detach().clone() for n, p in tp.named.items()}
+
+    straight = run(4, tmp_path / "a")
+    run(2, tmp_path / "b")
+    resumed = run(4, tmp_path / "b")
+    assert all(torch.allclose(straight[n], resumed[n], atol=1e-6) for n in straight)
+
+
+def test_noise_offset_adds_one_constant_per_sample_and_channel(monkeypatch):
+    """diffusers' --noise_offset: the training noise is N(0, I) + offset·N(0, 1) per (sample, channel)."""
+    from diffusers import DDPMScheduler
+
+    seen = []
+    original = DDPMScheduler.add_noise
+
+    def spy(self, latents, noise, t):
+        seen.append(noise.detach().clone())
+        return original(self, latents, noise, t)
+
+    monkeypatch.setattr(DDPMScheduler, "add_noise", spy)
+    for offset in (0.0, 0.5):
+        model, _ = tiny_model()
+        tp = select_trainable(model.unet, model.text_encoder, mode="custom_diffusion")
+        train_diffusion(model, batches(model), TrainConfig(steps=1, noise_offset=offset, progress=False), tp)
+    plain, offset = seen
+    delta = offset - plain
+    per_channel = delta.mean((-2, -1), keepdim=True)
+    assert torch.allclose(delta, per_channel.expand_as(delta), atol=1e-6)  # constant over H, W
+    assert per_channel.abs().min() > 0 and per_channel.std() > 0.05     # one draw per (sample, channel)

@@ -346,6 +346,8 @@ SCHEMA: dict[str, Rule] = {
     "pretrain.variants": each(one_of("selfattn", "plain")),  # pretrain.VARIANTS
     "pretrain.default_variant": one_of("selfattn", "plain"),
     "pretrain.self_attention_loss.weight": at_least(0),
+    "pretrain.unet.noise_offset": at_least(0),
+    "pretrain.unet.curve_points": at_least(1, " (1 = the final model only)"),
     "pretrain.self_attention_loss.res": each(POWER_OF_TWO),
     "*timestep": at_least(0),
     "*feature_side": at_least(1),

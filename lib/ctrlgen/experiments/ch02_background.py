@@ -411,6 +411,53 @@ def quality_bar_table(cfg: Mapping[str, Any], base: BaseModels) -> pd.DataFrame:
     return frame.set_index(["domain", "variant", "criterion", "quantity"])[["value", "threshold", "status", "margin"]]
 
 
+def quality_curve(cfg: Mapping[str, Any], base: BaseModels) -> pd.DataFrame:
+    """The quality bar against minutes of training of each domain's default base model: its EMA snapshots
+    (``pretrain.unet.curve_points``) and the final model, the chosen point. One row per (domain, step,
+    criterion, quantity) with the training minutes (VAE included) at that step."""
+    frames = []
+    for domain, results in base.results.items():
+        variant = base_models.default_variant(cfg, domain)
+        result = results[variant]
+        points = [(s["step"], s["train_seconds"]) for s in result.snapshots] + [(result.steps, result.curve_seconds)]
+        for step, seconds in points:
+            final = step == result.steps
+            model = (base_models.load_variant(cfg, domain, variant) if final
+                     else base_models.load_snapshot(cfg, domain, step))
+            table = model_bar(cfg, model, result.key if final else f"{result.key}@{step}", base.datas[domain], variant)
+            frames.append(table.assign(domain=domain, step=step, minutes=seconds / 60, chosen=final))
+    return pd.concat(frames, ignore_index=True)
+
+
+def quality_curve_figure(curve: pd.DataFrame):
+    """One panel per domain and quantity: the value against training minutes, the threshold dashed, the chosen
+    point (the final model the chapters use) ringed; green where it passes."""
+    quantities = list(dict.fromkeys(zip(curve["criterion"], curve["quantity"])))
+    domains = list(dict.fromkeys(curve["domain"]))
+    fig, axes = plt.subplots(len(domains), len(quantities), figsize=(2.3 * len(quantities), 2.0 * len(domains)),
+                             squeeze=False, constrained_layout=True)
+    for i, domain in enumerate(domains):
+        for j, (criterion, quantity) in enumerate(quantities):
+            ax = axes[i, j]
+            rows = curve[(curve["domain"] == domain) & (curve["criterion"] == criterion) & (curve["quantity"] == quantity)]
+            if rows.empty:
+                ax.set_axis_off()
+                continue
+            rows = rows.sort_values("minutes")
+            ax.plot(rows["minutes"], rows["value"], "-", color="0.5")
+            ax.scatter(rows["minutes"], rows["value"], c=["tab:green" if s == "pass" else "tab:red" for s in rows["status"]],
+                       s=18, zorder=3)
+            chosen = rows[rows["chosen"]]
+            ax.scatter(chosen["minutes"], chosen["value"], s=90, facecolors="none", edgecolors="k", zorder=4)
+            if rows["threshold"].notna().any():
+                ax.axhline(float(rows["threshold"].dropna().iloc[-1]), ls="--", color="k", lw=0.8)
+            ax.set_title(f"{domain}: {quantity}" if len(quantity) < 24 else f"{domain}: {quantity[:22]}…", fontsize=7)
+            ax.tick_params(labelsize=6)
+            if i == len(domains) - 1:
+                ax.set_xlabel("training minutes", fontsize=7)
+    return fig
+
+
 def quality_bar_lines(bar: pd.DataFrame, defaults: Mapping[str, str]) -> list[str]:
     """Per domain: does its default base model pass, and if not, which criteria fail and by how much."""
     lines = []

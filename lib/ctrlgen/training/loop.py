@@ -49,6 +49,7 @@ class TrainConfig:
     mixed_precision: str = "no"  # no | fp16 | bf16
     prompt_dropout: float = 0.0  # replace the prompt by "" with this probability (classifier-free guidance)
     ema_decay: float = 0.0
+    noise_offset: float = 0.0  # diffusers' train_text_to_image --noise_offset: + offset·N(0,1) per (sample, channel)
     masked_rec: bool = False  # Eq. (3.6): L_rec on the ``mask`` region only
     cross_res: tuple[int, ...] = (16,)  # attention sides captured for the loss terms
     self_res: tuple[int, ...] = ()
@@ -196,6 +197,8 @@ def train_diffusion(model: SDComponents, data: Iterable[dict[str, Any]], config:
         if ema is not None and ema_tensors is not None:
             for s, n in zip(ema.shadow_params, trainable.named):
                 s.copy_(ema_tensors[n].to(s))
+            # the EMA's own step count sets its warm-up decay; resume it too (a fresh count would restart the warm-up)
+            ema.optimization_step = int(state.get("ema_step", state["step"]))
         start = int(state["step"])
 
     needs_cross = any(t.needs_cross for t in terms)
@@ -232,6 +235,10 @@ def train_diffusion(model: SDComponents, data: Iterable[dict[str, Any]], config:
                 with torch.set_grad_enabled(te_trains):
                     emb = text_encoder(ids)[0]
             noise = torch.randn(latents.shape, generator=gen).to(latents)
+            if config.noise_offset > 0:
+                # Guttenberg (2023), diffusers' --noise_offset: a per-channel constant in the noise, so that the
+                # latent's mean is not left at t = T for the model to read (the mean-colour leak).
+                noise = noise + config.noise_offset * torch.randn(latents.shape[:2] + (1, 1), generator=gen).to(latents)
             t = torch.randint(0, noise_sched.config.num_train_timesteps, (latents.shape[0],), generator=gen).to(acc.device)
             noisy = noise_sched.add_noise(latents, noise, t)
             target = noise if noise_sched.config.prediction_type == "epsilon" else noise_sched.get_velocity(latents, noise, t)
@@ -285,6 +292,8 @@ def _save(run_dir: Path, step: int, trainable: TrainableParams, optimizer, lr_sc
         return
     state = {"optimizer": optimizer.state_dict(), "lr_scheduler": lr_sched.state_dict(),
              "torch_rng": torch.get_rng_state(), "gen_rng": gen.get_state()}
+    if ema is not None:
+        state["ema_step"] = int(ema.optimization_step)
     ema_t = dict(zip(trainable.named, ema.shadow_params)) if ema is not None else None
     save_checkpoint(run_dir, step, dict(trainable.named), state, ema_t, keep)
 

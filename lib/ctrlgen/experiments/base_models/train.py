@@ -17,9 +17,10 @@ steps (an interrupted run resumes there) and the finished model is renamed into 
 from __future__ import annotations
 
 import json
+import shutil
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -32,8 +33,8 @@ from ctrlgen.data import domains
 from ctrlgen.data.batches import Batches
 from ctrlgen.data.domains import DomainData
 from ctrlgen.data.tensors import image_tensor, region_maps
-from ctrlgen.experiments.base_models.keys import (available_variants, default_variant, unet_key_parts, vae_dir,
-                                                  vae_key_parts, variant_dir, variant_steps, work_dir)
+from ctrlgen.experiments.base_models.keys import (available_variants, default_variant, snapshot_steps, unet_key_parts,
+                                                  vae_dir, vae_key_parts, variant_dir, variant_steps, work_dir)
 from ctrlgen.experiments.base_models.measure import measure_model
 from ctrlgen.methods.didgen.dermprompt import dermprompt_vocabulary
 from ctrlgen.models import (ModelNotFoundError, build_caption_tokenizer, build_mini_components, load_components,
@@ -70,6 +71,8 @@ class PretrainResult:
     seconds: float              # wall time of this call
     train_seconds: float        # wall time the training of this model took (VAE share included when trained here)
     resumed_from: int = 0
+    snapshots: list[dict[str, float]] = field(default_factory=list)  # {"step", "train_seconds"} of the curve points
+    curve_seconds: float = 0.0  # VAE + U-Net training time of the final model (the curve's last point), cached or not
 
     @property
     def is_default(self) -> bool:
@@ -150,6 +153,29 @@ def _train_tensors(model, data: DomainData, cfg, variant: str) -> dict[str, torc
     return tensors
 
 
+SNAPSHOTS = "snapshots"
+
+
+def _save_snapshot(work: Path, model, step: int, train_seconds: float) -> dict[str, float]:
+    """The EMA U-Net and text encoder at ``step`` (``train_diffusion`` leaves the EMA weights in the model)."""
+    folder = work / SNAPSHOTS / f"step-{step}"
+    tmp = folder.with_name(folder.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.unet.save_pretrained(tmp / "unet")
+    model.text_encoder.save_pretrained(tmp / "text_encoder")
+    record = {"step": step, "train_seconds": train_seconds}
+    (tmp / "snapshot.json").write_text(json.dumps(record))
+    shutil.rmtree(folder, ignore_errors=True)
+    tmp.rename(folder)  # atomic: a snapshot folder is complete or absent
+    return record
+
+
+def _snapshots(work: Path) -> list[dict[str, float]]:
+    """The snapshot records already written in ``work`` (a resumed run keeps them), by step."""
+    files = (work / SNAPSHOTS).glob("step-*/snapshot.json") if (work / SNAPSHOTS).is_dir() else []
+    return sorted((json.loads(f.read_text()) for f in files), key=lambda r: r["step"])
+
+
 def pretrain_domain(cfg: Mapping[str, Any], domain: str, self_attention_loss: bool, force: bool = False,
                     progress: bool = True, stop_after: int = 0, data: DomainData | None = None,
                     force_vae: bool | None = None) -> PretrainResult:
@@ -179,7 +205,8 @@ def pretrain_domain(cfg: Mapping[str, Any], domain: str, self_attention_loss: bo
     if info is not None:
         return PretrainResult(**common, cached=True, steps=info["steps"], vae_history=info["vae_history"],
                               history=info["history"], metrics=info["metrics"], seconds=time.perf_counter() - t0,
-                              train_seconds=info["train_seconds"], resumed_from=info.get("resumed_from", 0))
+                              train_seconds=info["train_seconds"], resumed_from=info.get("resumed_from", 0),
+                              snapshots=info.get("snapshots", []), curve_seconds=info.get("curve_seconds", 0.0))
     vfolder, vinfo, vae_cached = ensure_vae(cfg, data, force=force if force_vae is None else force_vae, progress=progress)
     seed = int(cfg["seed"])
     model = _components_from_vae(cfg, data, vfolder, seed)
@@ -201,13 +228,15 @@ def pretrain_domain(cfg: Mapping[str, Any], domain: str, self_attention_loss: bo
     if variant == "selfattn":
         terms.append(RegionSelfAttentionTerm(float(sa["weight"])))
     every = max(1, int(u["checkpoint_every"]))
+    marks = snapshot_steps(cfg, variant)
     target = min(steps, resumed_from + stop_after) if stop_after > 0 else steps
     step = resumed_from
     while step < target:
-        end = min(target, (step // every + 1) * every)
+        end = min([target, (step // every + 1) * every] + [m for m in marks if m > step])
         t_chunk = time.perf_counter()
         tc = TrainConfig(steps=end, lr=float(u["lr"]), warmup_steps=int(u["warmup_steps"]), prompt_dropout=float(u["prompt_dropout"]),
                          ema_decay=float(u["ema_decay"]), max_grad_norm=float(cfg["training"]["max_grad_norm"]),
+                         noise_offset=float(u["noise_offset"]),
                          self_res=tuple(int(r) for r in sa["res"]) if terms else (),
                          self_places=tuple(sa["places"]), checkpoint_every=every, keep_checkpoints=2,
                          output_dir=str(work), resume=True, seed=seed, progress=progress)
@@ -217,6 +246,8 @@ def pretrain_domain(cfg: Mapping[str, Any], domain: str, self_attention_loss: bo
         with hist_file.open("a") as f:
             f.writelines(json.dumps(h) + "\n" for h in res.history)
         (work / "seconds.json").write_text(json.dumps({"seconds": spent}))
+        if end in marks:
+            _save_snapshot(work, model, end, float(vinfo["seconds"]) + spent)  # the curve counts the VAE's time
         step = end
     if step < steps:  # stopped early on purpose: the checkpoint stays for the next call
         return PretrainResult(**common, cached=False, steps=step, vae_history=vinfo["history"], history=history,
@@ -230,16 +261,23 @@ def pretrain_domain(cfg: Mapping[str, Any], domain: str, self_attention_loss: bo
     trainable.remove_hooks()
     metrics = {**vinfo["metrics"], **measure_model(cfg, model, data, variant, progress=progress)}
     train_seconds = spent + (0.0 if vae_cached else float(vinfo["seconds"]))
+    snapshots = _snapshots(work)
     info = {"key": key, "key_parts": parts, "variant": variant, "domain": domain, "steps": steps, "history": history,
             "vae_history": vinfo["history"], "metrics": metrics, "train_seconds": train_seconds,
             "unet_seconds": spent, "vae_seconds": float(vinfo["seconds"]), "resumed_from": resumed_from,
-            "data": {"dataset": data.dataset, "source": data.source, "provenance": data.provenance,
+            "snapshots": snapshots, "curve_seconds": spent + float(vinfo["seconds"]), "data": {"dataset": data.dataset, "source": data.source, "provenance": data.provenance,
                      "n_train": len(data.images), "n_heldout": len(data.heldout_images), "notes": data.notes}}
     model.extras = {"ctrlgen_variant": variant, "ctrlgen_key": key}
-    cache.save_folder(folder, model.save, "pretrain.json", info, work)
+
+    def write(tmp: Path) -> None:
+        model.save(tmp)
+        if snapshots:
+            shutil.copytree(work / SNAPSHOTS, tmp / SNAPSHOTS)
+
+    cache.save_folder(folder, write, "pretrain.json", info, work)
     return PretrainResult(**common, cached=False, steps=steps, vae_history=vinfo["history"], history=history,
                           metrics=metrics, seconds=time.perf_counter() - t0, train_seconds=train_seconds,
-                          resumed_from=resumed_from)
+                          resumed_from=resumed_from, snapshots=snapshots, curve_seconds=info["curve_seconds"])
 
 
 def load_variant(cfg: Mapping[str, Any], domain: str, variant: str | None = None):
@@ -252,6 +290,21 @@ def load_variant(cfg: Mapping[str, Any], domain: str, variant: str | None = None
     return load_components(folder, name=f"mini/{domain} ({variant})")
 
 
+def load_snapshot(cfg: Mapping[str, Any], domain: str, step: int):
+    """The default variant of ``domain`` as it was at ``step`` of its training (a curve point of chapter 2):
+    the final model's VAE and tokenizer with the snapshot's EMA U-Net and text encoder."""
+    variant = default_variant(cfg, domain)
+    model = load_variant(cfg, domain, variant)
+    folder = variant_dir(cfg, domain, variant) / SNAPSHOTS / f"step-{step}"
+    if not (folder / "snapshot.json").is_file():
+        raise ModelNotFoundError(f"no snapshot at step {step} in {folder.parent}: the model was trained without "
+                                 f"pretrain.unet.curve_points, or with other steps")
+    model.unet = type(model.unet).from_pretrained(str(folder / "unet")).eval()
+    model.text_encoder = type(model.text_encoder).from_pretrained(str(folder / "text_encoder")).eval()
+    model.name = f"{model.name} @ step {step}"
+    return model
+
+
 def pretrain_all(cfg: Mapping[str, Any], domain: str, force: bool = False, progress: bool = True) -> dict[str, PretrainResult]:
     """Every variant of a domain (sharing the data and the VAE), the default first."""
     data = load_domain_data(cfg, domain)
@@ -261,4 +314,4 @@ def pretrain_all(cfg: Mapping[str, Any], domain: str, force: bool = False, progr
 
 
 __all__ = ["PretrainResult", "load_domain_data", "extra_vocabulary", "tokenizer_corpus", "ensure_vae", "pretrain_domain",
-           "load_variant", "pretrain_all"]
+           "load_variant", "load_snapshot", "pretrain_all"]
