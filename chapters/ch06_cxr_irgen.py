@@ -147,7 +147,8 @@ run.show(figures.image_grid_figure({**{k: v for k, v in list(t61.samples.items()
 # each (the thesis: 500); a classifier scores each image for the pathology and the AUROC separates the pathology's
 # images from the No Finding images. The thesis uses the torchxrayvision DenseNet-121; here a small CNN trained on
 # the real training images' findings (`ctrlgen.analysis.quality_bar`) — on every profile, since the DenseNet is not
-# wired in this part. "Original" applies it to the real held-out images. A pathology the data does not have
+# wired in this part. "Original" applies it to the real held-out images (the thesis: training images; here the
+# classifier was trained on those). A pathology the data does not have
 # (Lung Opacity on NIH) reads "–". U-Net backbone only, as in the thesis.
 
 # %%

@@ -325,15 +325,16 @@ def _train_pair(ctx: VisionContext, backbone: str, rie: bool) -> dict[str, Any]:
     return out
 
 
-def trained_backbones(cfg: Mapping[str, Any], ctx: VisionContext, backbone: str, rie: bool) -> dict[str, Any]:
-    """``{"short": state_dict, "long": state_dict, "history": losses}`` of one variant, stored by content."""
+def trained_backbones(cfg: Mapping[str, Any], ctx: VisionContext, backbone: str, rie: bool) -> tuple[dict[str, Any], str]:
+    """``{"short": state_dict, "long": state_dict, "history": losses}`` of one variant, stored by content, and its key."""
     ec = ctx.ec
     parts = {"what": "ch06 vision module", "backbone": backbone, "rie": rie, "base": ctx.key, "data": ctx.sets.fingerprint,
              "steps": [ec.short_steps, ec.long_steps], "batch": ec.batch_size, "lr": ec.lr if backbone == "unet" else ec.uvit_lr,
              "dropout": ec.condition_dropout, "precision": ec.mixed_precision, "encoder": [ec.image_encoder, ec.clip_image_encoder], "seed": ec.seed,
              "uvit": [ec.uvit_width, ec.uvit_depth, ec.uvit_heads, ec.uvit_patch, ec.uvit_weights] if backbone == "uvit" else None,
              "function": _source(_train_pair, _backbone_model, train_conditions, vision_context)}
-    return result_cache.cached(parts, lambda: _train_pair(ctx, backbone, rie), kind="torch", cfg=cfg, code=METHOD_CODE)
+    trained = result_cache.cached(parts, lambda: _train_pair(ctx, backbone, rie), kind="torch", cfg=cfg, code=METHOD_CODE)
+    return trained, result_cache.key_of(parts, METHOD_CODE)
 
 
 def load_variant(ctx: VisionContext, backbone: str, state: Mapping[str, torch.Tensor]):
@@ -382,11 +383,11 @@ def vision_models(cfg: Mapping[str, Any], ctx: VisionContext) -> VisionModels:
     models, keys, hist = {("vanilla", False, ""): ctx.base}, {("vanilla", False, ""): ctx.key}, {}
     for backbone in BACKBONES:
         for rie in (False, True):
-            trained = trained_backbones(cfg, ctx, backbone, rie)
+            trained, key = trained_backbones(cfg, ctx, backbone, rie)
             for length in ("short", "long"):
                 k = (backbone, rie, length)
                 models[k] = load_variant(ctx, backbone, trained[length])
-                keys[k] = hashlib.sha256(f"{ctx.key}|{k}|{trained['history'][-1]!r}|{len(trained['history'])}".encode()).hexdigest()
+                keys[k] = f"{key}-{length}"
             hist[(backbone, rie)] = trained["history"]
     return VisionModels(models, keys, hist)
 
