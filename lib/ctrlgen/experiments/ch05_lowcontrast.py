@@ -24,7 +24,13 @@ from ctrlgen.data import load_dataset
 from ctrlgen.data.attributes import FST_GROUPS
 from ctrlgen.data.worlds.dermoscopy import DermWorldConfig, generate_dermoscopy
 from ctrlgen.downstream.segmenters import build_segmenter
-from ctrlgen.methods.dual_branch import DualBranchConfig, DualBranchGenerator, invert_style, style_targets
+from ctrlgen.methods.dual_branch import (
+    DualBranchConfig,
+    DualBranchGenerator,
+    compare_efficiency,
+    invert_style,
+    style_targets,
+)
 from ctrlgen.downstream.train import FitSettings, predict_masks, train_segmenter
 from ctrlgen.metrics.overlap import dice, iou
 from ctrlgen.methods.skin_tone import (
@@ -386,6 +392,19 @@ def _generate_pairs(model, config: DualBranchConfig, images: np.ndarray, style_i
             "passes": {k: torch.tensor(v) for k, v in passes.items()}}
 
 
+def efficiency(cfg: Mapping[str, Any], model: Any, images: np.ndarray, masks: np.ndarray, repeats: int = 3) -> dict[str, Any]:
+    """§5.5.5: denoising passes (T vs 2T, the inversion precomputed) and median wall time of the dual-branch model
+    against the two-stage layout-then-StyleID pipeline at equal steps, guidance backward passes included, on one
+    style reference and its mask (``ctrlgen.methods.dual_branch.compare_efficiency``). A timing: never cached."""
+    config = DualBranchConfig.from_profile(cfg)
+    side = int(model.unet.config.sample_size) * model.vae_scale_factor
+    style = _resize(torch.from_numpy(images[:1]).permute(0, 3, 1, 2).float() / 255.0, side, "bilinear").clamp(0, 1)
+    layout = _resize(torch.from_numpy(masks[:1].astype(np.float32))[:, None], side, "nearest")[:, 0] > 0.5
+    prompt = str(cfg["didgen"]["prefix"])
+    reference = invert_style(model, style[0], prompt, config)
+    return compare_efficiency(DualBranchGenerator(model, config), reference, layout, prompt, repeats)
+
+
 def dual_branch_pairs(cfg: Mapping[str, Any], cc: Ch05Config, data: BiasData, model: Any, model_key: str,
                       per_sample: int = 1) -> DualBranchPairs:
     """§5.5.1: ``per_sample`` pairs per low-contrast training image, each styled by that image and laid out by its
@@ -444,5 +463,5 @@ def split_for_claim(values: np.ndarray, iou_values: np.ndarray, threshold: float
 
 __all__ = ["Ch05Config", "BiasData", "SegSet", "bias_data", "ToneData", "tone_data", "base_predictions", "table_5_1",
            "pretrained_segmenter", "scores", "low_contrast_subset", "random_subset", "finetuned_scores", "not_run_reasons",
-           "mitigation_table", "split_for_claim", "SEGMENTER_NAMES", "SOURCES", "DualBranchPairs", "dual_branch_pairs", "to_unit", "annotate",
+           "mitigation_table", "split_for_claim", "SEGMENTER_NAMES", "SOURCES", "DualBranchPairs", "dual_branch_pairs", "to_unit", "efficiency", "annotate",
            "poor_subsets", "shift_table"]
