@@ -56,7 +56,8 @@ def test_sync_is_the_absolute_difference_of_the_concepts_mean_feat_i():
 def test_trial_settings_scale_steps_and_carry_variants():
     cc = ch3.Ch3Config.from_profile(load_profile("mini"))
     s = ch3.trial_settings(cc, "Mine", 5e-5, 0.5, omega=0.1)
-    assert s == {"lr": 5e-5, "steps": 150, "omega": 0.1, "ratio_mode": "adaptive", "rec_on_groups": False}
+    assert s == {"lr": 5e-5, "steps": round(cc.steps["Mine"] * 0.5), "omega": 0.1, "ratio_mode": "adaptive",
+                 "rec_on_groups": False}
     assert ch3.trial_settings(cc, "BAS")["ti_steps"] == cc.steps["BAS-TI"] and ch3.trial_settings(cc, "BAS")["lr"] == 5e-5
 
 
