@@ -102,7 +102,10 @@ run.show(ch04_downstream.class_samples_figure(generators, cls_sets), "fig_4_4_cl
 # **Classifiers.** VGG16, ResNet18, DenseNet121 and ViT-B/16 (torchvision; ImageNet weights from a local path in
 # `full`, from scratch in `mini` and `smoke`), trained on the original training set and on each augmented one with
 # early stopping on validation accuracy (the trainer and its settings: `ctrlgen.downstream`, profile
-# `downstream.classification`). Table 4.2: micro precision, recall and F1 on the test split.
+# `downstream.classification`). Table 4.2: micro precision, recall and F1 on the test split. Each model costs CPU
+# time per image and epoch, six training sets over: the `mini` profile trains the two cheapest (ResNet18,
+# DenseNet121) on a capped number of images (`ch04_downstream.classification`), `full` all four; a classifier this
+# profile does not train reads "not run yet".
 
 # %%
 crun = ch04_downstream.run_classification(cfg, cls_sets, generators, dc, TaskSettings.from_profile(cfg, "classification"))
@@ -169,9 +172,10 @@ if fig is not None:
 # %% [markdown]
 # **Segmenters.** U-Net, Attention U-Net, DCSAU-Net and XBound-Former (`ctrlgen.downstream`, profile
 # `downstream.segmentation`: Adam, early stopping on validation IoU), trained on the original pairs and on each
-# augmented set at two scales — the thesis's S_1k and S_2.5k, here `segmentation.scales` real pairs (the second
-# is all of them). The same synthetic pairs are added at both scales (the thesis does not say how many S_1k gets).
-# Table 4.5: mean IoU and Dice on the test set.
+# augmented set at two scales — the thesis's S_1k and S_2.5k, here `segmentation.scales` real pairs (0: all of
+# them). The same synthetic pairs are added at both scales (the thesis does not say how many S_1k gets).
+# As for the classifiers, `mini` trains the two cheapest segmenters (Attention U-Net, XBound-Former) and `full` all
+# four; the others read "not run yet". Table 4.5: mean IoU and Dice on the test set.
 
 # %%
 srun = ch04_downstream.run_segmentation(cfg, seg_sets, pair_sets, dc, TaskSettings.from_profile(cfg, "segmentation"))

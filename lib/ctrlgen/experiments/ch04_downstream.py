@@ -95,6 +95,7 @@ class DownstreamConfig:
     n_per_class: int                    # §4.4.3: synthetic images per minority class (thesis 1000)
     classifiers: tuple[str, ...]        # chapter 4's classifiers (input side, trainer: downstream.classification)
     max_train_images: int               # real classification training images used (0 = all)
+    max_eval_images: int                # validation and test images used, each (0 = all)
     finetune_steps: int                 # class-conditional diffusion finetuning (thesis 20k)
     finetune_batch: int
     finetune_lr: float
@@ -118,7 +119,7 @@ class DownstreamConfig:
         if len(scales) != 2:
             raise ValueError(f"ch04_downstream.segmentation.scales needs two sizes (S_1k, S_2.5k), got {list(scales)}")
         return cls(n_per_class=int(c["n_per_class"]), classifiers=tuple(str(x) for x in c["classifiers"]),
-                   max_train_images=int(c["max_train_images"]),
+                   max_train_images=int(c["max_train_images"]), max_eval_images=int(c["max_eval_images"]),
                    finetune_steps=int(c["finetune_steps"]), finetune_batch=int(c["finetune_batch"]),
                    finetune_lr=float(c["finetune_lr"]), segmenters=tuple(str(x) for x in s["segmenters"]),
                    scales=scales, n_pairs=int(s["n_pairs"]),
@@ -230,11 +231,11 @@ def classification_sets(cfg: Mapping[str, Any], dc: DownstreamConfig, side: int)
         ds = load_dataset("ham10000", cfg, resolution=side, require_images=True)
         source = f"HAM10000 layout ({ds.provenance}); DermaMNIST unavailable: {str(err).splitlines()[0]}"
     parts = _split_arrays(ds, side)
-    if dc.max_train_images and len(parts["train"][1]) > dc.max_train_images:
-        keep = np.random.default_rng(dc.seed).permutation(len(parts["train"][1]))[:dc.max_train_images]
-        keep.sort()
-        parts["train"] = (parts["train"][0][keep], parts["train"][1][keep])
-        notes.append(f"training images subsampled to {dc.max_train_images} (profile max_train_images)")
+    for split, cap in (("train", dc.max_train_images), ("val", dc.max_eval_images), ("test", dc.max_eval_images)):
+        if cap and len(parts[split][1]) > cap:
+            keep = np.sort(np.random.default_rng(dc.seed).permutation(len(parts[split][1]))[:cap])
+            parts[split] = (parts[split][0][keep], parts[split][1][keep])
+            notes.append(f"{split} images: a random {cap} of the split (the profile's cap)")
     for split, (_, y) in parts.items():
         missing = [c.upper() for c in HAM if c not in set(y)]
         if missing:
@@ -593,10 +594,12 @@ def segmentation_sets(cfg: Mapping[str, Any], train_images: np.ndarray, train_ma
                       test_images: np.ndarray, test_masks: np.ndarray, test_name: str, source: str,
                       dc: DownstreamConfig) -> SegSets:
     """Part I's ISIC 2018 Task 1 pairs (``DermSets``' training split and test set), a validation split of
-    ``val_fraction`` from the shuffled training pairs, and PH2 (real when present, else the procedural world's)."""
+    ``val_fraction`` of the larger scale's size from the shuffled training pairs (the rest is the training pool the
+    scales take their first pairs from), and PH2 (real when present, else the procedural world's)."""
     side = train_images.shape[1]
     order = np.random.default_rng(dc.seed).permutation(len(train_images))
-    n_val = max(1, int(round(dc.val_fraction * len(order))))
+    largest = max(dc.scales) if min(dc.scales) > 0 else len(order)
+    n_val = max(1, int(round(dc.val_fraction * min(largest, len(order)))))
     if len(order) - n_val < 1:
         raise ValueError(f"{len(order)} training pairs cannot give a validation split of {dc.val_fraction}")
     val, train = order[:n_val], order[n_val:]
