@@ -35,11 +35,13 @@ overrides = {}
 # %% tags=["hide-input"]
 import numpy as np
 import pandas as pd
+import torch
 
 from ctrlgen import figures
 from ctrlgen.analysis import bias
 from ctrlgen.experiments import ch04_didgen
 from ctrlgen.experiments import ch05_lowcontrast as ch05
+from ctrlgen.metrics.image import mask_set_diversity, metric_extractors, within_set_diversity
 from ctrlgen.results import ChapterRun
 from ctrlgen.thesis import compare
 from ctrlgen.thesis.claims import claim_seeds, record_claim
@@ -154,7 +156,7 @@ if data.external is not None:
 # (`dual_branch`, unstated in the thesis). The other generative rows read "not run", with the reason.
 
 # %%
-_, ch04_sets = ch04_didgen.load_base_and_sets(cfg)
+base, ch04_sets = ch04_didgen.load_base_and_sets(cfg)
 region_aware = ch04_didgen.finetune(cfg, "mine", ch04_sets)  # chapter 4's cache (trained there; here only if absent)
 mine = ch05.dual_branch_pairs(cfg, cc, data, region_aware.model, region_aware.key)
 print(mine.note, "| U-Net passes:", mine.passes)
@@ -169,9 +171,10 @@ if len(mine.images):
                                        title="Fig. 5.6 analogue: dual-branch pairs"), "fig_5_6_dual_branch_pairs")
 
 # %%
-target = ch05.low_contrast_subset(data.train.images, data.train.masks, cc.low_contrast_threshold)
+target = ch05.low_contrast_subset(data.train.images, data.train.masks, cc.low_contrast_threshold, cc.max_pairs)
 random = ch05.random_subset(len(data.train), len(target), cc.seed)
-print(f"low-contrast subset: {len(target)} of {len(data.train)} training images (ITA Difference < {cc.low_contrast_threshold:g})")
+print(f"low-contrast targets: {len(target)} of {len(data.train)} training images (ITA Difference < "
+      f"{cc.low_contrast_threshold:g}, lowest first, at most ch05.mitigation.max_pairs = {cc.max_pairs or 'all'})")
 run.log_metric("ch05.low_contrast_subset", "training images", "selected", len(target))
 per_source = {}
 for name, (model, stored) in segmenters.items():
@@ -212,14 +215,43 @@ print(f"T = {eff['steps']}: denoising passes dual / two-stage = {eff['ratio_deno
 passes
 
 # %% [markdown]
+# ### The role of layout guidance — Table 5.5 (§5.5.5)
+#
+# The same targets generated without L_CA and L_SA (the style loss kept), the segmenters finetuned on those pairs
+# the same way. Diversity is the within-set perceptual distance of the annotated masks (the profile's extractor,
+# as chapter 4's Table 4.7; LPIPS in the thesis), with the extractor-free mean 1 − IoU beside it.
+
+# %%
+_, distance, metric_note = metric_extractors(cfg, vae=base.vae)
+plain = ch05.dual_branch_pairs(cfg, cc, data, region_aware.model, region_aware.key, layout_guidance=False)
+print(plain.note)
+run.note(plain.note)
+arms = {"w/o layout guidance": plain, "w/ layout guidance (mine)": mine}
+lpips_pairs = int(cfg.didgen.eval.lpips_pairs)
+diversity = {arm: within_set_diversity(torch.from_numpy(p.masks), distance, lpips_pairs, cc.seed) if len(p.masks) > 1
+             else float("nan") for arm, p in arms.items()}
+iou_by_arm = {"w/ layout guidance (mine)": {n: per_source[n]["Mine"]["iou"] for n in per_source if "Mine" in per_source[n]},
+              "w/o layout guidance": {}}
+for name, (model, stored) in segmenters.items():
+    if len(plain.images):
+        iou_by_arm["w/o layout guidance"][name] = ch05.finetuned_scores(cfg, cc, name, stored, plain.set, data, data.test,
+                                                                         "w/o layout guidance")["iou"]
+t55 = ch05.table_5_5(diversity, iou_by_arm, s06)
+run.log_table("5.5", t55)
+display(compare("5.5", t55, cfg.profile_name))
+pd.DataFrame({"1 − IoU ↑": {arm: mask_set_diversity(p.masks, lpips_pairs, cc.seed) if len(p.masks) > 1 else np.nan
+                            for arm, p in arms.items()}})
+
+# %% [markdown]
 # Not run in this chapter yet: Table 5.2 (FID / LPIPS / DINO of the generated sets against their references), Table
-# 5.4 (mitigation on the external set), Table 5.5 (layout-guidance ablation), Fig. 5.9 (single vs dual branch) and
-# Fig. 5.10 (generation ratio n = 1..4) — the generator runs above, these comparisons are not wired yet.
+# 5.4 (mitigation on the external set), Fig. 5.9 (single vs dual branch) and Fig. 5.10 (generation ratio
+# n = 1..4) — the generator runs above; these comparisons are not wired yet.
 
 # %% [markdown]
 # ## The claims of this chapter
 #
-# Recorded: the denoising-pass count of §5.5.5, the Table 5.1 comparison (logistic-regression ensemble vs the ITA baselines, per test image correct or
+# Recorded: the layout-guidance ablation (Table 5.5: mask diversity; IoU per S_0.6 test image, the models pooled),
+# the denoising-pass count of §5.5.5, the Table 5.1 comparison (logistic-regression ensemble vs the ITA baselines, per test image correct or
 # not), the ITA Difference of S_0.6 against the rest (the models pooled), and the standardised shift of ITA
 # Difference against ITA Skin per model. The mitigation claims wait for the generators.
 
@@ -236,6 +268,16 @@ record_claim(run, "ch5.s542_ita_difference", a=poor[np.isfinite(poor)], b=rest[n
 s06_shift = shifts.xs("S_0.6", level="subset")["standardised shift"].unstack()
 record_claim(run, "ch5.s555_denoising_passes", a=[eff["passes"]["dual_branch"]["denoising"]],
              b=[eff["passes"]["two_stage"]["denoising"]], note=f"T = {eff['steps']}, one generated image")
+record_claim(run, "ch5.t55_diversity", a=[diversity["w/ layout guidance (mine)"]], b=[diversity["w/o layout guidance"]],
+             seeds=seeds, note=metric_note)
+with_g, without_g = iou_by_arm["w/ layout guidance (mine)"], iou_by_arm["w/o layout guidance"]
+both = [n for n in with_g if n in without_g]
+if any(s06[n].any() for n in both):
+    pick, where = {n: s06[n] for n in both}, "S_0.6 images"
+else:
+    pick, where = {n: np.ones_like(s06[n]) for n in both}, "S_0.6 empty for every model: all test images"
+record_claim(run, "ch5.t55_segmentation", a=np.concatenate([with_g[n][pick[n]] for n in both]),
+             b=np.concatenate([without_g[n][pick[n]] for n in both]), seeds=seeds, note=where)
 record_claim(run, "ch5.s542_contrast_not_skin_tone", a=s06_shift["ITA Difference"].abs().fillna(0.0),
              b=s06_shift["ITA Skin"].abs().fillna(0.0), seeds=seeds,
              note="an empty S_0.6 counts as no shift (0)")

@@ -102,3 +102,24 @@ def test_to_unit_for_figures():
     x = ch05.to_unit(np.full((2, 4, 4, 3), 255, np.uint8))
     assert x.shape == (2, 3, 4, 4) and float(x.max()) == 1.0
     assert ch05.to_unit(np.ones((2, 4, 4), bool)).shape == (2, 4, 4)
+
+
+def test_low_contrast_subset_is_lowest_first_and_capped():
+    diffs = np.array([25.0, 5.0, 60.0, 15.0, 70.0, 28.0])
+    scenes = generate_dermoscopy(6, seed=4, overrides={"ita_difference": diffs})
+    full = ch05.low_contrast_subset(scenes.images, scenes.masks, 30.0)
+    assert sorted(full.tolist()) == [0, 1, 3, 5]
+    measured = ch05.annotate(scenes.images, scenes.masks)["ita_difference"].to_numpy()
+    assert np.all(np.diff(measured[full]) >= 0)          # lowest contrast first
+    assert ch05.low_contrast_subset(scenes.images, scenes.masks, 30.0, max_count=2).tolist() == full[:2].tolist()
+
+
+def test_table_5_5_by_hand():
+    s06 = {"fat_net": np.array([True, False, True])}
+    t = ch05.table_5_5({"w/o layout guidance": 0.2, "w/ layout guidance (mine)": 0.4},
+                       {"w/o layout guidance": {"fat_net": np.array([0.1, 0.9, 0.3])},
+                        "w/ layout guidance (mine)": {"fat_net": np.array([0.5, 0.8, 0.7])}}, s06)
+    assert t.loc["w/ layout guidance (mine)", ("FAT-Net", "IoU (S_{0.6} ↑)")] == pytest.approx(0.6)
+    assert t.loc["w/o layout guidance", ("FAT-Net", "IoU (All ↑)")] == pytest.approx(1.3 / 3)
+    assert t.loc["w/o layout guidance", ("Diversity ↑", "")] == 0.2
+    assert set(t.columns) <= set(thesis_frame("5.5").columns) and set(t.index) == set(thesis_frame("5.5").index)
