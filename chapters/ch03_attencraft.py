@@ -125,7 +125,11 @@ t31
 at_1e4 = {m: ch03_attencraft.best({k: v for k, v in t.items() if k.startswith("lr=0.0001,")}) for m, t in trials.items()}
 t36 = ch03_attencraft.arm_table({m: ev for m, (_, ev) in at_1e4.items()})
 run.log_table("3.6", t36)
-t36
+display(compare("3.6", t36, cfg.profile_name))
+
+# %% [markdown]
+# Beside the thesis: on `mini`/`smoke` the stand-in rows (feat-I, cls-I, colour fidelity, feature fusion) are not
+# the thesis's CLIP-I/DINO/CLIP-T rows, which therefore read "not run yet" in this run's columns.
 
 # %%
 display(compare("3.1", t31, cfg.profile_name))
