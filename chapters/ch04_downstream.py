@@ -82,10 +82,11 @@ cls_sets.counts()
 # %% [markdown]
 # **Generators.** PGAN and SL-StyleGAN are unconditional: one model per class. The diffusion generators are
 # finetuned jointly on the six classes with a class prompt — this book's choice, the thesis does not print its
-# prompts: SD-Finetune keeps §4.4.2's sentence with the diagnosis inserted ("An image of melanoma lesion on
-# skin."), and Mine continues from part I's region-aware model with the diagnosis after the P-Token prefix. HAM10000
-# has no lesion masks here, so Mine's class finetuning uses L_rec only. Each generator adds exactly
-# `n_per_class` images to each minority class and none to NV.
+# prompts: SD-Finetune and DreamBooth keep §4.4.2's sentence with the diagnosis inserted ("An image of melanoma
+# lesion on skin."), DreamBooth adding prior preservation on base-model images of part I's class prompt; Mine
+# continues from part I's region-aware model with the diagnosis after the P-Token prefix. HAM10000 has no lesion
+# masks here, so Mine's class finetuning uses L_rec only. Each generator adds exactly `n_per_class` images to each
+# minority class that has training images, and none to NV.
 
 # %%
 base_key = ch04_downstream.model_key(base)

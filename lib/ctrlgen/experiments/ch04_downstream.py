@@ -54,6 +54,7 @@ from ctrlgen.downstream import (
     train_segmenter,
 )
 from ctrlgen.methods.baselines.attention_refocusing import RefocusConfig, refocus_refiner
+from ctrlgen.methods.baselines.dreambooth import generate_class_images
 from ctrlgen.methods.baselines.zestguide import ZestGuideConfig, zestguide_refiner
 from ctrlgen.models.tokens import locate_tokens
 from ctrlgen.sampling import text_to_image
@@ -291,34 +292,59 @@ def _optional_module(name: str):
 
 def class_prompt(generator: str, cls: str, prefix: str) -> str:
     """The class prompt of a class-conditional diffusion generator (unstated in the thesis: this book's choice).
-    SD-Finetune keeps §4.4.2's sentence with the diagnosis inserted; Mine adds the diagnosis to the P-Token prefix."""
-    if generator == "SD-Finetune":
+    SD-Finetune and DreamBooth keep §4.4.2's sentence with the diagnosis inserted; Mine adds the diagnosis to the
+    P-Token prefix."""
+    if generator in ("SD-Finetune", "DreamBooth"):
         return f"An image of {CLASS_WORDS[cls]} lesion on skin."
     return f"{prefix}, {CLASS_WORDS[cls]}"
 
 
-def _class_batches(model, latents: torch.Tensor, ids: torch.Tensor, batch_size: int, seed: int):
-    """Endless shuffled batches of precomputed latents with each image's own prompt ids."""
+@dataclass(frozen=True)
+class Prior:
+    """DreamBooth's prior preservation (Ruiz et al. 2023): class images of the frozen start model with their prompt,
+    weighted λ against the instance images (the two halves of every batch weigh 2 and 2λ, as ``dreambooth`` does)."""
+
+    images: torch.Tensor                # (M, 3, H, W) in [0, 1]
+    prompt: str
+    weight: float
+
+
+def _class_batches(latents: torch.Tensor, ids: torch.Tensor, batch_size: int, seed: int,
+                   prior_latents: torch.Tensor | None = None, prior_ids: torch.Tensor | None = None,
+                   prior_weight: float = 1.0):
+    """Endless shuffled batches of precomputed latents with each image's own prompt ids; with a prior, each batch
+    also holds ``batch_size`` prior images (weights 2 and 2λ, ``methods.baselines.dreambooth.prior_batches``)."""
     rng = np.random.default_rng(seed)
     n = len(latents)
     while True:
         order = rng.permutation(n)
         for start in range(0, max(1, n - batch_size + 1), batch_size):
             idx = torch.as_tensor(order[start:start + batch_size])
-            yield {"latents": latents[idx], "input_ids": ids[idx]}
+            if prior_latents is None:
+                yield {"latents": latents[idx], "input_ids": ids[idx]}
+                continue
+            b = torch.as_tensor(rng.integers(0, len(prior_latents), len(idx)))
+            yield {"latents": torch.cat([latents[idx], prior_latents[b]]),
+                   "input_ids": torch.cat([ids[idx], prior_ids.expand(len(idx), -1)]),
+                   "rec_weight": torch.tensor([2.0] * len(idx) + [2.0 * prior_weight] * len(idx))}
 
 
 def _class_finetune(model, images: torch.Tensor, prompts: Sequence[str], dc: DownstreamConfig,
-                    cfg: Mapping[str, Any]) -> dict[str, torch.Tensor]:
+                    cfg: Mapping[str, Any], prior: Prior | None = None) -> dict[str, torch.Tensor]:
     """L_rec (Eq. 4.3) finetuning of the whole U-Net on the minority-class images, jointly, each with its class
-    prompt (§4.4.3: the diffusion models are trained jointly on the six classes); returns the U-Net state dict."""
+    prompt (§4.4.3: the diffusion models are trained jointly on the six classes), with DreamBooth's prior term when
+    ``prior`` is given; returns the U-Net state dict."""
     f = cfg["didgen"]["finetune"]
     tc = train_config_from(dict(steps=dc.finetune_steps, lr=dc.finetune_lr, weight_decay=float(f["weight_decay"]),
                                 betas=tuple(f["adam_betas"]), eps=float(f["adam_eps"]), seed=dc.seed, progress=False))
     trainable = select_trainable(model.unet, model.text_encoder, mode="full", weight_decay=tc.weight_decay)
     latents = model.encode_dataset(images * 2 - 1)  # the VAE takes [-1, 1]
     ids = model.tokenize(list(prompts))
-    train_diffusion(model, _class_batches(model, latents, ids, dc.finetune_batch, dc.seed), tc, trainable)
+    extra = {}
+    if prior is not None:
+        extra = dict(prior_latents=model.encode_dataset(prior.images * 2 - 1), prior_ids=model.tokenize([prior.prompt]),
+                     prior_weight=prior.weight)
+    train_diffusion(model, _class_batches(latents, ids, dc.finetune_batch, dc.seed, **extra), tc, trainable)
     model.unet.requires_grad_(False)
     return {k: v.detach().cpu() for k, v in model.unet.state_dict().items()}
 
@@ -332,9 +358,11 @@ def _sample(model, prompts: Sequence[str], dc: DownstreamConfig, seed: int, batc
 
 def diffusion_class_samples(name: str, start, start_key: str, sets: ClassSets, dc: DownstreamConfig,
                             cfg: Mapping[str, Any]) -> ClassSamples:
-    """``SD-Finetune`` (from the base model) or ``Mine-DermPrompt`` (from part I's region-aware model): finetuned on
-    the minority classes with class prompts, then ``n_per_class`` samples per class. The finetuned U-Net and the
-    samples are stored by content (start model, data, settings, code)."""
+    """``SD-Finetune``, ``DreamBooth`` (both from the base model ``start``; DreamBooth with prior preservation on
+    class images the base model draws for ``didgen.baselines.dreambooth_class_prompt``, the settings of part I's
+    DreamBooth) or ``Mine-DermPrompt`` (from part I's region-aware model): finetuned jointly on the minority classes
+    with class prompts, then ``n_per_class`` samples per class. The finetuned U-Net and the samples are stored by
+    content (start model, data, settings, code)."""
     t0 = time.perf_counter()
     keep = np.isin(sets.train_y, MINORITY)
     images, labels = sets.train_x[keep], sets.train_y[keep]
@@ -349,9 +377,22 @@ def diffusion_class_samples(name: str, start, start_key: str, sets: ClassSets, d
              "data": digest(train_images, list(prompts)), "steps": dc.finetune_steps, "batch": dc.finetune_batch,
              "lr": dc.finetune_lr, "adamw": [float(f["weight_decay"]), list(f["adam_betas"]), float(f["adam_eps"])],
              "seed": dc.seed, "function": _source(_class_finetune, _class_batches)}
+    b = cfg["didgen"]["baselines"]
+    if name == "DreamBooth":
+        parts["prior"] = {"prompt": str(b["dreambooth_class_prompt"]), "n": int(b["dreambooth_class_images"]),
+                          "weight": float(b["dreambooth_prior_weight"]), "sampling": [dc.num_steps, dc.guidance_scale]}
     model = copy.deepcopy(start)
-    state = stored(parts, lambda: _class_finetune(model, train_images, prompts, dc, cfg), "torch", cfg,
-                   ("ctrlgen.training.loop", "ctrlgen.models.sd"))
+
+    def train() -> dict[str, torch.Tensor]:
+        prior = None
+        if name == "DreamBooth":  # the frozen start model draws the class images before it is finetuned
+            images = generate_class_images(model, str(b["dreambooth_class_prompt"]), int(b["dreambooth_class_images"]),
+                                           dc.num_steps, dc.guidance_scale, seed=dc.seed)
+            prior = Prior(pixels01(images), str(b["dreambooth_class_prompt"]), float(b["dreambooth_prior_weight"]))
+        return _class_finetune(model, train_images, prompts, dc, cfg, prior)
+
+    state = stored(parts, train, "torch", cfg, ("ctrlgen.training.loop", "ctrlgen.models.sd",
+                                                "ctrlgen.methods.baselines.dreambooth"))
     model.unet.load_state_dict(state)
     model.unet.eval()
     out = {}
@@ -364,8 +405,8 @@ def diffusion_class_samples(name: str, start, start_key: str, sets: ClassSets, d
                "function": _source(_sample)}
         out[cls] = stored(key, lambda: _sample(model, cls_prompts, dc, dc.seed + 1000 * k), "torch", cfg,
                           ("ctrlgen.sampling",))
-    note = "from the base model" if name == "SD-Finetune" else (
-        "from part I's region-aware model; L_rec only (HAM10000/DermaMNIST have no lesion masks for L_attn)")
+    note = {"SD-Finetune": "from the base model", "DreamBooth": "from the base model, prior preservation"}.get(
+        name, "from part I's region-aware model; L_rec only (HAM10000/DermaMNIST have no lesion masks for L_attn)")
     return ClassSamples(name, out, note=note + skipped, seconds=time.perf_counter() - t0)
 
 
@@ -418,9 +459,7 @@ def classification_generators(cfg: Mapping[str, Any], sets: ClassSets, dc: Downs
     rows = {"SL-StyleGAN": gan_class_samples("SL-StyleGAN", sets, dc, cfg),
             "PGAN": gan_class_samples("PGAN", sets, dc, cfg),
             "SD-Finetune": diffusion_class_samples("SD-Finetune", base, base_key, sets, dc, cfg),
-            "DreamBooth": ClassSamples("DreamBooth", None, NotRun(
-                "DreamBooth learns one subject per finetune (Ruiz et al. 2023): a class-conditional version is six "
-                "finetunes with prior preservation, not run in this book yet")),
+            "DreamBooth": diffusion_class_samples("DreamBooth", base, base_key, sets, dc, cfg),
             "Mine-DermPrompt": diffusion_class_samples("Mine-DermPrompt", mine, mine_key, sets, dc, cfg)}
     return {name: rows[name] for name in CLASSIFICATION_ROWS}
 
@@ -944,7 +983,7 @@ def status_table(rows: Mapping[str, Any]) -> pd.DataFrame:
 
 __all__ = ["HAM", "MINORITY", "CLASSIFICATION_ROWS", "SEGMENTATION_ROWS", "ORIGINAL", "NO_CA", "WITH_CA", "SCALE_LABELS",
            "NotRun", "DownstreamConfig", "ClassSets", "classification_sets", "ClassSamples", "class_prompt",
-           "diffusion_class_samples", "gan_class_samples", "classification_generators", "present_classes", "augment_classification",
+           "diffusion_class_samples", "gan_class_samples", "classification_generators", "present_classes", "Prior", "augment_classification",
            "classifier_predictions", "ClassificationRun", "run_classification", "table_4_2", "table_4_3", "table_4_4",
            "correct", "SegSets", "segmentation_sets", "PairSet", "didgen_pair_set", "training_free_pairs",
            "trained_mask_to_image", "segmenter_scores", "SegmentationRun", "run_segmentation", "table_4_5",
