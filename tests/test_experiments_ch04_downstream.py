@@ -243,6 +243,49 @@ def test_run_classification_trains_original_and_augmented_sets(cfg, dc):
     assert set(p["pred test"].tolist()) <= set(range(len(HAM)))
 
 
+def test_class_batches_mix_instance_and_prior_images_with_dreambooth_weights():
+    latents, ids = torch.arange(6.0).view(6, 1, 1, 1), torch.arange(6).view(6, 1)
+    prior, prior_ids = torch.full((3, 1, 1, 1), -1.0), torch.tensor([[99]])
+    batch = next(d._class_batches(latents, ids, 4, 0, prior, prior_ids, prior_weight=0.5))
+    assert batch["latents"].shape[0] == 8 and (batch["latents"][4:] == -1).all()
+    assert (batch["input_ids"][4:] == 99).all()
+    np.testing.assert_array_equal(batch["input_ids"][:4, 0].numpy(), batch["latents"][:4].flatten().long().numpy())
+    torch.testing.assert_close(batch["rec_weight"], torch.tensor([2.0] * 4 + [1.0] * 4))
+    plain = next(d._class_batches(latents, ids, 4, 0))
+    assert set(plain) == {"latents", "input_ids"}
+
+
+def test_classification_sets_cap_the_splits_and_report_missing_classes(cfg):
+    dc = DownstreamConfig(**{**DownstreamConfig.from_profile(cfg).__dict__, "max_train_images": 5, "max_eval_images": 2})
+    sets = d.classification_sets(cfg, dc, SIDE)
+    assert len(sets.train_y) <= 5 and len(sets.val_y) <= 2 and len(sets.test_y) <= 2
+    assert sets.train_x.shape[1:] == (3, SIDE, SIDE) and 0 <= float(sets.train_x.min()) <= float(sets.train_x.max()) <= 1
+    assert set(sets.train_y) <= set(HAM) and set(sets.external_y) <= set(sets.external_labels)
+    counts = sets.counts()
+    assert list(counts.columns) == list(HAM) and counts.loc["train"].sum() == len(sets.train_y)
+    for split in ("train", "val", "test"):
+        missing = [c for c in HAM if counts.loc[split, c] == 0]
+        assert not missing or any(n.startswith(f"{split} split has no") for n in sets.notes)
+
+
+def test_training_free_rows_need_didgen_masks(cfg, dc):
+    row = d.training_free_pairs("Zestguide", None, "k", PairSet("Mine", None, None, NotRun("failed")), cfg, dc, 2)
+    assert not row.ran and "DiDGen" in row.not_run.reason
+
+
+def test_classifier_training_is_reproducible_from_an_empty_cache(tmp_path, dc):
+    sets = _class_sets(1)
+    one = DownstreamConfig(**{**dc.__dict__, "classifiers": ("resnet18",)})
+    task = TaskSettings("classification", ("resnet18",), SIDE, "", FitSettings(max_epochs=1, batch_size=4, lr=1e-2,
+                                                                             patience=1))
+    preds = []
+    for k in range(2):
+        c = load_profile("smoke", {"paths.cache_root": str(tmp_path / f"cache{k}")})
+        torch.manual_seed(100 + k)  # the global generator's state must not matter
+        preds.append(d.classifier_predictions(c, "resnet18", sets.train_x, sets.train_y, sets, one, task))
+    np.testing.assert_array_equal(preds[0]["pred test"], preds[1]["pred test"])
+
+
 # --------------------------------------------------------------------------- the chapter
 def test_chapter_runs_on_smoke(tmp_path):
     cfg = load_profile("smoke")
