@@ -134,7 +134,8 @@ class MappingNetwork(nn.Module):
     def __init__(self, z_dim: int, w_dim: int, layers: int, lr_mul: float):
         super().__init__()
         dims = [z_dim] + [w_dim] * layers
-        self.layers = nn.ModuleList(EqualLinear(a, b, lr_mul=lr_mul) for a, b in zip(dims[:-1], dims[1:]))
+        # weight gain 1/√fan_in only: the √2 of the leaky ReLU is applied after it (bias_act's 'lrelu' gain)
+        self.layers = nn.ModuleList(EqualLinear(a, b, gain=1.0, lr_mul=lr_mul) for a, b in zip(dims[:-1], dims[1:]))
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         x = normalize_2nd_moment(z)
@@ -209,7 +210,7 @@ class _ResBlock(nn.Module):
 
     def __init__(self, cin: int, cout: int):
         super().__init__()
-        self.conv1, self.conv2 = EqualConv2d(cin, cin, 3), EqualConv2d(cin, cout, 3)
+        self.conv1, self.conv2 = EqualConv2d(cin, cin, 3, gain=1.0), EqualConv2d(cin, cout, 3, gain=1.0)
         self.skip = EqualConv2d(cin, cout, 1, gain=1.0, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -225,10 +226,11 @@ class StyleGANDiscriminator(nn.Module):
         super().__init__()
         ch = config.widths
         self.mbstd_group = config.mbstd_group
-        self.from_rgb = EqualConv2d(3, ch[-1], 1)
+        # as stylegan2-ada's Conv2dLayer/FullyConnectedLayer: weight gain 1/√fan_in, the activation's gain √2 after
+        self.from_rgb = EqualConv2d(3, ch[-1], 1, gain=1.0)
         self.blocks = nn.ModuleList(_ResBlock(b, a) for a, b in zip(reversed(ch[:-1]), reversed(ch[1:])))
-        self.conv = EqualConv2d(ch[0] + 1, ch[0], 3)
-        self.dense = EqualLinear(ch[0] * 16, ch[0])
+        self.conv = EqualConv2d(ch[0] + 1, ch[0], 3, gain=1.0)
+        self.dense = EqualLinear(ch[0] * 16, ch[0], gain=1.0)
         self.out = EqualLinear(ch[0], 1, gain=1.0)
 
     def forward(self, img: torch.Tensor) -> torch.Tensor:
