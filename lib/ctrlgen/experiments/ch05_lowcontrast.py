@@ -71,6 +71,7 @@ class Ch05Config:
     patch_size: int                 # 8-patch ITA patch side (20 px in Bevan & Atapour-Abarghouei 2022 at full size)
     tone_fit: BaseFitConfig
     bias_images: int                # procedural bias set when ISIC 2018 Task 1 is absent
+    max_train_images: int           # segmenter training images kept (0 = the whole training split)
     resolution: int
     segmenters: tuple[str, ...]
     segmenter_size: str
@@ -95,6 +96,7 @@ class Ch05Config:
                    tone_test_per_group=int(c["skin_tone"]["n_test_per_group"]),
                    tone_resolution=int(c["skin_tone"]["resolution"]), patch_size=int(c["skin_tone"]["patch_size"]),
                    tone_fit=BaseFitConfig.from_profile(cfg), bias_images=int(c["bias"]["n_procedural_images"]),
+                   max_train_images=int(c["bias"]["max_train_images"]),
                    resolution=int(c["bias"]["resolution"]), segmenters=tuple(str(n) for n in s["models"]),
                    segmenter_size=str(s["size"]), seg_fit=fit(s, "lr"),
                    thresholds=tuple(float(t) for t in c["bias"]["thresholds"]),
@@ -173,6 +175,10 @@ def bias_data(cfg: Mapping[str, Any], cc: Ch05Config) -> BiasData:
         train, val, test = _split(scenes.images, scenes.masks, cc.seed)
         source = (f"procedural dermoscopy world ({cc.bias_images} scenes at {cc.resolution} px, 70/10/20 train/val/test): "
                   "ISIC 2018 Task 1 is not in the data root")
+    if cc.max_train_images and len(train) > cc.max_train_images:  # the CPU budget: a seeded random part of the split
+        keep = np.sort(np.random.default_rng([cc.seed, 7]).choice(len(train), cc.max_train_images, replace=False))
+        train = train.take(keep)
+        source += f"; segmenters train on {len(train)} of the training images (ch05.bias.max_train_images)"
     ph2 = load_dataset("ph2", cfg, resolution=cc.resolution, require_images=True)
     external, note = None, "PH2 is not in the data root: the external-set analysis (thesis: HAM10000) did not run"
     if ph2.source != "procedural":
