@@ -175,8 +175,7 @@ if fig is not None:
 # `downstream.segmentation`: Adam, early stopping on validation IoU), trained on the original pairs and on each
 # augmented set at two scales — the thesis's S_1k and S_2.5k, here `segmentation.scales` real pairs (0: all of
 # them). The same synthetic pairs are added at both scales (the thesis does not say how many S_1k gets).
-# As for the classifiers, `mini` trains the two cheapest segmenters (Attention U-Net, XBound-Former) and `full` all
-# four; the others read "not run yet". Table 4.5: mean IoU and Dice on the test set.
+# Table 4.5: mean IoU and Dice on the test set.
 
 # %%
 srun = ch04_downstream.run_segmentation(cfg, seg_sets, pair_sets, dc, TaskSettings.from_profile(cfg, "segmentation"))
