@@ -120,6 +120,10 @@ def test_classification_tables_have_the_thesis_layout_and_not_run_rows(dc):
     assert t42.loc[("F1 Score↑", label), "Mine-DermPrompt"] == 1.0
     assert t42.loc[("F1 Score↑", label), ORIGINAL] == 0.0       # every prediction shifted by one class
     assert t42.loc[("Recall↑", label), "PGAN"] == "not run: PGAN absent"
+    weighted = d.table_4_2(run, sets, dc, average="weighted")
+    shifted = np.array([HAM[i] for i in np.roll(np.arange(7), 1)], dtype=object)
+    assert weighted.loc[("F1 Score↑", label), ORIGINAL] == pytest.approx(
+        f1_score(sets.test_y, shifted, labels=list(HAM), average="weighted", zero_division=0))
     t43 = d.table_4_3(run, sets, dc)
     assert list(t43.columns) == [c.upper() for c in HAM]
     assert (t43.xs("Augmented", level=1).to_numpy() == 1.0).all()

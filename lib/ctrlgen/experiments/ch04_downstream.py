@@ -237,11 +237,13 @@ def classification_sets(cfg: Mapping[str, Any], dc: DownstreamConfig, side: int)
             keep = np.sort(np.random.default_rng(dc.seed).permutation(len(parts[split][1]))[:cap])
             parts[split] = (parts[split][0][keep], parts[split][1][keep])
             notes.append(f"{split} images: a random {cap} of the split (the profile's cap)")
+    consequence = {"train": "no generator can learn them: they get no synthetic images",
+                   "val": "early stopping does not see them",
+                   "test": "their F1 is 0 by definition (scikit-learn zero_division=0) and says nothing"}
     for split, (_, y) in parts.items():
         missing = [c.upper() for c in HAM if c not in set(y)]
         if missing:
-            notes.append(f"{split} split has no {', '.join(missing)} image: their F1 is 0 by definition "
-                         f"(scikit-learn zero_division=0) and says nothing")
+            notes.append(f"{split} split has no {', '.join(missing)} image: {consequence[split]}")
         if len(y) == 0:
             raise DataError(f"{ds.name}: the {split} split has no labelled image with a file ({ds.root})")
     ext_x, ext_y, ext_name, ext_labels = _external_classification(cfg, side, notes)
@@ -542,15 +544,18 @@ def _labels(pred: np.ndarray) -> np.ndarray:
     return np.array([HAM[int(i)] for i in pred], dtype=object)
 
 
-def table_4_2(run: ClassificationRun, sets: ClassSets, dc: DownstreamConfig) -> pd.DataFrame:
-    """Micro precision/recall/F1 on the test split, one column per training set (Table 4.2's layout)."""
+def table_4_2(run: ClassificationRun, sets: ClassSets, dc: DownstreamConfig, average: str = "micro") -> pd.DataFrame:
+    """Precision/recall/F1 on the test split (``average``: §4.4.3's "micro"; for single-label data micro P = R = F1 =
+    accuracy, while the thesis's three differ — "weighted" is the likely reading), one column per training set
+    (Table 4.2's layout)."""
     cols = {}
     for row in (ORIGINAL, *CLASSIFICATION_ROWS):
         values = {}
         for clf in dc.classifiers:
             label = CLASSIFIER_LABELS.get(clf, clf)
             if row in run.rows:
-                s = classification_scores(sets.test_y, _labels(run.predictions[row, clf]["pred test"]), labels=HAM)
+                s = classification_scores(sets.test_y, _labels(run.predictions[row, clf]["pred test"]), labels=HAM,
+                                          average=average)
                 values.update({("Precision↑", label): s.precision, ("Recall↑", label): s.recall,
                                ("F1 Score↑", label): s.f1})
             else:
