@@ -205,13 +205,14 @@ def test_gain_table_rows_per_segmenter_and_bin(dc):
     assert g.groupby("model")["count"].sum().eq(5).all()
 
 
-def test_missing_mask_to_image_baseline_is_a_not_run_row(cfg, dc, monkeypatch):
-    monkeypatch.setattr(d, "_optional_module", lambda name: None)
+def test_rows_that_cannot_run_say_why(cfg, dc):
     sets = SegSets(*(torch.zeros(1),) * 6, "t", torch.zeros(1), torch.zeros(1), "p", "s")
     row = d.trained_mask_to_image("ControlNet", sets, PairSet("Mine", None, None, NotRun("x")), cfg, dc)
-    assert not row.ran and "not in this checkout" in row.not_run.reason
-    row = d.gan_class_samples("PGAN", _class_sets(), dc, cfg)
-    assert not row.ran and "not in this checkout" in str(row.not_run)
+    assert not row.ran and "DiDGen" in row.not_run.reason
+    only_nv = ClassSets(*(_class_sets().__dict__[k] for k in ("train_x",)), np.array(["nv"] * 14, dtype=object),
+                        *list(_class_sets().__dict__.values())[2:])
+    row = d.gan_class_samples("PGAN", only_nv, dc, cfg)
+    assert not row.ran and "no training image of any minority class" in str(row.not_run)
 
 
 # --------------------------------------------------------------------------- training on tiny inputs

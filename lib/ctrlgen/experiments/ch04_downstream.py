@@ -11,8 +11,8 @@ segmenters trained on the original and augmented sets at two scales; per-image D
 set, paired t-tests and the gain analysis.
 
 Chapter 4 part I's models and pair generation are reused: the chapter passes them in (a chapter's experiments
-module never imports another chapter's). Generators that are not in this checkout, or that this profile does not
-run, are rows of :class:`NotRun` with the reason — never a number. Trained diffusion finetunes, sample sets and
+module never imports another chapter's). A generator that cannot run (no training image of any minority class, no
+usable DiDGen pair to condition on) is a row of :class:`NotRun` with the reason — never a number. Trained diffusion finetunes, sample sets and
 every trained classifier's/segmenter's predictions are stored by content (``ctrlgen.result_cache``).
 """
 from __future__ import annotations
@@ -20,8 +20,6 @@ from __future__ import annotations
 import copy
 import functools
 import hashlib
-import importlib
-import importlib.util
 import inspect
 import json
 import time
@@ -53,6 +51,7 @@ from ctrlgen.downstream import (
     train_classifier,
     train_segmenter,
 )
+from ctrlgen.methods.baselines import controlnet, pix2pixhd, progressive_gan, stylegan
 from ctrlgen.methods.baselines.attention_refocusing import RefocusConfig, refocus_refiner
 from ctrlgen.methods.baselines.dreambooth import generate_class_images
 from ctrlgen.methods.baselines.zestguide import ZestGuideConfig, zestguide_refiner
@@ -286,12 +285,6 @@ class ClassSamples:
         return self.not_run is None
 
 
-def _optional_module(name: str):
-    """A baseline module of ``ctrlgen.methods.baselines`` if this checkout has it, else None."""
-    full = f"ctrlgen.methods.baselines.{name}"
-    return importlib.import_module(full) if importlib.util.find_spec(full) is not None else None
-
-
 def class_prompt(generator: str, cls: str, prefix: str) -> str:
     """The class prompt of a class-conditional diffusion generator (unstated in the thesis: this book's choice).
     SD-Finetune and DreamBooth keep §4.4.2's sentence with the diagnosis inserted; Mine adds the diagnosis to the
@@ -420,21 +413,17 @@ def present_classes(labels: np.ndarray) -> tuple[list[str], str]:
     return classes, (f"; no training image of {', '.join(missing)}: not augmented" if missing else "")
 
 
-GAN_MODULES = {"PGAN": ("progressive_gan", "pgan", "PGANConfig", "train_pgan"),
-               "SL-StyleGAN": ("stylegan", "stylegan", "StyleGANConfig", "train_stylegan")}
+# generator -> (module, its config class: profile gan_baselines.<section>, training function); one model per class
+GANS = {"PGAN": (progressive_gan, progressive_gan.PGANConfig, progressive_gan.train_pgan),
+        "SL-StyleGAN": (stylegan, stylegan.StyleGANConfig, stylegan.train_stylegan)}
 
 
 def gan_class_samples(name: str, sets: ClassSets, dc: DownstreamConfig, cfg: Mapping[str, Any]) -> ClassSamples:
     """PGAN / SL-StyleGAN: unconditional, one model per class (§4.4.3), ``n_per_class`` samples each, stored by
-    content. A module this checkout lacks, or a profile without its section, gives a "not run" row."""
-    module_name, section, config_name, train_name = GAN_MODULES[name]
-    module = _optional_module(module_name)
-    if module is None:
-        return ClassSamples(name, None, NotRun(f"ctrlgen.methods.baselines.{module_name} is not in this checkout"))
-    if section not in cfg.get("gan_baselines", {}):
-        return ClassSamples(name, None, NotRun(f"the profile has no gan_baselines.{section} section"))
+    content (training data, the profile's ``gan_baselines`` settings, seed, the module's code)."""
+    module, config_class, train = GANS[name]
     t0 = time.perf_counter()
-    config = getattr(module, config_name).from_profile(cfg)
+    config = config_class.from_profile(cfg)
     classes, skipped = present_classes(sets.train_y)
     if not classes:
         return ClassSamples(name, None, NotRun("no training image of any minority class to train a GAN on"))
@@ -442,13 +431,12 @@ def gan_class_samples(name: str, sets: ClassSets, dc: DownstreamConfig, cfg: Map
     for k, cls in enumerate(MINORITY):
         if cls not in classes:
             continue
-        x = sets.train_x[sets.train_y == cls]
-        uint8 = uint8_images(x)
+        uint8 = uint8_images(sets.train_x[sets.train_y == cls])
         key = {"what": "ch04 downstream GAN samples", "generator": name, "class": cls, "data": digest(uint8),
                "config": repr(config), "n": dc.n_per_class, "seed": dc.seed + k}
 
         def compute(uint8=uint8, k=k):
-            model = getattr(module, train_name)(uint8, config, seed=dc.seed + k, progress=False)
+            model = train(uint8, config, seed=dc.seed + k, progress=False)
             return module.generate(model, dc.n_per_class, seed=dc.seed + k)
 
         out[cls] = stored(key, compute, "torch", cfg, (module.__name__,))
@@ -717,36 +705,32 @@ def didgen_pair_set(result, name: str = "Mine") -> PairSet:
                    prompts=list(valid.prompts))
 
 
-def _pix2pixhd(module, images: np.ndarray, masks: np.ndarray, new_masks: np.ndarray, cfg, base, dc) -> torch.Tensor:
-    model = module.train_pix2pixhd(images, masks, module.Pix2PixHDConfig.from_profile(cfg), seed=dc.seed, progress=False)
-    return module.pix2pixhd_generate(model, new_masks)
+def _pix2pixhd(images: np.ndarray, masks: np.ndarray, new_masks: np.ndarray, cfg, base, dc) -> torch.Tensor:
+    model = pix2pixhd.train_pix2pixhd(images, masks, pix2pixhd.Pix2PixHDConfig.from_profile(cfg), seed=dc.seed,
+                                      progress=False)
+    return pix2pixhd.pix2pixhd_generate(model, new_masks)
 
 
-def _controlnet(module, images: np.ndarray, masks: np.ndarray, new_masks: np.ndarray, cfg, base, dc) -> torch.Tensor:
+def _controlnet(images: np.ndarray, masks: np.ndarray, new_masks: np.ndarray, cfg, base, dc) -> torch.Tensor:
     # trained on the derm base model (frozen) with the baselines' prompt of §4.4.2, as SD-Finetune and DreamBooth
-    config, prompt = module.ControlNetConfig.from_profile(cfg), str(cfg["didgen"]["baselines"]["prompt"])
-    net = module.train_controlnet(copy.deepcopy(base), images, masks, prompt, config, seed=dc.seed, progress=False)
-    return module.controlnet_generate(base, net, new_masks, prompt, num_steps=dc.num_steps,
-                                      guidance_scale=dc.guidance_scale, seed=dc.seed,
-                                      conditioning_scale=float(config.conditioning_scale))
+    config, prompt = controlnet.ControlNetConfig.from_profile(cfg), str(cfg["didgen"]["baselines"]["prompt"])
+    net = controlnet.train_controlnet(copy.deepcopy(base), images, masks, prompt, config, seed=dc.seed, progress=False)
+    return controlnet.controlnet_generate(base, net, new_masks, prompt, num_steps=dc.num_steps,
+                                          guidance_scale=dc.guidance_scale, seed=dc.seed,
+                                          conditioning_scale=float(config.conditioning_scale))
 
 
-# generator -> (module under methods.baselines, its profile section under gan_baselines, train-and-generate)
-MASK_TO_IMAGE = {"Pix2PixHD": ("pix2pixhd", "pix2pixhd", _pix2pixhd),
-                 "ControlNet": ("controlnet", "controlnet", _controlnet)}
+# generator -> (its module, train-and-generate); settings from the profile's gan_baselines.<module>
+MASK_TO_IMAGE = {"Pix2PixHD": (pix2pixhd, _pix2pixhd), "ControlNet": (controlnet, _controlnet)}
 
 
 def trained_mask_to_image(name: str, sets: SegSets, didgen: PairSet, cfg: Mapping[str, Any], dc: DownstreamConfig,
                           base=None, base_key: str = "") -> PairSet:
     """Pix2PixHD / ControlNet (ControlNet on the derm ``base`` model) trained on the real training pairs (Task 1), then
-    drawing images from DiDGen's new masks; stored by content. Not in this checkout, or no profile section: a
-    "not run" row."""
-    module_name, section, make = MASK_TO_IMAGE[name]
-    module = _optional_module(module_name)
-    if module is None:
-        return PairSet(name, None, None, NotRun(f"ctrlgen.methods.baselines.{module_name} is not in this checkout"))
-    if section not in cfg.get("gan_baselines", {}):
-        return PairSet(name, None, None, NotRun(f"the profile has no gan_baselines.{section} section"))
+    drawing images from DiDGen's new masks; stored by content. Without DiDGen's masks (or, for ControlNet, a base
+    model): a "not run" row."""
+    module, make = MASK_TO_IMAGE[name]
+    section = module.__name__.rsplit(".", 1)[-1]
     if not didgen.ran:
         return PairSet(name, None, None, NotRun("needs DiDGen's masks, which did not run"))
     if name == "ControlNet" and base is None:
@@ -755,7 +739,7 @@ def trained_mask_to_image(name: str, sets: SegSets, didgen: PairSet, cfg: Mappin
     key = {"what": "ch04 downstream mask-to-image", "generator": name, "data": digest(images, masks),
            "config": digest(cfg["gan_baselines"][section]), "masks": digest(didgen.masks), "seed": dc.seed,
            "base": base_key, "sampling": [dc.num_steps, dc.guidance_scale], "function": _source(make)}
-    out = stored(key, lambda: make(module, images, masks, didgen.masks.numpy(), cfg, base, dc), "torch", cfg,
+    out = stored(key, lambda: make(images, masks, didgen.masks.numpy(), cfg, base, dc), "torch", cfg,
                  (module.__name__,))
     return PairSet(name, to_side(out, sets.train_x.shape[-1]), didgen.masks.clone(), note="trained on the Task 1 pairs")
 
