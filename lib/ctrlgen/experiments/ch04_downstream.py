@@ -915,10 +915,10 @@ def poor_vs_good(run: SegmentationRun, dc: DownstreamConfig, row: str = "Mine") 
 # ================================================================================================ figures
 def class_samples_figure(generators: Mapping[str, ClassSamples], sets: ClassSets, n: int = 1):
     """Fig. 4.4 analogue: per generator (rows) ``n`` samples of each minority class (columns), the real images first."""
-    rows = {"real": torch.cat([sets.train_x[sets.train_y == c][:n] if (sets.train_y == c).any()
-                               else torch.zeros(n, *sets.train_x.shape[1:]) for c in MINORITY])}
+    blank = torch.ones(n, *sets.train_x.shape[1:])  # a class without training images: a white cell, said in it
+    absent = set(MINORITY) - set(sets.train_y)
+    rows = {"real": torch.cat([sets.train_x[sets.train_y == c][:n] if c not in absent else blank for c in MINORITY])}
     side = sets.train_x.shape[-1]
-    blank = torch.zeros(n, *sets.train_x.shape[1:])
     for name, s in generators.items():
         if s.ran:
             rows[name] = torch.cat([to_side(s.images[c][:n], side) if c in s.images else blank for c in MINORITY])
@@ -931,6 +931,9 @@ def class_samples_figure(generators: Mapping[str, ClassSamples], sets: ClassSets
             axes[r, c].set_yticks([])
             if r == 0:
                 axes[r, c].set_title(MINORITY[c // n].upper(), fontsize=8)
+            if MINORITY[c // n] in absent:
+                axes[r, c].text(0.5, 0.5, "no training\nimages", ha="center", va="center", fontsize=6,
+                                transform=axes[r, c].transAxes)
         axes[r, 0].set_ylabel(label, fontsize=8, rotation=0, ha="right", va="center")
     fig.tight_layout()
     return fig
