@@ -187,6 +187,24 @@ def test_derm_tokenizer_has_every_dermprompt_word_as_one_token(isolated_cache):
         assert len(tok(w, add_special_tokens=False)["input_ids"]) == 1, w
 
 
+def test_cxr_tokenizer_has_every_label_prompt_word_as_one_token(isolated_cache):
+    """Chapter 6's label prompts ("… without pleural effusion, and unclear about …") fit the mini text encoder:
+    every word is one token of the cxr base model's tokenizer."""
+    import re
+
+    from ctrlgen.methods.cxr_irgen.prompts import label_prompt, prompt_vocabulary
+
+    data = P.load_domain_data(_cfg(), "cxr")
+    tok = _build_tokenizer(_cfg(), data)
+    words = {w for text in prompt_vocabulary() for w in re.findall(r"[a-z]+", text.lower())}
+    assert {"unclear", "cardiomediastinum", "pleural", "without"} <= words
+    for w in words:
+        assert len(tok(w, add_special_tokens=False)["input_ids"]) == 1, w
+    prompt = label_prompt({"Enlarged Cardiomediastinum": 1.0, "Pleural Effusion": 0.0, "Lung Opacity": -1.0})
+    pieces = re.findall(r"[a-z]+|[^\sa-z]", prompt.lower())  # CLIP's pre-tokenizer: letter runs, each punctuation mark
+    assert len(tok(prompt)["input_ids"]) == len(pieces) + 2 <= 32  # one token each + start, end; fits mini's 32
+
+
 def test_checkpoint_frequency_is_not_part_of_the_key():
     fp = "data-a"
     for part in ("pretrain.vae.checkpoint_every", "pretrain.unet.checkpoint_every"):

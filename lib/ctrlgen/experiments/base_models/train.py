@@ -36,6 +36,7 @@ from ctrlgen.data.tensors import image_tensor, region_maps
 from ctrlgen.experiments.base_models.keys import (available_variants, default_variant, snapshot_steps, unet_key_parts,
                                                   vae_dir, vae_key_parts, variant_dir, variant_steps, work_dir)
 from ctrlgen.experiments.base_models.measure import measure_model
+from ctrlgen.methods.cxr_irgen.prompts import prompt_vocabulary as cxr_prompt_vocabulary
 from ctrlgen.methods.didgen.dermprompt import dermprompt_vocabulary
 from ctrlgen.models import (ModelNotFoundError, build_caption_tokenizer, build_mini_components, load_components,
                             load_tokenizer, save_tokenizer)
@@ -97,10 +98,13 @@ def _build_tokenizer(cfg, data: DomainData):
 
 def extra_vocabulary(domain: str) -> list[str]:
     """Texts beyond the captions whose words must be single tokens: for derm every phrase the DermPrompt
-    attribute captioner can write and the baselines' prompt (chapter 4 finetunes with them)."""
-    if domain != "derm":
-        return []
-    return dermprompt_vocabulary() + ["An image of lesion on skin.", "An image of skin."]
+    attribute captioner can write and the baselines' prompt (chapter 4 finetunes with them); for cxr every
+    CXR-IRGen label prompt (chapter 6 finetunes with them, §6.3.1)."""
+    if domain == "derm":
+        return dermprompt_vocabulary() + ["An image of lesion on skin.", "An image of skin."]
+    if domain == "cxr":
+        return cxr_prompt_vocabulary()
+    return []
 
 
 def tokenizer_corpus(data: DomainData) -> list[str]:

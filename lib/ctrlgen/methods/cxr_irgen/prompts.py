@@ -14,6 +14,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ctrlgen.data.readers.cxr import CHEXPERT_LABELS, NIH_LABELS
+
 PREFIX = "A chest X-Ray image"
 CLAUSES = ("with", "without", "unclear about")
 VALUES = {1.0: "with", 0.0: "without", -1.0: "unclear about"}
@@ -61,6 +63,14 @@ def label_prompt(label: Mapping[str, object]) -> str:
     if len(parts) == 2:
         return f"{PREFIX} {parts[0]} and {parts[1]}"
     return f"{PREFIX} {parts[0]}, {parts[1]}, and {parts[2]}"
+
+
+def prompt_vocabulary() -> list[str]:
+    """Texts whose words a base model's tokenizer must hold as single tokens for every ``label_prompt``: each
+    clause with every CheXpert and NIH observation (else "unclear" or "cardiomediastinum" split into pieces and
+    the mini text encoder's 32 positions overflow)."""
+    names = sorted({*CHEXPERT_LABELS, *NIH_LABELS})
+    return [label_prompt({name: 1.0}) for name in names] + [label_prompt({names[0]: 1.0, names[1]: 0.0, names[2]: -1.0})]
 
 
 def label_key(label: Mapping[str, object]) -> tuple:
@@ -123,5 +133,5 @@ def branch_counts(refs: Sequence[Reference]) -> dict[str, int]:
     return {b: sum(r.branch == b for r in refs) for b in (SAME_LABELS, SAME_POSITIVES, NO_REFERENCE)}
 
 
-__all__ = ["PREFIX", "CLAUSES", "SAME_LABELS", "SAME_POSITIVES", "NO_REFERENCE", "check_label", "label_prompt",
+__all__ = ["PREFIX", "CLAUSES", "SAME_LABELS", "SAME_POSITIVES", "NO_REFERENCE", "check_label", "label_prompt", "prompt_vocabulary",
            "label_key", "positives", "Reference", "ReferencePool", "branch_counts"]
