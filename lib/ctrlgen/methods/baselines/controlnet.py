@@ -97,6 +97,7 @@ class ControlledUNet(nn.Module):
 
     @property
     def config(self):
+        """The base U-Net's config (``in_channels``, ``sample_size``: what the sampler reads)."""
         return self.unet.config
 
     @property

@@ -342,6 +342,7 @@ def run_gan_training(modules: Mapping[str, nn.Module], optimizers: Mapping[str, 
 
 
 def adamw(params, lr: float, betas: Sequence[float], eps: float, weight_decay: float) -> torch.optim.AdamW:
+    """The GANs' optimiser: AdamW (= Adam with ``weight_decay`` 0, as the papers; the thesis's §4.7.2 AdamW in full)."""
     return torch.optim.AdamW(params, lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay)
 
 

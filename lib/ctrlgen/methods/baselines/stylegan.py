@@ -27,7 +27,7 @@ progressive growing (StyleGAN2 drops it).
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -114,7 +114,7 @@ def modulated_conv2d(x: torch.Tensor, weight: torch.Tensor, styles: torch.Tensor
     return out.reshape(b, -1, *out.shape[-2:])
 
 
-def r1_penalty(discriminator, reals: torch.Tensor) -> torch.Tensor:
+def r1_penalty(discriminator: Callable[[torch.Tensor], torch.Tensor], reals: torch.Tensor) -> torch.Tensor:
     """E_x ‖∇_x D(x)‖² over real images (Mescheder et al., 2018; the R1 of StyleGAN2-ADA's loss, to be
     weighted by γ/2)."""
     reals = reals.detach().requires_grad_(True)
