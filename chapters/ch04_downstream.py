@@ -109,7 +109,8 @@ run.show(ch04_downstream.class_samples_figure(generators, cls_sets), "fig_4_4_cl
 # profile does not train reads "not run yet".
 
 # %%
-crun = ch04_downstream.run_classification(cfg, cls_sets, generators, dc, TaskSettings.from_profile(cfg, "classification"))
+classification = TaskSettings.from_profile(cfg, "classification")
+crun = ch04_downstream.run_classification(cfg, cls_sets, generators, dc, classification)
 t42 = ch04_downstream.table_4_2(crun, cls_sets, dc)
 run.log_table("4.2", t42)
 compare("4.2", t42, cfg.profile_name)
@@ -162,12 +163,14 @@ pairs = PairConfig.from_profile(cfg)
 cond, _, aug_counts = pairs.condition_masks(sets.train_masks, dc.n_pairs, side, seed=cfg.seed)
 pool = ch04_didgen.new_prompts(sets, mine.model.tokenizer, ec)
 pair_prompts = ch04_didgen.table_4_1_prompts(ec, pool, dc.n_pairs)["Mine-DermPrompt"]
-mine_pairs = ch04_downstream.didgen_pair_set(ch04_didgen.run_pairs(mine, pairs, cond, pair_prompts, "Mine", ec, cfg).result)
+mine_run = ch04_didgen.run_pairs(mine, pairs, cond, pair_prompts, "Mine", ec, cfg)
+mine_pairs = ch04_downstream.didgen_pair_set(mine_run.result)
 no_ca = ch04_didgen.run_pairs(mine, replace(pairs, use_ca=False), cond, pair_prompts, ch04_downstream.NO_CA, ec, cfg)
 pair_sets = {
     "Pix2PixHD": ch04_downstream.trained_mask_to_image("Pix2PixHD", seg_sets, mine_pairs, cfg, dc),
     "ControlNet": ch04_downstream.trained_mask_to_image("ControlNet", seg_sets, mine_pairs, cfg, dc, base, base_key),
-    "Zestguide": ch04_downstream.training_free_pairs("Zestguide", mine.model, mine.key, mine_pairs, cfg, dc, ec.pair_batch),
+    "Zestguide": ch04_downstream.training_free_pairs("Zestguide", mine.model, mine.key, mine_pairs, cfg, dc,
+                                                     ec.pair_batch),
     "Attn-refocus": ch04_downstream.training_free_pairs("Attn-refocus", mine.model, mine.key, mine_pairs, cfg, dc,
                                                         ec.pair_batch),
     "Mine": mine_pairs,
@@ -226,9 +229,10 @@ compare("4.7", t47, cfg.profile_name)
 # %%
 tests = []
 if "Mine-DermPrompt" in crun.rows:
-    tests.append(ch04_downstream.significance(ch04_downstream.correct(crun, cls_sets, "Mine-DermPrompt", dc.classifiers),
-                                              ch04_downstream.correct(crun, cls_sets, "Original", dc.classifiers),
-                                              "classification: correct per test image, Mine vs Original"))
+    tests.append(ch04_downstream.significance(
+        ch04_downstream.correct(crun, cls_sets, "Mine-DermPrompt", dc.classifiers),
+        ch04_downstream.correct(crun, cls_sets, "Original", dc.classifiers),
+        "classification: correct per test image, Mine vs Original"))
 if "Mine" in srun.rows:
     for scale in ch04_downstream.SCALE_LABELS:
         tests.append(ch04_downstream.significance(
@@ -263,6 +267,10 @@ big = ch04_downstream.SCALE_LABELS[1]
 no_vgg = [c for c in dc.classifiers if c != "vgg16"] or list(dc.classifiers)
 
 
+def correct(row, classifiers=dc.classifiers):
+    return ch04_downstream.correct(crun, cls_sets, row, classifiers)
+
+
 def ran(*rows):
     return all(r in crun.rows or r in srun.rows for r in rows)
 
@@ -272,16 +280,15 @@ def missing(claim_id, *rows):
 
 
 if ran("Mine-DermPrompt"):
-    record_claim(run, "ch4.t42_vs_original", a=ch04_downstream.correct(crun, cls_sets, "Mine-DermPrompt", dc.classifiers),
-                 b=ch04_downstream.correct(crun, cls_sets, "Original", dc.classifiers), seeds=seeds)
+    record_claim(run, "ch4.t42_vs_original", a=correct("Mine-DermPrompt"), b=correct("Original"), seeds=seeds)
     mel = ch04_downstream.table_4_3(crun, cls_sets, dc)["MEL"]
     record_claim(run, "ch4.t43_mel", a=mel.xs("Augmented", level=1).astype(float),
                  b=mel.xs("Original", level=1).astype(float), seeds=seeds)
 else:
     missing("ch4.t42_vs_original / ch4.t43_mel", "Mine-DermPrompt")
 if ran("Mine-DermPrompt", "SD-Finetune"):
-    record_claim(run, "ch4.t42_best_except_vgg16", a=ch04_downstream.correct(crun, cls_sets, "Mine-DermPrompt", no_vgg),
-                 b=ch04_downstream.correct(crun, cls_sets, "SD-Finetune", no_vgg), seeds=seeds)
+    record_claim(run, "ch4.t42_best_except_vgg16", a=correct("Mine-DermPrompt", no_vgg), b=correct("SD-Finetune", no_vgg),
+                 seeds=seeds)
     if len(cls_sets.external_y):
         ext = {row: ch04_downstream.correct(crun, cls_sets, row, dc.classifiers, "external")
                for row in ("Mine-DermPrompt", "Original", "SD-Finetune")}

@@ -32,6 +32,7 @@ from ctrlgen.experiments.ch04_downstream import (
 )
 
 SIDE = 32
+FIT = FitSettings(max_epochs=1, batch_size=4, lr=1e-3, patience=1)
 
 
 @pytest.fixture
@@ -131,7 +132,8 @@ def test_classification_tables_have_the_thesis_layout_and_not_run_rows(dc):
     # external: truth [mel, nv]; Mine predicts [mel, nv] (F1 1), Original [mel, mel] (micro over mel/nv: 0.5 ... )
     expected = f1_score(["mel", "nv"], ["mel", "mel"], labels=["mel", "nv"], average="micro")
     assert t44.loc[ORIGINAL, "F1 Score ↑"] == pytest.approx(expected)
-    assert t44.loc["Mine-DermPrompt", "F1 Score ↑"] == 1.0 and str(t44.loc["DreamBooth", "Recall ↑"]).startswith("not run")
+    assert t44.loc["Mine-DermPrompt", "F1 Score ↑"] == 1.0
+    assert str(t44.loc["DreamBooth", "Recall ↑"]).startswith("not run")
 
 
 def test_correct_is_per_image_in_classifier_order(dc):
@@ -225,7 +227,7 @@ def test_run_segmentation_trains_every_row_and_scale_on_tiny_data(cfg, dc, monke
     one = DownstreamConfig(**{**dc.__dict__, "segmenters": ("unet",), "scales": (3, 0)})
     pair_sets = {"Mine": PairSet("Mine", x[:2], y[:2]), "Zestguide": PairSet("Zestguide", None, None, NotRun("no")),
                  d.NO_CA: PairSet(d.NO_CA, x[2:4], y[2:4])}
-    settings = TaskSettings("segmentation", ("unet",), SIDE, "mini", FitSettings(max_epochs=1, batch_size=4, lr=1e-3, patience=1))
+    settings = TaskSettings("segmentation", ("unet",), SIDE, "mini", FIT)
     run = d.run_segmentation(cfg, sets, pair_sets, one, settings)
     assert run.rows == [ORIGINAL, "Mine", d.NO_CA] and run.sizes == {SCALE_LABELS[0]: 3, SCALE_LABELS[1]: 6}
     assert (SCALE_LABELS[0], d.NO_CA, "unet") not in run.scores  # the ablation runs at the larger scale only
@@ -240,7 +242,7 @@ def test_run_classification_trains_original_and_augmented_sets(cfg, dc):
     sets = _class_sets(1)
     one = DownstreamConfig(**{**dc.__dict__, "classifiers": ("resnet18",)})
     gens = {"Mine-DermPrompt": _samples(1), "PGAN": ClassSamples("PGAN", None, NotRun("absent"))}
-    task = TaskSettings("classification", ("resnet18",), SIDE, "", FitSettings(max_epochs=1, batch_size=4, lr=1e-3, patience=1))
+    task = TaskSettings("classification", ("resnet18",), SIDE, "", FIT)
     run = d.run_classification(cfg, sets, gens, one, task)
     assert run.rows == [ORIGINAL, "Mine-DermPrompt"] and set(run.not_run) == {"PGAN"}
     p = run.predictions["Mine-DermPrompt", "resnet18"]
@@ -261,10 +263,12 @@ def test_class_batches_mix_instance_and_prior_images_with_dreambooth_weights():
 
 
 def test_classification_sets_cap_the_splits_and_report_missing_classes(cfg):
-    dc = DownstreamConfig(**{**DownstreamConfig.from_profile(cfg).__dict__, "max_train_images": 5, "max_eval_images": 2})
+    dc = DownstreamConfig(**{**DownstreamConfig.from_profile(cfg).__dict__, "max_train_images": 5,
+                             "max_eval_images": 2})
     sets = d.classification_sets(cfg, dc, SIDE)
     assert len(sets.train_y) <= 5 and len(sets.val_y) <= 2 and len(sets.test_y) <= 2
-    assert sets.train_x.shape[1:] == (3, SIDE, SIDE) and 0 <= float(sets.train_x.min()) <= float(sets.train_x.max()) <= 1
+    assert sets.train_x.shape[1:] == (3, SIDE, SIDE)
+    assert 0 <= float(sets.train_x.min()) <= float(sets.train_x.max()) <= 1
     assert set(sets.train_y) <= set(HAM) and set(sets.external_y) <= set(sets.external_labels)
     counts = sets.counts()
     assert list(counts.columns) == list(HAM) and counts.loc["train"].sum() == len(sets.train_y)

@@ -12,7 +12,8 @@ set, paired t-tests and the gain analysis.
 
 Chapter 4 part I's models and pair generation are reused: the chapter passes them in (a chapter's experiments
 module never imports another chapter's). A generator that cannot run (no training image of any minority class, no
-usable DiDGen pair to condition on) is a row of :class:`NotRun` with the reason — never a number. Trained diffusion finetunes, sample sets and
+usable DiDGen pair to condition on) is a row of :class:`NotRun` with the reason — never a number. Trained diffusion
+finetunes, sample sets and
 every trained classifier's/segmenter's predictions are stored by content (``ctrlgen.result_cache``).
 """
 from __future__ import annotations
@@ -38,7 +39,6 @@ from ctrlgen.data import load_dataset
 from ctrlgen.data.records import DataError
 from ctrlgen.data.tensors import image_tensor
 from ctrlgen.downstream import (
-    FitSettings,
     TaskSettings,
     build_classifier,
     build_segmenter,
@@ -63,7 +63,8 @@ from ctrlgen.training import select_trainable, train_config_from, train_diffusio
 HAM = ("mel", "nv", "bcc", "akiec", "bkl", "df", "vasc")          # Table 4.3's column order (data layer: lower case)
 MINORITY = ("mel", "bcc", "akiec", "bkl", "df", "vasc")           # §4.4.3: NV is never augmented
 CLASS_WORDS = {"mel": "melanoma", "nv": "melanocytic nevus", "bcc": "basal cell carcinoma",
-               "akiec": "actinic keratosis", "bkl": "benign keratosis", "df": "dermatofibroma", "vasc": "vascular lesion"}
+               "akiec": "actinic keratosis", "bkl": "benign keratosis", "df": "dermatofibroma",
+               "vasc": "vascular lesion"}
 CLASSIFIER_LABELS = {"vgg16": "VGG16", "resnet18": "ResNet18", "densenet121": "DenseNet121", "vit_b_16": "ViT"}
 SEGMENTER_LABELS = {"unet": "U-Net", "attention_unet": "AttenU-Net", "dcsau_net": "DCSAU-Net",
                     "xboundformer": "XBound-Former"}
@@ -125,7 +126,8 @@ class DownstreamConfig:
                    scales=scales, n_pairs=int(s["n_pairs"]),
                    val_fraction=float(s["val_fraction"]), gain_bins=tuple(float(b) for b in d["gain_bins"]),
                    poor_iou=float(d["poor_iou"]), n_figure=int(d["n_figure"]), num_steps=int(p["num_steps"]),
-                   guidance_scale=float(p["guidance_scale"]), prefix=str(cfg["didgen"]["prefix"]), seed=int(cfg["seed"]))
+                   guidance_scale=float(p["guidance_scale"]), prefix=str(cfg["didgen"]["prefix"]),
+                   seed=int(cfg["seed"]))
 
 
 def digest(*values: Any) -> str:
@@ -468,7 +470,8 @@ def augment_classification(x: torch.Tensor, y: np.ndarray, samples: ClassSamples
     classes = [c for c in MINORITY if c in samples.images]
     sizes = {c: len(samples.images[c]) for c in classes}
     if not classes or len(set(sizes.values())) != 1 or 0 in sizes.values():
-        raise ValueError(f"{samples.name}: synthetic sets of unequal or zero size per class {sizes}; expected the same n")
+        raise ValueError(f"{samples.name}: synthetic sets of unequal or zero size per class {sizes}; "
+                         "expected the same n")
     extra = torch.cat([to_side(samples.images[c], side) for c in classes])
     labels = np.concatenate([np.array([c] * sizes[c], dtype=object) for c in classes])
     return torch.cat([x, extra]), np.concatenate([y, labels])
@@ -499,7 +502,9 @@ def classifier_predictions(cfg: Mapping[str, Any], name: str, train_x, train_y, 
            "val": digest(sets.val_x, list(sets.val_y)), "eval": digest(sets.test_x, sets.external_x),
            "settings": repr(settings), "image_size": task.image_size, "seed": dc.seed,
            "function": _source(_fit_classifier)}
-    fit = lambda: _fit_classifier(name, train_x, train_y, sets.val_x, sets.val_y, evals, settings, task.image_size)  # noqa: E731
+    def fit() -> dict[str, np.ndarray]:
+        return _fit_classifier(name, train_x, train_y, sets.val_x, sets.val_y, evals, settings, task.image_size)
+
     return stored(key, fit, "numpy", cfg, ("ctrlgen.downstream",))
 
 
@@ -768,7 +773,9 @@ def segmenter_scores(cfg: Mapping[str, Any], name: str, train_x, train_y, sets: 
            "train": digest(train_x, train_y), "val": digest(sets.val_x, sets.val_y),
            "eval": {k: digest(*v) for k, v in evals.items()}, "settings": repr(settings), "seed": dc.seed,
            "function": _source(_fit_segmenter)}
-    fit = lambda: _fit_segmenter(name, task.size, train_x, train_y, sets.val_x, sets.val_y, evals, settings)  # noqa: E731
+    def fit() -> dict[str, np.ndarray]:
+        return _fit_segmenter(name, task.size, train_x, train_y, sets.val_x, sets.val_y, evals, settings)
+
     return stored(key, fit, "numpy", cfg, ("ctrlgen.downstream",))
 
 
@@ -973,11 +980,14 @@ def status_table(rows: Mapping[str, Any]) -> pd.DataFrame:
     return pd.DataFrame(out).T
 
 
-__all__ = ["HAM", "MINORITY", "CLASSIFICATION_ROWS", "SEGMENTATION_ROWS", "ORIGINAL", "NO_CA", "WITH_CA", "SCALE_LABELS",
+__all__ = ["HAM", "MINORITY", "CLASSIFICATION_ROWS", "SEGMENTATION_ROWS", "ORIGINAL", "NO_CA", "WITH_CA",
+           "SCALE_LABELS",
            "NotRun", "DownstreamConfig", "ClassSets", "classification_sets", "ClassSamples", "class_prompt",
-           "diffusion_class_samples", "gan_class_samples", "classification_generators", "present_classes", "Prior", "augment_classification",
+           "diffusion_class_samples", "gan_class_samples", "classification_generators", "present_classes", "Prior",
+           "augment_classification",
            "classifier_predictions", "ClassificationRun", "run_classification", "table_4_2", "table_4_3", "table_4_4",
            "correct", "SegSets", "segmentation_sets", "PairSet", "didgen_pair_set", "training_free_pairs",
            "trained_mask_to_image", "segmenter_scores", "SegmentationRun", "run_segmentation", "table_4_5",
            "table_4_6", "table_4_7", "pooled", "significance", "gains", "gain_figure", "poor_vs_good",
-           "class_samples_figure", "pairs_figure", "status_table", "digest", "model_key", "uint8_images", "to_side", "pixels01"]
+           "class_samples_figure", "pairs_figure", "status_table", "digest", "model_key", "uint8_images", "to_side",
+           "pixels01"]

@@ -39,7 +39,8 @@ from ctrlgen.guidance import GuidanceContext, GuidanceRefiner, TokenMap, mask_at
 
 
 def car_loss(token_map: torch.Tensor, mask: torch.Tensor, background_weight: float = 0.5) -> torch.Tensor:
-    """L_CAR per sample ``(B,)`` (module doc). ``token_map`` ``(B, h, w)``; ``mask`` ``(B, h, w)`` or ``(1, h, w)`` in [0, 1]."""
+    """L_CAR per sample ``(B,)`` (module doc). ``token_map`` ``(B, h, w)``; ``mask`` ``(B, h, w)`` or ``(1, h, w)``,
+    values in [0, 1]."""
     if token_map.shape[-2:] != mask.shape[-2:]:
         raise ValueError(f"map side {tuple(token_map.shape[-2:])} and mask side {tuple(mask.shape[-2:])} differ")
     m = mask.to(token_map.dtype).expand_as(token_map).flatten(1)
