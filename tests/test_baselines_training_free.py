@@ -129,7 +129,7 @@ def test_refocus_refiner_matches_the_hand_computed_losses_and_lowers_them(unet):
         car = torch.stack([(1 - (a[i] * m[i]).max()) + 0.5 * (a[i] * (1 - m[i])).max() for i in range(2)])
     torch.testing.assert_close(before["car"].detach(), car.detach(), rtol=1e-5, atol=1e-6)
     # a small step along −∇ lowers the weighted sum (the direction is descent, not ascent)
-    total = lambda v: float((v["car"] + v["sar"]).sum())  # noqa: E731
+    total = lambda v: float((v["car"] + v["sar"]).detach().sum())  # noqa: E731
     stepped = refiner(unet, z, t, cond, 0)
     after = refiner.losses(unet, stepped.clone().requires_grad_(True), t, cond)
     assert total(after) < total(before)
