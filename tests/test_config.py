@@ -304,3 +304,14 @@ def test_unread_key_detection_can_fail():
     unread = _unread_keys({"sampling": {"zq_never_read_key": 1}})
     assert "sampling.zq_never_read_key" in unread
     assert "models.pretrained.sd21" not in _unread_keys()
+
+
+def test_schema_model_names_are_the_downstream_zoo():
+    from ctrlgen import config
+    from ctrlgen.downstream import CLASSIFIERS, SEGMENTERS
+
+    assert config.SEGMENTER_NAMES == tuple(SEGMENTERS) and config.CLASSIFIER_NAMES == tuple(CLASSIFIERS)
+    with pytest.raises(ConfigError, match="downstream.segmentation.models"):
+        load_profile("smoke", {"downstream.segmentation.models": ["unet", "segformer"]})
+    with pytest.raises(ConfigError, match="ch03.attencraft.omega"):
+        load_profile("smoke", {"ch03.attencraft.omega": 1.5})

@@ -278,6 +278,9 @@ DTYPE = one_of("float32", "float16", "bfloat16")  # models/registry.py DTYPES
 
 # Patterns are fnmatch patterns on dotted keys (``*`` also crosses dots); every matching rule applies.
 # Choices name what the code supports, and tests/test_config.py checks them against the code's own lists.
+SEGMENTER_NAMES = ("unet", "attention_unet", "dcsau_net", "xboundformer", "fat_net")
+CLASSIFIER_NAMES = ("vgg16", "resnet18", "densenet121", "vit_b_16", "efficientnet_v2_s", "mobilenet_v2")
+
 SCHEMA: dict[str, Rule] = {
     "seed": at_least(0),
     "device": DEVICE,
@@ -346,6 +349,44 @@ SCHEMA: dict[str, Rule] = {
     "pretrain.variants": each(one_of("selfattn", "plain")),  # pretrain.VARIANTS
     "pretrain.default_variant": one_of("selfattn", "plain"),
     "pretrain.self_attention_loss.weight": at_least(0),
+    # chapters 3-6 (downstream harness, AttenCraft, bias analysis): names as ctrlgen.downstream lists them
+    # (tests/test_config.py checks they agree; config is layer 1 and cannot import them)
+    "*max_epochs": at_least(1),
+    "*patience": at_least(1, " (epochs without improvement)"),
+    "*.optimizer": one_of("adam", "sgd"),
+    "*.momentum": Rule(lambda v: _number(v) and 0 <= v < 1, "a number in [0, 1)"),
+    "*segmentation.size": one_of("mini", "full"),
+    "*segmentation.models": each(one_of(*SEGMENTER_NAMES)),
+    "*segmentation.segmenters": each(one_of(*SEGMENTER_NAMES)),
+    "*classification.models": each(one_of(*CLASSIFIER_NAMES)),
+    "*classification.classifiers": each(one_of(*CLASSIFIER_NAMES)),
+    "*max_train_images": at_least(0, " (0 = all)"),
+    "*max_eval_images": at_least(0, " (0 = all)"),
+    "gan_baselines.*.image_size": POWER_OF_TWO,
+    "gan_baselines.*.channels": each(at_least(1)),
+    "*latent_dim": at_least(1),
+    "*z_dim": at_least(1),
+    "*w_dim": at_least(1),
+    "*mapping_layers": at_least(1),
+    "*r1_interval": at_least(1),
+    "*mbstd_group": at_least(1),
+    "*.ngf": at_least(1),
+    "*.ndf": at_least(1),
+    "*.num_d": at_least(1),
+    "*gp_weight": at_least(0),
+    "*drift_weight": at_least(0),
+    "*r1_gamma": at_least(0),
+    "*.lambda_*": at_least(0),
+    "*conditioning_scale": at_least(0),
+    "*mapping_lr_mult": positive(),
+    "ch03.attencraft.gamma": between(0, 1),
+    "ch03.attencraft.omega": between(0, 1),
+    "ch03.ablations.omegas": each(between(0, 1)),
+    "ch03.attencraft.t_max": Rule(lambda v: _number(v) and 0 <= v < 1000, "a timestep in [0, 1000)"),
+    "ch03.attencraft.nu": positive(),
+    "ch03.attencraft.tau": positive(),
+    "ch03.attencraft.alpha": at_least(0),
+    "ch03.attencraft.score_times": each(at_least(0)),
     "pretrain.unet.noise_offset": at_least(0),
     "pretrain.unet.curve_points": at_least(1, " (1 = the final model only)"),
     "pretrain.self_attention_loss.res": each(POWER_OF_TWO),
