@@ -10,6 +10,7 @@ import torch
 
 from ctrlgen.attention import AttentionCapture, gaussian_smooth, resize_maps
 from ctrlgen.attention.maps import text_token_softmax
+from ctrlgen.config import load_profile
 from ctrlgen.guidance import GuidanceRefiner, TokenMap
 from ctrlgen.methods.baselines.attention_refocusing import (
     CrossAttentionRefocusTerm,
@@ -113,6 +114,11 @@ def test_zestguide_refiner_takes_the_step_of_the_hand_computed_loss(unet):
     torch.testing.assert_close(got, z - eta * grad, rtol=1e-5, atol=1e-6)
     # the hand loss skips Ŝ = A / max A: the ratio Σ Ŝ S / Σ Ŝ does not change with the scale
     assert refiner.history[0]["zest"] == pytest.approx(float(loss.detach()) / 2, rel=1e-5)
+    # the paper's step: the gradient over its ∞-norm, per sample (each sample's largest latent change is η)
+    paper = zestguide_refiner(masks, 2, 4, ZestGuideConfig(eta=eta, fraction=1.0, cross_res=16, normalize="max"))
+    peak = grad.abs().flatten(1).amax(1)[:, None, None, None]
+    torch.testing.assert_close(paper(unet, z, t, cond, 0), z - eta * grad / peak, rtol=1e-4, atol=1e-5)
+    assert ZestGuideConfig.from_profile(load_profile("smoke")).normalize == "none"  # profile without the key: raw step
 
 
 def test_refocus_refiner_matches_the_hand_computed_losses_and_lowers_them(unet):

@@ -35,7 +35,8 @@ def LayoutGuidance(mask: torch.Tensor, token_index: int, last: int | tuple[int, 
                    style_latents: Mapping[int, torch.Tensor] | Callable[[int], torch.Tensor] | None = None,
                    smoothing_kernel: int = 3, smoothing_sigma: float = 0.5, softmax_scale: float = 100.0,
                    sa_normalize: Literal["background", "queries"] = "background",
-                   places: tuple[str, ...] = ("down", "mid", "up"), fraction: float = 0.5) -> GuidanceRefiner:
+                   places: tuple[str, ...] = ("down", "mid", "up"), fraction: float = 0.5,
+                   normalize: Literal["none", "max"] = "none") -> GuidanceRefiner:
     """Refiner of Eq. (4.10) (Eq. 5.9 with a style term): see the module doc.
 
     Args:
@@ -44,12 +45,13 @@ def LayoutGuidance(mask: torch.Tensor, token_index: int, last: int | tuple[int, 
         last: position of the end token (Attend-and-Excite softmax over tokens 1..last-1).
         cross_res, self_res: attention sides for L_CA and L_SA (``self_res=0`` drops L_SA).
         eta: guidance step η (thesis 20); ``fraction``: share of the steps guided (thesis 0.5).
+        normalize: what η multiplies (``GuidanceRefiner.normalize``): the raw gradient (thesis) or ∇/‖∇‖_∞.
     """
     terms = layout_terms(mask, token_index, last, cross_res, self_res, lambda_attn, smoothing_kernel, smoothing_sigma,
                          softmax_scale, sa_normalize)
     if lambda_style and style_latents is not None:
         terms.append(StyleTerm(style_latents, weight=lambda_style))
-    return GuidanceRefiner(terms, eta=eta, fraction=fraction, iterations=iterations, places=places)
+    return GuidanceRefiner(terms, eta=eta, fraction=fraction, iterations=iterations, places=places, normalize=normalize)
 
 
 __all__ = ["LayoutGuidance", "layout_terms"]

@@ -15,8 +15,10 @@ prefix; the term plugs into ``ctrlgen.guidance.GuidanceRefiner`` (the Eq. 4.10 s
 and sampling is ``ctrlgen.sampling.text_to_image``: no loop of its own.
 
 What differs from the paper, and why: the authors released no code, so the loss follows the paper's text.
-The paper normalises the latent gradient by its ∞-norm before the step; the book's refiner takes the
-plain step z − η∇L (the same η for every training-free row), and ZestGuide's complementary attention
+The paper normalises the latent gradient by its ∞-norm before the step: ``ZestGuideConfig.normalize="max"``
+(``GuidanceRefiner.normalize``, z − η ∇L/‖∇L‖_∞ per sample, η then being the largest change of a latent entry);
+the default ``"none"`` takes the plain step z − η∇L with the same η as every training-free row of the
+profile (``ch04_downstream.zestguide.normalize``, when a profile names it, chooses), and ZestGuide's complementary attention
 re-weighting (paint-with-words style) is not used — the comparison of §4.4.4 is about gradient guidance.
 The ratio in L_Zest does not change when Ŝ_i is scaled, so Ŝ_i = A_i / max A_i and the raw map give the
 same loss; the normalisation is kept because the paper's Ŝ_i is what a figure of the estimate shows.
@@ -25,7 +27,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import torch
 
@@ -80,18 +82,20 @@ class ZestGuideTerm:
 @dataclass(frozen=True)
 class ZestGuideConfig:
     """ZestGuide's guidance settings (profile ``ch04_downstream.zestguide``): step η, share of the steps guided
-    (paper: the first half), refinement iterations per step, and the cross-attention side read."""
+    (paper: the first half), refinement iterations per step, the cross-attention side read, and what η multiplies
+    (``normalize``: "max" = the paper's ∇/‖∇‖_∞, "none" = the raw gradient of the book's shared η)."""
 
     eta: float = 20.0
     fraction: float = 0.5
     iterations: int = 1
     cross_res: int = 16
+    normalize: Literal["none", "max"] = "none"
 
     @classmethod
     def from_profile(cls, cfg: Mapping[str, Any]) -> "ZestGuideConfig":
         z = cfg["ch04_downstream"]["zestguide"]
         return cls(eta=float(z["eta"]), fraction=float(z["fraction"]), iterations=int(z["iterations"]),
-                   cross_res=int(cfg["attention"]["cross_res"][0]))
+                   cross_res=int(cfg["attention"]["cross_res"][0]), normalize=str(z.get("normalize", "none")))
 
 
 def zestguide_refiner(masks: torch.Tensor, lesion_index: int, skin_index: int | None,
@@ -103,7 +107,8 @@ def zestguide_refiner(masks: torch.Tensor, lesion_index: int, skin_index: int | 
         segments.append(1 - masks)
         tokens.append(skin_index)
     term = ZestGuideTerm(segments, tokens, (config.cross_res,))
-    return GuidanceRefiner([term], eta=config.eta, fraction=config.fraction, iterations=config.iterations)
+    return GuidanceRefiner([term], eta=config.eta, fraction=config.fraction, iterations=config.iterations,
+                           normalize=config.normalize)
 
 
 __all__ = ["estimated_segmentation", "zestguide_loss", "ZestGuideTerm", "ZestGuideConfig", "zestguide_refiner"]
