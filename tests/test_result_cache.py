@@ -161,3 +161,39 @@ def test_torch_entries_hold_no_code(cfg):
     assert not entry_path(key_of({"k": "module"}), "torch", cfg).exists()  # nothing poisoned for the next call
     state = cached({"k": "state"}, lambda: torch.nn.Linear(2, 2).state_dict(), kind="torch", cfg=cfg)
     assert set(state) == {"weight", "bias"}
+
+
+def _age(root: Path, seconds: float = 60.0) -> None:
+    """Set every file's modification time ``seconds`` in the past (older than the memo's racy window)."""
+    import os
+    import time
+
+    past = time.time_ns() - int(seconds * 1e9)
+    for f in (root / "lib").rglob("*"):
+        if f.is_file():
+            os.utime(f, ns=(past, past))
+
+
+def test_code_digest_reads_each_file_once_per_process_until_it_changes(tmp_path, monkeypatch):
+    """The import graph is parsed once per file and process (a run calls ``cached`` thousands of times): a second digest
+    parses nothing; an edit (new stat) is read again and changes the digest; a file modified within the racy window
+    is never memoised, so a same-size rewrite that keeps its modification time is still seen."""
+    import os
+
+    root = _package(tmp_path)
+    _age(root)
+    parsed = []
+    real = result_cache.imported_names
+    monkeypatch.setattr(result_cache, "imported_names", lambda *a, **k: parsed.append(a[1:]) or real(*a, **k))
+    first = result_cache.code_digest(["ctrlgen.a"], root=root)
+    n = len(parsed)
+    assert n == 5  # ctrlgen, a, sub, sub.b, c
+    assert result_cache.code_digest(["ctrlgen.a"], root=root) == first and len(parsed) == n
+    c = root / "lib" / "ctrlgen" / "c.py"
+    c.write_text("X = 2\n")  # same size, new modification time
+    second = result_cache.code_digest(["ctrlgen.a"], root=root)
+    assert second != first and len(parsed) == n + 1  # only c.py parsed again
+    stamp = c.stat().st_mtime_ns  # recent: inside the racy window
+    c.write_text("X = 3\n")
+    os.utime(c, ns=(stamp, stamp))  # same size, same inode, same modification time
+    assert result_cache.code_digest(["ctrlgen.a"], root=root) not in (first, second)

@@ -37,6 +37,7 @@ import io
 import json
 import os
 import re
+import time
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any, TypeVar
@@ -125,7 +126,7 @@ def code_files(modules: Iterable[str] = (), sources: Iterable[Path] = (), root: 
     lib = library_root(root)
     todo = set(modules)
     for source in sources:
-        todo |= imported_names(Path(source).read_text(encoding="utf-8"))
+        todo |= _file_imports(Path(source), "", False)
     seen: set[str] = set()
     files: set[Path] = set()
     while todo:
@@ -140,15 +141,43 @@ def code_files(modules: Iterable[str] = (), sources: Iterable[Path] = (), root: 
         package = path.name == "__init__.py"
         if package and name not in _NOT_CODE_PACKAGES:
             files.update(_data_files(path.parent))
-        todo |= set(_with_parents(name)) | imported_names(path.read_text(encoding="utf-8"), name, package)
+        todo |= set(_with_parents(name)) | _file_imports(path, name, package)
     return sorted(files)
 
 
+# Per-process memo of the two costly reads (parsing a file's imports, hashing its bytes), keyed on the file's stat
+# (path, inode, size, modification time in ns): ``cached`` is called thousands of times per run on the same files,
+# and an edit, a replacement or a checkout changes the stat, so the file is read again. As in git's "racily clean"
+# rule, a file modified less than RACY_NS ago is not memoised: a same-size rewrite within one tick of the file
+# system's clock would keep its stat.
+RACY_NS = 2_000_000_000
+_MEMO: dict[tuple, Any] = {}
+
+
+def _memoised(path: Path, what: str, compute: Callable[[Path], T], *extra: Any) -> T:
+    info = os.stat(path)
+    key = (what, str(Path(path).resolve()), info.st_ino, info.st_size, info.st_mtime_ns, *extra)
+    if key in _MEMO:
+        return _MEMO[key]
+    value = compute(Path(path))
+    if time.time_ns() - info.st_mtime_ns > RACY_NS:
+        _MEMO[key] = value
+    return value
+
+
+def _file_imports(path: Path, module: str, is_package: bool) -> frozenset[str]:
+    return _memoised(path, "imports", lambda p: frozenset(imported_names(p.read_text(encoding="utf-8"), module,
+                                                                         is_package)), module, is_package)
+
+
+def _file_sha256(path: Path) -> str:
+    return _memoised(path, "sha256", lambda p: hashlib.sha256(p.read_bytes()).hexdigest())
+
+
 def file_digests(files: Iterable[Path], root: Path | None = None) -> dict[str, str]:
-    """``{path relative to the project: sha256 of the bytes}``."""
-    base = root or paths.project_root()
-    return {str(Path(f).resolve().relative_to(base.resolve())): hashlib.sha256(Path(f).read_bytes()).hexdigest()
-            for f in files}
+    """``{path relative to the project: sha256 of the bytes}`` (each file read once per process while its stat holds)."""
+    base = (root or paths.project_root()).resolve()
+    return {str(Path(f).resolve().relative_to(base)): _file_sha256(Path(f)) for f in files}
 
 
 def code_digest(modules: Iterable[str], root: Path | None = None) -> str:

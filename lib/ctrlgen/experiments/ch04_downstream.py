@@ -19,7 +19,6 @@ every trained classifier's/segmenter's predictions are stored by content (``ctrl
 from __future__ import annotations
 
 import copy
-import functools
 import hashlib
 import inspect
 import json
@@ -143,17 +142,10 @@ def digest(*values: Any) -> str:
     return h.hexdigest()[:24]
 
 
-@functools.lru_cache(maxsize=None)
-def code_key(*modules: str) -> str:
-    """``result_cache.code_digest`` of ``modules``, once per process: the code a cached result depends on, in its key
-    parts (scanning the import graph on every ``cached`` call costs seconds each; the code cannot change mid-run)."""
-    return result_cache.code_digest(modules)
-
-
 def stored(key_parts: Mapping[str, Any], compute: Callable[[], Any], kind: str, cfg: Mapping[str, Any],
            code: Sequence[str]) -> Any:
-    """``result_cache.cached`` with the code's digest (``code_key``) as a key part instead of a rescan per call."""
-    return result_cache.cached({**key_parts, "code": code_key(*code)}, compute, kind=kind, cfg=cfg)
+    """``result_cache.cached`` keyed on ``code`` and what it imports (parsed and hashed once per process per file)."""
+    return result_cache.cached(key_parts, compute, kind=kind, cfg=cfg, code=code)
 
 
 def model_key(model) -> str:
