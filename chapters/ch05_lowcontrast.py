@@ -22,9 +22,9 @@
 # generates low-contrast lesion–mask pairs with a dual-branch diffusion model (§5.3.3, Algorithm 3) and finetunes
 # the segmenters on them (§5.5, Tables 5.3–5.5).
 #
-# This chapter runs the bias identification in full and the mitigation controls that need no generator
-# ("Training Sample (Random)" and "(Target)"). Rows whose generator this book does not have yet read "not run",
-# with the reason. Every number is computed by this run; the thesis's numbers appear only in columns labelled
+# This chapter runs the bias identification, the dual-branch generator and its baselines (ControlNet and the
+# two-stage ControlNet + StyleID), the mitigation controls ("Training Sample (Random)" and "(Target)") and the
+# ablations. The IP-Adapter rows read "not run", with the reason. Every number is computed by this run; the thesis's numbers appear only in columns labelled
 # "thesis". Where the distributions "shift", the shift is a test result here: a two-sample Kolmogorov–Smirnov test
 # and a permutation test on the mean of S_θ against the rest of the set (χ² for the skin-tone groups).
 
@@ -33,6 +33,7 @@ profile = "mini"
 overrides = {}
 
 # %% tags=["hide-input"]
+import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 import torch
@@ -51,7 +52,7 @@ run = ChapterRun.start("ch05_lowcontrast", profile, overrides)
 cfg = run.cfg
 cc = ch05.Ch05Config.from_profile(cfg)
 print(f"profile {cfg.profile_name}: segmenters {', '.join(cc.segmenters)} ({cc.segmenter_size}), "
-      f"at most {cc.seg_fit.max_epochs} epochs; skin-tone base models at {cc.tone_fit.image_size} px")
+      f"at most {cc.seg_fit.max_epochs} epochs; skin-tone base models at {cc.tone_image_size} px")
 
 # %% [markdown]
 # ## Skin-tone annotation — Table 5.1 (§5.4.1)
@@ -123,21 +124,21 @@ shifts[["n subset", "mean all", "mean subset", "standardised shift", "p (KS / ch
 # ### External set (§5.5.4, Fig. 5.8)
 #
 # The thesis re-tests the ISIC-trained models on HAM10000 with a third threshold S_0.4. Here: PH2 when the data root
-# holds it.
+# holds it, else a shifted procedural set (equal skin-type weights), as the note says.
 
 # %%
 print(data.external_note)
 run.note(data.external_note)
-if data.external is not None:
-    ext_attrs = ch05.annotate(data.external.images, data.external.masks)
-    ext_iou = {ch05.SEGMENTER_NAMES[n]: ch05.scores(m, data.external.images, data.external.masks, cc.seg_fit.batch_size)["iou"]
-               for n, (m, _) in segmenters.items()}
-    cols = ["ita_skin", "ita_lesion", "ita_difference"]
-    run.show(bias.histogram_grid(ext_attrs, ext_iou, cc.external_thresholds, cols, title="Fig. 5.8 analogue (external set)"),
-             "fig_5_8_external")
-    ext_shift = bias.shift_table(ext_attrs, ext_iou, bias.ShiftSettings(cc.external_thresholds, cc.n_resamples, cc.seed), cols)
-    run.log_table("ch05.external_shift", ext_shift.drop(columns=["test"]))
-    display(ext_shift[["n subset", "standardised shift", "p (KS / chi2)", "p (permutation, mean)"]])
+ext_attrs = ch05.annotate(data.external.images, data.external.masks)
+ext_scores = {n: ch05.scores(m, data.external.images, data.external.masks, cc.seg_fit.batch_size)
+              for n, (m, _) in segmenters.items()}
+ext_iou = {ch05.SEGMENTER_NAMES[n]: v["iou"] for n, v in ext_scores.items()}
+cols = ["ita_skin", "ita_lesion", "ita_difference"]
+run.show(bias.histogram_grid(ext_attrs, ext_iou, cc.external_thresholds, cols, title="Fig. 5.8 analogue (external set)"),
+         "fig_5_8_external")
+ext_shift = bias.shift_table(ext_attrs, ext_iou, bias.ShiftSettings(cc.external_thresholds, cc.n_resamples, cc.seed), cols)
+run.log_table("ch05.external_shift", ext_shift.drop(columns=["test"]))
+ext_shift[["n subset", "standardised shift", "p (KS / chi2)", "p (permutation, mean)"]]
 
 # %% [markdown]
 # ## Mitigation — Table 5.3 (§5.5.1, §5.5.3)
@@ -153,7 +154,15 @@ if data.external is not None:
 # prompt "An image of <lesion> on <skin>"; the mask is the layout branch's annotation (Eq. 5.11), and pairs whose
 # annotation failed are dropped. Chapter 4's model was trained with DermPrompts, the thesis's with the prefix only:
 # a deviation. η, T, the inversion's CFG and the decoder layers receiving the style K/V are the profile's
-# (`dual_branch`, unstated in the thesis). The other generative rows read "not run", with the reason.
+# (`dual_branch`, unstated in the thesis).
+#
+# The baselines draw on the dual-branch model's masks (§5.5.1: the training masks would let them reproduce their
+# training pairs). ControlNet is trained on the training pairs on the derm base model (frozen), with chapter 4 part
+# II's function and settings (`gan_baselines.controlnet`): chapter 4 keeps only the images it drew on its own data,
+# so this chapter trains and stores its own. ControlNet + StyleID (Chung et al. 2024) stylises ControlNet's layout
+# with a second trajectory: the base model's decoder self-attention keeps the layout trajectory's queries (γ) and
+# takes the style reference's K/V from its DDIM inversion on the same base model — 2T passes. IP-Adapter does not
+# run (the reason is printed below).
 
 # %%
 base, ch04_sets = ch04_didgen.load_base_and_sets(cfg)
@@ -163,12 +172,43 @@ print(mine.note, "| U-Net passes:", mine.passes)
 run.note(mine.note)
 run.log_metric("ch05.dual_branch_pairs", "Mine", "pairs kept", len(mine.images))
 run.log_metric("ch05.dual_branch_pairs", "Mine", "pairs requested", mine.requested)
-if len(mine.images):
-    k = min(6, len(mine.images))
-    run.show(figures.image_grid_figure({"style reference": ch05.to_unit(data.train.images[mine.style_index[:k]]),
-                                        "generated": ch05.to_unit(mine.images[:k]),
-                                        "annotated mask": ch05.to_unit(mine.masks[:k])}, n=k,
-                                       title="Fig. 5.6 analogue: dual-branch pairs"), "fig_5_6_dual_branch_pairs")
+if not len(mine.images):
+    raise RuntimeError("every dual-branch pair failed annotation: nothing to finetune on or to compare the baselines with")
+styles = data.train.images[mine.style_index]  # each kept pair's low-contrast style reference, in the pairs' order
+base_key = ch05.unet_key(base)
+controlnet = ch05.ch05_controlnet(cfg, cc, data, base, base_key)
+cn_key = ch05.controlnet_key(controlnet)
+baselines = {kind: ch05.baseline_pairs(cfg, cc, kind, base, base_key, controlnet, cn_key, mine, styles)
+             for kind in ("ControlNet", "ControlNet+StyleID")}
+for b in baselines.values():
+    print(b.note)
+    run.note(b.note)
+k = min(6, len(mine.images))
+run.show(figures.image_grid_figure({"style reference": ch05.to_unit(styles[:k]),
+                                    **{kind: ch05.to_unit(b.images[:k]) for kind, b in baselines.items()},
+                                    "Mine": ch05.to_unit(mine.images[:k]),
+                                    "Mine: annotated mask": ch05.to_unit(mine.masks[:k])}, n=k,
+                                   title="Fig. 5.6 analogue: baselines and dual-branch pairs (one reference per column)"),
+         "fig_5_6_dual_branch_pairs")
+
+# %% [markdown]
+# ### General quality of the generated images — Table 5.2 (§5.5.2)
+#
+# One image per kept low-contrast reference and method. FID of each method's images against the references; LPIPS
+# and DINO of each image against its own style reference (pair by pair). With the mini models the extractors are
+# the profile's stand-ins (printed): their values are not comparable with the thesis's, only the ordering is.
+
+# %%
+fid_features, distance, metric_note = metric_extractors(cfg, vae=base.vae)
+quality_features = ch05.quality_features(cfg, fid_features, distance, metric_note)
+print(quality_features.note)
+run.note(f"Table 5.2: {quality_features.note}")
+quality = ch05.image_quality({"ControlNet": baselines["ControlNet"].images,
+                              "ControlNet + StyleID": baselines["ControlNet+StyleID"].images, "Mine": mine.images},
+                             styles, quality_features)
+t52 = quality["table"]
+run.log_table("5.2", t52)
+compare("5.2", t52, cfg.profile_name)
 
 # %%
 target = ch05.low_contrast_subset(data.train.images, data.train.masks, cc.low_contrast_threshold, cc.max_pairs)
@@ -176,13 +216,15 @@ random = ch05.random_subset(len(data.train), len(target), cc.seed)
 print(f"low-contrast targets: {len(target)} of {len(data.train)} training images (ITA Difference < "
       f"{cc.low_contrast_threshold:g}, lowest first, at most ch05.mitigation.max_pairs = {cc.max_pairs or 'all'})")
 run.log_metric("ch05.low_contrast_subset", "training images", "selected", len(target))
-per_source = {}
+sources = {"Training Sample (Random)": data.train.take(random), "Training Sample (Target)": data.train.take(target),
+           **{kind: b.set for kind, b in baselines.items()}, "Mine": mine.set}
+per_source, per_source_ext = {}, {}
 for name, (model, stored) in segmenters.items():
-    per_source[name] = {"Pretrained": pretrained[name]}
-    for label, index in (("Training Sample (Random)", random), ("Training Sample (Target)", target)):
-        per_source[name][label] = ch05.finetuned_scores(cfg, cc, name, stored, data.train.take(index), data, data.test, label)
-    if len(mine.images):
-        per_source[name]["Mine"] = ch05.finetuned_scores(cfg, cc, name, stored, mine.set, data, data.test, "Mine")
+    per_source[name], per_source_ext[name] = {"Pretrained": pretrained[name]}, {"Pretrained": ext_scores[name]}
+    for label, finetune_set in sources.items():
+        sc = ch05.finetuned_scores(cfg, cc, name, stored, finetune_set, data, data.test, label, external=data.external)
+        per_source[name][label] = sc
+        per_source_ext[name][label] = {"iou": sc["ext_iou"], "dice": sc["ext_dice"]}
 s06 = {n: pretrained[n]["iou"] < 0.6 for n in cc.segmenters}
 t53 = ch05.mitigation_table(per_source, s06)
 run.log_table("5.3", t53)
@@ -191,8 +233,20 @@ compare("5.3", t53, cfg.profile_name)
 # %%
 reasons = pd.DataFrame({"not run because": ch05.not_run_reasons()})
 for source, why in reasons["not run because"].items():
-    run.note(f"Table 5.3/5.4 row {source}: not run ({why})")
+    run.note(f"Tables 5.2-5.4 row {source}: not run ({why})")
 reasons
+
+# %% [markdown]
+# ### External validation — Table 5.4 (§5.5.4)
+#
+# The same finetuned segmenters on the external set; S_0.4 and S_0.6 fixed per model from its pretrained
+# predictions on that set.
+
+# %%
+ext_subsets = {f"S_{{{t:g}}}": {n: ext_scores[n]["iou"] < t for n in cc.segmenters} for t in (0.4, 0.6)}
+t54 = ch05.table_5_4(per_source_ext, ext_subsets)
+run.log_table("5.4", t54)
+compare("5.4", t54, cfg.profile_name)
 
 # %% [markdown]
 # ### Efficiency (§5.5.5)
@@ -222,7 +276,6 @@ passes
 # as chapter 4's Table 4.7; LPIPS in the thesis), with the extractor-free mean 1 − IoU beside it.
 
 # %%
-_, distance, metric_note = metric_extractors(cfg, vae=base.vae)
 plain = ch05.dual_branch_pairs(cfg, cc, data, region_aware.model, region_aware.key, layout_guidance=False)
 print(plain.note)
 run.note(plain.note)
@@ -243,9 +296,42 @@ pd.DataFrame({"1 − IoU ↑": {arm: mask_set_diversity(p.masks, lpips_pairs, cc
                             for arm, p in arms.items()}})
 
 # %% [markdown]
-# Not run in this chapter yet: Table 5.2 (FID / LPIPS / DINO of the generated sets against their references), Table
-# 5.4 (mitigation on the external set), Fig. 5.9 (single vs dual branch) and Fig. 5.10 (generation ratio
-# n = 1..4) — the generator runs above; these comparisons are not wired yet.
+# ### Single branch against dual branch — Fig. 5.9 (§5.5.5)
+#
+# The same style references and layouts (the dual-branch pairs' masks) through the dual-branch model and its
+# single-branch variant, which injects the style K/V into its one trajectory from the bifurcation step on (when the
+# single-branch variant starts injecting is unstated in the thesis).
+
+# %%
+k = min(4, len(mine.images))
+sv = ch05.single_vs_dual(cfg, cc, region_aware.model, region_aware.key, styles[:k], mine.masks[:k])
+run.show(figures.image_grid_figure({"style reference": ch05.to_unit(styles[:k]), "layout": ch05.to_unit(mine.masks[:k]),
+                                    "single branch": ch05.to_unit(sv["single"]), "dual branch": ch05.to_unit(sv["dual"])},
+                                   n=k, title="Fig. 5.9 analogue: single- vs dual-branch generation"), "fig_5_9_single_vs_dual")
+
+# %% [markdown]
+# ### Generation ratio — Fig. 5.10 (§5.5.5)
+#
+# DCSAU-Net finetuned on n dual-branch pairs per low-contrast training image (n = 1 is the Mine row; the others
+# with their own augmented layouts and seeds), for the profile's ratios (thesis n = 1..4).
+
+# %%
+by_ratio = {}
+for n in cc.ratios:
+    pairs_n = mine if n == 1 else ch05.dual_branch_pairs(cfg, cc, data, region_aware.model, region_aware.key, per_sample=n)
+    sc = per_source["dcsau_net"]["Mine"] if n == 1 else ch05.finetuned_scores(
+        cfg, cc, "dcsau_net", segmenters["dcsau_net"][1], pairs_n.set, data, data.test, f"Mine n = {n}")
+    by_ratio[n] = {"iou": sc["iou"], "pairs": len(pairs_n.images)}
+ratios = ch05.ratio_table(by_ratio, s06["dcsau_net"])
+run.log_table("ch05.fig_5_10", ratios)
+fig, ax = plt.subplots(1, 2, figsize=(7, 2.6))
+for a, column in zip(ax, ("IoU (S_0.6)", "IoU (All)")):
+    a.plot(ratios.index, ratios[column], "o-")
+    a.set(xlabel="n (pairs per low-contrast sample)", ylabel=column, xticks=list(ratios.index))
+fig.suptitle("Fig. 5.10 analogue: DCSAU-Net finetuned with n pairs per sample")
+fig.tight_layout()
+run.show(fig, "fig_5_10_generation_ratio")
+ratios
 
 # %% [markdown]
 # ## The claims of this chapter
@@ -253,7 +339,10 @@ pd.DataFrame({"1 − IoU ↑": {arm: mask_set_diversity(p.masks, lpips_pairs, cc
 # Recorded: the layout-guidance ablation (Table 5.5: mask diversity; IoU per S_0.6 test image, the models pooled),
 # the denoising-pass count of §5.5.5, the Table 5.1 comparison (logistic-regression ensemble vs the ITA baselines, per test image correct or
 # not), the ITA Difference of S_0.6 against the rest (the models pooled), and the standardised shift of ITA
-# Difference against ITA Skin per model. The mitigation claims wait for the generators.
+# Difference against ITA Skin per model; Table 5.2 (LPIPS and DINO per reference, FID per method), Tables 5.3 and
+# 5.4 (IoU per S_0.6 image and per image, the three models pooled; when S_0.6 is empty for every model, all images,
+# as the note says) and Fig. 5.10 (DCSAU-Net's IoU per test image, n = 1 against n = 4). The IP-Adapter arms are
+# not compared (not run; the ledger's scope says so).
 
 # %%
 seeds = claim_seeds(cfg)
@@ -281,6 +370,25 @@ record_claim(run, "ch5.t55_segmentation", a=np.concatenate([with_g[n][pick[n]] f
 record_claim(run, "ch5.s542_contrast_not_skin_tone", a=s06_shift["ITA Difference"].abs().fillna(0.0),
              b=s06_shift["ITA Skin"].abs().fillna(0.0), seeds=seeds,
              note="an empty S_0.6 counts as no shift (0)")
+record_claim(run, "ch5.t52_lpips", a=quality["lpips"]["Mine"], seeds=seeds, note=quality_features.note,
+             b={"ControlNet": quality["lpips"]["ControlNet"], "ControlNet + StyleID": quality["lpips"]["ControlNet + StyleID"]})
+record_claim(run, "ch5.t52_dino", a=quality["dino"]["Mine"], seeds=seeds, note=quality_features.note,
+             b={"ControlNet": quality["dino"]["ControlNet"], "ControlNet + StyleID": quality["dino"]["ControlNet + StyleID"]})
+record_claim(run, "ch5.t52_fid", a=[t52.loc["Mine", "FID ↓"]], b={"ControlNet": [t52.loc["ControlNet", "FID ↓"]]},
+             seeds=seeds, note=quality_features.note)
+generative = ["Mine", "Pretrained", "ControlNet", "ControlNet+StyleID"]
+values, where = ch05.pooled(per_source, generative, s06)
+record_claim(run, "ch5.t53_s06", a=values["Mine"], b={k: values[k] for k in generative[1:]}, seeds=seeds, note=where)
+values, where = ch05.pooled(per_source, generative)
+record_claim(run, "ch5.t53_whole_set", a=values["Mine"], b={k: values[k] for k in generative[1:]}, seeds=seeds, note=where)
+values, where = ch05.pooled(per_source_ext, generative, ext_subsets["S_{0.6}"])
+record_claim(run, "ch5.t54_ham_s06", a=values["Mine"], b={k: values[k] for k in generative[1:]}, seeds=seeds,
+             note=f"{data.external_note}; {where}")
+values, where = ch05.pooled(per_source_ext, generative)
+record_claim(run, "ch5.t54_ham_whole_set", a=values["Mine"], b={k: values[k] for k in generative[2:]}, seeds=seeds,
+             note=f"{data.external_note}; {where}")
+record_claim(run, "ch5.fig510_generation_ratio", a=by_ratio[1]["iou"], b=by_ratio[max(cc.ratios)]["iou"], seeds=seeds,
+             note=f"n = 1 against n = {max(cc.ratios)}, DCSAU-Net, all test images")
 
 # %%
 record = run.save()

@@ -66,6 +66,9 @@ def test_permutation_test_matches_exhaustive_enumeration():
     stat, p = permutation_mean_test(a, b, n_resamples=9999, seed=0)
     assert stat == pytest.approx(observed)
     assert p == pytest.approx(exact)
+    # a one-image subset (a tiny external set): the difference of means, no p-value (scipy needs two per sample)
+    stat, p = permutation_mean_test(np.array([5.0]), np.array([1.0, 2.0, 3.0]))
+    assert stat == pytest.approx(3.0) and np.isnan(p)
 
 
 def test_chi2_of_group_counts_by_hand():

@@ -271,7 +271,7 @@ def test_check_records_reports_chapters_whose_claims_are_missing():
                "ch02_background": {"metrics": {}}, "appx_data": {"metrics": {}}}
     assert check_records(ledger, partial) == {"ch04_didgen": [ch04[0]], "ch02_background": ["ch2.self_attention_refines"]}
     # a chapter that ran but recorded none of its claims has every one of them reported missing
-    assert "ch5.t53_s06" in check_records(ledger, {"ch05_mitigation": {"metrics": {}}})["ch05_mitigation"]
+    assert "ch5.t53_s06" in check_records(ledger, {"ch05_lowcontrast": {"metrics": {}}})["ch05_lowcontrast"]
 
 
 def test_ledger_table_renders_every_claim_with_its_verdict():

@@ -1,12 +1,15 @@
 """Chapter 5's experiment module: settings from the profile, the procedural tone data, Table 5.1 assembly, the
-low-contrast selection and its bad input, the mitigation table by hand, and the "not run" rows."""
+low-contrast selection and its bad input, Tables 5.2-5.4 and Fig. 5.10's numbers by hand, the claims' pooling, the
+skin-tone base models through the downstream harness, and the "not run" row."""
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 
 from ctrlgen.config import load_profile
 from ctrlgen.experiments import ch05_lowcontrast as ch05
 from ctrlgen.data.worlds.dermoscopy import generate_dermoscopy
+from ctrlgen.downstream.train import FitSettings
 from ctrlgen.methods.skin_tone import BASE_MODELS
 from ctrlgen.thesis import thesis_frame
 
@@ -76,10 +79,90 @@ def test_mitigation_table_by_hand():
     assert set(t.columns) == set(thesis_frame("5.3").columns)
 
 
-def test_generative_rows_say_why_they_did_not_run():
+def test_only_ip_adapter_says_why_it_did_not_run():
     reasons = ch05.not_run_reasons()
-    assert set(reasons) == {"ControlNet", "IP-Adapter", "ControlNet+StyleID"}
-    assert all(isinstance(v, str) and v for v in reasons.values())
+    assert set(reasons) == {"IP-Adapter"} and "weights" in reasons["IP-Adapter"]
+
+
+def test_generation_ratios_must_include_one():
+    assert ch05._ratios([1, 4]) == (1, 4)
+    for bad in ([2, 4], [], [0, 1]):
+        with pytest.raises(ValueError, match="generation_ratios"):
+            ch05._ratios(bad)
+
+
+def test_base_model_learns_a_colour_rule_through_the_downstream_harness():
+    # three groups = three skin colours: ResNet-18 via build_classifier/train_classifier must separate them, keep
+    # its best validation macro-F1 epoch and return softmax probabilities
+    rng = np.random.default_rng(1)
+    colours = np.array([[230, 200, 180], [170, 120, 90], [80, 50, 35]], np.uint8)
+    y = np.repeat([0, 1, 2], 8)
+    x = np.clip(colours[y][:, None, None, :] + rng.integers(-8, 8, (24, 32, 32, 3)), 0, 255).astype(np.uint8)
+    tone = ch05.ToneData(x, y, x, y, x, y, "")
+    fit = FitSettings(max_epochs=8, batch_size=8, lr=1e-3, patience=3, seed=0, augment=False)
+    out = ch05._base_predictions("resnet18", tone, x[:3], 32, fit, None)
+    assert out["test"].shape == (24, 3) and np.allclose(out["test"].sum(1), 1, atol=1e-5)
+    assert (out["test"].argmax(1) == y).mean() >= 0.9
+    best = int(out["best_epoch"])
+    assert out["history"][best, 2] == out["history"][:, 2].max()
+
+
+def test_table_5_4_by_hand():
+    ext = {"fat_net": {"Pretrained": {"iou": np.array([0.2, 0.5, 0.9, 0.3]), "dice": np.array([0.3, 0.6, 0.95, 0.4])},
+                       "Mine": {"iou": np.array([0.4, 0.7, 0.8, 0.5]), "dice": np.array([0.5, 0.8, 0.9, 0.6])}}}
+    pre = ext["fat_net"]["Pretrained"]["iou"]
+    subsets = {"S_{0.4}": {"fat_net": pre < 0.4}, "S_{0.6}": {"fat_net": pre < 0.6}}
+    t = ch05.table_5_4(ext, subsets)
+    assert t.loc[("FAT-Net", "Mine"), ("Poorly segmented samples S_{0.4}", "IoU ↑")] == pytest.approx(0.45)
+    assert t.loc[("FAT-Net", "Mine"), ("Poorly segmented samples S_{0.6}", "Dice ↑")] == pytest.approx((0.5 + 0.8 + 0.6) / 3)
+    assert t.loc[("FAT-Net", "Pretrained"), ("All samples", "IoU ↑")] == pytest.approx(0.475)
+    assert list(t.columns) == list(thesis_frame("5.4").columns)
+
+
+def test_pooled_claim_values_are_paired_and_fall_back_to_all_images():
+    per = {"a": {"Mine": {"iou": np.array([1.0, 2.0])}, "Pretrained": {"iou": np.array([3.0, 4.0])}},
+           "b": {"Mine": {"iou": np.array([5.0, 6.0])}, "Pretrained": {"iou": np.array([7.0, 8.0])}}}
+    values, note = ch05.pooled(per, ["Mine", "Pretrained"], {"a": np.array([True, False]), "b": np.array([False, True])})
+    assert values["Mine"].tolist() == [1.0, 6.0] and values["Pretrained"].tolist() == [3.0, 8.0] and note == "subset images"
+    values, note = ch05.pooled(per, ["Mine"], {"a": np.zeros(2, bool), "b": np.zeros(2, bool)})
+    assert values["Mine"].tolist() == [1.0, 2.0, 5.0, 6.0] and "empty" in note
+
+
+def test_ratio_table_by_hand():
+    s06 = np.array([True, False, True])
+    t = ch05.ratio_table({4: {"iou": np.array([0.4, 0.6, 0.2]), "pairs": 12}, 1: {"iou": np.array([0.3, 0.9, 0.1]), "pairs": 3}},
+                         s06)
+    assert t.index.tolist() == [1, 4]
+    assert t.loc[1, "IoU (S_0.6)"] == pytest.approx(0.2) and t.loc[4, "IoU (All)"] == pytest.approx(0.4)
+    assert t.loc[4, "pairs"] == 12
+
+
+class _Features(torch.nn.Module):
+    def forward(self, x):
+        return x.mean((2, 3))
+
+
+def test_image_quality_by_hand():
+    # identical images: LPIPS-form distance 0 and cosine similarity 1; a uniformly brighter copy: similarity 1 still
+    # (same direction), a positive distance; mismatched lengths are refused
+    ref = np.random.default_rng(0).integers(0, 200, (3, 8, 8, 3)).astype(np.uint8)
+    dist = lambda a, b: ((a - b) ** 2).flatten(1).mean(1)  # noqa: E731
+    q = ch05.QualityFeatures(_Features(), dist, _Features(), "test")
+    out = ch05.image_quality({"Mine": ref, "brighter": ref + 40}, ref, q)
+    assert out["lpips"]["Mine"] == pytest.approx(np.zeros(3), abs=1e-7)
+    assert out["dino"]["Mine"] == pytest.approx(np.ones(3), abs=1e-6)
+    assert (out["lpips"]["brighter"] > 0).all()
+    assert list(out["table"].columns) == list(thesis_frame("5.2").columns)
+    with pytest.raises(ValueError, match="2 images for 3 references"):
+        ch05.image_quality({"Mine": ref[:2]}, ref, q)
+
+
+def test_baseline_pairs_refuse_unknown_kinds_and_mismatched_references(cc):
+    mine = ch05.DualBranchPairs(np.zeros((2, 8, 8, 3), np.uint8), np.zeros((2, 8, 8), bool), np.arange(2), 2, {}, "")
+    with pytest.raises(ValueError, match="unknown baseline"):
+        ch05.baseline_pairs(load_profile("smoke"), cc, "IP-Adapter", None, "", None, "", mine, mine.images)
+    with pytest.raises(ValueError, match="1 style references for 2"):
+        ch05.baseline_pairs(load_profile("smoke"), cc, "ControlNet", None, "", None, "", mine, mine.images[:1])
 
 
 def test_claim_split_falls_back_to_the_median_and_says_so():

@@ -1,5 +1,5 @@
 """Skin-tone annotation (thesis §5.4.1, Table 5.1): ITA thresholds in every branch, the two ITA baselines on images of
-known CIELAB colour, the six base models, the ensembles and the final annotator."""
+known CIELAB colour, the ensembles and the final annotator."""
 import numpy as np
 import pytest
 from skimage.color import lab2rgb
@@ -8,17 +8,13 @@ from ctrlgen.methods.skin_tone import (
     BASE_MODELS,
     ENSEMBLE_BASES,
     ENSEMBLES,
-    BaseFitConfig,
     SkinToneAnnotator,
-    build_base_model,
     classification_scores,
-    finetune_base,
     fit_ensembles,
     group_index,
     ita_annotate,
     ita_to_group,
     ita_to_type,
-    predict_proba,
     stack_features,
 )
 
@@ -96,30 +92,3 @@ def test_ensembles_and_the_final_annotator_on_stacked_probabilities():
         stack_features({"vgg16": probs["vgg16"]}, ENSEMBLE_BASES)
     with pytest.raises(ValueError, match="one class only"):
         fit_ensembles(x[:10], y[:10])
-
-
-def test_the_six_base_models_give_three_logits():
-    x = np.zeros((2, 32, 32, 3), np.uint8)
-    for name in BASE_MODELS:
-        model = build_base_model(name, 3, image_size=32)
-        p = predict_proba(model, x, 32)
-        assert p.shape == (2, 3) and np.allclose(p.sum(1), 1), name
-    with pytest.raises(ValueError, match="unknown skin-tone base model"):
-        build_base_model("resnet50")
-    with pytest.raises(FileNotFoundError, match="ImageNet weights for resnet18"):
-        build_base_model("resnet18", weights="/nonexistent/resnet18.pth")
-
-
-def test_finetune_learns_a_colour_rule_and_stops_early():
-    # three groups = three colours; a tiny ResNet-18 run must separate them and keep its best epoch
-    rng = np.random.default_rng(1)
-    colours = np.array([[230, 200, 180], [170, 120, 90], [80, 50, 35]], np.uint8)
-    y = np.repeat([0, 1, 2], 8)
-    x = np.clip(colours[y][:, None, None, :] + rng.integers(-8, 8, (24, 16, 16, 3)), 0, 255).astype(np.uint8)
-    fit = BaseFitConfig(lr=1e-3, batch_size=8, patience=2, max_epochs=12, image_size=16, seed=0)
-    res = finetune_base(build_base_model("resnet18", 3, 16), x, y, x, y, fit)
-    assert res.history[res.best_epoch]["val_f1"] == max(h["val_f1"] for h in res.history)
-    assert len(res.history) <= res.best_epoch + fit.patience + 1
-    assert (predict_proba(res.model, x, 16).argmax(1) == y).mean() >= 0.9
-    with pytest.raises(ValueError, match="non-empty"):
-        finetune_base(res.model, x[:0], y[:0], x, y, fit)

@@ -73,6 +73,8 @@ def permutation_mean_test(subset: np.ndarray, rest: np.ndarray, n_resamples: int
     a, b = _finite(subset), _finite(rest)
     if len(a) == 0 or len(b) == 0:
         return float("nan"), float("nan")
+    if len(a) < 2 or len(b) < 2:  # scipy's permutation_test needs two observations per sample: no p-value
+        return float(np.mean(a) - np.mean(b)), float("nan")
     r = stats.permutation_test((a, b), lambda x, y, axis=-1: np.mean(x, axis=axis) - np.mean(y, axis=axis),
                                permutation_type="independent", n_resamples=n_resamples, alternative="two-sided",
                                vectorized=True, random_state=seed)

@@ -6,6 +6,7 @@ segmenter's weights and each finetuned segmenter's predictions, keyed by setting
 """
 from __future__ import annotations
 
+import copy
 import hashlib
 import inspect
 import json
@@ -17,21 +18,38 @@ import numpy as np
 import pandas as pd
 import torch
 import torch.nn.functional as F
+from transformers import AutoImageProcessor, AutoModel
 
 from ctrlgen import result_cache
 from ctrlgen.analysis.bias import ShiftSettings, annotate, poor_subsets, shift_table
 from ctrlgen.data import load_dataset
 from ctrlgen.data.attributes import FST_GROUPS
 from ctrlgen.data.worlds.dermoscopy import DermWorldConfig, generate_dermoscopy
+from ctrlgen.downstream.classifiers import build_classifier, classifier_weights
 from ctrlgen.downstream.segmenters import build_segmenter
+from ctrlgen.methods.baselines.controlnet import (
+    ControlledUNet,
+    ControlNetConfig,
+    build_controlnet,
+    conditioning_images,
+    controlnet_generate,
+    train_controlnet,
+)
 from ctrlgen.methods.dual_branch import (
     DualBranchConfig,
     DualBranchGenerator,
+    QueryRecorder,
+    StyleBatch,
+    StyleIDInjector,
     compare_efficiency,
     invert_style,
+    single_branch_generate,
     style_targets,
 )
-from ctrlgen.downstream.train import FitSettings, predict_masks, train_segmenter
+from ctrlgen.metrics.image import fid as fid_score
+from ctrlgen.models.registry import weight_path
+from ctrlgen.sampling import decode_images, sample
+from ctrlgen.downstream.train import FitSettings, predict_masks, predict_proba, train_classifier, train_segmenter
 from ctrlgen.metrics.overlap import dice, iou
 from ctrlgen.methods.skin_tone import (
     BASE_MODELS,
@@ -40,14 +58,10 @@ from ctrlgen.methods.skin_tone import (
     ENSEMBLES,
     FINAL_ENSEMBLE,
     ITA_METHODS,
-    BaseFitConfig,
     SkinToneAnnotator,
-    build_base_model,
-    finetune_base,
     fit_ensembles,
     group_index,
     ita_annotate,
-    predict_proba,
     score_table,
     stack_features,
 )
@@ -69,7 +83,8 @@ class Ch05Config:
     tone_test_per_group: int        # procedural stand-in for DDI: class-balanced test set
     tone_resolution: int
     patch_size: int                 # 8-patch ITA patch side (20 px in Bevan & Atapour-Abarghouei 2022 at full size)
-    tone_fit: BaseFitConfig
+    tone_image_size: int            # base-model input side
+    tone_fit: FitSettings           # §5.4.1: lr 1e-3, batch 64, patience 10 (early stopping on validation macro-F1)
     bias_images: int                # procedural bias set when ISIC 2018 Task 1 is absent
     max_train_images: int           # segmenter training images kept (0 = the whole training split)
     resolution: int
@@ -82,6 +97,7 @@ class Ch05Config:
     low_contrast_threshold: float
     max_pairs: int                  # at most this many lowest-contrast targets (0 = the whole subset; thesis 569)
     finetune_fit: FitSettings
+    ratios: tuple[int, ...]         # Fig. 5.10: pairs per low-contrast sample (thesis n = 1..4; DCSAU-Net only)
     seed: int
 
     @classmethod
@@ -95,7 +111,8 @@ class Ch05Config:
         return cls(tone_train_images=int(c["skin_tone"]["n_train_images"]),
                    tone_test_per_group=int(c["skin_tone"]["n_test_per_group"]),
                    tone_resolution=int(c["skin_tone"]["resolution"]), patch_size=int(c["skin_tone"]["patch_size"]),
-                   tone_fit=BaseFitConfig.from_profile(cfg), bias_images=int(c["bias"]["n_procedural_images"]),
+                   tone_image_size=int(c["skin_tone"]["image_size"]), tone_fit=fit(c["skin_tone"], "lr"),
+                   bias_images=int(c["bias"]["n_procedural_images"]),
                    max_train_images=int(c["bias"]["max_train_images"]),
                    resolution=int(c["bias"]["resolution"]), segmenters=tuple(str(n) for n in s["models"]),
                    segmenter_size=str(s["size"]), seg_fit=fit(s, "lr"),
@@ -103,11 +120,19 @@ class Ch05Config:
                    external_thresholds=tuple(float(t) for t in c["bias"]["external_thresholds"]),
                    n_resamples=int(c["bias"]["n_resamples"]), low_contrast_threshold=float(m["low_contrast_threshold"]),
                    max_pairs=int(m["max_pairs"]),
-                   finetune_fit=fit(m, "lr"), seed=seed)
+                   finetune_fit=fit(m, "lr"), ratios=_ratios(m["generation_ratios"]), seed=seed)
 
     @property
     def shift(self) -> ShiftSettings:
         return ShiftSettings(self.thresholds, self.n_resamples, self.seed)
+
+
+def _ratios(values: Sequence[Any]) -> tuple[int, ...]:
+    ratios = tuple(int(n) for n in values)
+    if not ratios or 1 not in ratios or min(ratios) < 1:
+        raise ValueError(f"ch05.mitigation.generation_ratios = {list(values)}: expected integers >= 1 including 1 "
+                         "(the n = 1 set is the Mine row)")
+    return ratios
 
 
 def _digest(*values: Any) -> str:
@@ -160,7 +185,8 @@ def _split(images: np.ndarray, masks: np.ndarray, seed: int, fractions=(0.7, 0.1
 
 def bias_data(cfg: Mapping[str, Any], cc: Ch05Config) -> BiasData:
     """ISIC 2018 Task 1 at ``resolution`` px from the data root (its records' train/val/test splits), else the procedural
-    dermoscopy world (``bias_images`` scenes, 70/10/20); PH2 as the external set when the data root holds it."""
+    dermoscopy world (``bias_images`` scenes, 70/10/20); PH2 as the external set when the data root holds it, else a
+    shifted procedural set (equal skin-type weights), said in the note."""
     ds = load_dataset("isic2018_task1", cfg, resolution=cc.resolution, require_images=True)
     if ds.source != "procedural":
         parts = {}
@@ -180,8 +206,13 @@ def bias_data(cfg: Mapping[str, Any], cc: Ch05Config) -> BiasData:
         train = train.take(keep)
         source += f"; segmenters train on {len(train)} of the training images (ch05.bias.max_train_images)"
     ph2 = load_dataset("ph2", cfg, resolution=cc.resolution, require_images=True)
-    external, note = None, "PH2 is not in the data root: the external-set analysis (thesis: HAM10000) did not run"
-    if ph2.source != "procedural":
+    if ph2.source == "procedural":  # a shifted procedural set: equal skin-type weights, its own seed
+        scenes = generate_dermoscopy(len(test), seed=cc.seed + 17,
+                                     config=DermWorldConfig(resolution=cc.resolution, skin_type_weights=(1, 1, 1, 1, 1, 1)))
+        external = SegSet(scenes.images, scenes.masks.astype(bool))
+        note = (f"PH2 is not in the data root: {len(test)} procedural scenes with equal skin-type weights (a shifted "
+                "distribution, not the training mix) stand in for the external set (thesis: HAM10000)")
+    else:
         recs = [r for r in ph2.with_images() if r.mask_path is not None]
         images, masks = ph2.load_arrays(recs)
         external, note = SegSet(images, masks.astype(bool)), f"PH2 ({len(recs)} images) stands in for HAM10000"
@@ -219,26 +250,35 @@ def tone_data(cc: Ch05Config) -> ToneData:
     return ToneData(scenes.images[n_val:], y[n_val:], scenes.images[:n_val], y[:n_val], test.images, test_y, note)
 
 
-def _base_predictions(name: str, data: ToneData, extra: np.ndarray, fit: BaseFitConfig) -> dict[str, Any]:
+def _base_predictions(name: str, data: ToneData, extra: np.ndarray, image_size: int, fit: FitSettings,
+                      weights: str | None) -> dict[str, Any]:
     seed_everything(fit.seed)
-    res = finetune_base(build_base_model(name, 3, fit.image_size), data.train_x, data.train_y, data.val_x, data.val_y, fit)
-    return {"val": predict_proba(res.model, data.val_x, fit.image_size),
-            "test": predict_proba(res.model, data.test_x, fit.image_size),
-            "extra": predict_proba(res.model, extra, fit.image_size),
-            "history": np.array([[h["epoch"], h["loss"], h["val_f1"]] for h in res.history]),
+    model = build_classifier(name, 3, weights=weights, image_size=image_size)
+    res = train_classifier(model, data.train_x, data.train_y, data.val_x, data.val_y, fit, val_metric="macro_f1")
+    return {"val": predict_proba(res.model, data.val_x, fit.batch_size),
+            "test": predict_proba(res.model, data.test_x, fit.batch_size),
+            "extra": predict_proba(res.model, extra, fit.batch_size),
+            "history": np.array([[h["epoch"], h["train loss"], h["validation"]] for h in res.history]),
             "best_epoch": np.array(res.best_epoch)}
 
 
 def base_predictions(cfg: Mapping[str, Any], cc: Ch05Config, data: ToneData, extra: np.ndarray) -> dict[str, dict]:
-    """Each base model finetuned once (cached): its probabilities on the validation, test and ``extra`` images
-    (the bias-analysis images the annotator labels). Weights are not kept: the predictions are what the chapter uses."""
+    """§5.4.1: each of the six base models (the downstream classifier zoo, ImageNet weights from the profile's
+    ``models.weights.imagenet`` when it names them, else from scratch) finetuned once to the three groups with the
+    downstream harness (cross-entropy, early stopping on the validation macro-F1: Table 5.1's metric), cached: its
+    probabilities on the validation, test and ``extra`` images (the bias-analysis images the annotator labels).
+    Weights are not kept: the predictions are what the chapter uses."""
     out = {}
     for name in BASE_MODELS:
-        parts = {"what": "ch05 skin-tone base model", "name": name, "fit": asdict(cc.tone_fit),
+        weights = classifier_weights(cfg, name)
+        parts = {"what": "ch05 skin-tone base model", "name": name, "fit": asdict(cc.tone_fit) | {"device": ""},
+                 "image_size": cc.tone_image_size, "weights": str(weights or ""),
                  "data": _digest(data.train_x, data.train_y, data.val_x, data.test_x), "extra": _digest(extra),
                  "function": _source(_base_predictions)}
-        out[name] = result_cache.cached(parts, lambda n=name: _base_predictions(n, data, extra, cc.tone_fit), kind="numpy",
-                                        cfg=cfg, code=["ctrlgen.methods.skin_tone"])
+        out[name] = result_cache.cached(
+            parts, lambda n=name, w=weights: _base_predictions(n, data, extra, cc.tone_image_size, cc.tone_fit,
+                                                               str(w) if w else None),
+            kind="numpy", cfg=cfg, code=["ctrlgen.downstream"])
     return out
 
 
@@ -323,34 +363,43 @@ def random_subset(n_total: int, size: int, seed: int) -> np.ndarray:
     return np.sort(np.random.default_rng([seed, 55]).choice(n_total, size=min(size, n_total), replace=False))
 
 
-def _finetune(name: str, size: str, state: dict, train: SegSet, val: SegSet, test: SegSet, fit: FitSettings) -> dict:
+def _finetune(name: str, size: str, state: dict, train: SegSet, val: SegSet, evals: Mapping[str, SegSet],
+              fit: FitSettings) -> dict:
     seed_everything(fit.seed)
     model = build_segmenter(name, size=size)
     model.load_state_dict(state)
     res = train_segmenter(model, train.images, train.masks, val.images, val.masks, fit)
-    out = scores(res.model, test.images, test.masks, fit.batch_size)
-    return {"iou": out["iou"], "dice": out["dice"], "epochs_run": np.array(res.epochs_run)}
+    out = {"epochs_run": np.array(res.epochs_run)}
+    for prefix, part in evals.items():
+        sc = scores(res.model, part.images, part.masks, fit.batch_size)
+        out[f"{prefix}iou"], out[f"{prefix}dice"] = sc["iou"], sc["dice"]
+    return out
 
 
 def finetuned_scores(cfg: Mapping[str, Any], cc: Ch05Config, name: str, stored: dict, finetune_set: SegSet,
-                     data: BiasData, test: SegSet, label: str) -> dict[str, np.ndarray]:
-    """Per-image test IoU/Dice of a pretrained segmenter finetuned on ``finetune_set`` (§5.5.1: lr 1e-4, batch 24;
-    synthetic or real data only, no mixing), cached by content."""
+                     data: BiasData, test: SegSet, label: str, external: SegSet | None = None) -> dict[str, np.ndarray]:
+    """Per-image test IoU/Dice (``iou``, ``dice``) of a pretrained segmenter finetuned on ``finetune_set`` (§5.5.1:
+    lr 1e-4, batch 24; synthetic or real data only, no mixing), and with ``external`` also on that set (``ext_iou``,
+    ``ext_dice``: Table 5.4 from the same finetuned model), cached by content."""
     if len(finetune_set) == 0:
         raise ValueError(f"{label}: the finetuning set is empty")
+    evals = {"": test} | ({"ext_": external} if external is not None else {})
     parts = {"what": "ch05 finetuned segmenter", "name": name, "size": cc.segmenter_size, "label": label,
              "pretrained": _digest(*[v.numpy() for v in stored["state"].values()]),
              "fit": asdict(cc.finetune_fit) | {"device": ""}, "set": _digest(finetune_set.images, finetune_set.masks),
-             "val": _digest(data.val.images), "test": _digest(test.images, test.masks), "function": _source(_finetune, scores)}
-    return result_cache.cached(parts, lambda: _finetune(name, cc.segmenter_size, stored["state"], finetune_set, data.val, test,
-                                                        cc.finetune_fit), kind="numpy", cfg=cfg, code=["ctrlgen.downstream"])
+             "val": _digest(data.val.images), "eval": {k: _digest(v.images, v.masks) for k, v in evals.items()},
+             "function": _source(_finetune, scores)}
+    return result_cache.cached(parts, lambda: _finetune(name, cc.segmenter_size, stored["state"], finetune_set, data.val,
+                                                        evals, cc.finetune_fit), kind="numpy", cfg=cfg,
+                               code=["ctrlgen.downstream"])
 
 
 def not_run_reasons() -> dict[str, str]:
-    """Why a Table 5.3 / 5.4 data source has no row in this run (never a typed number)."""
-    return {"ControlNet": "ControlNet-generated pairs are not wired into this chapter yet",
-            "IP-Adapter": "no IP-Adapter baseline in this book yet",
-            "ControlNet+StyleID": "the two-stage baseline's pairs are not wired into this chapter yet"}
+    """Why a Table 5.2 / 5.3 / 5.4 data source has no row in this run (never a typed number)."""
+    return {"IP-Adapter": ("no IP-Adapter in this book: diffusers' IP-Adapter needs the pretrained CLIP image encoder and "
+                           "adapter weights of Ye et al. (2023), which no profile provides and the mini models cannot "
+                           "use (their cross-attention width differs); a small IP-Adapter trained here would be a new "
+                           "method, not the baseline")}
 
 
 # ================================================================================================ dual-branch pairs (§5.5.1)
@@ -449,6 +498,223 @@ def dual_branch_pairs(cfg: Mapping[str, Any], cc: Ch05Config, data: BiasData, mo
                            len(targets.style_index), {k: int(v) for k, v in out["passes"].items()}, note)
 
 
+# ================================================================================================ baselines (§5.5.1)
+@dataclass
+class BaselinePairs:
+    """A baseline's images on the dual-branch model's masks (§5.5.1: the masks generated by "Mine", which avoids
+    reproducing the training pairs), one per kept dual-branch pair, in the same order."""
+
+    images: np.ndarray          # (G, H, W, 3) uint8
+    masks: np.ndarray           # (G, H, W) bool: the dual-branch annotations the baseline was conditioned on
+    note: str
+
+    @property
+    def set(self) -> SegSet:
+        return SegSet(self.images, self.masks)
+
+
+def _train_controlnet(base: Any, images: np.ndarray, masks: np.ndarray, prompt: str, config: ControlNetConfig,
+                      seed: int) -> dict[str, Any]:
+    side = int(base.unet.config.sample_size) * base.vae_scale_factor
+    pix = (_resize(torch.from_numpy(images).permute(0, 3, 1, 2).float(), side, "bilinear").clamp(0, 255)
+           .round().to(torch.uint8).permute(0, 2, 3, 1).numpy())
+    lay = (_resize(torch.from_numpy(masks.astype(np.float32))[:, None], side, "nearest")[:, 0] > 0.5).numpy()
+    net = train_controlnet(copy.deepcopy(base), pix, lay, prompt, config, seed=seed, progress=False)
+    return {"state": {k: v.detach().cpu() for k, v in net.state_dict().items()}}
+
+
+def ch05_controlnet(cfg: Mapping[str, Any], cc: Ch05Config, data: BiasData, base: Any, base_key: str):
+    """§5.5.1: ControlNet trained on the bias set's training pairs (ground-truth masks) on the derm ``base`` model
+    (frozen), with the profile's ``gan_baselines.controlnet`` settings and the baselines' prompt — chapter 4 part II's
+    function and settings; chapter 4 stores only the images it draws, on its own data, so this chapter trains its own.
+    The weights are stored by content."""
+    config, prompt = ControlNetConfig.from_profile(cfg), str(cfg["didgen"]["baselines"]["prompt"])
+    parts = {"what": "ch05 controlnet", "base": base_key, "config": asdict(config), "prompt": prompt,
+             "data": _digest(data.train.images, data.train.masks), "seed": cc.seed,
+             "function": _source(_train_controlnet, _resize)}
+    stored = result_cache.cached(parts, lambda: _train_controlnet(base, data.train.images, data.train.masks, prompt,
+                                                                  config, cc.seed),
+                                 kind="torch", cfg=cfg, code=["ctrlgen.methods.baselines.controlnet"])
+    net = build_controlnet(base, cc.seed)
+    net.load_state_dict(stored["state"])
+    return net.eval()
+
+
+def _masks_at(masks: np.ndarray, side: int) -> np.ndarray:
+    return (_resize(torch.from_numpy(masks.astype(np.float32))[:, None], side, "nearest")[:, 0] > 0.5).numpy()
+
+
+def _to_uint8(images: torch.Tensor, side: int) -> np.ndarray:
+    return (_resize(images.float(), side, "bilinear").clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
+
+
+@torch.no_grad()
+def _controlnet_styleid(base: Any, controlnet: Any, config: DualBranchConfig, styles: torch.Tensor, masks: np.ndarray,
+                        prompt: str, scale: float) -> torch.Tensor:
+    """ControlNet + StyleID (§5.5.1, Chung et al. 2024) for G targets: stage 1 draws the layout image with the ControlNet
+    from z_T^style (the style reference's DDIM inversion on the base model), recording the base U-Net's decoder
+    self-attention queries; stage 2 is a second trajectory from z_T^style on the base U-Net whose decoder
+    self-attention takes those queries (γ) and the style reference's K/V (``StyleIDInjector``): 2T passes."""
+    side = int(base.unet.config.sample_size) * base.vae_scale_factor
+    references = [invert_style(base, styles[i], prompt, config) for i in range(len(styles))]
+    cfg_on = config.guidance_scale != 1.0
+    style = StyleBatch.of(references, len(references), cfg_on)
+    cond, uncond = base.encode_prompt([prompt] * len(references)), base.encode_prompt([""])
+    z_T = style.z_T.to(base.device, cond.dtype).clone()
+    latent = tuple(z_T.shape[-2:])
+    common = dict(num_steps=config.num_steps, guidance_scale=config.guidance_scale, progress=False)
+    controlled = ControlledUNet(base.unet, controlnet.to(base.device).eval(), scale)
+    controlled.condition(conditioning_images(masks, side).to(base.device))
+    with QueryRecorder(base.unet, config.selection, latent_size=latent) as recorder:
+        sample(controlled, base.scheduler("ddim"), z_T, cond, uncond, **common)
+    with StyleIDInjector(base.unet, recorder.queries, style.kv, config.selection, config.styleid_gamma,
+                         config.styleid_temperature, latent_size=latent):
+        styled = sample(base.unet, base.scheduler("ddim"), z_T, cond, uncond, **common)
+    return decode_images(base, styled.latents).cpu()
+
+
+def _baseline_images(kind: str, base: Any, controlnet: Any, config: DualBranchConfig, styles: np.ndarray,
+                     masks: np.ndarray, prompt: str, batch: int, seed: int, scale: float, out_side: int) -> dict[str, Any]:
+    side = int(base.unet.config.sample_size) * base.vae_scale_factor
+    lay = _masks_at(masks, side)
+    if kind == "ControlNet":
+        out = controlnet_generate(base, controlnet, lay, prompt, num_steps=config.num_steps,
+                                  guidance_scale=config.guidance_scale, seed=seed, batch_size=batch,
+                                  conditioning_scale=scale)
+    else:
+        refs = _resize(torch.from_numpy(styles).permute(0, 3, 1, 2).float() / 255.0, side, "bilinear").clamp(0, 1)
+        out = torch.cat([_controlnet_styleid(base, controlnet, config, refs[i:i + batch], lay[i:i + batch], prompt, scale)
+                         for i in range(0, len(lay), batch)])
+    return {"images": torch.from_numpy(_to_uint8(out, out_side))}
+
+
+def baseline_pairs(cfg: Mapping[str, Any], cc: Ch05Config, kind: str, base: Any, base_key: str, controlnet: Any,
+                   controlnet_key: str, mine: "DualBranchPairs", styles: np.ndarray) -> BaselinePairs:
+    """"ControlNet" or "ControlNet+StyleID" images for the kept dual-branch pairs: each conditioned on that pair's
+    generated mask (§5.5.1) and, for ControlNet+StyleID, styled by the same low-contrast reference (``styles``:
+    the references in the pairs' order), at the dual-branch T and CFG; stored by content."""
+    if kind not in ("ControlNet", "ControlNet+StyleID"):
+        raise ValueError(f"unknown baseline {kind!r}: ControlNet or ControlNet+StyleID")
+    if len(styles) != len(mine.masks):
+        raise ValueError(f"{len(styles)} style references for {len(mine.masks)} dual-branch masks")
+    config = DualBranchConfig.from_profile(cfg)
+    scale = float(ControlNetConfig.from_profile(cfg).conditioning_scale)
+    prompt, batch = str(cfg["didgen"]["baselines"]["prompt"]), int(cfg["didgen"]["eval"]["pair_batch"])
+    parts = {"what": "ch05 baseline pairs", "kind": kind, "base": base_key, "controlnet": controlnet_key,
+             "config": asdict(config), "prompt": prompt, "masks": _digest(mine.masks), "styles": _digest(styles),
+             "side": cc.resolution, "seed": cc.seed, "scale": scale,
+             "function": _source(_baseline_images, _controlnet_styleid, _masks_at, _to_uint8)}
+    out = result_cache.cached(parts, lambda: _baseline_images(kind, base, controlnet, config, styles, mine.masks, prompt,
+                                                              batch, cc.seed, scale, cc.resolution),
+                              kind="torch", cfg=cfg, code=["ctrlgen.methods.baselines.controlnet",
+                                                           "ctrlgen.methods.dual_branch"])
+    note = (f"{kind}: {len(mine.masks)} images on the dual-branch masks, the derm base model with chapter 5's ControlNet"
+            f"{', StyleID injection of the same references (2T passes)' if kind != 'ControlNet' else ''}; "
+            f"prompt {prompt!r}, T = {config.num_steps}")
+    return BaselinePairs(out["images"].numpy(), mine.masks.copy(), note)
+
+
+def unet_key(model: Any) -> str:
+    """A content key of a diffusion model's U-Net weights (the derm base model has no cache key of its own here)."""
+    state = model.unet.state_dict()
+    return _digest(*[state[k].float().cpu().numpy() for k in sorted(state)])
+
+
+def controlnet_key(net: Any) -> str:
+    """A content key of a ControlNet's weights."""
+    state = net.state_dict()
+    return _digest(*[state[k].numpy() for k in sorted(state)])
+
+
+# ================================================================================================ Table 5.2 (§5.5.2)
+@dataclass
+class QualityFeatures:
+    """What Table 5.2 measures with: FID features, the perceptual distance (LPIPS) and the DINO-style feature map."""
+
+    fid: Any
+    distance: Any
+    dino: Any
+    note: str
+
+
+def quality_features(cfg: Mapping[str, Any], fid_features: Any, distance: Any, metric_note: str) -> QualityFeatures:
+    """The profile's extractors (``metric_extractors``) plus DINO: DINOv2's CLS token from the local folder
+    ``models.weights.dino`` when the profile uses pretrained models (§5.5.2), else the FID extractor's features as the
+    stand-in (said in the note)."""
+    w = cfg["models"]["weights"]
+    if str(cfg["models"]["kind"]) != "mini" and str(w["dino"]):
+        folder = weight_path(cfg, str(w["dino"]), "transformers")
+        model = AutoModel.from_pretrained(folder, local_files_only=True).eval()
+        proc = AutoImageProcessor.from_pretrained(folder, local_files_only=True)
+
+        def dino(x: torch.Tensor) -> torch.Tensor:
+            pixels = proc(images=[im.permute(1, 2, 0).numpy() for im in x.clamp(0, 1)], return_tensors="pt",
+                          do_rescale=False)["pixel_values"]
+            return model(pixel_values=pixels).last_hidden_state[:, 0]
+        return QualityFeatures(fid_features, distance, dino, f"{metric_note}; DINO: DINOv2 CLS token ({folder})")
+    return QualityFeatures(fid_features, distance, fid_features,
+                           f"{metric_note}; 'DINO' is the cosine similarity of those same features (no DINOv2 offline)")
+
+
+@torch.no_grad()
+def image_quality(generated: Mapping[str, np.ndarray], references: np.ndarray, q: QualityFeatures) -> dict[str, Any]:
+    """Table 5.2: per method, FID of its images against the low-contrast references, and per pair the LPIPS distance
+    to the pair's style reference and the DINO cosine similarity to it. ``generated[method]`` is (G, H, W, 3) uint8
+    in the references' order."""
+    ref = to_unit(references)
+    out: dict[str, Any] = {"table": {}, "lpips": {}, "dino": {}}
+    for method, images in generated.items():
+        if len(images) != len(references):
+            raise ValueError(f"{method}: {len(images)} images for {len(references)} references")
+        x = to_unit(images)
+        lp = q.distance(x, ref).flatten().cpu().numpy()
+        dn = F.cosine_similarity(q.dino(x).flatten(1), q.dino(ref).flatten(1), dim=1).cpu().numpy()
+        fd = fid_score(ref, x, q.fid) if len(x) > 1 else float("nan")
+        out["lpips"][method], out["dino"][method] = lp, dn
+        out["table"][method] = {"FID ↓": fd, "LPIPS ↓": float(lp.mean()), "DINO ↑": float(dn.mean())}
+    frame = pd.DataFrame.from_dict(out["table"], orient="index")
+    frame.index.name = "Methods"
+    out["table"] = frame
+    return out
+
+
+# ================================================================================================ Fig. 5.9, Fig. 5.10 (§5.5.5)
+def _single_vs_dual(model: Any, config: DualBranchConfig, styles: np.ndarray, layouts: np.ndarray, prompt: str,
+                    out_side: int) -> dict[str, Any]:
+    side = int(model.unet.config.sample_size) * model.vae_scale_factor
+    refs = _resize(torch.from_numpy(styles).permute(0, 3, 1, 2).float() / 255.0, side, "bilinear").clamp(0, 1)
+    masks = torch.from_numpy(_masks_at(layouts, side))
+    gen = DualBranchGenerator(model, config)
+    references = [invert_style(model, refs[i], prompt, config) for i in range(len(refs))]
+    dual = gen.generate(references, masks, prompt)
+    single = single_branch_generate(gen, references, masks, prompt)
+    return {"dual": torch.from_numpy(_to_uint8(dual.images, out_side)),
+            "single": torch.from_numpy(_to_uint8(single.images, out_side))}
+
+
+def single_vs_dual(cfg: Mapping[str, Any], cc: Ch05Config, model: Any, model_key: str, styles: np.ndarray,
+                   layouts: np.ndarray) -> dict[str, np.ndarray]:
+    """Fig. 5.9: the same style references and layouts through the dual-branch model and its single-branch variant
+    (injection from the bifurcation step on, in the one trajectory); stored by content."""
+    config, prompt = DualBranchConfig.from_profile(cfg), str(cfg["didgen"]["prefix"])
+    parts = {"what": "ch05 single vs dual", "model": model_key, "config": asdict(config), "prompt": prompt,
+             "styles": _digest(styles), "layouts": _digest(layouts), "side": cc.resolution,
+             "function": _source(_single_vs_dual, _masks_at, _to_uint8)}
+    out = result_cache.cached(parts, lambda: _single_vs_dual(model, config, styles, layouts, prompt, cc.resolution),
+                              kind="torch", cfg=cfg, code=["ctrlgen.methods.dual_branch"])
+    return {k: v.numpy() for k, v in out.items()}
+
+
+def ratio_table(by_ratio: Mapping[int, Mapping[str, np.ndarray]], s06: np.ndarray) -> pd.DataFrame:
+    """Fig. 5.10's numbers: per generation ratio n, DCSAU-Net's mean IoU on S_0.6 and on all test images after
+    finetuning on that set. ``by_ratio[n]`` holds per-test-image ``iou``."""
+    rows = {n: {"IoU (S_0.6)": float(v["iou"][s06].mean()) if s06.any() else np.nan, "IoU (All)": float(v["iou"].mean()),
+                "pairs": int(v.get("pairs", np.nan))} for n, v in sorted(by_ratio.items())}
+    frame = pd.DataFrame.from_dict(rows, orient="index")
+    frame.index.name = "n"
+    return frame
+
+
 def mitigation_table(per_source: Mapping[str, Mapping[str, Mapping[str, np.ndarray]]], s06: Mapping[str, np.ndarray],
                      subset_name: str = "S_{0.6}") -> pd.DataFrame:
     """Table 5.3 / 5.4 rows (segmenter, source): mean IoU and Dice on S_0.6 (fixed per model from its pretrained
@@ -461,6 +727,28 @@ def mitigation_table(per_source: Mapping[str, Mapping[str, Mapping[str, np.ndarr
                 (f"Poorly segmented samples {subset_name}", "IoU ↑"): float(sc["iou"][member].mean()) if member.any() else np.nan,
                 (f"Poorly segmented samples {subset_name}", "Dice ↑"): float(sc["dice"][member].mean()) if member.any() else np.nan,
                 ("All samples", "IoU ↑"): float(sc["iou"].mean()), ("All samples", "Dice ↑"): float(sc["dice"].mean())}
+    frame = pd.DataFrame.from_dict(rows, orient="index")
+    frame.index = pd.MultiIndex.from_tuples(frame.index, names=["Segmentation model", "Data source"])
+    frame.columns = pd.MultiIndex.from_tuples(frame.columns)
+    return frame
+
+
+def table_5_4(per_source: Mapping[str, Mapping[str, Mapping[str, np.ndarray]]],
+              subsets: Mapping[str, Mapping[str, np.ndarray]]) -> pd.DataFrame:
+    """Table 5.4 rows (segmenter, source) on the external set: mean IoU and Dice on each poorly segmented subset
+    (``subsets[name][model]``, e.g. "S_{0.4}", fixed per model from its pretrained predictions on that set) and on all
+    images. ``per_source[model][source]`` holds per-image ``iou``/``dice`` on the external set."""
+    rows = {}
+    for model, sources in per_source.items():
+        for source, sc in sources.items():
+            row = {}
+            for name, members in subsets.items():
+                m = members[model]
+                for metric in ("iou", "dice"):
+                    row[(f"Poorly segmented samples {name}", f"{'IoU' if metric == 'iou' else 'Dice'} ↑")] = (
+                        float(sc[metric][m].mean()) if m.any() else np.nan)
+            row[("All samples", "IoU ↑")], row[("All samples", "Dice ↑")] = float(sc["iou"].mean()), float(sc["dice"].mean())
+            rows[(SEGMENTER_NAMES.get(model, model), source)] = row
     frame = pd.DataFrame.from_dict(rows, orient="index")
     frame.index = pd.MultiIndex.from_tuples(frame.index, names=["Segmentation model", "Data source"])
     frame.columns = pd.MultiIndex.from_tuples(frame.columns)
@@ -486,6 +774,22 @@ def table_5_5(diversity: Mapping[str, float], iou_by_arm: Mapping[str, Mapping[s
     return frame
 
 
+def pooled(per_model: Mapping[str, Mapping[str, Mapping[str, np.ndarray]]], sources: Sequence[str],
+           members: Mapping[str, np.ndarray] | None = None, key: str = "iou") -> tuple[dict[str, np.ndarray], str]:
+    """For each of ``sources``, the per-image ``key`` values of every model on its images ``members[model]`` (a
+    poorly segmented subset; None: all images), concatenated in model order — paired across sources, for the claims
+    that pool the three segmenters. When every model's subset is empty (tiny smoke sets), all images, and the note
+    says so."""
+    models = list(per_model)
+    if members is not None and not any(np.asarray(members[m]).any() for m in models):
+        members, note = None, "the subset is empty for every model: all images instead"
+    else:
+        note = "all images" if members is None else "subset images"
+    pick = {m: (np.ones(len(per_model[m][sources[0]][key]), bool) if members is None else np.asarray(members[m]))
+            for m in models}
+    return {src: np.concatenate([np.asarray(per_model[m][src][key])[pick[m]] for m in models]) for src in sources}, note
+
+
 def split_for_claim(values: np.ndarray, iou_values: np.ndarray, threshold: float) -> tuple[np.ndarray, np.ndarray, str]:
     """(values in S_θ, values of the rest, note): when S_θ or its rest is empty (tiny smoke sets), the split falls back to the
     median IoU and the note says so."""
@@ -500,4 +804,5 @@ def split_for_claim(values: np.ndarray, iou_values: np.ndarray, threshold: float
 __all__ = ["Ch05Config", "BiasData", "SegSet", "bias_data", "ToneData", "tone_data", "base_predictions", "table_5_1",
            "pretrained_segmenter", "scores", "low_contrast_subset", "random_subset", "finetuned_scores", "not_run_reasons",
            "mitigation_table", "split_for_claim", "SEGMENTER_NAMES", "SOURCES", "DualBranchPairs", "dual_branch_pairs", "to_unit", "efficiency", "table_5_5", "annotate",
-           "poor_subsets", "shift_table"]
+           "poor_subsets", "shift_table", "BaselinePairs", "ch05_controlnet", "unet_key", "controlnet_key", "baseline_pairs",
+           "QualityFeatures", "quality_features", "image_quality", "single_vs_dual", "ratio_table", "table_5_4", "pooled"]

@@ -23,6 +23,14 @@ from sklearn.tree import DecisionTreeClassifier
 
 from ctrlgen.data.attributes import FST_GROUPS
 
+# §5.4.1's six torchvision base models (trained by chapter 5's experiments with the downstream harness, layer 7:
+# ``ctrlgen.downstream.classifiers.build_classifier`` / ``train.train_classifier``) and their Table 5.1 names
+BASE_MODELS = ("resnet18", "vgg16", "densenet121", "efficientnet_v2_s", "mobilenet_v2", "vit_b_16")
+DISPLAY_NAMES = {"resnet18": "ResNet-18", "vgg16": "VGG-16", "densenet121": "DenseNet-121",
+                 "efficientnet_v2_s": "EfficientNet-V2", "mobilenet_v2": "MobileNet-V2", "vit_b_16": "ViT-B-16"}
+# §5.4.1: the three base models the ensemble is built on (the thesis's choice, not simply the top three by F1)
+ENSEMBLE_BASES = ("mobilenet_v2", "vit_b_16", "vgg16")
+
 # Table 5.1's ensemble rows, in its order; each a factory taking the random state
 ENSEMBLES: dict[str, Callable[[int], ClassifierMixin]] = {
     "Random Forest": lambda seed: RandomForestClassifier(random_state=seed),
@@ -48,7 +56,11 @@ def stack_features(probabilities: Mapping[str, np.ndarray], bases: Sequence[str]
 
 
 def classification_scores(y_true: np.ndarray, y_pred: np.ndarray) -> dict[str, float]:
-    """Macro precision, recall and F1 over the three groups (Table 5.1's columns; scikit-learn)."""
+    """Macro precision, recall and F1 over the three groups (Table 5.1's columns; scikit-learn).
+
+    Macro because of the thesis's own numbers: its precision differs from its recall in every row, which micro
+    averaging cannot give (for single-label predictions micro P = R = accuracy); on a class-balanced test set like
+    DDI, macro and support-weighted averages coincide."""
     p, r, f, _ = precision_recall_fscore_support(y_true, y_pred, labels=list(range(len(FST_GROUPS))), average="macro",
                                                  zero_division=0)
     return {"Precision ↑": float(p), "Recall ↑": float(r), "F1 Score ↑": float(f)}
