@@ -302,3 +302,30 @@ def test_classifier_early_stopping_can_watch_macro_f1():
     with pytest.raises(ValueError, match="val_metric 'auc'"):
         train_classifier(nn.Linear(1, 1), images, [0, 1, 0, 1], images, [0, 1, 0, 1],
                          FitSettings(max_epochs=1, batch_size=2, lr=1e-3), val_metric="auc")
+
+
+def test_seeded_model_and_fit_give_the_same_predictions_whatever_ran_before():
+    """Two identical runs (``seeded_model`` + ``train_classifier`` with the same ``FitSettings.seed``) after different
+    uses of torch's global RNG give identical weights and predictions (MobileNet-V2 has dropout: the fit's own draws
+    are seeded too); the caller's RNG stream is left as it was; another seed builds other weights."""
+    from ctrlgen.downstream.train import seeded_model
+
+    rng = np.random.default_rng(1)
+    labels = np.arange(24) % 2
+    images = np.where(labels[:, None, None, None] == 1, 200, 40).astype(np.uint8) + rng.integers(0, 30, (24, 32, 32, 3),
+                                                                                                     dtype=np.uint8)
+    s = FitSettings(max_epochs=2, batch_size=8, lr=1e-2, optimizer="sgd", momentum=0.9, patience=2, seed=5)
+    runs = []
+    for noise in (3, 11):
+        torch.rand(noise)  # a different global RNG state before each run
+        before = torch.get_rng_state()
+        model = seeded_model(build_classifier, s.seed, "mobilenet_v2", 2, image_size=32)
+        init = {k: v.clone() for k, v in model.state_dict().items()}
+        result = train_classifier(model, images[:16], labels[:16], images[16:], labels[16:], s)
+        assert torch.equal(torch.get_rng_state(), before)  # neither the build nor the fit consumed the caller's stream
+        runs.append((init, result.history, predict(result.model, images)))
+    assert all(torch.equal(runs[0][0][k], runs[1][0][k]) for k in runs[0][0])
+    assert runs[0][1] == runs[1][1]
+    np.testing.assert_array_equal(runs[0][2], runs[1][2])
+    other = seeded_model(build_classifier, s.seed + 1, "mobilenet_v2", 2, image_size=32).state_dict()
+    assert not torch.equal(other["net.features.0.0.weight"], runs[0][0]["net.features.0.0.weight"])

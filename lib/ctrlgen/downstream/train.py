@@ -7,15 +7,18 @@ chapter 5's own profile section carries those.) The §4.7.2 values live in the f
 section (:meth:`FitSettings.from_profile`, :meth:`TaskSettings.from_profile`).
 
 The validation score is mean per-image IoU for segmenters (the thesis's "accuracy" of a mask) and accuracy for
-classifiers; the weights of the best validation epoch are restored at the end. The model's initialisation is the
-caller's (seed it with :func:`ctrlgen.seeding.seed_everything` before ``build_*``); shuffling and augmentation
-draw from generators seeded with ``settings.seed``, so a seed gives the same run on CPU.
+classifiers; the weights of the best validation epoch are restored at the end. Reproducibility: build the model
+with :func:`seeded_model` (``seeded_model(build_segmenter, settings.seed, "unet")``), whose initialisation draws from
+torch's RNG seeded with ``settings.seed``; the fit's own random draws (shuffling, flips, dropout) come from
+``settings.seed`` too, in a fork of torch's global RNG, so the same settings give the same model and predictions on
+CPU whatever ran before in the process (and the caller's random stream is left as it was).
 """
 from __future__ import annotations
 
 import copy
 import math
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -196,10 +199,36 @@ def _flip(x: torch.Tensor, y: torch.Tensor | None, rng: np.random.Generator):
     return x, y
 
 
+@contextmanager
+def seeded_torch_rng(seed: int, device: str = "cpu") -> Iterator[None]:
+    """Torch's global RNG (CPU, and ``device`` if it is a GPU) seeded with ``seed`` inside the block and restored after
+    it: the draws inside depend on ``seed`` only, the caller's stream is not consumed."""
+    dev = torch.device(device)
+    devices = [dev.index if dev.index is not None else torch.cuda.current_device()] if dev.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(seed)
+        yield
+
+
+def seeded_model(build: Callable[..., nn.Module], seed: int, *args: Any, **kwargs: Any) -> nn.Module:
+    """``build(*args, **kwargs)`` (``build_classifier``, ``build_segmenter``) with its random initialisation drawn
+    from ``seed`` (``FitSettings.seed``): the same seed builds the same weights, whatever ran before."""
+    with seeded_torch_rng(seed):
+        return build(*args, **kwargs)
+
+
 def _fit(model: nn.Module, images: np.ndarray, targets: torch.Tensor, val_score: Callable[[nn.Module], float],
          loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], s: FitSettings, dense: bool,
          desc: str) -> FitResult:
-    """The loop both trainers share: epochs of shuffled mini-batches, validation, early stopping, best weights."""
+    """The loop both trainers share (dropout and other in-model draws seeded from ``s.seed``, see module doc)."""
+    with seeded_torch_rng(s.seed, s.device):
+        return _fit_loop(model, images, targets, val_score, loss_fn, s, dense, desc)
+
+
+def _fit_loop(model: nn.Module, images: np.ndarray, targets: torch.Tensor, val_score: Callable[[nn.Module], float],
+              loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], s: FitSettings, dense: bool,
+              desc: str) -> FitResult:
+    """Epochs of shuffled mini-batches, validation, early stopping, best weights."""
     model.to(s.device)
     opt = _optimizer(model, s)
     generator = torch.Generator().manual_seed(s.seed)
@@ -312,4 +341,5 @@ def predict_proba(model: nn.Module, images: np.ndarray, batch_size: int = 64) ->
 
 
 __all__ = ["FitSettings", "TaskSettings", "FitResult", "EarlyStopping", "stopping_epoch", "train_segmenter",
-           "train_classifier", "predict", "predict_masks", "predict_labels", "predict_proba", "VAL_METRICS"]
+           "train_classifier", "predict", "predict_masks", "predict_labels", "predict_proba", "VAL_METRICS",
+           "seeded_model", "seeded_torch_rng"]
