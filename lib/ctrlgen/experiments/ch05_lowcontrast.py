@@ -709,7 +709,7 @@ def ratio_table(by_ratio: Mapping[int, Mapping[str, np.ndarray]], s06: np.ndarra
     """Fig. 5.10's numbers: per generation ratio n, DCSAU-Net's mean IoU on S_0.6 and on all test images after
     finetuning on that set. ``by_ratio[n]`` holds per-test-image ``iou``."""
     rows = {n: {"IoU (S_0.6)": float(v["iou"][s06].mean()) if s06.any() else np.nan, "IoU (All)": float(v["iou"].mean()),
-                "pairs": int(v.get("pairs", np.nan))} for n, v in sorted(by_ratio.items())}
+                "pairs": int(v.get("pairs", 0))} for n, v in sorted(by_ratio.items())}
     frame = pd.DataFrame.from_dict(rows, orient="index")
     frame.index.name = "n"
     return frame
