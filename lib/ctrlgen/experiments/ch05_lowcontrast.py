@@ -1,8 +1,11 @@
-"""Chapter 5's experiments (§5.4, §5.5): skin-tone annotation (Table 5.1), bias identification (Fig. 5.4 / 5.8 with tests)
-and the mitigation tables (Table 5.3 / 5.4) with what this book can run.
+"""Chapter 5's experiments (§5.4, §5.5): skin-tone annotation (Table 5.1; the six base models are the downstream
+classifier zoo trained with the downstream harness), bias identification (Fig. 5.4 / 5.8 with tests), the dual-branch
+pairs and the ControlNet / ControlNet + StyleID baselines, image quality (Table 5.2), the mitigation tables (Tables
+5.3-5.5) and the ablations of §5.5.5 (efficiency, Fig. 5.9, Fig. 5.10). IP-Adapter does not run (``not_run_reasons``).
 
-Everything trained is cached by content (``ctrlgen.result_cache``): the skin-tone base models' predictions, each
-segmenter's weights and each finetuned segmenter's predictions, keyed by settings, data and code.
+Everything trained or generated is cached by content (``ctrlgen.result_cache``): the skin-tone base models'
+predictions, each segmenter's weights, the ControlNet's weights, every generated pair set and each finetuned
+segmenter's predictions, keyed by settings, data and code.
 """
 from __future__ import annotations
 
