@@ -69,10 +69,32 @@ def test_psnr_ssim_match_scikit_image_per_pair():
         assert ssim[i] == pytest.approx(ref, abs=2e-2)
 
 
-def test_every_ch06_claim_is_registered_by_this_chapter_or_the_labeler_part():
+def test_every_ch06_claim_is_registered_by_this_chapter():
     mine = {c.id for c in load_ledger() if c.registers("ch06_cxr_irgen")}
     assert mine == {"ch6.t61_finetuning", "ch6.t61_5k_vs_10k", "ch6.t61_rie_fid", "ch6.t62_rie_auroc",
-                    "ch6.t62_finetuning_auroc", "ch6.t65_embedding_input", "ch6.t65_prior_loss", "ch6.fig65_mean_embedding"}
+                    "ch6.t62_finetuning_auroc", "ch6.t65_embedding_input", "ch6.t65_prior_loss", "ch6.fig65_mean_embedding",
+                    "ch6.t63_f1", "ch6.t64_f1_generated", "ch6.t64_rie_f1"}
+    assert {c.id for c in load_ledger() if c.chapter == 6} == mine
+
+
+def test_clinical_config_and_report_row_f1_by_hand():
+    cc = ch06.ClinicalConfig.from_profile(load_profile("smoke"))
+    assert cc.uncertain == "negative" and isinstance(cc.slots, int) and cc.steps >= 1
+    hyp = ["the heart is enlarged . no effusion .", "small left pleural effusion ."]
+    ref = ["cardiomegaly . small right effusion .", "no pleural effusion ."]
+    row = ch06.report_row(hyp, ref, ch06.reference_labels(ref))
+    # present labels: hyp {Cardiomegaly}, {Pleural Effusion}; ref {Cardiomegaly, Pleural Effusion}, {No Finding}
+    # (No Finding is one of the 14): tp 1, fp 1, fn 2 -> F1 = 2 / (2 + 1 + 2)
+    assert row["F1 score↑"] == pytest.approx(0.4) and 0 < row["BLEU-1↑"] < 1
+
+
+def test_iu_problems_become_observations():
+    import pandas as pd
+    reports = pd.DataFrame({"findings": ["Heart is enlarged.", None, "Clear."], "impression": ["Cardiomegaly.", None, None],
+                            "Problems": ["Cardiomegaly;Calcinosis;Pulmonary Atelectasis", "normal", "normal"]})
+    texts, truth = ch06.iu_problem_labels(reports)
+    assert texts == ["Heart is enlarged. Cardiomegaly.", "Clear."]   # the empty report is left out
+    assert truth == [{"Cardiomegaly": 1.0, "Atelectasis": 1.0}, {"No Finding": 1.0}]
 
 
 @pytest.mark.slow
@@ -83,6 +105,6 @@ def test_the_chapter_runs_on_smoke_and_records_its_tables_and_claims(tmp_path):
                             capture_output=True, text=True, cwd=ROOT, env=env, timeout=900)
     assert result.returncode == 0, f"ctrlgen run failed:\n{result.stdout[-2000:]}\n{result.stderr[-4000:]}"
     record = json.loads((tmp_path / "build" / "results" / "smoke" / "ch06_cxr_irgen.json").read_text())
-    for table in ("6.1", "6.2", "6.3", "6.5", "claims"):
+    for table in ("6.1", "6.2", "6.3", "6.4", "6.5", "ch06.labeler_world", "claims"):
         assert record["metrics"].get(table), table
     assert set(record["metrics"]["claims"]) == {c.id for c in load_ledger() if c.registers("ch06_cxr_irgen")}

@@ -18,6 +18,12 @@ The chapter calls these functions; the method is ``ctrlgen.methods.cxr_irgen``. 
 * language module — stage 1 on real IU X-ray findings and the world's reports; stage 2 and the reports of
   Tables 6.3/6.5 on the world's true image–report pairs (its images through the frozen VAE); Fig. 6.5's
   BOS/EOS/mean curves on held-out IU X-ray findings.
+* clinical efficacy — ``ctrlgen.metrics.chexpert_labeler`` (a CheXpert-style labeler) labels generated and reference
+  reports; micro F1 over the 14 observations. ``labeler_validation`` measures the labeler on the CheXpert labeler's
+  own labelled samples, IU X-ray's Problems annotations and the world's true labels.
+* baselines of Tables 6.3/6.4 — compact R2Gen, M²Trans and CXR-RePaiR (``ctrlgen.methods.baselines``) trained on the
+  world's training pairs from the same latents as the prior, stored by content; Table 6.4 runs every report generator
+  on Table 6.2's generated images, the reference being the label each image was generated from.
 """
 from __future__ import annotations
 
@@ -44,6 +50,7 @@ from ctrlgen import result_cache
 from ctrlgen.analysis.attribute_labels import attribute_schema
 from ctrlgen.analysis.quality_bar import AttributeClassifier, predict, train_attribute_classifier
 from ctrlgen.data import load_dataset
+from ctrlgen.data.datasets import dataset_folder
 from ctrlgen.data.readers.cxr import CHEXPERT_LABELS
 from ctrlgen.data.records import DataError
 from ctrlgen.experiments.base_models import default_variant, load_domain_data, pretrain_domain, variant_dir
@@ -54,9 +61,14 @@ from ctrlgen.methods.cxr_irgen.vision import (
     CLIPImageEmbedder, Conditions, LatentProjectionEmbedder, build_conditions, finetune_backbone, generate, pixels,
     reference_embeddings, text_token_norm,
 )
+from ctrlgen.methods.baselines import captioning, cxr_repair
+from ctrlgen.methods.baselines.m2trans import M2Transformer
+from ctrlgen.methods.baselines.r2gen import R2Gen
+from ctrlgen.metrics.chexpert_labeler import agreement, clinical_scores, label_report, label_reports, per_report_f1
 from ctrlgen.metrics.image import fid
 from ctrlgen.metrics.report import BLEU_NAMES, nlg_scores, per_report_scores
 from ctrlgen.models import load_base_model
+from ctrlgen.paths import data_root
 from ctrlgen.runtime import resolve_device
 from ctrlgen.thesis import thesis_frame
 
@@ -499,13 +511,12 @@ def table_6_2(cfg: Mapping[str, Any], ctx: VisionContext, vm: VisionModels, clas
     real = {obs: [i for i, l in enumerate(test) if l.get(obs) == 1.0] for obs in (*TABLE_6_2, NO_FINDING)}
     real_scores = pathology_scores(classifier, ctx.sets.test_images)
     rows[("Baseline", "Original")] = auroc_row({obs: {k: v[idx] for k, v in real_scores.items()} for obs, idx in real.items()})
-    for k, model in vm.models.items():
+    for k in vm.models:
         backbone, rie, length = k
         if backbone == "uvit":
             continue   # the thesis evaluates clinical efficacy on the U-Net backbone only
         observations, n = (*TABLE_6_2, NO_FINDING), ctx.ec.n_per_label
-        labels = [{obs: 1.0} for obs in observations for _ in range(n)]   # n images per label, one sampling call
-        gen = cached_generation(cfg, ctx, "table 6.2", model, vm.keys[k], labels, "unet", rie, ctx.ec.seed + 1000)
+        gen = generated_for_table_6_2(cfg, ctx, vm, k)   # n images per label, one sampling call
         scores = pathology_scores(classifier, gen["images"])
         by_label = {obs: {o: v[j * n:(j + 1) * n] for o, v in scores.items()} for j, obs in enumerate(observations)}
         name = ("Baseline", "Vanilla LDM") if backbone == "vanilla" else row_name(ctx.ec, backbone, rie, length, "6.2")
@@ -708,10 +719,12 @@ def reports_for(ec: Ch06Config, s1: Stage1, pr: Prior, base, images: np.ndarray 
     return lm.write_reports(pr.module, s1.model, s1.tokenizer, inputs, ec.max_new_tokens, ec.num_beams)
 
 
-def report_row(hyp: Sequence[str], ref: Sequence[str], f1_column: str = "F1 score↑", arrows: str = "↑") -> dict[str, Any]:
-    scores = nlg_scores(hyp, ref)
-    row = {f"{k}{arrows}": v for k, v in scores.items()}
-    row[f1_column] = "not run yet"   # the CheXpert-style labeler is another part of chapter 6
+def report_row(hyp: Sequence[str], ref: Sequence[str], ref_labels: Sequence[Mapping], f1_column: str = "F1 score↑",
+               arrows: str = "↑", uncertain: str = "negative") -> dict[str, Any]:
+    """BLEU-1..4 and ROUGE-L against ``ref``; clinical F1 (micro, ``chexpert_labeler.clinical_scores``) of the
+    hypotheses' labels against ``ref_labels`` (the labeler's labels of the reference reports)."""
+    row = {f"{k}{arrows}": v for k, v in nlg_scores(hyp, ref).items()}
+    row[f1_column] = clinical_scores(label_reports(hyp), ref_labels, uncertain)["F1"]
     return row
 
 
@@ -769,10 +782,214 @@ def reference_counts(ctx: VisionContext) -> dict[str, int]:
     return {f"training labels: {k}": v for k, v in counts.items()}
 
 
+# ================================================================================================ clinical efficacy
+# IU X-ray's "Problems" terms (its MeSH-based annotation) -> CheXpert observation: the book's mapping, used only to
+# measure the labeler; terms with no observation (Calcinosis, Thoracic Vertebrae, ...) are left out
+IU_PROBLEMS = {"normal": NO_FINDING, "Cardiomegaly": "Cardiomegaly", "Pulmonary Atelectasis": "Atelectasis",
+               "Atelectasis": "Atelectasis", "Pleural Effusion": "Pleural Effusion", "Opacity": "Lung Opacity",
+               "Airspace Disease": "Lung Opacity", "Infiltrate": "Lung Opacity", "Pulmonary Edema": "Edema",
+               "Edema": "Edema", "Pulmonary Congestion": "Edema", "Consolidation": "Consolidation",
+               "Pneumonia": "Pneumonia", "Pneumothorax": "Pneumothorax", "Nodule": "Lung Lesion", "Mass": "Lung Lesion",
+               "Fractures, Bone": "Fracture", "Catheters, Indwelling": "Support Devices",
+               "Implanted Medical Device": "Support Devices", "Medical Device": "Support Devices",
+               "Tube, Inserted": "Support Devices"}
+
+
+@dataclass(frozen=True)
+class ClinicalConfig:
+    """``ch06.clinical`` and ``ch06.baselines`` of the profile (sizes the book's: the thesis reran public code)."""
+
+    uncertain: str
+    n_iu_validation: int
+    d_model: int
+    layers: int
+    heads: int
+    ffn: int
+    slots: int
+    patch_size: int
+    steps: int
+    batch_size: int
+    lr: float
+    clip_width: int
+    clip_dim: int
+    clip_steps: int
+
+    @classmethod
+    def from_profile(cls, cfg: Mapping[str, Any]) -> "ClinicalConfig":
+        c, b = cfg["ch06"]["clinical"], cfg["ch06"]["baselines"]
+        return cls(uncertain=str(c["uncertain"]), n_iu_validation=int(c["n_iu_validation"]), d_model=int(b["d_model"]),
+                   layers=int(b["layers"]), heads=int(b["heads"]), ffn=int(b["ffn"]), slots=int(b["slots"]),
+                   patch_size=int(b["patch_size"]), steps=int(b["steps"]), batch_size=int(b["batch_size"]),
+                   lr=float(b["lr"]), clip_width=int(b["clip_width"]), clip_dim=int(b["clip_dim"]),
+                   clip_steps=int(b["clip_steps"]))
+
+
+def iu_problem_labels(reports: pd.DataFrame) -> tuple[list[str], list[dict]]:
+    """Findings + impression and the observations the "Problems" annotation names (1.0) for each IU X-ray report
+    (``indiana_reports.csv`` rows) with a text and an annotation."""
+    texts, truth = [], []
+    for r in reports.to_dict("records"):
+        text = " ".join(str(r[k]) for k in ("findings", "impression") if isinstance(r.get(k), str))
+        if not text.strip() or not isinstance(r.get("Problems"), str):
+            continue
+        texts.append(text)
+        truth.append({IU_PROBLEMS[t.strip()]: 1.0 for t in r["Problems"].split(";") if t.strip() in IU_PROBLEMS})
+    return texts, truth
+
+
+def _agreement_frame(a: Mapping[str, Mapping[str, float]], columns: Sequence[str]) -> pd.DataFrame:
+    return pd.DataFrame(a).T[list(columns)]
+
+
+def _blank_nan(value: Any) -> float | None:
+    # the world's label table stores a blank as NaN; the labeler's blank is None
+    return None if value is None or (isinstance(value, float) and math.isnan(value)) else float(value)
+
+
+def labeler_validation(cfg: Mapping[str, Any], cc: ClinicalConfig) -> dict[str, Any]:
+    """The labeler against known labels: the CheXpert labeler's own labelled sample reports (exact, per report),
+    IU X-ray's Problems annotations (P/R/F1 of 1.0 per observation; the annotation has no negatives) and the
+    world's true labels of its procedural reports (exact agreement and P/R/F1). A source the data root lacks is
+    said, not faked."""
+    out: dict[str, Any] = {"notes": []}
+    golden = data_root(cfg) / "cxr" / "chexpert_labeler" / "labeled_reports.csv"
+    if golden.is_file():
+        table = pd.read_csv(golden)
+        rows = {}
+        for i, r in table.iterrows():
+            want = {o: None if pd.isna(r[o]) else float(r[o]) for o in CHEXPERT_LABELS}
+            got = label_report(str(r["Reports"]))
+            rows[f"sample report {i + 1}"] = {"observations equal": sum(got[o] == want[o] for o in CHEXPERT_LABELS),
+                                              "of": len(CHEXPERT_LABELS), "exact": got == want}
+        out["golden"] = pd.DataFrame(rows).T
+    else:
+        out["notes"].append(f"the labeler's labelled sample reports are not at {golden}")
+    iu = dataset_folder("iu_xray", cfg) / "indiana_reports.csv"
+    if iu.is_file():
+        reports = pd.read_csv(iu)
+        reports = reports.head(cc.n_iu_validation) if cc.n_iu_validation else reports
+        texts, truth = iu_problem_labels(reports)
+        observations = list(dict.fromkeys(IU_PROBLEMS.values()))
+        out["iu"] = _agreement_frame(agreement(label_reports(texts), truth, observations),
+                                     ("precision", "recall", "F1", "support"))
+        out["notes"].append(f"IU X-ray: {len(texts)} reports with findings/impression and a Problems annotation")
+    else:
+        out["notes"].append(f"IU X-ray's annotated reports are not at {iu}")
+    world = load_dataset("mimic_cxr", cfg, source="procedural", resolution=int(cfg["models"]["image_size"]))
+    recs = world.records
+    truth = [{c: _blank_nan(r.labels.get(c)) for c in CHEXPERT_LABELS} for r in recs]
+    texts = [" ".join(r.meta["sections"].get(k, "") for k in ("FINDINGS", "IMPRESSION")) for r in recs]
+    out["world"] = _agreement_frame(agreement(label_reports(texts), truth),
+                                    ("exact", "precision", "recall", "F1", "support"))
+    return out
+
+
+# ================================================================================================ baselines
+BASELINE_ROWS = {"CXR-RePaiR": ("Baseline", "CXR-RePaiR (report retrieval, this book)"),
+                 "R2Gen": ("Baseline", "R2Gen (Chen et al., 2020)"),
+                 "M²Trans": ("Baseline", "M²Trans (Miura et al., 2020)")}
+BASELINE_CODE = ["ctrlgen.methods.baselines.captioning", "ctrlgen.methods.baselines.r2gen",
+                 "ctrlgen.methods.baselines.m2trans", "ctrlgen.methods.baselines.cxr_repair"]
+
+
+def _baseline_module(name: str, cc: ClinicalConfig, vocab: int, pad_id: int, inputs: torch.Tensor, max_length: int):
+    torch.manual_seed(0)
+    channels, side = int(inputs.shape[1]), int(inputs.shape[-1])
+    patch = cc.patch_size if side % cc.patch_size == 0 else 1
+    if name == "CXR-RePaiR":
+        return cxr_repair.SmallCLIP(vocab, pad_id, channels, side, patch, cc.clip_width, cc.clip_dim)
+    kind = {"R2Gen": R2Gen, "M²Trans": M2Transformer}[name]
+    return kind(vocab, channels, side, patch, cc.d_model, cc.layers, cc.heads, cc.ffn, cc.slots, max_length + 1)
+
+
+def _train_baseline(name: str, cc: ClinicalConfig, ec: Ch06Config, tok, inputs: torch.Tensor, texts: list[str]):
+    ids = captioning.tokenize(tok, texts, ec.max_length)
+    model = _baseline_module(name, cc, len(tok), tok.pad_token_id, inputs, ec.max_length)
+    if name == "CXR-RePaiR":
+        history = cxr_repair.train_clip(model, inputs, ids, cc.clip_steps, cc.batch_size, cc.lr, ec.seed)
+    else:
+        history = captioning.train_captioner(model, inputs, ids, tok.pad_token_id, cc.steps, cc.batch_size, cc.lr,
+                                             ec.seed)
+    return {"state": model.state_dict(), "history": history}
+
+
+@dataclass
+class Baseline:
+    """A trained report-generation baseline with its tokenizer; ``write`` gives reports for image embeddings."""
+
+    name: str
+    module: Any
+    tokenizer: Any
+    corpus: list[str]
+    history: list[float]
+    max_new_tokens: int
+
+    def write(self, inputs: torch.Tensor) -> list[str]:
+        if self.name == "CXR-RePaiR":
+            ids = captioning.tokenize(self.tokenizer, self.corpus, 10_000)
+            return cxr_repair.retrieve(self.module, inputs, ids, self.corpus)
+        return captioning.write(self.module, self.tokenizer, inputs, self.max_new_tokens)
+
+
+def baseline(cfg: Mapping[str, Any], ec: Ch06Config, cc: ClinicalConfig, base, base_k: str, rs: ReportSets,
+             name: str) -> Baseline:
+    """Baseline ``name`` trained on the world's training pairs (findings; their latents, as CXR-IRGen's prior),
+    stored by content. The report vocabulary is the word-level one of stage 1 (F); on full, bart-base's."""
+    inputs = prior_inputs(base, rs.pair_images_train, raw=False)
+    tok = report_tokenizer(ec, rs.stage1_f)
+    parts = {"what": "ch06 baseline", "name": name, "base": base_k, "data": rs.fingerprint, "seed": ec.seed,
+             "settings": [cc.d_model, cc.layers, cc.heads, cc.ffn, cc.slots, cc.patch_size, cc.steps, cc.batch_size,
+                          cc.lr, cc.clip_width, cc.clip_dim, cc.clip_steps, ec.max_length, ec.bart],
+             "function": _source(_train_baseline, _baseline_module)}
+    out = result_cache.cached(parts, lambda: _train_baseline(name, cc, ec, tok, inputs, rs.pair_f_train), kind="torch",
+                              cfg=cfg, code=BASELINE_CODE)
+    module = _baseline_module(name, cc, len(tok), tok.pad_token_id, inputs, ec.max_length)
+    module.load_state_dict(out["state"])
+    return Baseline(name, module.eval(), tok, list(rs.pair_f_train), out["history"], ec.max_new_tokens)
+
+
+def reference_labels(texts: Sequence[str]) -> list[dict]:
+    """The labeler's labels of reference reports (the thesis applies the CheXpert labeler to both sides)."""
+    return label_reports(texts)
+
+
+def table_6_4_labels(ctx: VisionContext) -> list[dict]:
+    """The labels Table 6.2's images were generated from (``n_per_label`` per pathology and No Finding)."""
+    return [{obs: 1.0} for obs in (*TABLE_6_2, NO_FINDING) for _ in range(ctx.ec.n_per_label)]
+
+
+def generated_for_table_6_2(cfg: Mapping[str, Any], ctx: VisionContext, vm: VisionModels, k: tuple
+                            ) -> dict[str, torch.Tensor]:
+    """Table 6.2's generated images of U-Net variant ``k`` (stored by content; Table 6.4 reuses them, as the thesis)."""
+    return cached_generation(cfg, ctx, "table 6.2", vm.models[k], vm.keys[k], table_6_4_labels(ctx), "unet", k[1],
+                             ctx.ec.seed + 1000)
+
+
+def table_6_4(cfg: Mapping[str, Any], ctx: VisionContext, vm: VisionModels, writers: Mapping[tuple, Any],
+              uncertain: str = "negative") -> tuple[pd.DataFrame, dict]:
+    """Table 6.4 analogue: clinical F1 of each report generator on the four U-Net variants' generated images, the
+    reference being the label each image was generated from. ``writers``: row -> callable(latents) -> reports.
+    Returns the table and the per-report F1 (row, column) -> array, for the claims."""
+    labels = [{o: l.get(o) for o in CHEXPERT_LABELS} for l in table_6_4_labels(ctx)]
+    rows: dict[tuple, dict] = {}
+    per: dict[tuple, np.ndarray] = {}
+    for rie in (False, True):
+        for length in ("short", "long"):
+            k = ("unet", rie, length)
+            column = row_name(ctx.ec, "unet", rie, length)[1]
+            latents = generated_for_table_6_2(cfg, ctx, vm, k)["latents"]
+            for row, write in writers.items():
+                generated = label_reports(write(latents))
+                rows.setdefault(row, {})[column] = clinical_scores(generated, labels, uncertain)["F1"]
+                per[(row, column)] = per_report_f1(generated, labels, uncertain)
+    return frame(rows), per
+
 __all__ = ["NIH_TO_CHEXPERT", "TABLE_6_2", "BACKBONES", "VARIANTS", "NO_REFERENCE", "Ch06Config", "nih_to_chexpert",
            "VisionSets", "vision_sets", "label_summary", "base_model", "base_key", "load_base_and_sets", "image_embedder",
            "VisionContext", "vision_context", "trained_backbones", "load_variant", "eval_conditions", "cached_generation",
            "VisionModels", "vision_models", "row_name", "loss_figure", "psnr_ssim", "Table61", "table_6_1",
            "pathology_classifier", "pathology_scores", "auroc_row", "table_6_2", "rie_effect", "real_pathology_counts", "ReportSets",
            "report_sets", "Stage1", "stage1", "prior_inputs", "Prior", "prior", "reports_for", "report_row", "frame",
-           "fig_6_5", "pairs_figure", "reconstruction_scores", "prompt_lengths", "reference_counts", "per_report_scores"]
+           "fig_6_5", "pairs_figure", "reconstruction_scores", "prompt_lengths", "reference_counts", "per_report_scores",
+           "IU_PROBLEMS", "ClinicalConfig", "iu_problem_labels", "labeler_validation", "BASELINE_ROWS", "Baseline", "baseline",
+           "reference_labels", "table_6_4_labels", "generated_for_table_6_2", "table_6_4", "per_report_f1"]
