@@ -67,3 +67,192 @@ def test_dual_branch_benchmark_counts_half_the_denoising_passes_and_reports_the_
     assert report["torch"] and report["diffusers"] and report["cpus"] >= 1 and report["machine"]
     out = capsys.readouterr().out
     assert "machine:" in out and "written to" in out
+
+
+# ---------------------------------------------------------------- benchmarks 1, 2, 4, 5, 6 (issue 18)
+def _report(name: str) -> dict:
+    return json.loads((paths.output_root() / "bench" / f"{name}.json").read_text())
+
+
+def _assert_machine(report: dict) -> None:
+    assert report["torch"] and report["diffusers"] and report["cpus"] >= 1 and report["machine"] and report["written_at"]
+
+
+def test_capture_bound_is_the_closed_form():
+    """4 bytes · B · (Σ_cross r²·T + Σ_self r⁴): batch 2, cross 16, self 32, 77 tokens, by hand."""
+    from ctrlgen.bench import capture_bound_bytes
+
+    assert capture_bound_bytes(2, [16], [32], 77) == 4 * 2 * (256 * 77 + 1024 * 1024) == 8_546_304
+    assert capture_bound_bytes(1, [], [], 77) == 0
+
+
+def test_capture_benchmark_stores_only_the_selected_layers_within_the_bound(capsys):
+    """Benchmark 1: plain vs capture timed (ratio of medians, never asserted); the store after one step holds exactly
+    the selected sides, each the mean of every layer of that side and of no other layer, in ``bound_bytes``."""
+    assert main(["bench", "capture", "--profile", "smoke", "--steps", "2", "--repeats", "2"]) == 0
+    report = _report("capture-smoke")
+    median = report["seconds_median"]
+    assert set(median) == {"plain", "capture"} and len(report["seconds"]["capture"]) == 2
+    assert report["ratio_capture_vs_plain"] == median["capture"] / median["plain"] and report["target_capture"] == 1.15
+    maps = report["stored_maps"]
+    assert maps["sides"] == {"cross": [report["cross_res"]], "self": [report["self_res"]]}
+    assert all(v["averaged"] == v["in_unet"] > 0 for v in maps["layer_maps"].values())
+    assert sum(v["averaged"] for v in maps["layer_maps"].values()) < maps["attention_layers_in_unet"]
+    assert maps["stored_bytes"] == maps["bound_bytes"] and maps["batch"] == 1  # the conditional half only
+    _assert_machine(report)
+    assert "machine:" in capsys.readouterr().out
+
+
+def test_guided_benchmark_reports_the_ratio(capsys):
+    assert main(["bench", "guided", "--profile", "smoke", "--steps", "2", "--repeats", "1"]) == 0
+    report = _report("guided-smoke")
+    median = report["seconds_median"]
+    assert set(median) == {"plain", "guided"} and report["guided_steps"] == 1 and report["benchmark"] == 2
+    assert report["ratio_guided_vs_plain"] == median["guided"] / median["plain"] and report["target_guided"] == 2.2
+    assert set(report["peak_memory_delta_mib"]) == {"plain", "guided"}
+    _assert_machine(report)
+
+
+def test_finetune_benchmark_times_both_arms_and_only_the_region_aware_one_has_the_attention_loss(capsys):
+    """Benchmark 4: the region-aware arm's history carries L_attn ("attn"), the plain arm's does not."""
+    assert main(["bench", "finetune", "--profile", "smoke", "--steps", "2", "--repeats", "1"]) == 0
+    report = _report("finetune-smoke")
+    assert "attn" in report["history_keys"]["region_aware"] and "attn" not in report["history_keys"]["plain"]
+    median = report["seconds_per_step_median"]
+    assert report["ratio_region_aware_vs_plain"] == median["region_aware"] / median["plain"]
+    assert report["target"] == 1.3 and report["steps"] == 2 and report["alpha"] > 0
+    _assert_machine(report)
+
+
+def test_measure_peak_sees_a_64_mib_tensor():
+    """A float32 tensor of 16 Mi values written in full is 64 MiB resident: the delta sees at least that."""
+    import torch
+
+    from ctrlgen.bench import measure_peak
+
+    held = []
+    got = measure_peak(lambda: held.append(torch.ones(16 * 2**20)))
+    assert got["delta_mib"] >= 63 and got["peak_mib"] >= got["baseline_mib"] + 63, got
+    assert "RSS" in got["kind"]
+
+
+def test_memory_benchmark_measures_every_mode_and_the_maps_stay_within_the_bound(capsys):
+    """Benchmark 5 on smoke: every mode measured; the capture and the largest capture (every side of both kinds)
+    store exactly ``capture_bound_bytes``; the finetuning steps need more than a sampling step."""
+    assert main(["bench", "memory", "--profile", "smoke", "--train", "yes"]) == 0
+    report = _report("memory-smoke")
+    modes = report["modes"]
+    assert set(modes) == {"sampling step (plain)", "sampling step (capture)", "sampling step (layout-guided)",
+                          "largest capture", "finetuning step (plain)", "finetuning step (region-aware)"}
+    assert all(m["delta_mib"] >= 0 for m in modes.values())
+    for name in ("capture", "largest"):
+        maps = report["stored_maps"][name]
+        assert maps["stored_bytes"] == maps["bound_bytes"] > 0
+        assert all(v["averaged"] == v["in_unet"] for v in maps["layer_maps"].values())
+    largest = report["stored_maps"]["largest"]
+    assert sum(v["averaged"] for v in largest["layer_maps"].values()) == largest["attention_layers_in_unet"]
+    _assert_machine(report)
+
+
+def test_real_sd21_capture_stays_within_the_bound_on_the_meta_device():
+    """The real SD 2.1-base U-Net (published config, no weights: meta tensors) at a 64x64 latent under
+    classifier-free guidance: the thesis's capture (cross 16, self 32) keeps 4.1 MiB, the largest (every side,
+    self at 64 included) 4 · (Σ r²·77 + Σ r⁴) bytes — of 32 attention layers, only the selected ones feed it."""
+    import torch
+    from diffusers import UNet2DConditionModel
+
+    from ctrlgen.attention import AttentionCapture
+    from ctrlgen.bench import capture_bound_bytes, stored_maps
+    from ctrlgen.models.sd import published_config
+
+    with torch.device("meta"):
+        unet = UNet2DConditionModel.from_config(published_config("sd21_base", "unet"))
+        z, emb = torch.randn(2, 4, 64, 64), torch.randn(2, 77, 1024)
+    for cross, self_ in (([16], [32]), ([64, 32, 16, 8], [64, 32, 16, 8])):
+        with AttentionCapture(unet, cross_res=cross, self_res=self_, latent_size=64, allow_large_self=True) as store:
+            store.cfg_batch = True  # [uncond; cond]: the conditional half is stored
+            unet(z, 10, encoder_hidden_states=emb)
+        maps = stored_maps(store, unet, 64)
+        assert maps["attention_layers_in_unet"] == 32 and maps["batch"] == 1
+        assert maps["stored_bytes"] == capture_bound_bytes(1, cross, self_, 77)
+        assert all(v["averaged"] == v["in_unet"] for v in maps["layer_maps"].values())
+    assert capture_bound_bytes(1, [16], [32], 77) == 4_273_152  # 4 · (256 · 77 + 1024²)
+
+
+def test_linear_fit_recovers_a_line_and_flags_a_square():
+    from ctrlgen.bench import linear_fit
+
+    line = linear_fit([1, 2, 4, 8], [0.5 + 2 * n for n in (1, 2, 4, 8)])
+    assert line["intercept_s"] == pytest.approx(0.5) and line["slope_s"] == pytest.approx(2.0)
+    assert line["r2"] == pytest.approx(1.0) and line["exponent_top"] == pytest.approx(1.0)
+    square = linear_fit([1, 2, 4, 8], [n * n for n in (1, 2, 4, 8)])
+    assert square["r2"] < 0.97 and square["exponent_top"] > 1.3  # 0.962 and 1.39 for n² on 1, 2, 4, 8
+
+
+def test_chapter_times_reads_the_records_and_marks_chapters_not_run(tmp_path):
+    from ctrlgen.bench import chapter_times
+
+    (tmp_path / "results" / "smoke").mkdir(parents=True)
+    (tmp_path / "results" / "smoke" / "ch02_background.json").write_text(
+        json.dumps({"wall_time_s": 12.5, "started_at": "2026-11-30T08:00:00+00:00", "git_commit": "abc"}))
+    got = chapter_times(tmp_path, ["smoke", "mini"], ["ch02_background", "ch03_attencraft"])
+    assert got["smoke"]["ch02_background"]["wall_time_s"] == 12.5
+    assert got["smoke"]["ch03_attencraft"] is None and got["mini"]["ch02_background"] is None
+
+
+def test_book_benchmark_reports_chapters_growth_fits_and_a_figure(capsys):
+    """Benchmark 6: per-chapter times from the records (None where not run), pairs timed in whole batches."""
+    assert main(["bench", "book", "--profile", "smoke", "--sizes", "1,2"]) == 0
+    report = _report("book-smoke")
+    assert set(report["chapter_wall_time_s"]) == {"smoke", "mini"}
+    assert set(report["chapter_wall_time_s"]["smoke"]) == set(report["chapters"])
+    pairs = report["growth"]["generated pairs"]
+    assert pairs["sizes"] == [report["pair_batch"], 2 * report["pair_batch"]]
+    assert report["growth"]["training steps"]["sizes"] == [1, 2]
+    assert set(pairs["fit"]) == {"intercept_s", "slope_s", "r2", "exponent_top"}
+    assert (paths.output_root() / "bench" / report["figure"]).is_file()
+    _assert_machine(report)
+
+
+def test_bench_all_runs_every_benchmark_once_and_publishes_each(monkeypatch, tmp_path, capsys):
+    """``ctrlgen bench all`` = benchmarks 1–7 in turn on the one profile (each replaced here by a recorder: the
+    real ones are tested above), every report published as JSON."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from ctrlgen.bench import machine
+    from ctrlgen.cli import bench as cli
+
+    monkeypatch.setenv("CTRLGEN_OUTPUT_ROOT", str(tmp_path))
+    ran = []
+
+    def recorder(name):
+        def fake(cfg, *args, **kwargs):
+            ran.append((name, cfg.profile_name))
+            return {"benchmark": name, **machine()}
+        return fake
+
+    for name in ("bench_capture", "bench_guided", "bench_dual", "bench_finetune", "bench_memory", "bench_book",
+                 "bench_flops"):
+        monkeypatch.setattr(cli, name, recorder(name))
+    monkeypatch.setattr(cli, "growth_figure", lambda report: plt.figure())
+    assert main(["bench", "all", "--profile", "smoke", "--repeats", "1"]) == 0
+    assert [n for n, _ in ran] == ["bench_capture", "bench_guided", "bench_dual", "bench_finetune", "bench_memory",
+                                   "bench_book", "bench_flops"]
+    assert {p for _, p in ran} == {"smoke"}
+    written = sorted(p.name for p in (tmp_path / "bench").glob("*.json"))
+    assert written == sorted(f"{n}-smoke.json" for n in ("capture", "guided", "dual", "finetune", "memory", "book",
+                                                          "flops"))
+
+
+def test_summary_rows_say_which_benchmarks_ran_and_which_did_not():
+    from ctrlgen.bench import BENCHMARKS, summary_rows
+
+    reports = [{"file": "capture-smoke.json", "source": "here", "ratio_capture_vs_plain": 1.1, "device": "cpu",
+                "model": "mini (smoke)", "written_at": "2026-11-30T10:00:00+00:00"}]
+    rows = summary_rows(reports)
+    assert [r["benchmark"] for r in rows] == list(BENCHMARKS)
+    assert rows[0]["result"] == "1.10 (target ≤ 1.15)" and rows[0]["where"] == "here"
+    assert all(r["result"] == "not run" for r in rows[1:])

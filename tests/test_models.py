@@ -156,6 +156,32 @@ def test_cli_check_and_fetch(tmp_path, capsys):
     assert args.func(args) == EXIT_USAGE
 
 
+def test_registry_lists_every_weight_the_chapters_read_at_full_scale(tmp_path):
+    """Pix2PixHD's VGG19 (a file under the models root), chapter 6's CLIP image tower, U-ViT and BART: the full
+    profile leaves the last three empty, and the check lists them as "not set" with what runs instead; the mini
+    profile, which needs none of them, does not list them."""
+    full = load_profile("full", {"models.root": str(tmp_path)})
+    status = {s.key: s for s in check_models(full)}
+    vgg = status["gan_baselines.pix2pixhd.vgg_weights"]
+    assert vgg.folder == tmp_path / "imagenet" / "vgg19-dcbb9e9d.pth" and vgg.missing == ("the file",)
+    assert "Pix2PixHD" in vgg.expect
+    for key, instead in (("ch06.vision.clip_image_encoder", "stops"), ("ch06.vision.uvit.weights", "from scratch"),
+                         ("ch06.language.bart", "from scratch")):
+        assert status[key].missing == ("not set",) and instead in status[key].expect, key
+    (tmp_path / "imagenet").mkdir()
+    (tmp_path / "imagenet" / "vgg19-dcbb9e9d.pth").write_bytes(b"x")
+    clip = tmp_path / "clip-vision"
+    clip.mkdir()
+    (clip / "config.json").write_text("{}")
+    (clip / "model.safetensors").write_bytes(b"x")
+    full = load_profile("full", {"models.root": str(tmp_path), "ch06.vision.clip_image_encoder": str(clip)})
+    status = {s.key: s for s in check_models(full)}
+    assert status["gan_baselines.pix2pixhd.vgg_weights"].present
+    assert status["ch06.vision.clip_image_encoder"].present  # an image tower needs no tokenizer files
+    mini_keys = {s.key for s in check_models(load_profile("mini"))}
+    assert not mini_keys & {"ch06.vision.clip_image_encoder", "ch06.vision.uvit.weights", "ch06.language.bart"}
+
+
 def test_caption_tokenizer_files_are_byte_identical_in_every_process(tmp_path):
     """Two fresh processes (any hash seed) write the same tokenizer files: tied pair counts are broken by
     order, not by a hash map (the old BpeTrainer gave different vocabularies, so fresh caches differed)."""

@@ -1,20 +1,23 @@
-"""``ctrlgen bench attention|pairs|flops|dual``: the command line of the benchmarks in ``ctrlgen.bench``, and
-benchmark 3 of issue 18 (``dual``: ``bench_dual``, on ``ctrlgen.methods.dual_branch.compare_efficiency``)."""
+"""``ctrlgen bench capture|guided|dual|finetune|memory|book|flops|attention|pairs|all``: the command line of the
+benchmarks of issue 18 in ``ctrlgen.bench`` (1 capture, 2 guided, 4 finetune, 5 memory, 6 book, 7 flops), and
+benchmark 3 (``dual``: ``bench_dual``, on ``ctrlgen.methods.dual_branch.compare_efficiency``). Every report is
+written as JSON to ``<output>/bench/<name>-<profile or arch>.json`` with the machine and library versions;
+``all`` runs 1–7 in turn."""
 from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import sys
+from datetime import datetime, timezone
 from typing import Any
 
-import diffusers
 import numpy as np
 import torch
 
 from ctrlgen import bench, paths
-from ctrlgen.bench import bench_attention, bench_flops, bench_pairs
+from ctrlgen.bench import (bench_attention, bench_book, bench_capture, bench_finetune, bench_flops, bench_guided,
+                           bench_memory, bench_pairs, growth_figure, machine)
+from ctrlgen.book import toc_chapters
 from ctrlgen.cli.common import EXIT_OK, add_profile_args, profile_from_args
 from ctrlgen.methods.didgen import setup_placeholders
 from ctrlgen.methods.dual_branch import DualBranchConfig, DualBranchGenerator, compare_efficiency, invert_style
@@ -25,6 +28,8 @@ from ctrlgen.results import atomic_write_json
 def _publish(cfg, report: dict, name: str) -> int:
     """Write ``report`` to ``<output>/bench/<name>.json`` atomically, print it and where it went."""
     target = paths.output_root(cfg) / "bench" / f"{name}.json"
+    report = {"name": name, "profile": getattr(cfg, "profile_name", ""),
+              "written_at": datetime.now(timezone.utc).isoformat(timespec="seconds"), **report}
     atomic_write_json(target, report)
     json.dump(report, sys.stdout, indent=2)
     print(f"\nwritten to {target}")
@@ -45,14 +50,6 @@ def _attention(args: argparse.Namespace) -> int:
 def _flops(args: argparse.Namespace) -> int:
     cfg = profile_from_args(args)
     return _publish(cfg, bench_flops(cfg, args.batch, args.repeats), f"flops-{cfg.profile_name}")
-
-
-def machine() -> dict[str, Any]:
-    """The machine and library versions a benchmark ran on."""
-    return {"machine": platform.processor() or platform.machine(), "platform": platform.platform(),
-            "cpus": os.cpu_count(), "threads": torch.get_num_threads(), "python": platform.python_version(),
-            "torch": torch.__version__, "diffusers": diffusers.__version__,
-            "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else ""}
 
 
 def bench_dual(cfg, targets: int = 2, repeats: int = 3, device: str = "cpu") -> dict[str, Any]:
@@ -78,12 +75,74 @@ def bench_dual(cfg, targets: int = 2, repeats: int = 3, device: str = "cpu") -> 
             "prompt": prompt, **report, **machine()}
 
 
+def _print_machine(report: dict[str, Any]) -> None:
+    print(f"machine: {report['machine']} ({report['cpus']} CPUs, {report['threads']} threads"
+          f"{', ' + report['cuda'] if report.get('cuda') else ''}), torch {report['torch']}, "
+          f"diffusers {report['diffusers']}")
+
+
 def _dual(args: argparse.Namespace) -> int:
     cfg = profile_from_args(args)
     report = bench_dual(cfg, args.targets, args.repeats, args.device)
-    print(f"machine: {report['machine']} ({report['cpus']} CPUs, {report['threads']} threads), "
-          f"torch {report['torch']}, diffusers {report['diffusers']}")
+    _print_machine(report)
     return _publish(cfg, report, f"dual-{cfg.profile_name}")
+
+
+def _capture(args: argparse.Namespace) -> int:
+    cfg = profile_from_args(args)
+    report = bench_capture(cfg, args.arch, args.device, args.dtype, args.batch, args.steps, args.repeats)
+    _print_machine(report)
+    return _publish(cfg, report, f"capture-{args.arch or cfg.profile_name}")
+
+
+def _guided(args: argparse.Namespace) -> int:
+    cfg = profile_from_args(args)
+    report = bench_guided(cfg, args.arch, args.device, args.dtype, args.batch, args.steps, args.repeats)
+    _print_machine(report)
+    return _publish(cfg, report, f"guided-{args.arch or cfg.profile_name}")
+
+
+def _finetune(args: argparse.Namespace) -> int:
+    cfg = profile_from_args(args)
+    report = bench_finetune(cfg, args.steps, args.repeats)
+    _print_machine(report)
+    return _publish(cfg, report, f"finetune-{cfg.profile_name}")
+
+
+def _memory(args: argparse.Namespace) -> int:
+    cfg = profile_from_args(args)
+    report = bench_memory(cfg, args.arch, args.device, args.dtype, args.batch, args.train, args.latent)
+    _print_machine(report)
+    side = f"-latent{args.latent}" if args.latent else ""
+    return _publish(cfg, report, f"memory-{args.arch or cfg.profile_name}{side}")
+
+
+def _book(args: argparse.Namespace) -> int:
+    cfg = profile_from_args(args)
+    sizes = tuple(int(s) for s in args.sizes.split(","))
+    report = bench_book(cfg, toc_chapters(), tuple(args.profiles.split(",")), sizes, args.repeats)
+    _print_machine(report)
+    fig = growth_figure(report)
+    figure = paths.output_root(cfg) / "bench" / f"book-{cfg.profile_name}.png"
+    figure.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(figure, dpi=100)
+    report["figure"] = figure.name
+    return _publish(cfg, report, f"book-{cfg.profile_name}")
+
+
+def _all(args: argparse.Namespace) -> int:
+    """Benchmarks 1–7 in turn on one profile, each with its defaults and ``--repeats``."""
+    profile = ["--profile", args.profile, *sum((["-p", p] for p in args.params), [])]
+    codes = []
+    for name in ("capture", "guided", "dual", "finetune", "memory", "book", "flops"):
+        extra = ["--repeats", str(args.repeats)] if name not in ("memory", "book") else []
+        sub = _PARSERS[name].parse_args([*profile, *extra])
+        print(f"\n== ctrlgen bench {name} ==")
+        codes.append(sub.func(sub))
+    return max(codes)
+
+
+_PARSERS: dict[str, argparse.ArgumentParser] = {}
 
 
 def add_bench_parser(subparsers) -> None:
@@ -119,3 +178,43 @@ def add_bench_parser(subparsers) -> None:
     dual.add_argument("--repeats", type=int, default=3, help="interleaved repetitions per method (medians reported)")
     dual.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
     dual.set_defaults(func=_dual)
+    for name, fn, helptext in (("capture", _capture, "benchmark 1: sampling with the attention capture vs plain sampling"),
+                               ("guided", _guided, "benchmark 2: layout-guided vs plain sampling")):
+        sub = groups.add_parser(name, help=helptext, description=getattr(bench, f"bench_{name}").__doc__)
+        add_profile_args(sub)
+        sub.add_argument("--arch", default="", help="sd21_base or sd14: the real architecture with random weights")
+        sub.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
+        sub.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
+        sub.add_argument("--batch", type=int, default=1)
+        sub.add_argument("--steps", type=int, default=0, help="sampling steps (default: the profile's sampling.num_steps)")
+        sub.add_argument("--repeats", type=int, default=3, help="interleaved repetitions per mode (medians reported)")
+        sub.set_defaults(func=fn)
+    finetune = groups.add_parser("finetune", help="benchmark 4: region-aware vs plain finetuning step",
+                                 description=bench_finetune.__doc__)
+    add_profile_args(finetune)
+    finetune.add_argument("--steps", type=int, default=3, help="optimizer steps per timed run")
+    finetune.add_argument("--repeats", type=int, default=3, help="interleaved repetitions per arm (medians reported)")
+    finetune.set_defaults(func=_finetune)
+    memory = groups.add_parser("memory", help="benchmark 5: peak memory of each step and of the largest capture",
+                               description=bench_memory.__doc__)
+    add_profile_args(memory)
+    memory.add_argument("--arch", default="", help="sd21_base or sd14: the real architecture with random weights")
+    memory.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
+    memory.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
+    memory.add_argument("--batch", type=int, default=1)
+    memory.add_argument("--train", default="auto", choices=["auto", "yes", "no"],
+                        help="measure the finetuning steps (auto: only if weights + AdamW state fit in memory)")
+    memory.add_argument("--latent", type=int, default=0, help="latent side of the sampling steps (default: the U-Net's)")
+    memory.set_defaults(func=_memory)
+    book = groups.add_parser("book", help="benchmark 6: the book's wall time per chapter and its growth",
+                             description=bench_book.__doc__)
+    add_profile_args(book)
+    book.add_argument("--profiles", default="smoke,mini", help="profiles whose chapter records are read")
+    book.add_argument("--sizes", default="1,2,4", help="pairs generated / training steps of the growth fit")
+    book.add_argument("--repeats", type=int, default=1, help="repetitions per size (medians reported)")
+    book.set_defaults(func=_book)
+    every = groups.add_parser("all", help="benchmarks 1-7 in turn on one profile")
+    add_profile_args(every)
+    every.add_argument("--repeats", type=int, default=3)
+    every.set_defaults(func=_all)
+    _PARSERS.update(groups.choices)

@@ -89,11 +89,16 @@ class WeightSpec:
 
     ``kind``: ``transformers`` (a ``from_pretrained`` folder: config.json and weights), ``file`` (one
     state-dict file; relative paths under the models root). ``path`` ending in ``*`` is a mapping of them.
+    ``tokenizer``: a transformers folder must also hold tokenizer files. ``unset``: when non-empty, an empty
+    profile value is reported as missing ("not set") with this sentence on what runs instead — for weights
+    the thesis used that the book can do without (or cannot run without) but the full profile leaves empty.
     """
 
     path: tuple[str, ...]
     kind: str
     what: str
+    tokenizer: bool = True
+    unset: str = ""
 
     @property
     def key(self) -> str:
@@ -129,13 +134,27 @@ WEIGHTS = (
                "§3.4.1 CLIP-I / CLIP-T and §6.3.1 reference image embedding: CLIP ViT-L/14 (openai/clip-vit-large-patch14) "
                "transformers folder"),
     WeightSpec(("models", "weights", "dino"), "transformers",
-               "§3.4.1, §5.5.2 DINO score: DINOv2 ViT-B/14 (facebook/dinov2-base) transformers folder"),
+               "§3.4.1, §5.5.2 DINO score: DINOv2 ViT-B/14 (facebook/dinov2-base) transformers folder", tokenizer=False),
     WeightSpec(("models", "weights", "bart"), "transformers",
                "§6.3.2 CXR-IRGen language module: BART base (facebook/bart-base) transformers folder"),
     WeightSpec(("models", "weights", "xrv_densenet"), "file",
                "§6.4.3 AUROC classifier: torchxrayvision DenseNet-121 'densenet121-res224-all' weights file"),
     WeightSpec(("models", "weights", "imagenet", "*"), "file",
                "torchvision ImageNet state dict of {name} (the file torchvision publishes): {where}"),
+    WeightSpec(("gan_baselines", "pix2pixhd", "vgg_weights"), "file",
+               "§4.4.4 Pix2PixHD perceptual loss: torchvision VGG19 ImageNet state dict vgg19-dcbb9e9d.pth"),
+    WeightSpec(("ch06", "vision", "clip_image_encoder"), "transformers",
+               "§6.3.1 CXR-IRGen reference-image embedding: CLIP ViT-L/14 image tower (openai/clip-vit-large-patch14) "
+               "as a transformers CLIPVisionModelWithProjection folder", tokenizer=False,
+               unset="chapter 6 stops on the full profile until it is set (ch06.vision.image_encoder is 'clip')"),
+    WeightSpec(("ch06", "vision", "uvit", "weights"), "file",
+               "§6.3.1 'a pre-trained U-ViT backbone': a state dict of the book's U-ViT (ch06.vision.uvit width/depth/"
+               "heads/patch_size)",
+               unset="the U-ViT backbone is trained from scratch (the thesis starts from a pre-trained one)"),
+    WeightSpec(("ch06", "language", "bart"), "transformers",
+               "§6.3.2 CXR-IRGen language module: BART base (facebook/bart-base) transformers folder with its tokenizer",
+               unset="a small BART of ch06.language d_model/layers/heads/ffn is trained from scratch (the thesis "
+                     "finetunes BART)"),
 )
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json")
 
@@ -153,14 +172,15 @@ def _setting(cfg: Mapping[str, Any], dotted: str) -> Any:
 def _weight_entries(cfg: Mapping[str, Any]) -> list[tuple[str, str, WeightSpec]]:
     """(profile key, source, spec) of every non-empty weight setting; ``*`` expands a mapping of sources."""
     out = []
+    full = _setting(cfg, "models.kind") == "pretrained"  # only paper scale needs what the thesis used
     for spec in WEIGHTS:
         if spec.path[-1] == "*":
             group = _setting(cfg, ".".join(spec.path[:-1])) or {}
             out += [(".".join((*spec.path[:-1], name)), str(v),
                      replace(spec, what=spec.what.format(name=name, where=IMAGENET_BACKBONES.get(name, "a backbone"))))
                     for name, v in group.items() if str(v or "")]
-        elif str(_setting(cfg, spec.key) or ""):
-            out.append((spec.key, str(_setting(cfg, spec.key)), spec))
+        elif str(_setting(cfg, spec.key) or "") or (spec.unset and full and _setting(cfg, spec.key) is not None):
+            out.append((spec.key, str(_setting(cfg, spec.key) or ""), spec))
     return out
 
 
@@ -185,18 +205,22 @@ def _missing_transformers(folder: Path, needs_tokenizer: bool) -> list[str]:
 
 def weight_status(cfg: Mapping[str, Any], key: str, source: str, spec: WeightSpec) -> ModelStatus:
     """Whether the weight ``key`` names is where the profile says, and what is missing there."""
+    if not source:  # an empty setting listed because the thesis used this weight (``WeightSpec.unset``)
+        return ModelStatus(key, "", Path(f"<not set: set {key}>"), ("not set",), f"{spec.what}; meanwhile {spec.unset}")
     path = weight_path(cfg, source, spec.kind)
     if spec.kind == "file":
         missing = [] if path.is_file() else ["the file"]
     else:
-        missing = _missing_transformers(path, needs_tokenizer=not key.endswith(".dino"))
+        missing = _missing_transformers(path, needs_tokenizer=spec.tokenizer)
     return ModelStatus(key, source, path, tuple(missing), spec.what)
 
 
 def check_models(cfg: Mapping[str, Any], domains: tuple[str, ...] | None = None) -> list[ModelStatus]:
     """Status of every model the profile names: SD checkpoints (kind pretrained) or the mini base models,
     then every further weight it names by a non-empty path (``WEIGHTS``: VLM, FID/LPIPS networks, CLIP,
-    DINOv2, BART, the torchxrayvision DenseNet, ImageNet backbones), each with what is expected there."""
+    DINOv2, BART, the torchxrayvision DenseNet, ImageNet backbones, Pix2PixHD's VGG19, chapter 6's CLIP image
+    tower, U-ViT and BART), each with what is expected there; an empty setting of a weight the thesis used
+    (``WeightSpec.unset``) is listed as "not set" with what runs instead."""
     models = cfg["models"]
     out: list[ModelStatus] = []
     if models["kind"] == "pretrained":
