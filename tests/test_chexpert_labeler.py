@@ -47,6 +47,12 @@ NF = {"No Finding": 1.0}
     ("Effusion has resolved.", {"Pleural Effusion": 0.0, **NF}),
     ("Endotracheal tube in place. Lungs are clear.", {"Support Devices": 1.0, **NF}),  # devices keep No Finding
     ("Mild emphysema.", {}),                                                 # another finding: no No Finding
+    ("There is no focal air space opacity to suggest a pneumonia.",          # no NN to suggest XXX
+     {"Lung Opacity": 0.0, "Pneumonia": 0.0, **NF}),
+    ("Heart size, mediastinal contour, and pulmonary vascularity are within normal limits.",
+     {"Cardiomegaly": 0.0, "Enlarged Cardiomediastinum": 0.0, **NF}),
+    ("The heart size is at the upper limits of normal.", {"Cardiomegaly": 0.0, **NF}),
+    ("The cardiac silhouette is borderline enlarged.", {"Cardiomegaly": -1.0}),
 ])
 def test_hand_labelled_sentences(text, expected):
     assert label_report(text) == _row(expected)
