@@ -1,7 +1,7 @@
 """Chapter 5's experiments (§5.4, §5.5): skin-tone annotation (Table 5.1; the six base models are the downstream
 classifier zoo trained with the downstream harness), bias identification (Fig. 5.4 / 5.8 with tests), the dual-branch
-pairs and the ControlNet / ControlNet + StyleID baselines, image quality (Table 5.2), the mitigation tables (Tables
-5.3-5.5) and the ablations of §5.5.5 (efficiency, Fig. 5.9, Fig. 5.10). IP-Adapter does not run (``not_run_reasons``).
+pairs and the ControlNet / IP-Adapter / ControlNet + StyleID baselines, image quality (Table 5.2), the mitigation
+tables (Tables 5.3-5.5) and the ablations of §5.5.5 (efficiency, Fig. 5.9, Fig. 5.10).
 
 Everything trained or generated is cached by content (``ctrlgen.result_cache``): the skin-tone base models'
 predictions, each segmenter's weights, the ControlNet's weights, every generated pair set and each finetuned
@@ -38,6 +38,14 @@ from ctrlgen.methods.baselines.controlnet import (
     controlnet_generate,
     train_controlnet,
 )
+from ctrlgen.methods.baselines.ip_adapter import (
+    IPAdapter,
+    IPAdapterConfig,
+    clip_image_embedder,
+    ip_adapter_generate,
+    train_ip_adapter,
+    vae_image_embedder,
+)
 from ctrlgen.methods.dual_branch import (
     DualBranchConfig,
     DualBranchGenerator,
@@ -73,6 +81,7 @@ from ctrlgen.seeding import seed_everything
 
 SEGMENTER_NAMES = {"attention_unet": "AttenU-Net", "dcsau_net": "DCSAU-Net", "fat_net": "FAT-Net"}
 # Table 5.3 / 5.4 data sources; the generative ones need generators this book does not have yet (see ``not_run_reasons``)
+BASELINES = ("ControlNet", "IP-Adapter", "ControlNet+StyleID")  # §5.5.1's generative baselines, in the tables' order
 SOURCES = ("Pretrained", "Training Sample (Random)", "Training Sample (Target)", "ControlNet", "IP-Adapter",
            "ControlNet+StyleID", "Mine")
 
@@ -398,11 +407,8 @@ def finetuned_scores(cfg: Mapping[str, Any], cc: Ch05Config, name: str, stored: 
 
 
 def not_run_reasons() -> dict[str, str]:
-    """Why a Table 5.2 / 5.3 / 5.4 data source has no row in this run (never a typed number)."""
-    return {"IP-Adapter": ("no IP-Adapter in this book: diffusers' IP-Adapter needs the pretrained CLIP image encoder and "
-                           "adapter weights of Ye et al. (2023), which no profile provides and the mini models cannot "
-                           "use (their cross-attention width differs); a small IP-Adapter trained here would be a new "
-                           "method, not the baseline")}
+    """Why a Table 5.2 / 5.3 / 5.4 data source has no row in this run (never a typed number): every source runs."""
+    return {}
 
 
 # ================================================================================================ dual-branch pairs (§5.5.1)
@@ -577,10 +583,18 @@ def _controlnet_styleid(base: Any, controlnet: Any, config: DualBranchConfig, st
 
 
 def _baseline_images(kind: str, base: Any, controlnet: Any, config: DualBranchConfig, styles: np.ndarray,
-                     masks: np.ndarray, prompt: str, batch: int, seed: int, scale: float, out_side: int) -> dict[str, Any]:
+                     masks: np.ndarray, prompt: str, batch: int, seed: int, scale: float, out_side: int,
+                     ip: tuple[Any, Any, float] | None = None) -> dict[str, Any]:
     side = int(base.unet.config.sample_size) * base.vae_scale_factor
     lay = _masks_at(masks, side)
-    if kind == "ControlNet":
+    if kind == "IP-Adapter":  # on top of the ControlNet: the mask gives the layout, the reference the image prompt
+        adapter, embed, ip_scale = ip
+        refs = _resize(torch.from_numpy(styles).permute(0, 3, 1, 2).float() / 255.0, side, "bilinear").clamp(0, 1)
+        controlled = ControlledUNet(base.unet, controlnet.to(base.device).eval(), scale)
+        out = ip_adapter_generate(base, adapter, refs, prompt, embed, controlled=controlled,
+                                  masks=conditioning_images(lay, side), scale=ip_scale, num_steps=config.num_steps,
+                                  guidance_scale=config.guidance_scale, seed=seed, batch_size=batch)
+    elif kind == "ControlNet":
         out = controlnet_generate(base, controlnet, lay, prompt, num_steps=config.num_steps,
                                   guidance_scale=config.guidance_scale, seed=seed, batch_size=batch,
                                   conditioning_scale=scale)
@@ -592,12 +606,16 @@ def _baseline_images(kind: str, base: Any, controlnet: Any, config: DualBranchCo
 
 
 def baseline_pairs(cfg: Mapping[str, Any], cc: Ch05Config, kind: str, base: Any, base_key: str, controlnet: Any,
-                   controlnet_key: str, mine: "DualBranchPairs", styles: np.ndarray) -> BaselinePairs:
-    """"ControlNet" or "ControlNet+StyleID" images for the kept dual-branch pairs: each conditioned on that pair's
-    generated mask (§5.5.1) and, for ControlNet+StyleID, styled by the same low-contrast reference (``styles``:
-    the references in the pairs' order), at the dual-branch T and CFG; stored by content."""
-    if kind not in ("ControlNet", "ControlNet+StyleID"):
-        raise ValueError(f"unknown baseline {kind!r}: ControlNet or ControlNet+StyleID")
+                   controlnet_key: str, mine: "DualBranchPairs", styles: np.ndarray,
+                   ip: tuple[Any, Any, str] | None = None) -> BaselinePairs:
+    """"ControlNet", "IP-Adapter" or "ControlNet+StyleID" images for the kept dual-branch pairs: each conditioned on
+    that pair's generated mask (§5.5.1) and, for IP-Adapter and ControlNet+StyleID, on the same low-contrast
+    reference (``styles``: the references in the pairs' order), at the dual-branch T and CFG; stored by content.
+    ``ip``: ``ch05_ip_adapter``'s (adapter, embedder, note), for "IP-Adapter" only."""
+    if kind not in BASELINES:
+        raise ValueError(f"unknown baseline {kind!r}: one of {', '.join(BASELINES)}")
+    if kind == "IP-Adapter" and ip is None:
+        raise ValueError("the IP-Adapter baseline needs ip = ch05_ip_adapter(...)")
     if len(styles) != len(mine.masks):
         raise ValueError(f"{len(styles)} style references for {len(mine.masks)} dual-branch masks")
     config = DualBranchConfig.from_profile(cfg)
@@ -607,14 +625,64 @@ def baseline_pairs(cfg: Mapping[str, Any], cc: Ch05Config, kind: str, base: Any,
              "config": asdict(config), "prompt": prompt, "masks": _digest(mine.masks), "styles": _digest(styles),
              "side": cc.resolution, "seed": cc.seed, "scale": scale,
              "function": _source(_baseline_images, _controlnet_styleid, _masks_at, _to_uint8)}
+    ip_args = None
+    if kind == "IP-Adapter":
+        ip_cfg = IPAdapterConfig.from_profile(cfg)
+        parts["ip_adapter"] = _digest(*[v.numpy() for v in ip[0].state_dict().values()]) + f"@{ip_cfg.scale}"
+        ip_args = (ip[0], ip[1], ip_cfg.scale)
     out = result_cache.cached(parts, lambda: _baseline_images(kind, base, controlnet, config, styles, mine.masks, prompt,
-                                                              batch, cc.seed, scale, cc.resolution),
+                                                              batch, cc.seed, scale, cc.resolution, ip_args),
                               kind="torch", cfg=cfg, code=["ctrlgen.methods.baselines.controlnet",
+                                                           "ctrlgen.methods.baselines.ip_adapter",
                                                            "ctrlgen.methods.dual_branch"])
-    note = (f"{kind}: {len(mine.masks)} images on the dual-branch masks, the derm base model with chapter 5's ControlNet"
-            f"{', StyleID injection of the same references (2T passes)' if kind != 'ControlNet' else ''}; "
-            f"prompt {prompt!r}, T = {config.num_steps}")
+    extra = {"ControlNet": "", "ControlNet+StyleID": ", StyleID injection of the same references (2T passes)",
+             "IP-Adapter": ", the same references as image prompts (IP-Adapter on top of the ControlNet)"}[kind]
+    note = (f"{kind}: {len(mine.masks)} images on the dual-branch masks, the derm base model with chapter 5's "
+            f"ControlNet{extra}; prompt {prompt!r}, T = {config.num_steps}")
     return BaselinePairs(out["images"].numpy(), mine.masks.copy(), note)
+
+
+def _ip_embedder(cfg: Mapping[str, Any], base: Any) -> tuple[Any, str]:
+    folder = str(cfg["ch05"]["ip_adapter"]["image_encoder"])
+    if folder:
+        path = weight_path(cfg, folder, "transformers")
+        return clip_image_embedder(str(path)), f"CLIP image encoder {path}"
+    return vae_image_embedder(base.vae), "the base model's VAE encoder (latent mean pooled to 4 × 4; CLIP stand-in)"
+
+
+def _train_ip(base: Any, controlnet: Any, images: np.ndarray, masks: np.ndarray, prompt: str, config: IPAdapterConfig,
+              embed: Any, seed: int) -> dict[str, Any]:
+    side = int(base.unet.config.sample_size) * base.vae_scale_factor
+    pix = _to_uint8(torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255.0, side)
+    cond = conditioning_images(_masks_at(masks, side), side)
+    dim = int(embed(torch.zeros(1, 3, side, side)).shape[1])
+    model = copy.deepcopy(base)
+    controlled = ControlledUNet(model.unet, copy.deepcopy(controlnet).requires_grad_(False).eval())
+    adapter = train_ip_adapter(model, pix, prompt, config, embed, dim, controlled=controlled, masks=cond, seed=seed)
+    return {"state": {k: v.detach().cpu() for k, v in adapter.state_dict().items()}, "embed_dim": torch.tensor(dim)}
+
+
+def ch05_ip_adapter(cfg: Mapping[str, Any], cc: Ch05Config, data: BiasData, base: Any, base_key: str, controlnet: Any,
+                    controlnet_key: str) -> tuple[Any, Any, str]:
+    """§5.5.1: the IP-Adapter baseline (``methods.baselines.ip_adapter``) trained on the bias set's training images
+    (each its own image prompt) on top of chapter 5's frozen ControlNet (their masks as its condition), on the derm
+    base model, with the profile's ``ch05.ip_adapter`` settings; weights stored by content. Returns (adapter, image
+    embedder, note)."""
+    config, prompt = IPAdapterConfig.from_profile(cfg), str(cfg["didgen"]["baselines"]["prompt"])
+    embed, embed_note = _ip_embedder(cfg, base)
+    parts = {"what": "ch05 ip-adapter", "base": base_key, "controlnet": controlnet_key, "config": asdict(config),
+             "prompt": prompt, "encoder": str(cfg["ch05"]["ip_adapter"]["image_encoder"]),
+             "data": _digest(data.train.images, data.train.masks), "seed": cc.seed,
+             "function": _source(_train_ip, _ip_embedder, _masks_at, _to_uint8)}
+    stored = result_cache.cached(parts, lambda: _train_ip(base, controlnet, data.train.images, data.train.masks, prompt,
+                                                          config, embed, cc.seed),
+                                 kind="torch", cfg=cfg, code=["ctrlgen.methods.baselines.ip_adapter",
+                                                              "ctrlgen.methods.baselines.controlnet"])
+    adapter = IPAdapter(base.unet, int(stored["embed_dim"]), config.tokens)
+    adapter.load_state_dict(stored["state"])
+    note = (f"IP-Adapter (decoupled cross-attention, {config.tokens} image tokens, λ = {config.scale:g}) trained "
+            f"{config.train_steps} steps on top of the frozen ControlNet; image encoder: {embed_note}")
+    return adapter.eval(), embed, note
 
 
 def unet_key(model: Any) -> str:
@@ -807,5 +875,5 @@ def split_for_claim(values: np.ndarray, iou_values: np.ndarray, threshold: float
 __all__ = ["Ch05Config", "BiasData", "SegSet", "bias_data", "ToneData", "tone_data", "base_predictions", "table_5_1",
            "pretrained_segmenter", "scores", "low_contrast_subset", "random_subset", "finetuned_scores", "not_run_reasons",
            "mitigation_table", "split_for_claim", "SEGMENTER_NAMES", "SOURCES", "DualBranchPairs", "dual_branch_pairs", "to_unit", "efficiency", "table_5_5", "annotate",
-           "poor_subsets", "shift_table", "BaselinePairs", "ch05_controlnet", "unet_key", "controlnet_key", "baseline_pairs",
+           "poor_subsets", "shift_table", "BaselinePairs", "BASELINES", "ch05_controlnet", "ch05_ip_adapter", "unet_key", "controlnet_key", "baseline_pairs",
            "QualityFeatures", "quality_features", "image_quality", "single_vs_dual", "ratio_table", "table_5_4", "pooled"]
