@@ -254,8 +254,9 @@ validation["world"].round(3)
 # meshed-memory transformer, trained with cross-entropy only — Miura et al.'s reinforcement-learning rewards and
 # CheXpert-trained image encoder are not reproduced) and **CXR-RePaiR** (`methods.baselines.cxr_repair`: a small
 # CLIP trained contrastively on the pairs, the most similar training report retrieved; a row of this book beside
-# the thesis's cited CXR-RePaiR-ℒ* and -Select* rows). Sizes and steps: `ch06.baselines` (the book's). Every
-# baseline is stored by content.
+# the thesis's CXR-RePaiR-ℒ* and -Select* rows, which are **not run**: the thesis cites them from Endo et al.'s
+# paper, and they need that paper's MIMIC-CXR CLIP and its sentence corpus — their "this run" cells read "–").
+# Sizes and steps: `ch06.baselines` (the book's). Every baseline is stored by content.
 
 # %%
 baselines = {name: ch06.baseline(cfg, ec, cc, base, ctx.key, rs, name) for name in ch06.BASELINE_ROWS}
