@@ -10,7 +10,6 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 
 import ctrlgen.methods.baselines.ip_adapter as ipa
 from ctrlgen.config import load_profile

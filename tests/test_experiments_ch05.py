@@ -2,7 +2,6 @@
 low-contrast selection and its bad input, Tables 5.2-5.4 and Fig. 5.10's numbers by hand, the claims' pooling, the
 skin-tone base models through the downstream harness, and the baselines' bad input."""
 import numpy as np
-import pandas as pd
 import pytest
 import torch
 

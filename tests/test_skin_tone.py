@@ -5,7 +5,6 @@ import pytest
 from skimage.color import lab2rgb
 
 from ctrlgen.methods.skin_tone import (
-    BASE_MODELS,
     ENSEMBLE_BASES,
     ENSEMBLES,
     SkinToneAnnotator,
