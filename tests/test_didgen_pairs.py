@@ -121,7 +121,8 @@ def test_l_ca_only_guidance_with_a_normalised_step_changes_the_pairs():
     tok = build_caption_tokenizer(["an image of a small lesion on skin"], model_max_length=16)
     model = build_mini_components(cfg, tok)
     setup_placeholders(model)
-    assert PairConfig.from_profile(cfg).grad_normalize == "none"
+    thesis = PairConfig.from_profile(cfg)
+    assert thesis.grad_normalize == "none" and thesis.softmax_scale == float(cfg["attention"]["text_softmax_scale"])
     pc = PairConfig.from_profile(cfg, num_steps=4, use_sa=False, eta=0.5, grad_normalize="max")
     gen = PairGenerator(model, pc)
     assert gen.refiner(torch.ones(1, 32, 32), 4, (7,)).normalize == "max"

@@ -60,6 +60,11 @@ class TokenMap:
 
     ``last``: the end position, one for the batch or one per sample (prompts of different lengths;
     ``ctrlgen.models.tokens.locate_tokens`` gives both ``token_index`` and the ends).
+
+    Saturation: the softmax's gradient is ``scale · p (1 − p)``, nil where the token's column is 0 or 1. With
+    ``softmax_scale`` 100 a gap of 0.3 between another token's raw attention and this one's (a region-aware model's
+    ``<skin>`` against ``<lesion>``) makes the column e^-30 everywhere: the layout loss is constant and its gradient
+    vanishes. Such a model needs a smaller scale (1: the softmax of the raw maps, not sharpened).
     """
 
     token_index: int

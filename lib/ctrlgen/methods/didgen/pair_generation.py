@@ -210,6 +210,10 @@ class PairConfig:
     erode: int = 1
     smoothing_kernel: int = 3
     smoothing_sigma: float = 0.5
+    # ×100 is Attend-and-Excite's scale for SD, whose per-token attention values are ~0.01–0.05; a region-aware model
+    # trained to put its raw <skin> map near 1 - M (Eq. 4.5) has <skin> at ~0.4 everywhere and <lesion> at ~0.06, and
+    # ×100 saturates the token softmax on <skin>: the <lesion> column is ~1e-15 everywhere, L_CA ≡ 1, ∇L_CA ≈ 3e-15
+    # (measured, mini derm model after 150 region-aware steps) — L_CA-only guidance then equals no guidance
     softmax_scale: float = 100.0
     iterations: int = 1
     use_ca: bool = True
@@ -238,7 +242,9 @@ class PairConfig:
                   self_res=int(cfg["attention"]["self_res"][0]), tau=int(p["tau"]), dilate=int(p["dilate"]),
                   erode=int(p["erode"]), smoothing_kernel=int(cfg["attention"]["smoothing_kernel"]),
                   smoothing_sigma=float(cfg["attention"]["smoothing_sigma"]),
-                  softmax_scale=float(cfg["attention"]["text_softmax_scale"]), augment_masks=bool(p["augment"]),
+                  # optional pair-specific scale (didgen.pairs.softmax_scale), else the shared Attend-and-Excite one
+                  softmax_scale=float(p.get("softmax_scale", cfg["attention"]["text_softmax_scale"])),
+                  augment_masks=bool(p["augment"]),
                   augment_scale=tuple(float(v) for v in p["augment_scale"]),
                   # optional until every profile names it (didgen.pairs.grad_normalize); absent = the thesis step
                   grad_normalize=str(p.get("grad_normalize", "none")))
