@@ -160,7 +160,7 @@ def bench_pairs(cfg, n_pairs: int = 0, repeats: int = 3) -> dict[str, Any]:
             "steps": int(cfg.didgen.pairs.num_steps), "guidance_fraction": float(cfg.didgen.pairs.guidance_fraction),
             "threads": torch.get_num_threads(), "seconds_median": median,
             "pairs_per_minute": {m: 60 * n / t for m, t in median.items()},
-            "ratio_guided_vs_unguided": median["guided"] / median["unguided"]}
+            "ratio_guided_vs_unguided": median["guided"] / median["unguided"], **machine()}
 
 
 def count_flops(fn) -> int:
@@ -225,9 +225,8 @@ def bench_flops(cfg, batch: int = 0, repeats: int = 3) -> dict[str, Any]:
         seconds = _median_seconds(fn, repeats)
         steps[name] = {"GFLOP": flops / 1e9, "seconds_median": seconds, "GFLOP/s": flops / seconds / 1e9,
                        "fraction_of_matmul_rate": flops / seconds / matmul}
-    return {"model": f"mini architecture ({cfg.profile_name}), random weights", "batch": batch, "latent": side,
-            "threads": torch.get_num_threads(), "machine": platform.processor() or platform.machine(),
-            "cpus": os.cpu_count(), "torch": torch.__version__, "matmul_GFLOP/s": matmul / 1e9, "steps": steps}
+    return {"benchmark": 7, "model": f"mini architecture ({cfg.profile_name}), random weights", "batch": batch,
+            "latent": side, "matmul_GFLOP/s": matmul / 1e9, "steps": steps, **machine()}
 
 
 # ---------------------------------------------------------------- machine, memory
@@ -415,8 +414,8 @@ def _finetune(model, cfg, steps: int, alpha: float, data) -> TrainResult:
 
 
 def bench_finetune(cfg, steps: int = 3, repeats: int = 3) -> dict[str, Any]:
-    """Issue 18, benchmark 4: a region-aware finetuning step (L_rec + α L_attn, Eq. 4.5–4.6: the U-Net's cross-attention
-    captured with its graph at ``attention.train_cross_res``) against a plain finetuning step (α = 0), on the profile's
+    """Issue 18, benchmark 4: a region-aware finetuning step (L_rec + α L_attn, Eq. 4.5–4.6: the U-Net's
+    cross-attention captured with its graph at ``attention.train_cross_res``) against a plain finetuning step (α = 0), on the profile's
     mini architecture with random weights and images, the profile's ``didgen.finetune`` batch and latents: seconds
     per step (``TrainResult.seconds`` / steps, median of interleaved runs) and their ratio (target ≤ 1.3)."""
     model = _model_for(cfg, "", torch.float32, "cpu", prompts=(FINETUNE_PROMPT,))
@@ -494,7 +493,7 @@ def bench_memory(cfg, arch: str = "", device: str = "cpu", dtype_name: str = "fl
                                                            float(cfg.didgen.finetune.alpha))):
             _finetune(model, cfg, 1, a, data)
             modes[name] = measure_peak(lambda a=a: _finetune(model, cfg, 1, a, data), device)
-    maps = {"capture": stored_maps(stores["capture"], unet, latent), "largest": stored_maps(stores["largest"], unet, latent)}
+    maps = {name: stored_maps(stores[name], unet, latent) for name in ("capture", "largest")}
     maps["capture"]["bound_bytes"] = capture_bound_bytes(batch, cross_res, self_res, tokens)
     maps["largest"]["bound_bytes"] = capture_bound_bytes(batch, every["cross"], every["self"], tokens)
     return {"benchmark": 5, "model": arch or f"mini ({cfg.profile_name})", "weights": "random", "device": device,
@@ -558,8 +557,11 @@ def bench_book(cfg, chapters: Sequence[str], profiles: Sequence[str] = ("smoke",
         gen.generate(masks, [f"{cfg.didgen.prefix}, a brown lesion"], seed=0, batch_size=batch)
 
     growth = {}
-    for name, fn, scale in (("generated pairs", pairs, batch),  # whole batches, as a chapter generates them
-                            ("training steps", lambda n: _finetune(model, cfg, n, float(cfg.didgen.finetune.alpha), data), 1)):
+    def steps(n: int) -> None:
+        _finetune(model, cfg, n, float(cfg.didgen.finetune.alpha), data)
+
+    # pairs in whole batches, as a chapter generates them
+    for name, fn, scale in (("generated pairs", pairs, batch), ("training steps", steps, 1)):
         fn(scale)  # warm-up
         secs = []
         for n in (s * scale for s in sizes):
@@ -600,7 +602,8 @@ BENCHMARKS = {  # issue 18's numbering: report name, headline field, target, wha
     1: ("capture", "ratio_capture_vs_plain", TARGETS["capture"], "attention capture vs plain sampling (time ratio)"),
     2: ("guided", "ratio_guided_vs_plain", TARGETS["guided"], "layout-guided vs plain sampling (time ratio)"),
     3: ("dual", "ratio_wall_time", 0.6, "dual-branch vs two-stage generation (time ratio; passes 0.5)"),
-    4: ("finetune", "ratio_region_aware_vs_plain", FINETUNE_TARGET, "region-aware vs plain finetuning step (time ratio)"),
+    4: ("finetune", "ratio_region_aware_vs_plain", FINETUNE_TARGET,
+        "region-aware vs plain finetuning step (time ratio)"),
     5: ("memory", "", None, "peak memory of each step and of the largest capture"),
     6: ("book", "", None, "book wall time per chapter; growth with samples and steps"),
     7: ("flops", "", None, "FLOPs per step against the machine's matmul rate"),
@@ -627,7 +630,8 @@ def _headline(number: int, report: dict[str, Any]) -> str:
         value = report.get(field)
         return "" if value is None else f"{value:.2f} (target ≤ {target})"
     if name == "memory":
-        return ", ".join(f"{k}: +{v['delta_mib']:.0f} MiB" for k, v in report.get("modes", {}).items() if "delta_mib" in v)
+        modes = report.get("modes", {}).items()
+        return ", ".join(f"{k}: +{v['delta_mib']:.0f} MiB" for k, v in modes if "delta_mib" in v)
     if name == "book":
         return ", ".join(f"{p}: {t:.0f} s" for p, t in report.get("book_wall_time_s", {}).items() if t)
     if name == "flops":
@@ -656,6 +660,7 @@ def summary_rows(reports: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 __all__ = ["PROMPT", "TARGETS", "FINETUNE_TARGET", "bench_attention", "bench_capture", "bench_guided", "bench_pairs",
-           "bench_flops", "bench_finetune", "bench_memory", "bench_book", "chapter_times", "linear_fit", "growth_figure",
+           "bench_flops", "bench_finetune", "bench_memory", "bench_book", "chapter_times", "linear_fit",
+           "growth_figure",
            "count_flops", "matmul_flops_per_second", "machine", "measure_peak", "available_mib", "capture_bound_bytes",
            "stored_maps", "BENCHMARKS", "load_reports", "summary_rows"]

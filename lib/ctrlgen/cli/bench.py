@@ -49,7 +49,9 @@ def _attention(args: argparse.Namespace) -> int:
 
 def _flops(args: argparse.Namespace) -> int:
     cfg = profile_from_args(args)
-    return _publish(cfg, bench_flops(cfg, args.batch, args.repeats), f"flops-{cfg.profile_name}")
+    report = bench_flops(cfg, args.batch, args.repeats)
+    _print_machine(report)
+    return _publish(cfg, report, f"flops-{cfg.profile_name}")
 
 
 def bench_dual(cfg, targets: int = 2, repeats: int = 3, device: str = "cpu") -> dict[str, Any]:
@@ -204,7 +206,8 @@ def add_bench_parser(subparsers) -> None:
     memory.add_argument("--batch", type=int, default=1)
     memory.add_argument("--train", default="auto", choices=["auto", "yes", "no"],
                         help="measure the finetuning steps (auto: only if weights + AdamW state fit in memory)")
-    memory.add_argument("--latent", type=int, default=0, help="latent side of the sampling steps (default: the U-Net's)")
+    memory.add_argument("--latent", type=int, default=0,
+                        help="latent side of the sampling steps (default: the U-Net's)")
     memory.set_defaults(func=_memory)
     book = groups.add_parser("book", help="benchmark 6: the book's wall time per chapter and its growth",
                              description=bench_book.__doc__)

@@ -152,7 +152,8 @@ WEIGHTS = (
                "heads/patch_size)",
                unset="the U-ViT backbone is trained from scratch (the thesis starts from a pre-trained one)"),
     WeightSpec(("ch06", "language", "bart"), "transformers",
-               "§6.3.2 CXR-IRGen language module: BART base (facebook/bart-base) transformers folder with its tokenizer",
+               "§6.3.2 CXR-IRGen language module: BART base (facebook/bart-base) transformers folder with its "
+               "tokenizer",
                unset="a small BART of ch06.language d_model/layers/heads/ffn is trained from scratch (the thesis "
                      "finetunes BART)"),
 )
