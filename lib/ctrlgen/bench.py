@@ -415,9 +415,10 @@ def _finetune(model, cfg, steps: int, alpha: float, data) -> TrainResult:
 
 def bench_finetune(cfg, steps: int = 3, repeats: int = 3) -> dict[str, Any]:
     """Issue 18, benchmark 4: a region-aware finetuning step (L_rec + α L_attn, Eq. 4.5–4.6: the U-Net's
-    cross-attention captured with its graph at ``attention.train_cross_res``) against a plain finetuning step (α = 0), on the profile's
-    mini architecture with random weights and images, the profile's ``didgen.finetune`` batch and latents: seconds
-    per step (``TrainResult.seconds`` / steps, median of interleaved runs) and their ratio (target ≤ 1.3)."""
+    cross-attention captured with its graph at ``attention.train_cross_res``) against a plain finetuning step
+    (α = 0), on the profile's mini architecture with random weights and images, the profile's ``didgen.finetune``
+    batch and latents: seconds per step (``TrainResult.seconds`` / steps, median of interleaved runs) and their
+    ratio (target ≤ 1.3)."""
     model = _model_for(cfg, "", torch.float32, "cpu", prompts=(FINETUNE_PROMPT,))
     setup_placeholders(model)
     alpha = float(cfg.didgen.finetune.alpha)
@@ -633,7 +634,10 @@ def _headline(number: int, report: dict[str, Any]) -> str:
         modes = report.get("modes", {}).items()
         return ", ".join(f"{k}: +{v['delta_mib']:.0f} MiB" for k, v in modes if "delta_mib" in v)
     if name == "book":
-        return ", ".join(f"{p}: {t:.0f} s" for p, t in report.get("book_wall_time_s", {}).items() if t)
+        books = [f"{p} book: {t:.0f} s" for p, t in report.get("book_wall_time_s", {}).items() if t]
+        fits = [f"{k}: {f['slope_s']:.2f} s each (R² {f['r2']:.3f}, exponent {f['exponent_top']:.2f})"
+                for k, f in ((k, g["fit"]) for k, g in report.get("growth", {}).items())]
+        return "; ".join(books + fits)
     if name == "flops":
         steps = report.get("steps", {})
         return ", ".join(f"{k}: {v['GFLOP']:.1f} GFLOP at {v['fraction_of_matmul_rate']:.0%} of matmul rate"
