@@ -75,7 +75,8 @@ def test_batched_generation_on_a_tiny_model():
     model = build_mini_components(cfg, tok)
     setup_placeholders(model)
     pc = PairConfig.from_profile(cfg, num_steps=4)
-    assert (pc.eta, pc.tau, pc.cross_res, pc.self_res, pc.guidance_fraction) == (30.0, 4, 8, 8, 0.5)
+    assert (pc.eta, pc.tau, pc.cross_res, pc.self_res, pc.guidance_fraction) == (0.3, 4, 8, 8, 0.5)
+    assert (pc.grad_normalize, pc.softmax_scale) == ("max", 1.0)  # smoke follows mini's step (see the profile)
     gen = PairGenerator(model, pc)
     masks = np.stack([disk_mask(), disk_mask(32, 6, 10, 20), disk_mask(32, 9, 20, 12)])
     prompts = ["an image of <lesion> on <skin>", "an image of <lesion> on <skin>, a small lesion",
@@ -115,14 +116,16 @@ def test_mask_augmentation_is_a_switch_real_masks_as_they_are_or_augmented():
 
 def test_l_ca_only_guidance_with_a_normalised_step_changes_the_pairs():
     """The ablation that equalled the unguided run (§4.4.5 'w/o SA guidance'): with ``grad_normalize="max"`` every guided
-    step moves z_t by at least η (one entry by exactly η), and the images differ from the unguided ones; the profile
-    default stays the thesis' raw step."""
+    step moves z_t by at least η (one entry by exactly η), and the images differ from the unguided ones; the full
+    profile keeps the thesis' raw step and ×100 softmax, smoke/mini the normalised step without sharpening."""
     cfg = load_profile("smoke")
     tok = build_caption_tokenizer(["an image of a small lesion on skin"], model_max_length=16)
     model = build_mini_components(cfg, tok)
     setup_placeholders(model)
     thesis = PairConfig.from_profile(cfg)
-    assert thesis.grad_normalize == "none" and thesis.softmax_scale == float(cfg["attention"]["text_softmax_scale"])
+    assert (thesis.grad_normalize, thesis.softmax_scale) == ("max", 1.0)
+    full = PairConfig.from_profile(load_profile("full"))
+    assert (full.grad_normalize, full.softmax_scale, full.eta) == ("none", 100.0, 20.0)
     pc = PairConfig.from_profile(cfg, num_steps=4, use_sa=False, eta=0.5, grad_normalize="max")
     gen = PairGenerator(model, pc)
     assert gen.refiner(torch.ones(1, 32, 32), 4, (7,)).normalize == "max"

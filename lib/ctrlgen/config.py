@@ -360,6 +360,8 @@ SCHEMA: dict[str, Rule] = {
     "*segmentation.segmenters": each(one_of(*SEGMENTER_NAMES)),
     "*classification.models": each(one_of(*CLASSIFIER_NAMES)),
     "*classification.classifiers": each(one_of(*CLASSIFIER_NAMES)),
+    "didgen.pairs.grad_normalize": one_of("none", "max"),  # guidance.GuidanceRefiner.normalize
+    "didgen.pairs.softmax_scale": positive(),
     "*max_train_images": at_least(0, " (0 = all)"),
     "*max_eval_images": at_least(0, " (0 = all)"),
     "gan_baselines.*.image_size": POWER_OF_TWO,

@@ -242,12 +242,10 @@ class PairConfig:
                   self_res=int(cfg["attention"]["self_res"][0]), tau=int(p["tau"]), dilate=int(p["dilate"]),
                   erode=int(p["erode"]), smoothing_kernel=int(cfg["attention"]["smoothing_kernel"]),
                   smoothing_sigma=float(cfg["attention"]["smoothing_sigma"]),
-                  # optional pair-specific scale (didgen.pairs.softmax_scale), else the shared Attend-and-Excite one
-                  softmax_scale=float(p.get("softmax_scale", cfg["attention"]["text_softmax_scale"])),
+                  softmax_scale=float(p["softmax_scale"]),  # the pairs' own scale (mini: 1, see the profile)
                   augment_masks=bool(p["augment"]),
                   augment_scale=tuple(float(v) for v in p["augment_scale"]),
-                  # optional until every profile names it (didgen.pairs.grad_normalize); absent = the thesis step
-                  grad_normalize=str(p.get("grad_normalize", "none")))
+                  grad_normalize=str(p["grad_normalize"]))
         kw.update(overrides)
         return cls(**kw)
 

@@ -76,6 +76,7 @@ class DualBranchConfig:
     softmax_scale: float = 100.0
     iterations: int = 1
     sa_normalize: Literal["background", "queries"] = "background"
+    grad_normalize: Literal["none", "max"] = "none"  # chapter 4's latent step (didgen.pairs.grad_normalize)
     styleid_gamma: float = 0.75           # two-stage baseline: StyleID query preservation γ
     styleid_temperature: float = 1.5      # two-stage baseline: StyleID attention temperature T
 
@@ -112,7 +113,9 @@ class DualBranchConfig:
                   kv_resolutions=tuple(int(x) for x in d["kv_resolutions"]),
                   cross_res=int(a["cross_res"][0]), self_res=int(a["self_res"][0]), tau=int(p["tau"]),
                   dilate=int(p["dilate"]), erode=int(p["erode"]), smoothing_kernel=int(a["smoothing_kernel"]),
-                  smoothing_sigma=float(a["smoothing_sigma"]), softmax_scale=float(a["text_softmax_scale"]),
+                  smoothing_sigma=float(a["smoothing_sigma"]),
+                  # the layout guidance is chapter 4's (Eq. 5.5-5.7 = Eq. 4.7-4.9): its token softmax and step
+                  softmax_scale=float(p["softmax_scale"]), grad_normalize=str(p["grad_normalize"]),
                   styleid_gamma=float(d["styleid_gamma"]), styleid_temperature=float(d["styleid_temperature"]))
         kw.update(overrides)
         return cls(**kw)
@@ -342,7 +345,7 @@ class DualBranchGenerator:
                              c.smoothing_kernel, c.smoothing_sigma, c.softmax_scale, c.sa_normalize)
         if style is not None and c.lambda_style:
             terms.append(StyleTerm(style.latents, weight=c.lambda_style))
-        return GuidanceRefiner(terms, eta=c.eta, fraction=1.0, iterations=c.iterations)
+        return GuidanceRefiner(terms, eta=c.eta, fraction=1.0, iterations=c.iterations, normalize=c.grad_normalize)
 
     def annotate(self, z_last: torch.Tensor, t_last: int, prompts: list[str], pos: int) -> dict[str, Any]:
         """Eq. (4.11)/(5.11) from the maps of the final step's conditional call on the layout latent."""
