@@ -172,7 +172,8 @@ def _optimizer(model: nn.Module, s: FitSettings) -> torch.optim.Optimizer:
     params = [p for p in model.parameters() if p.requires_grad]
     if s.optimizer == "sgd":
         return torch.optim.SGD(params, lr=s.lr, momentum=s.momentum)
-    return torch.optim.Adam(params, lr=s.lr)
+    # fused: one kernel over all parameters; on a CPU a VGG-16 step drops from ~3 s to ~0.2 s (chapter 5's measurement)
+    return torch.optim.Adam(params, lr=s.lr, fused=True)
 
 
 def _check_images(images: np.ndarray, name: str) -> np.ndarray:
