@@ -158,16 +158,17 @@ def test_cli_check_and_fetch(tmp_path, capsys):
 
 def test_registry_lists_every_weight_the_chapters_read_at_full_scale(tmp_path):
     """Pix2PixHD's VGG19 (a file under the models root), chapter 6's CLIP image tower, U-ViT and BART: the full
-    profile leaves the last three empty, and the check lists them as "not set" with what runs instead; the mini
-    profile, which needs none of them, does not list them."""
+    profile names bart-base (the thesis's) and leaves the other two empty, which the check lists as "not set" with
+    what runs instead; the mini profile, which needs none of them, does not list them."""
     full = load_profile("full", {"models.root": str(tmp_path)})
     status = {s.key: s for s in check_models(full)}
     vgg = status["gan_baselines.pix2pixhd.vgg_weights"]
     assert vgg.folder == tmp_path / "imagenet" / "vgg19-dcbb9e9d.pth" and vgg.missing == ("the file",)
     assert "Pix2PixHD" in vgg.expect
-    for key, instead in (("ch06.vision.clip_image_encoder", "stops"), ("ch06.vision.uvit.weights", "from scratch"),
-                         ("ch06.language.bart", "from scratch")):
+    for key, instead in (("ch06.vision.clip_image_encoder", "stops"), ("ch06.vision.uvit.weights", "from scratch")):
         assert status[key].missing == ("not set",) and instead in status[key].expect, key
+    bart = status["ch06.language.bart"]
+    assert bart.folder == tmp_path / "facebook--bart-base" and bart.missing == ("the whole folder",)
     (tmp_path / "imagenet").mkdir()
     (tmp_path / "imagenet" / "vgg19-dcbb9e9d.pth").write_bytes(b"x")
     clip = tmp_path / "clip-vision"

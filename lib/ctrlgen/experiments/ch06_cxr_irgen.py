@@ -55,6 +55,7 @@ from ctrlgen.data.readers.cxr import CHEXPERT_LABELS
 from ctrlgen.data.records import DataError
 from ctrlgen.experiments.base_models import default_variant, load_domain_data, pretrain_domain, variant_dir
 from ctrlgen.methods.cxr_irgen import language as lm
+from ctrlgen.models.registry import local_folder
 from ctrlgen.methods.cxr_irgen.prompts import NO_REFERENCE, ReferencePool, branch_counts, check_label, label_prompt
 from ctrlgen.methods.cxr_irgen.uvit import UViT
 from ctrlgen.methods.cxr_irgen.vision import (
@@ -96,6 +97,12 @@ def _source(*functions: Any) -> str:
 
 
 # ================================================================================================ settings
+def _weight_folder(cfg: Mapping[str, Any], source: str) -> str:
+    """A weight named in the profile as ``ctrlgen models check`` resolves it (absolute as is, else under the models
+    root, a hub id as ``org--name``); "" stays "" (not used on this profile)."""
+    return str(local_folder(cfg, str(source))) if str(source) else ""
+
+
 @dataclass(frozen=True)
 class Ch06Config:
     """The profile's ``ch06`` section, typed once (thesis values in the full profile, each marked there)."""
@@ -149,12 +156,12 @@ class Ch06Config:
         p = lang["prior"]
         return cls(short_steps=int(v["short_steps"]), long_steps=int(v["long_steps"]), batch_size=int(v["batch_size"]),
                    lr=float(v["lr"]), condition_dropout=float(v["dropout_probability"]), image_encoder=str(v["image_encoder"]),
-                   clip_image_encoder=str(v["clip_image_encoder"]), uvit_width=int(v["uvit"]["width"]),
+                   clip_image_encoder=_weight_folder(cfg, v["clip_image_encoder"]), uvit_width=int(v["uvit"]["width"]),
                    uvit_depth=int(v["uvit"]["depth"]), uvit_heads=int(v["uvit"]["heads"]),
                    uvit_patch=int(v["uvit"]["patch_size"]), uvit_lr=float(v["uvit"]["lr"]),
                    uvit_weights=str(v["uvit"]["weights"]), n_table_6_1=int(v["n_table_6_1"]),
                    n_per_label=int(v["n_per_label"]), classifier_steps=int(v["classifier_steps"]),
-                   classifier_batch=int(v["classifier_batch"]), n_figure=int(v["n_figure"]), bart=str(lang["bart"]),
+                   classifier_batch=int(v["classifier_batch"]), n_figure=int(v["n_figure"]), bart=_weight_folder(cfg, lang["bart"]),
                    d_model=int(lang["d_model"]), layers=int(lang["layers"]), heads=int(lang["heads"]), ffn=int(lang["ffn"]),
                    max_length=int(lang["max_length"]), stage1_steps=int(lang["stage1_steps"]),
                    stage1_batch=int(lang["stage1_batch"]), stage1_lr=float(lang["stage1_lr"]),
