@@ -166,3 +166,53 @@ def test_noise_offset_adds_one_constant_per_sample_and_channel(monkeypatch):
     per_channel = delta.mean((-2, -1), keepdim=True)
     assert torch.allclose(delta, per_channel.expand_as(delta), atol=1e-6)  # constant over H, W
     assert per_channel.abs().min() > 0 and per_channel.std() > 0.05     # one draw per (sample, channel)
+
+
+def _grads_of_one_step(checkpointing: bool, attn_weight: float, monkeypatch):
+    """Loss, per-parameter gradients and the capture's per-side counts of one step (the same seed, data and model)."""
+    import ctrlgen.training.loop as loop
+    stores = []
+
+    class Recorded(loop.AttentionCapture):
+        def __enter__(self):
+            stores.append(super().__enter__())
+            return stores[-1]
+
+    monkeypatch.setattr(loop, "AttentionCapture", Recorded)
+    model, _ = tiny_model()
+    tp = select_trainable(model.unet, model.text_encoder, mode="custom_diffusion")
+    grads = {}
+    hooks = [p.register_post_accumulate_grad_hook(lambda p, n=n: grads.__setitem__(n, p.grad.detach().clone()))
+             for n, p in tp.named.items()]
+    res = train_diffusion(model, batches(model)[:1], TrainConfig(steps=1, lr=1e-3, cross_res=(16, 8), progress=False,
+                                                                 gradient_checkpointing=checkpointing),
+                          tp, [AttentionAlignmentTerm(weight=attn_weight)])
+    for h in hooks:
+        h.remove()
+    assert not model.unet.is_gradient_checkpointing  # the run's setting is put back afterwards
+    counts = {r: stores[0].count("cross", r) for r in (16, 8)}
+    return res.history[0], grads, counts, model
+
+
+def test_gradient_checkpointing_gives_the_same_loss_and_gradients_and_records_each_map_once(monkeypatch):
+    plain, g_plain, c_plain, model = _grads_of_one_step(False, 0.1, monkeypatch)
+    ckpt, g_ckpt, c_ckpt, _ = _grads_of_one_step(True, 0.1, monkeypatch)
+    assert ckpt["loss"] == pytest.approx(plain["loss"], rel=1e-6) and ckpt["attn"] == pytest.approx(plain["attn"], rel=1e-6)
+    assert set(g_ckpt) == set(g_plain) and g_plain
+    for n in g_plain:
+        torch.testing.assert_close(g_ckpt[n], g_plain[n], rtol=1e-5, atol=1e-7)
+    # each captured layer adds its map once per U-Net call: the count is the number of layers of that side,
+    # also when the backward pass recomputes the checkpointed blocks (and their attention processors)
+    from ctrlgen.attention.layers import select_layers
+    want = {r: len(select_layers(model.unet, "cross", (r,), ("down", "mid", "up"), (16, 16))) for r in (16, 8)}
+    assert c_plain == want and c_ckpt == want and all(want.values())
+    # L_attn reaches W_k/W_v under checkpointing: its weight changes the gradients
+    _, g_no_attn, _, _ = _grads_of_one_step(True, 0.0, monkeypatch)
+    assert any(not torch.allclose(g_no_attn[n], g_ckpt[n]) for n in g_ckpt)
+
+
+def test_gradient_checkpointing_is_refused_for_a_backbone_without_it():
+    from ctrlgen.training.loop import gradient_checkpointing
+    with pytest.raises(ValueError, match="Linear holds no diffusers model"):
+        with gradient_checkpointing(torch.nn.Linear(2, 2), True):
+            pass

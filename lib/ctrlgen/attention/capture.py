@@ -12,7 +12,10 @@ explicitly and stored, the unconditional half going through SDPA.
 
 ``CaptureProcessor`` overrides only the attention step of ``processor.AttentionProcessorBase`` and
 ``AttentionCapture`` is a ``processor.ProcessorSwap``: on exit (also after an exception) the original
-processors are put back and the hook is removed. Chapter 3's suppression/enhancement (Eq. 3.2) need no
+processors are put back and the hooks are removed. Gradient checkpointing recomputes the U-Net's blocks in the
+backward pass, after the U-Net call returned: the processors run again but record nothing then (``recording``
+is on from the U-Net's forward pre-hook to its forward hook), so every map is stored once per call; the backward
+pass must run inside the context, so that the recomputation runs the same processors as the forward pass. Chapter 3's suppression/enhancement (Eq. 3.2) need no
 processor of their own: they are map operations on what this captures (``maps.suppress``,
 ``maps.self_enhance``).
 """
@@ -49,6 +52,7 @@ class AttentionStore:
         self.per_layer = per_layer or per_head
         self.per_head = per_head
         self.cfg_batch = False  # the batch is [uncond; cond]: store the conditional half only
+        self.recording = True  # False after a U-Net call returned (checkpoint recomputation in backward)
         self.calls = 0
         self.timesteps: list[int | None] = []
         self._sums: dict[tuple[str, int], torch.Tensor] = {}
@@ -159,7 +163,8 @@ class CaptureProcessor(AttentionProcessorBase):
         else:
             probs = self.probabilities(attn, q, k, p.mask)
             out = self.apply_probabilities(attn, probs, v)
-        self.store.add(self.layer.kind, self.layer.name, hw, probs.mean(dim=1), heads=probs)
+        if self.store.recording:
+            self.store.add(self.layer.kind, self.layer.name, hw, probs.mean(dim=1), heads=probs)
         return out
 
 
@@ -206,13 +211,28 @@ class AttentionCapture(ProcessorSwap):
         super().__init__(unet, layers, latent_size=latent_hw, check_latent=True)
         self.store = AttentionStore(latent_hw, keep_grad=keep_grad, accumulate=accumulate, per_layer=per_layer,
                                     per_head=per_head)
+        self._post_handle = None
 
     def make_processor(self, layer: AttentionLayer) -> CaptureProcessor:
         return CaptureProcessor(self.store, layer, self)
 
     def on_call(self, sample: torch.Tensor | None, timestep: int | None) -> None:
         self.store.begin_call(timestep)
+        self.store.recording = True
+
+    def _post_hook(self, module: torch.nn.Module, args: tuple, output: object) -> None:
+        # the call is over: a processor running now is gradient checkpointing's recomputation in backward
+        self.store.recording = False
 
     def __enter__(self) -> AttentionStore:  # type: ignore[override]  # DAAM style: ``as store``
         super().__enter__()
+        self.store.recording = True
+        self._post_handle = self.unet.register_forward_hook(self._post_hook)
         return self.store
+
+    def restore(self) -> None:
+        """Put the original processors back and remove both hooks (idempotent)."""
+        super().restore()
+        if self._post_handle is not None:
+            self._post_handle.remove()
+            self._post_handle = None

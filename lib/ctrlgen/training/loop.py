@@ -17,6 +17,7 @@ Batch format (a dict per step, from any iterable; it is cycled until ``steps``):
 from __future__ import annotations
 
 import time
+from contextlib import contextmanager, nullcontext
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -24,6 +25,7 @@ from typing import Any, Protocol
 
 import torch
 from accelerate import Accelerator
+from diffusers.models.modeling_utils import ModelMixin
 from diffusers.training_utils import EMAModel
 
 from ctrlgen.attention.capture import AttentionCapture, AttentionStore
@@ -60,6 +62,9 @@ class TrainConfig:
     resume: bool = True
     seed: int = 0
     progress: bool = True
+    # recompute activations in the backward pass instead of storing them (diffusers'
+    # ``enable_gradient_checkpointing``): full U-Net finetuning at 512 px needs it to fit in 24 GB
+    gradient_checkpointing: bool = False
 
 
 def train_config_from(settings: Mapping[str, Any], train_config: Mapping[str, Any] | None = None) -> TrainConfig:
@@ -155,6 +160,30 @@ def _lr_lambda(warmup: int):
     return lambda step: min(1.0, (step + 1) / warmup) if warmup > 0 else 1.0
 
 
+@contextmanager
+def gradient_checkpointing(net: torch.nn.Module, enable: bool) -> Iterator[None]:
+    """Turn diffusers' gradient checkpointing on for every model inside ``net`` that supports it (the U-Net; a
+    ``ControlledUNet``'s U-Net and ControlNet) for the block, then put each model's previous state back.
+
+    ValueError when ``enable`` and no model in ``net`` supports it (e.g. the U-ViT backbone)."""
+    if not enable:
+        yield
+        return
+    models = [m for m in net.modules() if isinstance(m, ModelMixin) and m._supports_gradient_checkpointing]
+    if not models:
+        raise ValueError(f"gradient_checkpointing: {type(net).__name__} holds no diffusers model that supports "
+                         "gradient checkpointing; set TrainConfig.gradient_checkpointing = False for it")
+    before = [m.is_gradient_checkpointing for m in models]
+    for m in models:
+        m.enable_gradient_checkpointing()
+    try:
+        yield
+    finally:
+        for m, was in zip(models, before):
+            if not was:
+                m.disable_gradient_checkpointing()
+
+
 def train_diffusion(model: SDComponents, data: Iterable[dict[str, Any]], config: TrainConfig,
                     trainable: TrainableParams, terms: Sequence[LossTerm] = (), accelerator=None) -> TrainResult:
     """Train ``trainable`` parameters of ``model`` on ``data`` for ``config.steps`` optimizer steps.
@@ -162,7 +191,15 @@ def train_diffusion(model: SDComponents, data: Iterable[dict[str, Any]], config:
     L = L_rec (Eq. 4.3, or masked Eq. 3.6, weighted per sample by ``rec_weight``) + Σ weight·term.
     Checkpoints (safetensors, atomic) every ``checkpoint_every`` steps into ``output_dir``; with
     ``resume`` the run continues from the newest checkpoint there. Returns the per-step loss history.
+    With ``gradient_checkpointing`` the U-Net recomputes its activations in the backward pass for this run
+    only (same loss and gradients, less memory; the attention capture records each map once).
     """
+    with gradient_checkpointing(model.unet, config.gradient_checkpointing):
+        return _train(model, data, config, trainable, terms, accelerator)
+
+
+def _train(model: SDComponents, data: Iterable[dict[str, Any]], config: TrainConfig, trainable: TrainableParams,
+           terms: Sequence[LossTerm], accelerator) -> TrainResult:
     acc = accelerator or Accelerator(mixed_precision=config.mixed_precision,
                                      gradient_accumulation_steps=config.gradient_accumulation_steps)
     torch.manual_seed(config.seed)
@@ -249,19 +286,17 @@ def train_diffusion(model: SDComponents, data: Iterable[dict[str, Any]], config:
                                        keep_grad=True, latent_size=hw)
             else:
                 cap = None
-            with acc.autocast():
-                if cap is not None:
-                    with cap as store:
-                        pred = unet(noisy, t, encoder_hidden_states=emb).sample
-                else:
-                    store = None
+            # the backward pass runs inside the capture: gradient checkpointing recomputes the blocks there, and
+            # must meet the same (capturing) processors as the forward pass did
+            with cap if cap is not None else nullcontext() as store:
+                with acc.autocast():
                     pred = unet(noisy, t, encoder_hidden_states=emb).sample
-                mask = batch.get("mask") if config.masked_rec else None
-                rec = reconstruction_loss(pred, target, mask, batch.get("rec_weight"))
-                ctx = LossContext(batch, pred, target, t, store)
-                values = {term.name: term(ctx) for term in terms}
-                loss = rec + sum(term.weight * values[term.name] for term in terms)
-            acc.backward(loss)
+                    mask = batch.get("mask") if config.masked_rec else None
+                    rec = reconstruction_loss(pred, target, mask, batch.get("rec_weight"))
+                    ctx = LossContext(batch, pred, target, t, store)
+                    values = {term.name: term(ctx) for term in terms}
+                    loss = rec + sum(term.weight * values[term.name] for term in terms)
+                acc.backward(loss)
             if acc.sync_gradients and config.max_grad_norm > 0:
                 acc.clip_grad_norm_(params, config.max_grad_norm)
             optimizer.step()
