@@ -4,6 +4,8 @@ from __future__ import annotations
 import pytest
 import torch
 
+import ctrlgen.training.loop as training_loop
+from ctrlgen.attention.layers import select_layers
 from ctrlgen.config import load_profile
 from ctrlgen.models import add_placeholder_tokens, build_caption_tokenizer, build_mini_components, locate_tokens
 from ctrlgen.training import (
@@ -170,15 +172,14 @@ def test_noise_offset_adds_one_constant_per_sample_and_channel(monkeypatch):
 
 def _grads_of_one_step(checkpointing: bool, attn_weight: float, monkeypatch):
     """Loss, per-parameter gradients and the capture's per-side counts of one step (the same seed, data and model)."""
-    import ctrlgen.training.loop as loop
     stores = []
 
-    class Recorded(loop.AttentionCapture):
+    class Recorded(training_loop.AttentionCapture):
         def __enter__(self):
             stores.append(super().__enter__())
             return stores[-1]
 
-    monkeypatch.setattr(loop, "AttentionCapture", Recorded)
+    monkeypatch.setattr(training_loop, "AttentionCapture", Recorded)
     model, _ = tiny_model()
     tp = select_trainable(model.unet, model.text_encoder, mode="custom_diffusion")
     grads = {}
@@ -203,7 +204,6 @@ def test_gradient_checkpointing_gives_the_same_loss_and_gradients_and_records_ea
         torch.testing.assert_close(g_ckpt[n], g_plain[n], rtol=1e-5, atol=1e-7)
     # each captured layer adds its map once per U-Net call: the count is the number of layers of that side,
     # also when the backward pass recomputes the checkpointed blocks (and their attention processors)
-    from ctrlgen.attention.layers import select_layers
     want = {r: len(select_layers(model.unet, "cross", (r,), ("down", "mid", "up"), (16, 16))) for r in (16, 8)}
     assert c_plain == want and c_ckpt == want and all(want.values())
     # L_attn reaches W_k/W_v under checkpointing: its weight changes the gradients
@@ -212,7 +212,6 @@ def test_gradient_checkpointing_gives_the_same_loss_and_gradients_and_records_ea
 
 
 def test_gradient_checkpointing_is_refused_for_a_backbone_without_it():
-    from ctrlgen.training.loop import gradient_checkpointing
     with pytest.raises(ValueError, match="Linear holds no diffusers model"):
-        with gradient_checkpointing(torch.nn.Linear(2, 2), True):
+        with training_loop.gradient_checkpointing(torch.nn.Linear(2, 2), True):
             pass
