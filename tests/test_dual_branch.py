@@ -307,3 +307,22 @@ def test_low_contrast_subset_by_ita_difference_and_targets():
     assert all(0 < m.mean() < 1 for m in targets.layout_masks)
     same = style_targets(images, masks, 30.0, per_sample=1, augment=False)
     assert np.array_equal(same.layout_masks, masks[[2, 0]])
+
+
+def test_an_empty_low_contrast_subset_falls_back_to_the_lowest_contrast_images_when_asked():
+    """A small real set (smoke: 13 ISIC images) may have no image below the threshold: with ``fallback`` the
+    lowest-ITA-difference images stand in, flagged; without it the error stays."""
+    from ctrlgen.data.attributes import lesion_attributes
+    from ctrlgen.methods.dual_branch.targets import low_contrast_subset
+
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 255, (5, 32, 32, 3), dtype=np.uint8)
+    masks = np.zeros((5, 32, 32), bool)
+    masks[:, 8:24, 8:24] = True
+    ita = lesion_attributes(images, masks)["ita_difference"].to_numpy()
+    below = float(ita.min()) - 1.0
+    with pytest.raises(ValueError, match="subset is empty"):
+        low_contrast_subset(images, masks, below)
+    sub = low_contrast_subset(images, masks, below, fallback=2)
+    assert sub.attrs["fallback"] and sub["index"].tolist() == np.argsort(ita, kind="stable")[:2].tolist()
+    assert not low_contrast_subset(images, masks, float(ita.max()) + 1).attrs.get("fallback")

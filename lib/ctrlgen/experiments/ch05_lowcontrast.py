@@ -57,6 +57,7 @@ from ctrlgen.methods.dual_branch import (
     single_branch_generate,
     style_targets,
 )
+from ctrlgen.methods.dual_branch import targets as dual_branch_targets
 from ctrlgen.metrics.image import fid as fid_score
 from ctrlgen.models.registry import weight_path
 from ctrlgen.sampling import decode_images, sample
@@ -359,15 +360,10 @@ def scores(model, images: np.ndarray, masks: np.ndarray, batch_size: int) -> dic
 def low_contrast_subset(images: np.ndarray, masks: np.ndarray, threshold: float, max_count: int = 0) -> np.ndarray:
     """Indices of the training images with ITA Difference < ``threshold`` (§5.5.1: 30, 569 ISIC images), lowest
     contrast first; at most ``max_count`` of them (0 = all) — the same images the dual-branch pairs take their
-    style from (``dual_branch_pairs`` with ``max_pairs``)."""
-    attrs = annotate(images, masks)
-    diff = attrs["ita_difference"].to_numpy()
-    index = np.flatnonzero(diff < threshold)
-    index = index[np.argsort(diff[index], kind="stable")][:max_count or None]
-    if len(index) == 0:
-        raise ValueError(f"no training image has ITA Difference < {threshold}: the low-contrast subset is empty "
-                         f"(range {attrs['ita_difference'].min():.1f} .. {attrs['ita_difference'].max():.1f})")
-    return index
+    style from (``dual_branch_pairs`` with ``max_pairs``; the same stand-in when none is below the threshold)."""
+    subset = dual_branch_targets.low_contrast_subset(images, masks, threshold, max_count or None,
+                                                     fallback=max_count or 4)
+    return subset["index"].to_numpy()
 
 
 def random_subset(n_total: int, size: int, seed: int) -> np.ndarray:
@@ -491,7 +487,7 @@ def dual_branch_pairs(cfg: Mapping[str, Any], cc: Ch05Config, data: BiasData, mo
     targets = style_targets(data.train.images, data.train.masks, cc.low_contrast_threshold, per_sample=per_sample,
                             seed=cc.seed + per_sample, augment=bool(pairs_cfg["augment"]),
                             scale=tuple(float(x) for x in pairs_cfg["augment_scale"]),
-                            max_references=cc.max_pairs or None)
+                            max_references=cc.max_pairs or None, fallback=cc.max_pairs or 4)
     prompt, batch = str(cfg["didgen"]["prefix"]), int(cfg["didgen"]["eval"]["pair_batch"])
     parts = {"what": "ch05 dual-branch pairs", "model": model_key, "config": asdict(config), "prompt": prompt,
              "styles": _digest(data.train.images[targets.style_index]), "layouts": _digest(targets.layout_masks),
@@ -503,6 +499,9 @@ def dual_branch_pairs(cfg: Mapping[str, Any], cc: Ch05Config, data: BiasData, mo
             f"{'' if layout_guidance else '; without layout guidance'}); "
             f"chapter 4's region-aware model (DermPrompt-trained: a deviation from the thesis's prefix-only model), "
             f"prompt {prompt!r}, T = {config.num_steps}, η = {config.eta:g}")
+    if targets.subset.attrs.get("fallback"):
+        note += (f"; no training image has ITA difference < {cc.low_contrast_threshold:g}, so the "
+                 f"{len(targets.subset)} lowest-contrast ones stand in as style references")
     return DualBranchPairs(out["images"].numpy(), out["masks"].numpy().astype(bool), out["style_index"].numpy(),
                            len(targets.style_index), {k: int(v) for k, v in out["passes"].items()}, note)
 
@@ -862,13 +861,20 @@ def pooled(per_model: Mapping[str, Mapping[str, Mapping[str, np.ndarray]]], sour
 
 
 def split_for_claim(values: np.ndarray, iou_values: np.ndarray, threshold: float) -> tuple[np.ndarray, np.ndarray, str]:
-    """(values in S_θ, values of the rest, note): when S_θ or its rest is empty (tiny smoke sets), the split falls back to the
-    median IoU and the note says so."""
+    """(values in S_θ, values of the rest, note), images with a non-finite value left out. When S_θ or its rest is
+    empty (tiny smoke sets), the split falls back to the median IoU, and when ties leave a side empty even then
+    (e.g. every IoU 0), to the lower half of the images ranked by IoU; the note says which."""
+    keep = np.isfinite(values) & np.isfinite(iou_values)
+    values, iou_values = np.asarray(values)[keep], np.asarray(iou_values)[keep]
     member = iou_values < threshold
     note = f"S_{threshold:g} (IoU < {threshold:g}) vs the rest"
     if member.all() or not member.any():
         member = iou_values < np.median(iou_values)
         note = f"S_{threshold:g} or its rest was empty: split at the median IoU instead"
+    if (member.all() or not member.any()) and len(values) >= 2:
+        member = np.zeros(len(values), bool)
+        member[np.argsort(iou_values, kind="stable")[: len(values) // 2]] = True
+        note = f"S_{threshold:g} or its rest was empty and the IoUs tie: the lower half by IoU rank instead"
     return values[member], values[~member], note
 
 

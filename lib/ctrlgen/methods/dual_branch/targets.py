@@ -19,11 +19,13 @@ from ctrlgen.methods.didgen.pair_generation import augment_masks
 
 
 def low_contrast_subset(images: np.ndarray, masks: np.ndarray, threshold: float,
-                        max_references: int | None = None) -> pd.DataFrame:
+                        max_references: int | None = None, fallback: int = 0) -> pd.DataFrame:
     """§5.3.2 attributes of the images whose ITA Difference is below ``threshold``, lowest first, with their
     row ``index`` in ``images``; at most ``max_references`` rows (the lowest-contrast ones).
 
-    ValueError when no image falls below the threshold (an empty low-contrast subset has nothing to target).
+    When no image falls below the threshold: ValueError, or with ``fallback > 0`` the ``fallback``
+    lowest-contrast images stand in (a small data set, e.g. the smoke profile's 13 real training images) and
+    the frame's ``attrs["fallback"]`` says so, for the caller to report.
     """
     images, masks = np.asarray(images), np.asarray(masks, bool)
     if len(images) != len(masks) or images.shape[1:3] != masks.shape[1:3]:
@@ -31,6 +33,10 @@ def low_contrast_subset(images: np.ndarray, masks: np.ndarray, threshold: float,
     attrs = lesion_attributes(images, masks)
     attrs.insert(0, "index", np.arange(len(attrs)))
     low = attrs[attrs["ita_difference"] < threshold].sort_values("ita_difference", kind="stable")
+    if low.empty and fallback > 0:
+        low = attrs.sort_values("ita_difference", kind="stable").head(fallback).reset_index(drop=True)
+        low.attrs["fallback"] = True
+        return low
     if low.empty:
         raise ValueError(f"the low-contrast subset is empty: no image of {len(attrs)} has ITA difference < "
                          f"{threshold:g} (smallest {attrs['ita_difference'].min():.1f}); raise the threshold")
@@ -49,11 +55,11 @@ class StyleTargets:
 
 def style_targets(images: np.ndarray, masks: np.ndarray, threshold: float, per_sample: int = 1, seed: int = 0,
                   augment: bool = True, scale: tuple[float, float] = (0.8, 1.2),
-                  max_references: int | None = None) -> StyleTargets:
+                  max_references: int | None = None, fallback: int = 0) -> StyleTargets:
     """``per_sample`` (style reference, layout mask) targets per low-contrast training image (module doc)."""
     if per_sample < 1:
         raise ValueError(f"per_sample must be at least 1, got {per_sample}")
-    subset = low_contrast_subset(images, masks, threshold, max_references)
+    subset = low_contrast_subset(images, masks, threshold, max_references, fallback)
     index = np.repeat(subset["index"].to_numpy(), per_sample)
     layouts = np.asarray(masks, bool)[index]
     kept = 0
