@@ -580,9 +580,9 @@ def bench_book(cfg, chapters: Sequence[str], profiles: Sequence[str] = ("smoke",
 
 def growth_figure(report: dict[str, Any]):
     """Seconds against size for each growth series of ``bench_book``'s report, with the fitted line."""
-    import matplotlib  # noqa: PLC0415 — drawing only when asked
-    matplotlib.use("Agg", force=False)
-    import matplotlib.pyplot as plt  # noqa: PLC0415
+    # no matplotlib.use() here: in a chapter's kernel it would replace the inline backend and the page would show
+    # "<Figure ...>" instead of the figure; headless, matplotlib picks Agg by itself
+    import matplotlib.pyplot as plt  # noqa: PLC0415 — drawing only when asked
 
     series = report["growth"]
     fig, axes = plt.subplots(1, len(series), figsize=(4.2 * len(series), 3.2))
