@@ -38,7 +38,7 @@ from ctrlgen.experiments import ch04_didgen, ch04_downstream
 from ctrlgen.methods.didgen import PairConfig
 from ctrlgen.results import ChapterRun
 from ctrlgen.thesis import compare
-from ctrlgen.thesis.claims import claim_seeds, record_claim
+from ctrlgen.thesis.claims import claim_seeds
 
 # %% tags=["hide-input"]
 run = ChapterRun.start("ch04_downstream", profile, overrides)
@@ -262,57 +262,7 @@ if "Mine" in srun.rows:
 # A claim whose compared generator did not run is not recorded, and the note says so.
 
 # %%
-seeds = claim_seeds(cfg)
-big = ch04_downstream.SCALE_LABELS[1]
-no_vgg = [c for c in dc.classifiers if c != "vgg16"] or list(dc.classifiers)
-
-
-def correct(row, classifiers=dc.classifiers):
-    return ch04_downstream.correct(crun, cls_sets, row, classifiers)
-
-
-def ran(*rows):
-    return all(r in crun.rows or r in srun.rows for r in rows)
-
-
-def missing(claim_id, *rows):
-    run.note(f"claim {claim_id} not recorded: {', '.join(r for r in rows if not ran(r))} did not run")
-
-
-if ran("Mine-DermPrompt"):
-    record_claim(run, "ch4.t42_vs_original", a=correct("Mine-DermPrompt"), b=correct("Original"), seeds=seeds)
-    mel = ch04_downstream.table_4_3(crun, cls_sets, dc)["MEL"]
-    record_claim(run, "ch4.t43_mel", a=mel.xs("Augmented", level=1).astype(float),
-                 b=mel.xs("Original", level=1).astype(float), seeds=seeds)
-else:
-    missing("ch4.t42_vs_original / ch4.t43_mel", "Mine-DermPrompt")
-if ran("Mine-DermPrompt", "SD-Finetune"):
-    record_claim(run, "ch4.t42_best_except_vgg16", a=correct("Mine-DermPrompt", no_vgg), b=correct("SD-Finetune", no_vgg),
-                 seeds=seeds)
-    if len(cls_sets.external_y):
-        ext = {row: ch04_downstream.correct(crun, cls_sets, row, dc.classifiers, "external")
-               for row in ("Mine-DermPrompt", "Original", "SD-Finetune")}
-        record_claim(run, "ch4.t44_derm7pt", a=ext["Mine-DermPrompt"],
-                     b={"Original": ext["Original"], "augmented by SD-Finetune": ext["SD-Finetune"]}, seeds=seeds,
-                     note=f"external set: {cls_sets.external_name}")
-else:
-    missing("ch4.t42_best_except_vgg16 / ch4.t44_derm7pt", "Mine-DermPrompt", "SD-Finetune")
-if ran("Mine"):
-    dice = lambda row: ch04_downstream.pooled(srun, big, row, "Dice test", dc.segmenters)  # noqa: E731
-    ph2 = lambda row: ch04_downstream.pooled(srun, big, row, "IoU ph2", dc.segmenters)  # noqa: E731
-    record_claim(run, "ch4.t45_vs_original", a=dice("Mine"), b=dice("Original"), seeds=seeds)
-    poor, good, split_note = ch04_downstream.poor_vs_good(srun, dc)
-    record_claim(run, "ch4.fig411_poor_cases", a=poor, b=good, seeds=seeds, note=split_note)
-    if ran(ch04_downstream.NO_CA):
-        record_claim(run, "ch4.t47_segmentation", a=dice("Mine"), b=dice(ch04_downstream.NO_CA), seeds=seeds)
-    if ran("ControlNet"):
-        record_claim(run, "ch4.t45_vs_controlnet", a=dice("Mine"), b=dice("ControlNet"), seeds=seeds)
-        record_claim(run, "ch4.t46_ph2", a=ph2("Mine"),
-                     b={"Original": ph2("Original"), "augmented by ControlNet": ph2("ControlNet")}, seeds=seeds)
-    else:
-        missing("ch4.t45_vs_controlnet / ch4.t46_ph2", "ControlNet")
-else:
-    missing("segmentation claims", "Mine")
+ch04_downstream.record_claims(run, crun, srun, cls_sets, dc, seeds=claim_seeds(cfg))
 
 # %%
 record = run.save()

@@ -359,21 +359,22 @@ poor, rest, split_note = ch05.split_for_claim(np.tile(attrs["ita_difference"].to
                                               np.concatenate([pretrained[n]["iou"] for n in cc.segmenters]), 0.6)
 record_claim(run, "ch5.s542_ita_difference", a=poor, b=rest, seeds=seeds, note=split_note)
 s06_shift = shifts.xs("S_0.6", level="subset")["standardised shift"].unstack()
+
+# %%
 record_claim(run, "ch5.s555_denoising_passes", a=[eff["passes"]["dual_branch"]["denoising"]],
              b=[eff["passes"]["two_stage"]["denoising"]], note=f"T = {eff['steps']}, one generated image")
 record_claim(run, "ch5.t55_diversity", a=[diversity["w/ layout guidance (mine)"]], b=[diversity["w/o layout guidance"]],
              seeds=seeds, note=metric_note)
-with_g, without_g = iou_by_arm["w/ layout guidance (mine)"], iou_by_arm["w/o layout guidance"]
-both = [n for n in with_g if n in without_g]
-if any(s06[n].any() for n in both):
-    pick, where = {n: s06[n] for n in both}, "S_0.6 images"
-else:
-    pick, where = {n: np.ones_like(s06[n]) for n in both}, "S_0.6 empty for every model: all test images"
-record_claim(run, "ch5.t55_segmentation", a=np.concatenate([with_g[n][pick[n]] for n in both]),
-             b=np.concatenate([without_g[n][pick[n]] for n in both]), seeds=seeds, note=where)
+arms = ["w/ layout guidance (mine)", "w/o layout guidance"]
+both = [n for n in iou_by_arm[arms[0]] if n in iou_by_arm[arms[1]]]
+values, where = ch05.pooled({n: {arm: {"iou": iou_by_arm[arm][n]} for arm in arms} for n in both}, arms,
+                            {n: s06[n] for n in both})
+record_claim(run, "ch5.t55_segmentation", a=values[arms[0]], b=values[arms[1]], seeds=seeds, note=where)
 record_claim(run, "ch5.s542_contrast_not_skin_tone", a=s06_shift["ITA Difference"].abs().fillna(0.0),
              b=s06_shift["ITA Skin"].abs().fillna(0.0), seeds=seeds,
              note="an empty S_0.6 counts as no shift (0)")
+
+# %%
 others = ["ControlNet", "IP-Adapter", "ControlNet + StyleID"]
 record_claim(run, "ch5.t52_lpips", a=quality["lpips"]["Mine"], b={m: quality["lpips"][m] for m in others}, seeds=seeds,
              note=quality_features.note)
@@ -381,6 +382,8 @@ record_claim(run, "ch5.t52_dino", a=quality["dino"]["Mine"], b={m: quality["dino
              note=quality_features.note)
 record_claim(run, "ch5.t52_fid", a=[t52.loc["Mine", "FID ↓"]], b={m: [t52.loc[m, "FID ↓"]] for m in others[:2]},
              seeds=seeds, note=quality_features.note)
+
+# %%
 generative = ["Mine", "Pretrained", "ControlNet", "IP-Adapter", "ControlNet+StyleID"]
 values, where = ch05.pooled(per_source, generative, s06)
 record_claim(run, "ch5.t53_s06", a=values["Mine"], b={k: values[k] for k in generative[1:]}, seeds=seeds, note=where)
