@@ -326,7 +326,8 @@ SCHEMA: dict[str, Rule] = {
     # schedulers and named choices: what the code implements
     "sampling.scheduler": one_of("ddim", "pndm", "ddpm"),  # models/sd.py SCHEDULERS
     "*beta_schedule": one_of("linear", "scaled_linear", "squaredcos_cap_v2"),  # diffusers' DDPM/DDIM schedules
-    "*prediction_type": one_of("epsilon"),  # the losses and samplers predict noise
+    "*prediction_type": one_of("epsilon", "v_prediction"),  # training targets and samplers follow diffusers' names
+    "*timestep_spacing": one_of("leading", "trailing"),  # the spacings both DDIMScheduler and DDIMInverseScheduler know
     "ch02.toy.distribution": one_of("eight_gaussians", "two_moons", "swiss_roll"),  # experiments.ch02_background.TOY_DISTRIBUTIONS
     "*guidance_scale": at_least(0),
     "models.kind": one_of("mini", "pretrained"),

@@ -17,6 +17,7 @@ from diffusers import DDIMInverseScheduler
 from ctrlgen.progress import tqdm
 
 from ctrlgen.attention.kv import KVRecorder, KVSelection, KVStore
+from ctrlgen.models import schedule_kwargs
 from ctrlgen.sampling import predict_noise
 
 
@@ -41,9 +42,7 @@ class InversionOutput:
 
 def inverse_scheduler(config: Mapping[str, Any]) -> DDIMInverseScheduler:
     """``DDIMInverseScheduler`` on a model's noise schedule, matching ``make_scheduler("ddim", ...)``."""
-    keys = ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule", "prediction_type", "trained_betas")
-    base = {k: config[k] for k in keys if k in config and config[k] is not None}
-    return DDIMInverseScheduler(**base, clip_sample=False, set_alpha_to_one=False, steps_offset=1)
+    return DDIMInverseScheduler(**schedule_kwargs(config), clip_sample=False, set_alpha_to_one=False, steps_offset=1)
 
 
 @torch.no_grad()

@@ -9,6 +9,7 @@ from ctrlgen.models.sd import (
     load_components,
     make_scheduler,
     published_config,
+    schedule_kwargs,
 )
 from ctrlgen.models.tokenizer import build_caption_tokenizer, load_tokenizer, save_tokenizer
 from ctrlgen.models.tokens import (
@@ -23,7 +24,7 @@ from ctrlgen.models.tokens import (
 from ctrlgen.models.vlm import HFChatVLM, load_chat_vlm
 
 __all__ = [
-    "SDComponents", "ModelNotFoundError", "build_from_published_config", "load_components", "make_scheduler",
+    "SDComponents", "ModelNotFoundError", "build_from_published_config", "load_components", "make_scheduler", "schedule_kwargs",
     "published_config", "build_mini_components", "count_parameters", "check_models", "load_base_model",
     "mini_model_dir", "models_root", "build_caption_tokenizer", "load_tokenizer", "save_tokenizer",
     "PlaceholderTokens", "add_placeholder_tokens", "end_position", "token_positions", "locate_tokens",

@@ -7,6 +7,7 @@ own mini models: the code path is the same.
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -36,7 +37,25 @@ def published_config(arch: str, component: Literal["unet", "vae", "text_encoder"
     return json.loads(text)
 
 
-def make_scheduler(name: str, config: dict[str, Any]):
+SCHEDULE_KEYS = ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule", "prediction_type", "trained_betas",
+                 "rescale_betas_zero_snr", "timestep_spacing")
+
+
+def schedule_kwargs(config: Mapping[str, Any]) -> dict[str, Any]:
+    """The noise-schedule keys of a model's scheduler config that every diffusers scheduler shares.
+
+    ``rescale_betas_zero_snr`` with ``prediction_type: v_prediction`` and ``timestep_spacing: trailing`` is the
+    zero-terminal-SNR schedule of Lin et al. (2024, "Common diffusion noise schedules and sample steps are
+    flawed"): ᾱ_T = 0, so nothing of the image survives at t = T and sampling starts where training ended.
+    """
+    base = {k: config[k] for k in SCHEDULE_KEYS if k in config and config[k] is not None}
+    if base.get("rescale_betas_zero_snr") and base.get("prediction_type", "epsilon") == "epsilon":
+        raise ValueError("rescale_betas_zero_snr: true needs prediction_type: v_prediction "
+                         "(ε cannot be predicted at t = T where ᾱ_T = 0)")
+    return base
+
+
+def make_scheduler(name: str, config: Mapping[str, Any]):
     """A diffusers scheduler ``name`` (ddim, pndm, ddpm) with the noise schedule ``config`` of a model.
 
     DDIM uses ``set_alpha_to_one=False`` and ``steps_offset=1`` like the SD pipelines, so that its
@@ -44,8 +63,11 @@ def make_scheduler(name: str, config: dict[str, Any]):
     """
     if name not in SCHEDULERS:
         raise ValueError(f"unknown scheduler {name!r}; choose one of {', '.join(SCHEDULERS)}")
-    keys = ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule", "prediction_type", "trained_betas")
-    base = {k: config[k] for k in keys if k in config and config[k] is not None}
+    base = schedule_kwargs(config)
+    if name == "pndm" and base.get("rescale_betas_zero_snr"):
+        # PNDM divides by ᾱ_t, which a zero-terminal-SNR schedule sets to 0 at t = T
+        raise ValueError("the pndm scheduler cannot sample a zero-terminal-SNR schedule "
+                         "(rescale_betas_zero_snr: true); use sampling.scheduler: ddim or ddpm")
     extra: dict[str, Any] = {"clip_sample": False, "set_alpha_to_one": False, "steps_offset": 1}
     if name == "pndm":
         extra = {"skip_prk_steps": True, "set_alpha_to_one": False, "steps_offset": 1}
