@@ -156,7 +156,7 @@ pretraining.log(run, "ch02.pretraining")  # wall times go to the record's timing
 pretraining.shown()
 
 # %% [markdown]
-# The training curves: the VAE objective (MSE + 0.5·L1 + 10⁻⁶·KL), then the U-Net's noise-prediction
+# The training curves: the VAE objective (MSE + 0.5·L1 + 10⁻⁶·KL), then the U-Net's training
 # loss $L_{rec}$ (Eq. 4.3) for each variant and, dashed, the auxiliary self-attention term of `selfattn`
 # (the share of self-attention mass that leaves the query pixel's region).
 
@@ -170,7 +170,7 @@ run.show(ch02_background.loss_curves_figure(base.results), "pretraining_losses")
 # nothing), so quality is measured with model-free figures: the PSNR of the VAE round trip on held-out
 # images; the sliced Wasserstein-1 distance between generated images and held-out images on an 8×8×3
 # colour layout, bracketed by its floor (training images vs held-out images) and its ceiling (independent
-# per-pixel Gaussians with the data's moments); and the held-out noise-prediction error at three timesteps.
+# per-pixel Gaussians with the data's moments); and the held-out training loss $L_{rec}$ (its target is $v$ on the mini models, see above) at three timesteps.
 
 # %%
 quality = ch02_background.quality_table(base)
@@ -335,7 +335,7 @@ run.note(f"default base models: {ch02_background.default_variants(cfg)}")
 # * The auxiliary loss gives the down-block self-attention a clear same-region structure; the up-block
 #   layers stay flat, which is why the layer-mean map scores lower than the down-block heads.
 # * The cost: NOTES measured 1.5–3 % higher noise-prediction error at equal steps. Here the plain model
-#   gets fewer steps (the budget), so the ε-MSE columns of the quality table are not a like-for-like
+#   gets fewer steps (the budget), so the held-out loss columns of the quality table are not a like-for-like
 #   comparison and are not used as evidence either way.
 # * What it is not: the loss reads the true masks of the *training* images only, during pretraining of
 #   the stand-in base model; no thesis method is changed and nothing is tuned on held-out images.

@@ -375,8 +375,8 @@ def pretraining_table(base: BaseModels) -> SplitTable:
 
 
 QUALITY_COLUMNS = ("vae_psnr_heldout_db", "SW1 samples", "SW1 floor (train vs held-out data)",
-                   "SW1 ceiling (per-pixel Gaussian)", "heldout eps-MSE t=250", "heldout eps-MSE t=500",
-                   "heldout eps-MSE t=750")
+                   "SW1 ceiling (per-pixel Gaussian)", "heldout loss t=250", "heldout loss t=500",
+                   "heldout loss t=750")
 
 
 def quality_table(base: BaseModels) -> SplitTable:
@@ -594,8 +594,8 @@ def choice_lines(cfg: Mapping[str, Any], base: BaseModels, aff: Affinity, qualit
     lines = []
     for d, variants in base.results.items():
         ratios = ", ".join(f"{v} {aff.ratio(d, v):.3f}" for v in variants)
-        errors = ", ".join(f"{v} {quality.loc[(d, v), 'heldout eps-MSE t=500']:.4f}" for v in variants)
-        lines.append(f"{d}: affinity ratio of the layer-mean 16x16 map — {ratios}; held-out eps-MSE at t=500 — {errors}")
+        errors = ", ".join(f"{v} {quality.loc[(d, v), 'heldout loss t=500']:.4f}" for v in variants)
+        lines.append(f"{d}: affinity ratio of the layer-mean 16x16 map — {ratios}; held-out L_rec at t=500 — {errors}")
     lines.append("Otsu IoU with the lesion mask, τ = 0 → 4: "
                  + str({v: f"{nu_tau.iloc[1][v]:.3f} → {nu_tau.iloc[-1][v]:.3f}" for v in nu_tau.columns}))
     lines.append(f"default base model per domain: {default_variants(cfg)}")

@@ -1,5 +1,5 @@
 """What is measured and stored with each pretrained base model (``pretrain.json``): sample quality against the
-held-out images, held-out noise-prediction error, and the self-attention affinity of the true regions."""
+held-out images, held-out training loss (ε or v, the model's own target), and the self-attention affinity of the true regions."""
 from __future__ import annotations
 
 import time
@@ -22,7 +22,11 @@ def generate(model, prompts: list[str], steps: int, guidance: float = 3.0, seed:
 
 @torch.no_grad()
 def heldout_noise_error(model, data: DomainData, timesteps=(250, 500, 750), seed: int = 0) -> dict[str, float]:
-    """Mean ‖ε − ε_θ(z_t, t, y)‖² on the held-out images at fixed timesteps and a fixed noise draw."""
+    """The held-out training loss L_rec (Eq. 4.3) at fixed timesteps and a fixed noise draw.
+
+    ‖target − U-Net(z_t, t, y)‖² with the model's own target: ε for ε-prediction, v = √ᾱ_t ε − √(1−ᾱ_t) z_0
+    for v-prediction (the mini models' zero-terminal-SNR schedule), as the training loop computes it.
+    """
     x = image_tensor(data.heldout_images)
     z = model.encode_images(x)
     ids = model.tokenize(data.heldout_captions)
@@ -34,7 +38,8 @@ def heldout_noise_error(model, data: DomainData, timesteps=(250, 500, 750), seed
         noise = torch.randn(z.shape, generator=gen)
         tt = torch.full((len(z),), t, dtype=torch.long)
         pred = model.unet(sched.add_noise(z, noise, tt), tt, encoder_hidden_states=emb).sample
-        out[f"heldout eps-MSE t={t}"] = float(((pred - noise) ** 2).mean())
+        target = noise if sched.config.prediction_type == "epsilon" else sched.get_velocity(z, noise, tt)
+        out[f"heldout loss t={t}"] = float(((pred - target) ** 2).mean())
     return out
 
 
