@@ -5,7 +5,9 @@ The papers' pieces against hand computations: pixel norm, the minibatch-stddev f
 equalized-lr constant, the fade-in blend at α = 0, ½, 1 (and the grown networks reducing to the
 smaller ones at α = 0), WGAN-GP on a linear critic, modulation/demodulation on a 1×1 case and against a
 per-sample loop, R1 on a quadratic discriminator, LSGAN and feature-matching losses on constant
-tensors. Then the public API: shapes, the [0, 1] range, seeds, save/load, resume = uninterrupted run.
+tensors. Then the public API: shapes, the [0, 1] range, seeds, save/load, resume = uninterrupted run;
+the shared loop (``gan_training``: update order, EMA, lazy-R1 Adam correction) by hand, and each trainer's
+first losses pinned at a fixed seed.
 """
 from __future__ import annotations
 
@@ -17,6 +19,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import ctrlgen.methods.baselines.gan_training as gt
 import ctrlgen.methods.baselines.pix2pixhd as p2p
 import ctrlgen.methods.baselines.progressive_gan as pg
 import ctrlgen.methods.baselines.stylegan as sg
@@ -352,3 +355,57 @@ def test_equalized_layers_keep_activations_at_unit_scale_at_initialisation():
         pgan_logits = pg.PGANDiscriminator((32, 32, 32, 32, 32))(torch.randn(16, 3, 64, 64))
     for name, x in {"D": logits, "G": images, "PGAN G": pgan_images, "PGAN D": pgan_logits}.items():
         assert 0.01 < x.std().item() < 3, (name, x.std())
+
+
+# (loss_d, loss_g) of the first three steps of each trainer at seed 0 on ``lesions(8)``, recorded before the
+# trainers were moved onto the shared loop (``gan_training.train_adversarial``): the same seed must give the
+# same numbers (a changed draw order, loss or update order moves them far more than the tolerance).
+PINNED_LOSSES = {
+    "pgan": [(0.9124152064323425, -0.06273210048675537), (4.479005813598633, -0.3277550935745239),
+             (3.745649576187134, 0.10724995285272598)],
+    "stylegan": [(1.5597808361053467, 0.7022109031677246), (1.1748244762420654, 0.6980001926422119),
+                 (1.561791181564331, 0.4997018277645111)],
+    "pix2pixhd": [(1.4286977052688599, 14.763819694519043), (1.3889272212982178, 14.893660545349121),
+                  (1.3669729232788086, 14.436352729797363)],
+}
+
+
+@pytest.mark.parametrize("kind", list(PINNED_LOSSES))
+def test_first_losses_are_pinned_at_a_fixed_seed(kind):
+    images, masks = lesions(8)
+    if kind == "pix2pixhd":
+        model = p2p.train_pix2pixhd(images, masks, P2P_TINY, seed=0, progress=False)
+    else:
+        model = GANS[kind][0](images, GANS[kind][2], seed=0, progress=False)
+    got = [v for h in model.history[:3] for v in (h["loss_d"], h["loss_g"])]
+    assert got == pytest.approx([v for pair in PINNED_LOSSES[kind] for v in pair], rel=1e-6, abs=1e-6)
+
+
+def test_lazy_regularisation_corrects_only_the_discriminators_adam():
+    """StyleGAN2 Appendix B: with R1 every k = 16 steps, D's lr·c and β^c with c = 16/17; G keeps the config's."""
+    setup = gt.setup_gan(lambda: torch.nn.Linear(2, 2), lambda: torch.nn.Linear(2, 1), seed=0, ema=False)
+    opt = gt.gan_optimizers(setup, SG_TINY, d_reg_interval=16)
+    g, d = opt["g"].param_groups[0], opt["d"].param_groups[0]
+    assert g["lr"] == SG_TINY.lr and g["betas"] == (0.0, 0.99)
+    assert d["lr"] == pytest.approx(2e-3 * 16 / 17) and d["betas"] == pytest.approx((0.0, 0.99 ** (16 / 17)))
+    plain = gt.gan_optimizers(setup, SG_TINY)["d"].param_groups[0]
+    assert plain["lr"] == SG_TINY.lr and plain["betas"] == (0.0, 0.99)
+
+
+def test_adversarial_step_updates_d_then_g_then_the_ema():
+    """On linear G and D with hand-set weights: D's loss sees the old G, G's loss the updated D (one Adam step
+    moves every weight by lr·sign(grad)), and the EMA moves (1 − decay) of the way to G."""
+    setup = gt.setup_gan(lambda: torch.nn.Linear(1, 1, bias=False), lambda: torch.nn.Linear(1, 1, bias=False), 0)
+    for m in (setup.generator, setup.discriminator, setup.g_ema):
+        m.weight.data.fill_(1.0)
+    cfg = pg.PGANConfig(lr=0.1, adam_betas=(0.0, 0.99))
+    opt = gt.gan_optimizers(setup, cfg)
+    z = torch.ones(1, 1)
+    losses = gt.AdversarialLosses(lambda step: (setup.discriminator(setup.generator(z).detach()).sum(), {"k": step}),
+                                  lambda ctx: (-setup.discriminator(setup.generator(z)).sum(), ctx))
+    record = gt.adversarial_step(7, setup, opt, losses, ema_decay=0.75)
+    # D: loss = w_d·w_g·1, grad +1 -> w_d = 0.9; G: loss = -w_d·w_g, grad -0.9 -> w_g = 1.1; EMA: 1 + 0.25·0.1
+    assert record == pytest.approx({"loss_d": 1.0, "loss_g": -0.9 * 1.0, "k": 7})
+    assert setup.discriminator.weight.item() == pytest.approx(0.9, abs=1e-6)
+    assert setup.generator.weight.item() == pytest.approx(1.1, abs=1e-6)
+    assert setup.g_ema.weight.item() == pytest.approx(1.025, abs=1e-6)

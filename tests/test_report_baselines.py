@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -94,6 +95,47 @@ def test_each_captioner_learns_two_reports_exactly(kind):
     losses = captioning.train_captioner(model, images, ids, tok.pad_token_id, 150, 2, 3e-3, seed=0)
     assert losses[-1] < 0.1 * losses[0]
     assert captioning.write(model, tok, images, 20) == REPORTS
+
+
+
+# Losses of the first three steps at seed 0 on the toy set, recorded before the trainers were moved onto the
+# shared loop (``captioning.fit_steps``): the same seed must give the same numbers.
+PINNED_LOSSES = {"R2Gen": [3.10705304145813, 2.917743444442749, 2.8580846786499023],
+                 "M2Transformer": [2.8666350841522217, 2.7655084133148193, 2.769313335418701],
+                 "clip": [8.094789505004883, 1.6440656185150146, 0.02030576951801777]}
+
+
+@pytest.mark.parametrize("name", list(PINNED_LOSSES))
+def test_first_losses_are_pinned_at_a_fixed_seed(name):
+    tok, images = _toy()
+    ids = captioning.tokenize(tok, REPORTS, 24)
+    torch.manual_seed(0)
+    if name == "clip":
+        model = cxr_repair.SmallCLIP(len(tok), tok.pad_token_id, 4, 4, 2, 16, 8)
+        losses = cxr_repair.train_clip(model, images, ids, 3, 2, 1e-2, seed=0)
+    else:
+        model = {"R2Gen": R2Gen, "M2Transformer": M2Transformer}[name](len(tok), 4, 4, 2, 32, 1, 2, 64, 2, 25,
+                                                                       dropout=0.0)
+        losses = captioning.train_captioner(model, images, ids, tok.pad_token_id, 3, 2, 3e-3, seed=0)
+    assert losses == pytest.approx(PINNED_LOSSES[name], rel=1e-6, abs=1e-6)
+    assert not model.training  # left in eval mode for decoding
+
+
+
+def test_fit_steps_is_seeded_adamw_without_decay_and_leaves_eval_mode():
+    """One AdamW step moves a weight by lr·sign(grad) (Adam's first step; no weight decay), the batches come from
+    a NumPy generator seeded with ``seed``, and the model ends in eval mode."""
+    model = nn.Linear(1, 1, bias=False)
+    model.weight.data.fill_(2.0)
+    draws = []
+
+    def batch_loss(rng):
+        draws.append(int(rng.integers(0, 100)))
+        return (model.weight * 3.0).sum()   # gradient +3
+
+    assert captioning.fit_steps(model, batch_loss, 2, 0.5, seed=4) == pytest.approx([6.0, 4.5])
+    assert model.weight.item() == pytest.approx(1.0, abs=1e-6) and not model.training
+    assert draws == np.random.default_rng(4).integers(0, 100, 2).tolist()
 
 
 def test_greedy_decode_stops_at_eos():

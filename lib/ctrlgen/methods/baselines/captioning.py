@@ -1,5 +1,6 @@
 """What the report-generation baselines of thesis Tables 6.3/6.4 share: visual tokens from an image embedding,
-teacher-forced cross-entropy training and greedy decoding.
+the training loop (``fit_steps``: teacher-forced cross-entropy here, CLIP's contrastive loss in ``cxr_repair``) and
+greedy decoding.
 
 The baselines (R2Gen, M²Trans: ``r2gen``, ``m2trans``) caption an image. In the thesis they read MIMIC-CXR images
 through their own CNN (R2Gen: ImageNet ResNet-101 patch features; M²Trans (Miura et al.): a DenseNet also trained
@@ -10,7 +11,7 @@ generator of the chapter sees the same image embedding. Tokens come from the cha
 """
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import torch
@@ -44,28 +45,45 @@ def tokenize(tokenizer, texts: Sequence[str], max_length: int) -> torch.Tensor:
                      return_tensors="pt").input_ids
 
 
-def train_captioner(model: nn.Module, inputs: torch.Tensor, ids: torch.Tensor, pad_id: int, steps: int,
-                    batch_size: int, lr: float, seed: int) -> list[float]:
-    """Teacher-forced cross-entropy (pad positions ignored): ``model(images, ids[:, :-1])`` predicts ``ids[:, 1:]``.
-    AdamW, seeded batches drawn with replacement. Returns the loss per step."""
-    if len(inputs) != len(ids) or not len(ids):
-        raise ValueError(f"captioner training needs one report per image: {len(inputs)} images, {len(ids)} reports")
+def fit_steps(model: nn.Module, batch_loss: Callable[[np.random.Generator], torch.Tensor], steps: int, lr: float,
+              seed: int) -> list[float]:
+    """The report baselines' training loop: torch and the batches' NumPy generator seeded with ``seed``, AdamW
+    (no weight decay) on all of ``model``'s parameters, ``steps`` updates on ``batch_loss(rng)`` (the model's loss
+    on a batch it draws from ``rng``) in train mode; the model is left in eval mode. Returns the loss per step."""
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
     model.train()
     history = []
     for _ in range(steps):
-        idx = torch.as_tensor(rng.integers(0, len(ids), size=min(batch_size, len(ids))))
-        x, y = inputs[idx], ids[idx]
-        logits = model(x, y[:, :-1])
-        loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y[:, 1:].reshape(-1), ignore_index=pad_id)
+        loss = batch_loss(rng)
         opt.zero_grad()
         loss.backward()
         opt.step()
         history.append(float(loss.detach()))
     model.eval()
     return history
+
+
+def caption_loss(logits: torch.Tensor, targets: torch.Tensor, pad_id: int) -> torch.Tensor:
+    """Token cross-entropy of ``logits`` ``(B, T, V)`` against ``targets`` ``(B, T)``, pad positions ignored
+    (R2Gen's and M²Trans's training objective, the negative log-likelihood of the report)."""
+    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=pad_id)
+
+
+def train_captioner(model: nn.Module, inputs: torch.Tensor, ids: torch.Tensor, pad_id: int, steps: int,
+                    batch_size: int, lr: float, seed: int) -> list[float]:
+    """Teacher-forced cross-entropy (pad positions ignored): ``model(images, ids[:, :-1])`` predicts ``ids[:, 1:]``.
+    ``fit_steps``' loop, batches drawn with replacement. Returns the loss per step."""
+    if len(inputs) != len(ids) or not len(ids):
+        raise ValueError(f"captioner training needs one report per image: {len(inputs)} images, {len(ids)} reports")
+
+    def batch_loss(rng: np.random.Generator) -> torch.Tensor:
+        idx = torch.as_tensor(rng.integers(0, len(ids), size=min(batch_size, len(ids))))
+        x, y = inputs[idx], ids[idx]
+        return caption_loss(model(x, y[:, :-1]), y[:, 1:], pad_id)
+
+    return fit_steps(model, batch_loss, steps, lr, seed)
 
 
 @torch.no_grad()
@@ -100,4 +118,5 @@ def write(model: nn.Module, tokenizer, inputs: torch.Tensor, max_new_tokens: int
     return [" ".join(tokenizer.decode(r, skip_special_tokens=True).split()) for r in ids]
 
 
-__all__ = ["PatchTokens", "causal_mask", "tokenize", "train_captioner", "greedy_decode", "write"]
+__all__ = ["PatchTokens", "causal_mask", "tokenize", "fit_steps", "caption_loss", "train_captioner", "greedy_decode",
+           "write"]

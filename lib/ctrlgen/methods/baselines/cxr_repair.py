@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ctrlgen.methods.baselines.captioning import PatchTokens
+from ctrlgen.methods.baselines.captioning import PatchTokens, fit_steps
 
 
 class SmallCLIP(nn.Module):
@@ -50,24 +50,17 @@ def clip_loss(image: torch.Tensor, text: torch.Tensor, logit_scale: torch.Tensor
 
 def train_clip(model: SmallCLIP, inputs: torch.Tensor, ids: torch.Tensor, steps: int, batch_size: int, lr: float,
                seed: int) -> list[float]:
-    """Contrastive training on image–report pairs (distinct indices per batch). Returns the loss per step."""
+    """Contrastive training on image–report pairs (``clip_loss``; distinct indices per batch, so that every other
+    pair of the batch is a negative) in ``captioning.fit_steps``' loop. Returns the loss per step."""
     if len(inputs) != len(ids) or len(ids) < 2:
         raise ValueError(f"contrastive training needs >= 2 image–report pairs, one report per image: "
                          f"{len(inputs)} images, {len(ids)} reports")
-    torch.manual_seed(seed)
-    rng = np.random.default_rng(seed)
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
-    model.train()
-    history = []
-    for _ in range(steps):
+
+    def batch_loss(rng: np.random.Generator) -> torch.Tensor:
         idx = torch.as_tensor(rng.choice(len(ids), size=min(batch_size, len(ids)), replace=False))
-        loss = clip_loss(model.encode_image(inputs[idx]), model.encode_text(ids[idx]), model.logit_scale)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        history.append(float(loss.detach()))
-    model.eval()
-    return history
+        return clip_loss(model.encode_image(inputs[idx]), model.encode_text(ids[idx]), model.logit_scale)
+
+    return fit_steps(model, batch_loss, steps, lr, seed)
 
 
 @torch.no_grad()

@@ -33,7 +33,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ctrlgen.methods.baselines.progressive_gan import GANModel, _from_section, adamw, load_gan_parts, pixels, run_gan_training
+from ctrlgen.methods.baselines.gan_training import (
+    AdversarialLosses,
+    GANModel,
+    GANSetup,
+    config_from_section,
+    load_gan,
+    pixels,
+    setup_gan,
+    train_adversarial,
+)
 from ctrlgen.models.registry import weight_path
 
 LABELS = 2  # background, lesion
@@ -76,7 +85,7 @@ class Pix2PixHDConfig:
     def from_profile(cls, cfg: Mapping[str, Any], **overrides: Any) -> "Pix2PixHDConfig":
         """From the profile section ``gan_baselines.pix2pixhd``; ``overrides`` replace fields. A relative
         ``vgg_weights`` is a file under the models root (``ctrlgen.models.registry.weight_path``)."""
-        config = _from_section(cls, cfg["gan_baselines"]["pix2pixhd"], overrides)
+        config = config_from_section(cls, cfg["gan_baselines"]["pix2pixhd"], overrides)
         if config.vgg_weights and "vgg_weights" not in overrides:
             config = dataclasses.replace(config, vgg_weights=str(weight_path(cfg, config.vgg_weights, "file")))
         return config
@@ -249,47 +258,48 @@ def one_hot_masks(masks: np.ndarray | torch.Tensor, size: int) -> torch.Tensor:
     return torch.cat([1 - m, m], dim=1)
 
 
+def pix2pixhd_losses(setup: GANSetup, labels: torch.Tensor, x: torch.Tensor, config: Pix2PixHDConfig,
+                     vgg: VGGLoss | None = None, device: str | torch.device = "cpu") -> AdversarialLosses:
+    """Pix2PixHD's losses (Wang et al. 2018, Eq. 4 and §3.2) on (label map s, image x) batches: D: ½·(LSGAN on
+    D(s, G(s)) as fake + on D(s, x) as real), summed over the scales; G: LSGAN(D(s, G(s))) + λ_feat·feature matching
+    (+ λ_vgg·VGG with local weights). Logs the adversarial and feature-matching terms."""
+    g, d = setup.generator, setup.discriminator
+
+    def d_loss(step: int) -> tuple[torch.Tensor, dict[str, Any]]:
+        idx = setup.rng.integers(0, len(x), config.batch_size)
+        s, real = labels[idx].to(device), x[idx].to(device)
+        fake = g(s)
+        d_fake, d_real = d(torch.cat([s, fake.detach()], 1)), d(torch.cat([s, real], 1))
+        loss = 0.5 * (lsgan_loss(d_fake, False) + lsgan_loss(d_real, True))
+        return loss, {"s": s, "real": real, "fake": fake, "d_real": d_real}
+
+    def g_loss(ctx: dict[str, Any]) -> tuple[torch.Tensor, dict[str, Any]]:
+        g_out = d(torch.cat([ctx["s"], ctx["fake"]], 1))
+        loss_gan = lsgan_loss(g_out, True)
+        loss_fm = feature_matching_loss(g_out, ctx["d_real"], config.n_layers_d)
+        loss = loss_gan + config.lambda_feat * loss_fm
+        if vgg is not None:
+            loss = loss + config.lambda_vgg * vgg(ctx["fake"], ctx["real"])
+        return loss, {"gan": loss_gan, "fm": loss_fm}
+
+    return AdversarialLosses(d_loss, g_loss)
+
+
 def train_pix2pixhd(images: np.ndarray, masks: np.ndarray, config: Pix2PixHDConfig, seed: int = 0,
                     progress: bool = True, output_dir: str | Path = "", device: str | torch.device = "cpu") -> GANModel:
     """Train Pix2PixHD on (mask, image) pairs: uint8 images ``(N, H, W, 3)`` and binary masks ``(N, H, W)``,
-    resized to ``config.image_size``. LSGAN + λ_feat·feature matching (+ λ_vgg·VGG with local weights).
+    resized to ``config.image_size`` (``pix2pixhd_losses`` in ``gan_training``'s loop; no EMA, as the paper).
     Checkpoints every ``config.checkpoint_every`` steps into ``output_dir``; a rerun there resumes."""
     x = pixels(images, config.image_size, "Pix2PixHD training images")
     labels = one_hot_masks(masks, config.image_size)
     if len(labels) != len(x):
         raise ValueError(f"Pix2PixHD needs one mask per image: {len(x)} images, {len(labels)} masks")
-    torch.manual_seed(seed)
-    g = Pix2PixHDGenerator(config).to(device)
-    d = MultiscaleDiscriminator(LABELS + 3, config.ndf, config.n_layers_d, config.num_d).to(device)
-    vgg = VGGLoss(config.vgg_weights).to(device) if config.lambda_vgg > 0 else None
-    opt = {name: adamw(m.parameters(), config.lr, config.adam_betas, config.adam_eps, config.weight_decay)
-           for name, m in (("g", g), ("d", d))}
-    rng = np.random.default_rng(seed)
-
-    def step_fn(step: int) -> dict[str, float]:
-        idx = rng.integers(0, len(x), config.batch_size)
-        s, real = labels[idx].to(device), x[idx].to(device)
-        fake = g(s)
-        d_fake = d(torch.cat([s, fake.detach()], 1))
-        d_real = d(torch.cat([s, real], 1))
-        loss_d = 0.5 * (lsgan_loss(d_fake, False) + lsgan_loss(d_real, True))
-        opt["d"].zero_grad(set_to_none=True)
-        loss_d.backward()
-        opt["d"].step()
-        g_out = d(torch.cat([s, fake], 1))
-        loss_gan = lsgan_loss(g_out, True)
-        loss_fm = feature_matching_loss(g_out, d_real, config.n_layers_d)
-        loss_g = loss_gan + config.lambda_feat * loss_fm
-        if vgg is not None:
-            loss_g = loss_g + config.lambda_vgg * vgg(fake, real)
-        opt["g"].zero_grad(set_to_none=True)
-        loss_g.backward()
-        opt["g"].step()
-        return {"loss_d": loss_d.item(), "loss_g": loss_g.item(), "gan": loss_gan.item(), "fm": loss_fm.item()}
-
-    history = run_gan_training({"g": g, "d": d}, opt, step_fn, config.train_steps, rng, output_dir,
-                               config.checkpoint_every, progress, "Pix2PixHD")
-    return GANModel("pix2pixhd", g.eval(), config, history)
+    setup = setup_gan(lambda: Pix2PixHDGenerator(config),
+                      lambda: MultiscaleDiscriminator(LABELS + 3, config.ndf, config.n_layers_d, config.num_d),
+                      seed, device, ema=False)
+    vgg = VGGLoss(config.vgg_weights).to(device) if config.lambda_vgg > 0 else None  # built after D: same init
+    return train_adversarial("pix2pixhd", config, setup, pix2pixhd_losses(setup, labels, x, config, vgg, device),
+                             output_dir, progress, "Pix2PixHD")
 
 
 @torch.no_grad()
@@ -307,16 +317,10 @@ def pix2pixhd_generate(model: GANModel, masks: np.ndarray | torch.Tensor, batch_
 
 
 def load_pix2pixhd(folder: str | Path) -> GANModel:
-    """A Pix2PixHD generator written by ``progressive_gan.save_gan``."""
-    kind, fields_, tensors, history = load_gan_parts(folder)
-    if kind != "pix2pixhd":
-        raise ValueError(f"{folder} holds a {kind!r} model, not Pix2PixHD")
-    config = Pix2PixHDConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in fields_.items()})
-    g = Pix2PixHDGenerator(config)
-    g.load_state_dict(tensors)
-    return GANModel("pix2pixhd", g.eval().requires_grad_(False), config, history)
+    """A Pix2PixHD generator written by ``gan_training.save_gan``."""
+    return load_gan(folder, "pix2pixhd", Pix2PixHDConfig, Pix2PixHDGenerator, "Pix2PixHD")
 
 
 __all__ = ["Pix2PixHDConfig", "Pix2PixHDGenerator", "MultiscaleDiscriminator", "NLayerDiscriminator", "ResnetBlock",
-           "VGGLoss", "lsgan_loss", "feature_matching_loss", "one_hot_masks", "train_pix2pixhd", "pix2pixhd_generate",
-           "load_pix2pixhd"]
+           "VGGLoss", "lsgan_loss", "feature_matching_loss", "one_hot_masks", "train_pix2pixhd", "pix2pixhd_losses",
+           "pix2pixhd_generate", "load_pix2pixhd"]

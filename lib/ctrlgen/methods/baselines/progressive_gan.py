@@ -23,27 +23,39 @@ for every further resolution a fade-in phase and a stable phase (the paper: 800k
 The optimiser is AdamW with the profile's betas and weight decay (``gan_baselines.pgan``: the thesis
 §4.7.2 trains its GANs with the diffusion models' AdamW; the paper used Adam β = (0, 0.99)).
 
-This module also holds what the book's GANs share (``GANModel``, ``run_gan_training`` with its
-checkpoint/resume, ``sample_images``): StyleGAN (``stylegan``) and Pix2PixHD (``pix2pixhd``) use them.
+The training loop (seeding, optimisers, step loop, EMA, checkpoint/resume) is the one of ``gan_training``, shared
+with StyleGAN (``stylegan``) and Pix2PixHD (``pix2pixhd``); this module supplies PGAN's networks and its losses.
+Its shared names (``GANModel``, ``run_gan_training``, ``save_gan``, ...) are re-exported here as before.
 """
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
 from torch import nn
 
-from ctrlgen.data.tensors import image_tensor
-from ctrlgen.progress import tqdm
-from ctrlgen.training.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from ctrlgen.methods.baselines.gan_training import (
+    AdversarialLosses,
+    GANModel,
+    GANSetup,
+    adamw,
+    config_from_section,
+    ema_update,
+    load_gan,
+    load_gan_parts,
+    pixels,
+    run_gan_training,
+    sample_images,
+    save_gan,
+    setup_gan,
+    train_adversarial,
+)
 
 LRELU = 0.2  # leaky ReLU slope of both papers
 
@@ -151,7 +163,7 @@ class PGANConfig:
     @classmethod
     def from_profile(cls, cfg: Mapping[str, Any], **overrides: Any) -> "PGANConfig":
         """From the profile section ``gan_baselines.pgan``; ``overrides`` replace fields."""
-        return _from_section(cls, cfg["gan_baselines"]["pgan"], overrides)
+        return config_from_section(cls, cfg["gan_baselines"]["pgan"], overrides)
 
 
 def levels_of(image_size: int) -> int:
@@ -168,16 +180,6 @@ def _check_sizes(section: str, image_size: int, channels: Sequence[int], batch_s
                          f"got {len(channels)}: {list(channels)}")
     if batch_size % min(group, batch_size):
         raise ValueError(f"{section}.batch_size {batch_size} must be a multiple of the minibatch-std group {group}")
-
-
-def _from_section(cls, section: Mapping[str, Any], overrides: Mapping[str, Any]):
-    """``cls`` from a profile section (lists become tuples); a key that is no field raises, naming it."""
-    names = list(cls.__dataclass_fields__)
-    unknown = sorted(set(section) - set(names)) + sorted(set(overrides) - set(names))
-    if unknown:
-        raise ValueError(f"{cls.__name__}: unknown setting(s) {unknown}; the fields are {', '.join(names)}")
-    values = {k: tuple(v) if isinstance(v, (list, tuple)) else v for k, v in dict(section).items()}
-    return cls(**{**values, **overrides})
 
 
 # --------------------------------------------------------------------------- networks
@@ -265,128 +267,6 @@ class PGANDiscriminator(nn.Module):
         return self.out(x).squeeze(1)
 
 
-# --------------------------------------------------------------------------- shared GAN machinery
-@dataclass
-class GANModel:
-    """A trained GAN: ``generator`` (the EMA copy for unconditional GANs), its ``config``, the method's name
-    (``kind``: pgan, stylegan, pix2pixhd) and the per-step loss ``history``."""
-
-    kind: str
-    generator: nn.Module
-    config: Any
-    history: list[dict[str, float]] = field(default_factory=list)
-
-
-def pixels(images: np.ndarray, size: int, what: str = "images") -> torch.Tensor:
-    """uint8 ``(N, H, W, 3)`` images as float ``(N, 3, size, size)`` in [-1, 1] (area-resized if needed)."""
-    arr = np.asarray(images)
-    if arr.ndim != 4 or arr.shape[-1] != 3 or len(arr) == 0:
-        raise ValueError(f"{what}: expected a non-empty uint8 array (N, H, W, 3), got shape {arr.shape}")
-    x = image_tensor(arr)
-    if x.shape[-2:] != (size, size):
-        x = F.interpolate(x, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
-    return x
-
-
-def ema_update(ema: nn.Module, model: nn.Module, decay: float) -> None:
-    """θ_ema ← decay·θ_ema + (1 − decay)·θ (parameters; buffers copied)."""
-    with torch.no_grad():
-        for pe, p in zip(ema.parameters(), model.parameters()):
-            pe.lerp_(p, 1 - decay)
-        for be, b in zip(ema.buffers(), model.buffers()):
-            be.copy_(b)
-
-
-def _rng_state(rng: np.random.Generator) -> dict[str, Any]:
-    state = {"np_rng": rng.bit_generator.state, "torch_rng": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda_rng"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def run_gan_training(modules: Mapping[str, nn.Module], optimizers: Mapping[str, torch.optim.Optimizer],
-                     step_fn: Callable[[int], dict[str, float]], steps: int, rng: np.random.Generator,
-                     output_dir: str | Path = "", checkpoint_every: int = 0, progress: bool = True,
-                     desc: str = "GAN") -> list[dict[str, float]]:
-    """The one training loop of the book's GANs: ``step_fn(step)`` (one discriminator and one generator
-    update, drawing data from ``rng`` and noise from torch's global generator) for ``steps`` steps.
-
-    With ``output_dir`` and ``checkpoint_every`` > 0, every module's state, the optimisers, the NumPy and
-    torch random states and the history are saved (``ctrlgen.training.checkpoint``, atomic), and a rerun
-    with the same ``output_dir`` resumes from the newest checkpoint: same weights as an uninterrupted run."""
-    start, history = 0, []
-    run_dir = Path(output_dir) if output_dir else None
-    if run_dir is not None and (ckpt := latest_checkpoint(run_dir)) is not None:
-        tensors, state, _ = load_checkpoint(ckpt)
-        for name, module in modules.items():
-            module.load_state_dict({k[len(name) + 1:]: v for k, v in tensors.items() if k.startswith(name + ".")})
-        for name, opt in optimizers.items():
-            opt.load_state_dict(state["optimizers"][name])
-        rng.bit_generator.state = state["np_rng"]
-        torch.set_rng_state(state["torch_rng"])
-        if "cuda_rng" in state and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(state["cuda_rng"])
-        start, history = int(state["step"]), list(state["history"])
-    bar = tqdm(total=steps, initial=start, disable=not progress, desc=desc, leave=False)
-    for step in range(start, steps):
-        record = {"step": step + 1, **step_fn(step)}
-        history.append(record)
-        bar.update(1)
-        if run_dir is not None and checkpoint_every and ((step + 1) % checkpoint_every == 0 or step + 1 == steps):
-            tensors = {f"{n}.{k}": v for n, m in modules.items() for k, v in m.state_dict().items()}
-            state = {"optimizers": {n: o.state_dict() for n, o in optimizers.items()}, "history": history,
-                     **_rng_state(rng)}
-            save_checkpoint(run_dir, step + 1, tensors, state)
-    bar.close()
-    return history
-
-
-def adamw(params, lr: float, betas: Sequence[float], eps: float, weight_decay: float) -> torch.optim.AdamW:
-    """The GANs' optimiser: AdamW (= Adam with ``weight_decay`` 0, as the papers; the thesis's §4.7.2 AdamW in full)."""
-    return torch.optim.AdamW(params, lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay)
-
-
-@torch.no_grad()
-def sample_images(generator: nn.Module, latent_dim: int, n: int, seed: int = 0, batch_size: int = 64) -> torch.Tensor:
-    """``n`` images of an unconditional generator from z ~ N(0, I) drawn at once on a CPU generator seeded
-    ``seed`` (the same z whatever ``batch_size``), in the book's convention: float32 ``(n, 3, H, W)`` in [0, 1]
-    on the CPU. StyleGAN's noise inputs come from torch's generator seeded per batch: the same ``seed`` and
-    ``batch_size`` give the same images."""
-    if n < 1:
-        raise ValueError(f"generate at least one image (n={n})")
-    z_all = torch.randn(n, latent_dim, generator=torch.Generator().manual_seed(seed))
-    device = next(generator.parameters()).device
-    generator.eval()
-    out = []
-    for start in range(0, n, batch_size):
-        z = z_all[start:start + batch_size].to(device)
-        with torch.random.fork_rng(devices=[device.index or 0] if device.type == "cuda" else []):
-            torch.manual_seed(seed + start)  # noise inputs fixed by the seed, without touching the caller's stream
-            out.append(((generator(z).float().clamp(-1, 1) + 1) / 2).cpu())
-    return torch.cat(out)
-
-
-def save_gan(model: GANModel, folder: str | Path) -> Path:
-    """Write ``model``'s generator (safetensors) and config (JSON) into ``folder``; ``load_gan`` reads them."""
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.detach().cpu().contiguous() for k, v in model.generator.state_dict().items()},
-              str(folder / "generator.safetensors"))
-    (folder / "gan.json").write_text(json.dumps({"kind": model.kind, "config": asdict(model.config),
-                                                 "history": model.history}), encoding="utf-8")
-    return folder
-
-
-def load_gan_parts(folder: str | Path) -> tuple[str, dict[str, Any], dict[str, torch.Tensor], list[dict]]:
-    """(kind, config fields, generator tensors, history) of a folder written by ``save_gan``."""
-    folder = Path(folder)
-    meta_file, weights = folder / "gan.json", folder / "generator.safetensors"
-    if not meta_file.is_file() or not weights.is_file():
-        raise FileNotFoundError(f"{folder}: expected gan.json and generator.safetensors written by save_gan")
-    meta = json.loads(meta_file.read_text(encoding="utf-8"))
-    return meta["kind"], meta["config"], load_file(str(weights)), meta["history"]
-
-
 # --------------------------------------------------------------------------- PGAN training
 def phase_schedule(train_steps: int, levels: int) -> list[tuple[int, bool]]:
     """(level, fading) of each step: 4×4 stable, then per further level a fade-in and a stable phase,
@@ -417,46 +297,39 @@ def real_at(x: torch.Tensor, level: int, alpha: float) -> torch.Tensor:
     return x
 
 
+def pgan_losses(setup: GANSetup, data: torch.Tensor, config: PGANConfig,
+                device: str | torch.device = "cpu") -> AdversarialLosses:
+    """PGAN's losses (Karras et al. 2018, Appendix A.1) at the step's level and fade-in α (``phase_schedule``):
+    D: E[D(G(z))] − E[D(x)] + λ·WGAN-GP + ε_drift·E[D(x)²]; G: −E[D(G(z))]. Logs the level, α and the penalty."""
+    g, d, plan = setup.generator, setup.discriminator, phase_schedule(config.train_steps, len(config.widths))
+
+    def d_loss(step: int) -> tuple[torch.Tensor, dict[str, Any]]:
+        level, alpha = level_alpha(plan, step)
+        reals = real_at(data[setup.rng.integers(0, len(data), config.batch_size)], level, alpha).to(device)
+        fakes = g(torch.randn(config.batch_size, config.latent_dim).to(device), level, alpha).detach()
+        d_real, d_fake = d(reals, level, alpha), d(fakes, level, alpha)
+        gp = wgan_gp_penalty(lambda x: d(x, level, alpha), reals, fakes)
+        loss = d_fake.mean() - d_real.mean() + config.gp_weight * gp + config.drift_weight * d_real.pow(2).mean()
+        return loss, {"level": level, "alpha": alpha, "gp": gp}
+
+    def g_loss(ctx: dict[str, Any]) -> tuple[torch.Tensor, dict[str, Any]]:
+        level, alpha = ctx["level"], ctx["alpha"]
+        z = torch.randn(config.batch_size, config.latent_dim).to(device)
+        return -d(g(z, level, alpha), level, alpha).mean(), ctx
+
+    return AdversarialLosses(d_loss, g_loss)
+
+
 def train_pgan(images: np.ndarray, config: PGANConfig, seed: int = 0, progress: bool = True,
                output_dir: str | Path = "", device: str | torch.device = "cpu") -> GANModel:
     """Train one PGAN on ``images`` (uint8 ``(N, H, W, 3)``, resized to ``config.image_size``), WGAN-GP with
-    drift, fade-in growth; returns the EMA generator (``generate`` draws from it). Checkpoints every
-    ``config.checkpoint_every`` steps into ``output_dir``; a rerun there resumes."""
+    drift, fade-in growth (``pgan_losses`` in ``gan_training``'s loop); returns the EMA generator (``generate``
+    draws from it). Checkpoints every ``config.checkpoint_every`` steps into ``output_dir``; a rerun there resumes."""
     data = pixels(images, config.image_size, "PGAN training images")
-    torch.manual_seed(seed)
-    g = PGANGenerator(config.latent_dim, config.widths).to(device)
-    d = PGANDiscriminator(config.widths, config.mbstd_group).to(device)
-    g_ema = PGANGenerator(config.latent_dim, config.widths).to(device)
-    g_ema.load_state_dict(g.state_dict())
-    g_ema.requires_grad_(False)
-    opt = {name: adamw(m.parameters(), config.lr, config.adam_betas, config.adam_eps, config.weight_decay)
-           for name, m in (("g", g), ("d", d))}
-    rng = np.random.default_rng(seed)
-    plan = phase_schedule(config.train_steps, len(config.widths))
-
-    def step_fn(step: int) -> dict[str, float]:
-        level, alpha = level_alpha(plan, step)
-        idx = rng.integers(0, len(data), config.batch_size)
-        reals = real_at(data[idx], level, alpha).to(device)
-        z = torch.randn(config.batch_size, config.latent_dim).to(device)
-        fakes = g(z, level, alpha).detach()
-        d_real, d_fake = d(reals, level, alpha), d(fakes, level, alpha)
-        gp = wgan_gp_penalty(lambda x: d(x, level, alpha), reals, fakes)
-        loss_d = d_fake.mean() - d_real.mean() + config.gp_weight * gp + config.drift_weight * d_real.pow(2).mean()
-        opt["d"].zero_grad(set_to_none=True)
-        loss_d.backward()
-        opt["d"].step()
-        z = torch.randn(config.batch_size, config.latent_dim).to(device)
-        loss_g = -d(g(z, level, alpha), level, alpha).mean()
-        opt["g"].zero_grad(set_to_none=True)
-        loss_g.backward()
-        opt["g"].step()
-        ema_update(g_ema, g, config.ema_decay)
-        return {"level": level, "alpha": alpha, "loss_d": loss_d.item(), "loss_g": loss_g.item(), "gp": gp.item()}
-
-    history = run_gan_training({"g": g, "d": d, "g_ema": g_ema}, opt, step_fn, config.train_steps, rng, output_dir,
-                               config.checkpoint_every, progress, "PGAN")
-    return GANModel("pgan", g_ema.eval(), config, history)
+    setup = setup_gan(lambda: PGANGenerator(config.latent_dim, config.widths),
+                      lambda: PGANDiscriminator(config.widths, config.mbstd_group), seed, device)
+    return train_adversarial("pgan", config, setup, pgan_losses(setup, data, config, device), output_dir, progress,
+                             "PGAN")
 
 
 def generate(model: GANModel, n: int, seed: int = 0, batch_size: int = 64) -> torch.Tensor:
@@ -468,18 +341,12 @@ def generate(model: GANModel, n: int, seed: int = 0, batch_size: int = 64) -> to
 
 def load_pgan(folder: str | Path) -> GANModel:
     """A PGAN written by ``save_gan``."""
-    kind, fields_, tensors, history = load_gan_parts(folder)
-    if kind != "pgan":
-        raise ValueError(f"{folder} holds a {kind!r} model, not a PGAN")
-    config = PGANConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in fields_.items()})
-    g = PGANGenerator(config.latent_dim, config.widths)
-    g.load_state_dict(tensors)
-    return GANModel("pgan", g.eval().requires_grad_(False), config, history)
+    return load_gan(folder, "pgan", PGANConfig, lambda c: PGANGenerator(c.latent_dim, c.widths), "a PGAN")
 
 
 __all__ = [
     "PGANConfig", "PGANGenerator", "PGANDiscriminator", "GANModel", "EqualConv2d", "EqualLinear", "pixel_norm",
     "minibatch_stddev", "fade_in", "wgan_gp_penalty", "phase_schedule", "level_alpha", "real_at", "train_pgan",
     "generate", "save_gan", "load_pgan", "load_gan_parts", "sample_images", "run_gan_training", "ema_update",
-    "pixels", "adamw",
+    "pixels", "adamw", "pgan_losses",
 ]

@@ -37,21 +37,24 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ctrlgen.methods.baselines.gan_training import (
+    AdversarialLosses,
+    GANModel,
+    GANSetup,
+    config_from_section,
+    load_gan,
+    pixels,
+    sample_images,
+    setup_gan,
+    train_adversarial,
+)
 from ctrlgen.methods.baselines.progressive_gan import (
     LRELU,
     EqualConv2d,
     EqualLinear,
-    GANModel,
     _check_sizes,
-    _from_section,
-    adamw,
-    ema_update,
     levels_of,
-    load_gan_parts,
     minibatch_stddev,
-    pixels,
-    run_gan_training,
-    sample_images,
 )
 
 SQRT2 = math.sqrt(2)
@@ -94,7 +97,7 @@ class StyleGANConfig:
     @classmethod
     def from_profile(cls, cfg: Mapping[str, Any], **overrides: Any) -> "StyleGANConfig":
         """From the profile section ``gan_baselines.stylegan``; ``overrides`` replace fields."""
-        return _from_section(cls, cfg["gan_baselines"]["stylegan"], overrides)
+        return config_from_section(cls, cfg["gan_baselines"]["stylegan"], overrides)
 
 
 # --------------------------------------------------------------------------- the paper's pieces
@@ -244,46 +247,39 @@ class StyleGANDiscriminator(nn.Module):
 
 
 # --------------------------------------------------------------------------- training and sampling
-def train_stylegan(images: np.ndarray, config: StyleGANConfig, seed: int = 0, progress: bool = True,
-                   output_dir: str | Path = "", device: str | torch.device = "cpu") -> GANModel:
-    """Train one StyleGAN2 on ``images`` (uint8 ``(N, H, W, 3)``, resized to ``config.image_size``):
-    non-saturating logistic loss with lazy R1 (module doc); returns the EMA generator. Checkpoints every
-    ``config.checkpoint_every`` steps into ``output_dir``; a rerun there resumes."""
-    data = pixels(images, config.image_size, "StyleGAN training images")
-    torch.manual_seed(seed)
-    g, d = StyleGANGenerator(config).to(device), StyleGANDiscriminator(config).to(device)
-    g_ema = StyleGANGenerator(config).to(device)
-    g_ema.load_state_dict(g.state_dict())
-    g_ema.requires_grad_(False)
-    # lazy regularisation: the D optimiser's lr and betas corrected by c = k/(k+1) (StyleGAN2 Appendix B)
-    c = config.r1_interval / (config.r1_interval + 1)
-    opt = {"g": adamw(g.parameters(), config.lr, config.adam_betas, config.adam_eps, config.weight_decay),
-           "d": adamw(d.parameters(), config.lr * c, [b ** c for b in config.adam_betas], config.adam_eps,
-                      config.weight_decay)}
-    rng = np.random.default_rng(seed)
+def stylegan_losses(setup: GANSetup, data: torch.Tensor, config: StyleGANConfig,
+                    device: str | torch.device = "cpu") -> AdversarialLosses:
+    """StyleGAN2's losses (Karras et al. 2020, §3.1; stylegan2-ada's ``training/loss.py``): D: softplus(D(G(z))) +
+    softplus(−D(x)), plus γ/2·R1·k every k = ``r1_interval`` steps (lazy R1); G: softplus(−D(G(z))). Logs R1."""
+    g, d = setup.generator, setup.discriminator
 
-    def step_fn(step: int) -> dict[str, float]:
-        reals = data[rng.integers(0, len(data), config.batch_size)].to(device)
+    def d_loss(step: int) -> tuple[torch.Tensor, dict[str, Any]]:
+        reals = data[setup.rng.integers(0, len(data), config.batch_size)].to(device)
         z = torch.randn(config.batch_size, config.z_dim).to(device)
-        loss_d = F.softplus(d(g(z).detach())).mean() + F.softplus(-d(reals)).mean()
+        loss = F.softplus(d(g(z).detach())).mean() + F.softplus(-d(reals)).mean()
         r1 = torch.zeros(())
         if step % config.r1_interval == 0:
             r1 = r1_penalty(d, reals)
-            loss_d = loss_d + config.r1_gamma / 2 * r1 * config.r1_interval
-        opt["d"].zero_grad(set_to_none=True)
-        loss_d.backward()
-        opt["d"].step()
-        z = torch.randn(config.batch_size, config.z_dim).to(device)
-        loss_g = F.softplus(-d(g(z))).mean()
-        opt["g"].zero_grad(set_to_none=True)
-        loss_g.backward()
-        opt["g"].step()
-        ema_update(g_ema, g, config.ema_decay)
-        return {"loss_d": loss_d.item(), "loss_g": loss_g.item(), "r1": r1.item()}
+            loss = loss + config.r1_gamma / 2 * r1 * config.r1_interval
+        return loss, {"r1": r1}
 
-    history = run_gan_training({"g": g, "d": d, "g_ema": g_ema}, opt, step_fn, config.train_steps, rng, output_dir,
-                               config.checkpoint_every, progress, "StyleGAN")
-    return GANModel("stylegan", g_ema.eval(), config, history)
+    def g_loss(ctx: dict[str, Any]) -> tuple[torch.Tensor, dict[str, Any]]:
+        z = torch.randn(config.batch_size, config.z_dim).to(device)
+        return F.softplus(-d(g(z))).mean(), ctx
+
+    return AdversarialLosses(d_loss, g_loss)
+
+
+def train_stylegan(images: np.ndarray, config: StyleGANConfig, seed: int = 0, progress: bool = True,
+                   output_dir: str | Path = "", device: str | torch.device = "cpu") -> GANModel:
+    """Train one StyleGAN2 on ``images`` (uint8 ``(N, H, W, 3)``, resized to ``config.image_size``):
+    non-saturating logistic loss with lazy R1 (``stylegan_losses`` in ``gan_training``'s loop; D's AdamW corrected
+    for the lazy regularisation, StyleGAN2 Appendix B); returns the EMA generator. Checkpoints every
+    ``config.checkpoint_every`` steps into ``output_dir``; a rerun there resumes."""
+    data = pixels(images, config.image_size, "StyleGAN training images")
+    setup = setup_gan(lambda: StyleGANGenerator(config), lambda: StyleGANDiscriminator(config), seed, device)
+    return train_adversarial("stylegan", config, setup, stylegan_losses(setup, data, config, device), output_dir,
+                             progress, "StyleGAN", d_reg_interval=config.r1_interval)
 
 
 def generate(model: GANModel, n: int, seed: int = 0, batch_size: int = 64) -> torch.Tensor:
@@ -294,15 +290,10 @@ def generate(model: GANModel, n: int, seed: int = 0, batch_size: int = 64) -> to
 
 
 def load_stylegan(folder: str | Path) -> GANModel:
-    """A StyleGAN written by ``progressive_gan.save_gan``."""
-    kind, fields_, tensors, history = load_gan_parts(folder)
-    if kind != "stylegan":
-        raise ValueError(f"{folder} holds a {kind!r} model, not a StyleGAN")
-    config = StyleGANConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in fields_.items()})
-    g = StyleGANGenerator(config)
-    g.load_state_dict(tensors)
-    return GANModel("stylegan", g.eval().requires_grad_(False), config, history)
+    """A StyleGAN written by ``gan_training.save_gan``."""
+    return load_gan(folder, "stylegan", StyleGANConfig, StyleGANGenerator, "a StyleGAN")
 
 
 __all__ = ["StyleGANConfig", "StyleGANGenerator", "StyleGANDiscriminator", "MappingNetwork", "modulated_conv2d",
-           "r1_penalty", "normalize_2nd_moment", "train_stylegan", "generate", "load_stylegan"]
+           "r1_penalty", "normalize_2nd_moment", "train_stylegan", "stylegan_losses", "generate",
+           "load_stylegan"]
