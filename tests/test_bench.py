@@ -258,3 +258,56 @@ def test_summary_rows_say_which_benchmarks_ran_and_which_did_not():
     assert [r["benchmark"] for r in rows] == list(BENCHMARKS)
     assert rows[0]["result"] == "1.10 (target ≤ 1.15)" and rows[0]["where"] == "here"
     assert all(r["result"] == "not run" for r in rows[1:])
+
+
+# ---------------------------------------------------------------- the command table (one handler for every benchmark)
+@pytest.mark.parametrize("argv, function, args, written", [
+    (["capture", "--arch", "sd14", "--device", "cuda:1", "--dtype", "float16", "--batch", "2", "--steps", "5",
+      "--repeats", "4"], "bench_capture", ("sd14", "cuda:1", "float16", 2, 5, 4), "capture-sd14"),
+    (["guided"], "bench_guided", ("", "cpu", "float32", 1, 0, 3), "guided-smoke"),
+    (["attention", "--arch", "sd21_base"], "bench_attention", ("sd21_base", "cpu", "float32", 1, 0, 3),
+     "attention-sd21_base"),
+    (["pairs", "--pairs", "6"], "bench_pairs", (6, 3), "pairs-smoke"),
+    (["flops", "--batch", "2", "--repeats", "1"], "bench_flops", (2, 1), "flops-smoke"),
+    (["dual", "--targets", "3", "--device", "cuda"], "bench_dual", (3, 3, "cuda"), "dual-smoke"),
+    (["finetune"], "bench_finetune", (3, 3), "finetune-smoke"),
+    (["memory", "--arch", "sd21_base", "--latent", "32", "--train", "no"], "bench_memory",
+     ("sd21_base", "cpu", "float32", 1, "no", 32), "memory-sd21_base-latent32"),
+    (["memory"], "bench_memory", ("", "cpu", "float32", 1, "auto", 0), "memory-smoke"),
+    (["book", "--profiles", "smoke", "--sizes", "1,3"], "bench_book", (("smoke",), (1, 3), 1), "book-smoke"),
+])
+def test_each_subcommand_calls_its_benchmark_with_its_options_and_writes_its_report(
+        argv, function, args, written, monkeypatch, tmp_path, capsys):
+    """Every row of the command table: the options reach the benchmark function in its parameter order (by hand
+    for each), the report lands in ``<name>-<arch or profile>[-latent<N>].json``, exit code 0."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from ctrlgen.bench import machine
+    from ctrlgen.cli import bench as cli
+
+    monkeypatch.setenv("CTRLGEN_OUTPUT_ROOT", str(tmp_path))
+    calls = []
+
+    def fake(cfg, *got):
+        calls.append((cfg.profile_name, got[1:] if function == "bench_book" else got))
+        return {"benchmark": function, **machine()}
+
+    monkeypatch.setattr(cli, function, fake)
+    monkeypatch.setattr(cli, "growth_figure", lambda report: plt.figure())
+    assert main(["bench", *argv, "--profile", "smoke"]) == 0
+    assert calls == [("smoke", args)]
+    report = json.loads((tmp_path / "bench" / f"{written}.json").read_text())
+    assert report["name"] == written and report["benchmark"] == function
+    assert [p.name for p in (tmp_path / "bench").glob("*.json")] == [f"{written}.json"]
+    out = capsys.readouterr().out
+    assert ("machine:" in out) == (argv[0] not in ("attention", "pairs")) and "written to" in out
+
+
+def test_book_sizes_that_are_not_integers_are_a_usage_error(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["bench", "book", "--profile", "smoke", "--sizes", "1,two"])
+    assert exit_info.value.code == 2
+    assert "--sizes" in capsys.readouterr().err

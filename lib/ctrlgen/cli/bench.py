@@ -2,12 +2,17 @@
 benchmarks of issue 18 in ``ctrlgen.bench`` (1 capture, 2 guided, 4 finetune, 5 memory, 6 book, 7 flops), and
 benchmark 3 (``dual``: ``bench_dual``, on ``ctrlgen.methods.dual_branch.compare_efficiency``). Every report is
 written as JSON to ``<output>/bench/<name>-<profile or arch>.json`` with the machine and library versions;
-``all`` runs 1–7 in turn."""
+``all`` runs 1–7 in turn.
+
+One table (``COMMANDS``) says, per benchmark, its options, its help and how its function is called; one handler
+(``_run``) loads the profile, runs it and publishes the report."""
 from __future__ import annotations
 
 import argparse
 import json
 import sys
+from collections.abc import Callable
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any
 
@@ -19,6 +24,7 @@ from ctrlgen.bench import (bench_attention, bench_book, bench_capture, bench_fin
                            bench_memory, bench_pairs, growth_figure, machine)
 from ctrlgen.book import toc_chapters
 from ctrlgen.cli.common import EXIT_OK, add_profile_args, profile_from_args
+from ctrlgen.config import Config
 from ctrlgen.methods.didgen import setup_placeholders
 from ctrlgen.methods.dual_branch import DualBranchConfig, DualBranchGenerator, compare_efficiency, invert_style
 from ctrlgen.models import build_caption_tokenizer, build_mini_components
@@ -34,24 +40,6 @@ def _publish(cfg, report: dict, name: str) -> int:
     json.dump(report, sys.stdout, indent=2)
     print(f"\nwritten to {target}")
     return EXIT_OK
-
-
-def _pairs(args: argparse.Namespace) -> int:
-    cfg = profile_from_args(args)
-    return _publish(cfg, bench_pairs(cfg, args.pairs, args.repeats), f"pairs-{cfg.profile_name}")
-
-
-def _attention(args: argparse.Namespace) -> int:
-    cfg = profile_from_args(args)
-    report = bench_attention(cfg, args.arch, args.device, args.dtype, args.batch, args.steps, args.repeats)
-    return _publish(cfg, report, f"attention-{args.arch or cfg.profile_name}")
-
-
-def _flops(args: argparse.Namespace) -> int:
-    cfg = profile_from_args(args)
-    report = bench_flops(cfg, args.batch, args.repeats)
-    _print_machine(report)
-    return _publish(cfg, report, f"flops-{cfg.profile_name}")
 
 
 def bench_dual(cfg, targets: int = 2, repeats: int = 3, device: str = "cpu") -> dict[str, Any]:
@@ -83,61 +71,125 @@ def _print_machine(report: dict[str, Any]) -> None:
           f"diffusers {report['diffusers']}")
 
 
-def _dual(args: argparse.Namespace) -> int:
-    cfg = profile_from_args(args)
-    report = bench_dual(cfg, args.targets, args.repeats, args.device)
-    _print_machine(report)
-    return _publish(cfg, report, f"dual-{cfg.profile_name}")
-
-
-def _capture(args: argparse.Namespace) -> int:
-    cfg = profile_from_args(args)
-    report = bench_capture(cfg, args.arch, args.device, args.dtype, args.batch, args.steps, args.repeats)
-    _print_machine(report)
-    return _publish(cfg, report, f"capture-{args.arch or cfg.profile_name}")
-
-
-def _guided(args: argparse.Namespace) -> int:
-    cfg = profile_from_args(args)
-    report = bench_guided(cfg, args.arch, args.device, args.dtype, args.batch, args.steps, args.repeats)
-    _print_machine(report)
-    return _publish(cfg, report, f"guided-{args.arch or cfg.profile_name}")
-
-
-def _finetune(args: argparse.Namespace) -> int:
-    cfg = profile_from_args(args)
-    report = bench_finetune(cfg, args.steps, args.repeats)
-    _print_machine(report)
-    return _publish(cfg, report, f"finetune-{cfg.profile_name}")
-
-
-def _memory(args: argparse.Namespace) -> int:
-    cfg = profile_from_args(args)
-    report = bench_memory(cfg, args.arch, args.device, args.dtype, args.batch, args.train, args.latent)
-    _print_machine(report)
-    side = f"-latent{args.latent}" if args.latent else ""
-    return _publish(cfg, report, f"memory-{args.arch or cfg.profile_name}{side}")
-
-
-def _book(args: argparse.Namespace) -> int:
-    cfg = profile_from_args(args)
-    sizes = tuple(int(s) for s in args.sizes.split(","))
-    report = bench_book(cfg, toc_chapters(), tuple(args.profiles.split(",")), sizes, args.repeats)
-    _print_machine(report)
+def _book(cfg: Config, args: argparse.Namespace) -> dict[str, Any]:
+    """Benchmark 6 with its growth figure saved beside the report (``report["figure"]``)."""
+    report = bench_book(cfg, toc_chapters(), args.profiles, args.sizes, args.repeats)
     fig = growth_figure(report)
     figure = paths.output_root(cfg) / "bench" / f"book-{cfg.profile_name}.png"
     figure.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(figure, dpi=100)
     report["figure"] = figure.name
-    return _publish(cfg, report, f"book-{cfg.profile_name}")
+    return report
+
+
+def _csv(convert: Callable[[str], Any]) -> Callable[[str], tuple]:
+    """An argparse ``type`` for a comma-separated list: ``"1,2,4"`` → ``(1, 2, 4)`` with ``int``."""
+    def parse(text: str) -> tuple:
+        return tuple(convert(s) for s in text.split(","))
+    parse.__name__ = f"comma-separated {convert.__name__}"  # argparse names the type in its error message
+    return parse
+
+
+# ----------------------------------------------------------------------------------------- options, by meaning
+Option = tuple[str, dict[str, Any]]
+ARCH: Option = ("--arch", dict(default="", help="sd21_base or sd14: the real architecture with random weights"))
+DEVICE: Option = ("--device", dict(default="cpu", help="cpu or cuda[:N]"))
+DTYPE: Option = ("--dtype", dict(default="float32", choices=["float32", "float16", "bfloat16"]))
+BATCH: Option = ("--batch", dict(type=int, default=1))
+STEPS: Option = ("--steps", dict(type=int, default=0, help="sampling steps (default: the profile's sampling.num_steps)"))
+
+
+def repeats(what: str, default: int = 3) -> Option:
+    """``--repeats``: ``what`` is repeated (medians reported)."""
+    return ("--repeats", dict(type=int, default=default, help=f"{what} (medians reported)"))
+
+
+SAMPLING: tuple[Option, ...] = (ARCH, DEVICE, DTYPE, BATCH, STEPS, repeats("interleaved repetitions per mode"))
+
+
+@dataclass(frozen=True)
+class Command:
+    """One ``ctrlgen bench`` sub-command: its name, ``--help`` line, options, the function whose docstring is its
+    description (by name in ``ctrlgen.cli.bench``, looked up when it runs) and how the parsed options become that
+    function's arguments (``call(cfg, args) -> report``). The report is written as ``<name>-<tag>.json``, the tag
+    being ``--arch`` where given, else the profile, and ``-latent<N>`` after it for ``--latent N``."""
+
+    name: str
+    help: str
+    function: str
+    options: tuple[Option, ...]
+    call: Callable[[Config, argparse.Namespace], dict[str, Any]]
+    print_machine: bool = True
+    repeats_in_all: bool = True  # ``all`` passes its --repeats on
+
+    def report_name(self, cfg: Config, args: argparse.Namespace) -> str:
+        side = f"-latent{args.latent}" if getattr(args, "latent", 0) else ""
+        return f"{self.name}-{getattr(args, 'arch', '') or cfg.profile_name}{side}"
+
+
+def _sampling_call(function: str) -> Callable[[Config, argparse.Namespace], dict[str, Any]]:
+    """``function(cfg, arch, device, dtype, batch, steps, repeats)`` (benchmarks 1, 2 and attention)."""
+    return lambda cfg, a: globals()[function](cfg, a.arch, a.device, a.dtype, a.batch, a.steps, a.repeats)
+
+
+# the sub-commands, in the order ``ctrlgen bench --help`` lists them
+COMMANDS: tuple[Command, ...] = (
+    Command("attention", "attention capture and layout guidance vs plain sampling", "bench_attention", SAMPLING,
+            _sampling_call("bench_attention"), print_machine=False),
+    Command("pairs", "DiDGen lesion-mask pairs per minute, guided vs unguided", "bench_pairs",
+            (("--pairs", dict(type=int, default=0,
+                              help="pairs per timed run (default: one batch, didgen.eval.pair_batch)")),
+             repeats("interleaved repetitions per mode")),
+            lambda cfg, a: bench_pairs(cfg, a.pairs, a.repeats), print_machine=False),
+    Command("flops", "FLOPs of a training and a sampling step against the machine's matmul rate", "bench_flops",
+            (("--batch", dict(type=int, default=0, help="batch size (default: the profile's pretrain.unet.batch_size)")),
+             repeats("timed repetitions per step")),
+            lambda cfg, a: bench_flops(cfg, a.batch, a.repeats)),
+    Command("dual", "dual-branch vs two-stage layout-then-style generation: passes and wall time", "bench_dual",
+            (("--targets", dict(type=int, default=2, help="layout masks generated per run (one batch)")),
+             repeats("interleaved repetitions per method"), DEVICE),
+            lambda cfg, a: bench_dual(cfg, a.targets, a.repeats, a.device)),
+    Command("capture", "benchmark 1: sampling with the attention capture vs plain sampling", "bench_capture",
+            SAMPLING, _sampling_call("bench_capture")),
+    Command("guided", "benchmark 2: layout-guided vs plain sampling", "bench_guided", SAMPLING,
+            _sampling_call("bench_guided")),
+    Command("finetune", "benchmark 4: region-aware vs plain finetuning step", "bench_finetune",
+            (("--steps", dict(type=int, default=3, help="optimizer steps per timed run")),
+             repeats("interleaved repetitions per arm")),
+            lambda cfg, a: bench_finetune(cfg, a.steps, a.repeats)),
+    Command("memory", "benchmark 5: peak memory of each step and of the largest capture", "bench_memory",
+            (ARCH, DEVICE, DTYPE, BATCH,
+             ("--train", dict(default="auto", choices=["auto", "yes", "no"],
+                              help="measure the finetuning steps (auto: only if weights + AdamW state fit in memory)")),
+             ("--latent", dict(type=int, default=0, help="latent side of the sampling steps (default: the U-Net's)"))),
+            lambda cfg, a: bench_memory(cfg, a.arch, a.device, a.dtype, a.batch, a.train, a.latent),
+            repeats_in_all=False),
+    Command("book", "benchmark 6: the book's wall time per chapter and its growth", "bench_book",
+            (("--profiles", dict(default="smoke,mini", type=_csv(str), help="profiles whose chapter records are read")),
+             ("--sizes", dict(default="1,2,4", type=_csv(int), help="pairs generated / training steps of the growth fit")),
+             repeats("repetitions per size", default=1)),
+            _book, repeats_in_all=False),
+)
+BY_NAME: dict[str, Command] = {c.name: c for c in COMMANDS}
+ALL = ("capture", "guided", "dual", "finetune", "memory", "book", "flops")  # benchmarks 1–7, the order ``all`` runs
+
+
+def _run(args: argparse.Namespace) -> int:
+    """The one handler: the profile, the benchmark's report, the machine line, the JSON file."""
+    command = BY_NAME[args.benchmark]
+    cfg = profile_from_args(args)
+    report = command.call(cfg, args)
+    if command.print_machine:
+        _print_machine(report)
+    return _publish(cfg, report, command.report_name(cfg, args))
 
 
 def _all(args: argparse.Namespace) -> int:
     """Benchmarks 1–7 in turn on one profile, each with its defaults and ``--repeats``."""
     profile = ["--profile", args.profile, *sum((["-p", p] for p in args.params), [])]
     codes = []
-    for name in ("capture", "guided", "dual", "finetune", "memory", "book", "flops"):
-        extra = ["--repeats", str(args.repeats)] if name not in ("memory", "book") else []
+    for name in ALL:
+        extra = ["--repeats", str(args.repeats)] if BY_NAME[name].repeats_in_all else []
         sub = _PARSERS[name].parse_args([*profile, *extra])
         print(f"\n== ctrlgen bench {name} ==")
         codes.append(sub.func(sub))
@@ -148,74 +200,16 @@ _PARSERS: dict[str, argparse.ArgumentParser] = {}
 
 
 def add_bench_parser(subparsers) -> None:
+    """``ctrlgen bench``: one sub-command per row of ``COMMANDS``, and ``all``."""
     parser = subparsers.add_parser("bench", help="run the benchmarks (speed as ratios, peak memory)",
                                     description=bench.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     groups = parser.add_subparsers(dest="bench_command", metavar="BENCHMARK", required=True)
-    attention = groups.add_parser("attention", help="attention capture and layout guidance vs plain sampling",
-                                  description=bench_attention.__doc__)
-    add_profile_args(attention)
-    attention.add_argument("--arch", default="", help="sd21_base or sd14: the real architecture with random weights")
-    attention.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
-    attention.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
-    attention.add_argument("--batch", type=int, default=1)
-    attention.add_argument("--steps", type=int, default=0, help="sampling steps (default: the profile's sampling.num_steps)")
-    attention.add_argument("--repeats", type=int, default=3, help="interleaved repetitions per mode (medians reported)")
-    attention.set_defaults(func=_attention)
-    pairs = groups.add_parser("pairs", help="DiDGen lesion-mask pairs per minute, guided vs unguided",
-                              description=bench_pairs.__doc__)
-    add_profile_args(pairs)
-    pairs.add_argument("--pairs", type=int, default=0, help="pairs per timed run (default: one batch, didgen.eval.pair_batch)")
-    pairs.add_argument("--repeats", type=int, default=3, help="interleaved repetitions per mode (medians reported)")
-    pairs.set_defaults(func=_pairs)
-    flops = groups.add_parser("flops", help="FLOPs of a training and a sampling step against the machine's matmul rate",
-                              description=bench_flops.__doc__)
-    add_profile_args(flops)
-    flops.add_argument("--batch", type=int, default=0, help="batch size (default: the profile's pretrain.unet.batch_size)")
-    flops.add_argument("--repeats", type=int, default=3, help="timed repetitions per step (medians reported)")
-    flops.set_defaults(func=_flops)
-    dual = groups.add_parser("dual", help="dual-branch vs two-stage layout-then-style generation: passes and wall time",
-                             description=bench_dual.__doc__)
-    add_profile_args(dual)
-    dual.add_argument("--targets", type=int, default=2, help="layout masks generated per run (one batch)")
-    dual.add_argument("--repeats", type=int, default=3, help="interleaved repetitions per method (medians reported)")
-    dual.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
-    dual.set_defaults(func=_dual)
-    for name, fn, helptext in (("capture", _capture, "benchmark 1: sampling with the attention capture vs plain sampling"),
-                               ("guided", _guided, "benchmark 2: layout-guided vs plain sampling")):
-        sub = groups.add_parser(name, help=helptext, description=getattr(bench, f"bench_{name}").__doc__)
+    for command in COMMANDS:
+        sub = groups.add_parser(command.name, help=command.help, description=globals()[command.function].__doc__)
         add_profile_args(sub)
-        sub.add_argument("--arch", default="", help="sd21_base or sd14: the real architecture with random weights")
-        sub.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
-        sub.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
-        sub.add_argument("--batch", type=int, default=1)
-        sub.add_argument("--steps", type=int, default=0, help="sampling steps (default: the profile's sampling.num_steps)")
-        sub.add_argument("--repeats", type=int, default=3, help="interleaved repetitions per mode (medians reported)")
-        sub.set_defaults(func=fn)
-    finetune = groups.add_parser("finetune", help="benchmark 4: region-aware vs plain finetuning step",
-                                 description=bench_finetune.__doc__)
-    add_profile_args(finetune)
-    finetune.add_argument("--steps", type=int, default=3, help="optimizer steps per timed run")
-    finetune.add_argument("--repeats", type=int, default=3, help="interleaved repetitions per arm (medians reported)")
-    finetune.set_defaults(func=_finetune)
-    memory = groups.add_parser("memory", help="benchmark 5: peak memory of each step and of the largest capture",
-                               description=bench_memory.__doc__)
-    add_profile_args(memory)
-    memory.add_argument("--arch", default="", help="sd21_base or sd14: the real architecture with random weights")
-    memory.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
-    memory.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
-    memory.add_argument("--batch", type=int, default=1)
-    memory.add_argument("--train", default="auto", choices=["auto", "yes", "no"],
-                        help="measure the finetuning steps (auto: only if weights + AdamW state fit in memory)")
-    memory.add_argument("--latent", type=int, default=0,
-                        help="latent side of the sampling steps (default: the U-Net's)")
-    memory.set_defaults(func=_memory)
-    book = groups.add_parser("book", help="benchmark 6: the book's wall time per chapter and its growth",
-                             description=bench_book.__doc__)
-    add_profile_args(book)
-    book.add_argument("--profiles", default="smoke,mini", help="profiles whose chapter records are read")
-    book.add_argument("--sizes", default="1,2,4", help="pairs generated / training steps of the growth fit")
-    book.add_argument("--repeats", type=int, default=1, help="repetitions per size (medians reported)")
-    book.set_defaults(func=_book)
+        for flag, kwargs in command.options:
+            sub.add_argument(flag, **kwargs)
+        sub.set_defaults(func=_run, benchmark=command.name)
     every = groups.add_parser("all", help="benchmarks 1-7 in turn on one profile")
     add_profile_args(every)
     every.add_argument("--repeats", type=int, default=3)
