@@ -49,11 +49,39 @@ def test_task3_official_splits():
 
 
 @needs_shared
-def test_ph2_reports_masks_without_images():
+def test_ph2_partial_copy_reads_quietly():
+    """The shared copy holds 100 of the 200 images and all 200 masks: the 100 mask-only cases are not in
+    this copy (no image folder), which is no defect: no issue, a count in the description."""
     ds = derm.read_ph2(SHARED_DATA / "ph2" / "PH2Dataset", HEADER)
-    assert len(ds) == 100 and len(ds.issues) == 100
-    assert all(i.reason == "mask without image" for i in ds.issues)
+    assert len(ds) == 100 and not ds.issues and ds.issue_summary() == ""
+    assert "100 case(s) with a lesion mask but no image folder" in ds.description
     assert ds.label_counts() == {"common_nevus": 30, "atypical_nevus": 30, "melanoma": 40}
+
+
+def _ph2_case(root: Path, name: str, image: bool, image_folder: bool, mask: bool) -> None:
+    case = root / derm.PH2_IMAGES / name
+    case.mkdir(parents=True)
+    if image_folder:
+        (case / f"{name}_Dermoscopic_Image").mkdir()
+    if image:
+        Image.new("RGB", (8, 6), (120, 80, 60)).save(case / f"{name}_Dermoscopic_Image" / f"{name}.bmp")
+    if mask:
+        (case / f"{name}_lesion").mkdir()
+        Image.new("L", (8, 6), 255).save(case / f"{name}_lesion" / f"{name}_lesion.bmp")
+
+
+def test_ph2_defects_stay_issues_and_absent_cases_do_not(tmp_path):
+    _ph2_case(tmp_path, "IMD001", image=True, image_folder=True, mask=True)    # complete
+    _ph2_case(tmp_path, "IMD002", image=False, image_folder=False, mask=True)  # not in this copy: quiet
+    _ph2_case(tmp_path, "IMD003", image=False, image_folder=True, mask=True)   # image folder, image missing
+    _ph2_case(tmp_path, "IMD004", image=True, image_folder=True, mask=False)   # image without mask
+    (tmp_path / "PH2_dataset.txt").write_text("IMD001\t2\nIMD003\t0\nIMD004\t1\n")
+    ds = derm.read_ph2(tmp_path, HEADER)
+    assert [r.id for r in ds] == ["IMD001"] and ds[0].label == "melanoma"
+    assert sorted((Path(i.path).name, i.reason) for i in ds.issues) == [
+        ("IMD003_lesion.bmp", "mask without image"), ("IMD004.bmp", "image without mask")]
+    assert "1 case(s) with a lesion mask but no image folder" in ds.description
+    assert ds.issue_summary().startswith("ph2: 2 file(s) not used")
 
 
 @needs_shared

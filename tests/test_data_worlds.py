@@ -5,11 +5,18 @@ import time
 import numpy as np
 import pandas as pd
 import pytest
+from scipy import ndimage
 
+from ctrlgen.analysis.attribute_labels import parse_scenes_caption
 from ctrlgen.data import load_dataset, load_multiconcept, world_root
 from ctrlgen.data.readers.cxr import CHEXPERT_LABELS
+from ctrlgen.data.worlds.common import grid
 from ctrlgen.data.worlds.cxr import render_cxr, sample_labels, write_report
 from ctrlgen.data.worlds.dermoscopy import generate_dermoscopy
+from ctrlgen.data.worlds.multiconcept import (BACKGROUNDS, COLOURS, GRASS, MIN_CONTRAST, NOVEL_SHAPES, RADIUS, SHAPES, SKY,
+                                            STRIPE_PERIOD, STRIPE_SHADE, TEXTURES, _shape_mask, _texture,
+                                            customization_vocabulary, held_out_combinations, novel_pairs,
+                                            pretrain_concepts, render_scene)
 from data_fixtures import SHARED_DATA, needs_shared, smoke_cfg  # noqa: F401
 
 
@@ -114,9 +121,147 @@ def test_multiconcept_scenes(smoke_cfg):
     masks = [np.asarray(__import__("PIL.Image").Image.open(m)) > 0 for m in custom.meta["masks"]]
     assert len(masks) == 2 and all(m.any() for m in masks) and not (masks[0] & masks[1]).any()
     pretrain_shapes = {o["shape"] for r in ds.split("pretrain") for o in r.meta["objects"]}
-    from ctrlgen.data.worlds.multiconcept import NOVEL_SHAPES, held_out_combinations
     assert not pretrain_shapes & set(NOVEL_SHAPES)
     combos = {(o["shape"], o["colour"], o["texture"]) for r in ds.split("pretrain") for o in r.meta["objects"]}
     assert not combos & held_out_combinations()
     assert all(c["shape"] in NOVEL_SHAPES or (c["shape"], c["colour"], c["texture"]) in held_out_combinations()
                for r in ds.split("customize") for c in r.meta["concepts"])
+    # every caption the world wrote reads back to its objects (issue 12's attribute labels)
+    for r in ds.records:
+        objects = r.meta["objects"] if r.split == "pretrain" else r.meta["concepts"]
+        assert parse_scenes_caption(r.text)["shapes"] == {o["shape"] for o in objects}
+        assert {o["texture"] for o in objects} <= set(TEXTURES)
+
+
+# ---- the scenes world is learnable by a 64-pixel latent model (issue 12) ----
+
+def _scenes(n: int, size: int, seed: int = 0, background: str | None = None):
+    """``n`` pretraining-style scenes: (concepts, image, masks, caption, background)."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for _ in range(n):
+        concepts = pretrain_concepts(rng, int(rng.choice([2, 3])))
+        bg = background or str(rng.choice(BACKGROUNDS))
+        out.append((concepts, *render_scene(concepts, size, rng, bg), bg))
+    return out
+
+
+def _rough_share(image: np.ndarray, masks: list[np.ndarray], level: float = 4.0) -> float:
+    """Share of off-object pixels (objects dilated by 2 px, image border left out) whose Laplacian, in any
+    channel, exceeds ``level`` grey levels: the high-frequency content of the background."""
+    lap = np.abs(np.stack([ndimage.laplace(image[..., c].astype(np.float64)) for c in range(3)])).max(0)
+    off = ~ndimage.binary_dilation(np.any(masks, axis=0), iterations=2)
+    off[[0, -1], :] = off[:, [0, -1]] = False
+    return float((lap[off] > level).mean())
+
+
+def test_scene_backgrounds_have_no_fine_detail():
+    for bg in BACKGROUNDS:
+        shares = [_rough_share(image, masks) for _, image, masks, _, _ in _scenes(12, 64, seed=3, background=bg)]
+        # plain and the gradient (linear in y) have a zero Laplacian; the field only along its horizon
+        assert max(shares) <= (0.0 if bg in ("plain", "gradient") else 0.06), (bg, shares)
+    # the measure sees per-pixel noise (the old "noise" background's kind of detail)
+    _, image, masks, _, _ = _scenes(1, 64, background="plain")[0]
+    noisy = np.clip(image + np.random.default_rng(0).normal(0, 8, image.shape), 0, 255)
+    assert _rough_share(noisy, masks) > 0.5
+
+
+def test_every_texture_survives_a_4x_downsampling_vae():
+    """The dominant period of each texture (2-D FFT peak) is at least 8 px at 64 px (two latent pixels of a
+    16x16 latent) and, as a fraction of the side, the same at 512 px; plain has no periodic part."""
+    for texture in TEXTURES:
+        for size in (64, 512):
+            yy, xx = grid(size, size)
+            spectrum = np.abs(np.fft.fft2(_texture(texture, yy, xx) - _texture(texture, yy, xx).mean()))
+            if texture == "plain":
+                assert spectrum.max() < 1e-6
+                continue
+            fy, fx = np.unravel_index(np.argmax(spectrum), spectrum.shape)
+            f = np.hypot(*(np.fft.fftfreq(size)[[fy, fx]]))  # cycles per pixel
+            period = 1 / f
+            assert period >= 8 * size / 64, (texture, size, period)
+            assert period / size == pytest.approx(STRIPE_PERIOD, rel=0.05)  # the same look at every size
+    assert set(TEXTURES) == {"plain", "striped"}
+    shade = _texture("striped", *grid(64, 64))
+    np.testing.assert_allclose(np.unique(shade), [STRIPE_SHADE, 1.0])   # chapter 3's colour_share reads these two shades
+
+
+def test_every_shape_is_drawable_at_64_px():
+    """At the smallest radius (three objects), each shape covers enough pixels and has no part thinner than
+    3 px (an opening by a 3x3 square keeps most of it); the circle's area is the closed form πr²."""
+    r = RADIUS[0] * 0.5 / 3
+    for size in (64, 512):
+        yy, xx = grid(size, size)
+        for shape in (*SHAPES, *NOVEL_SHAPES):
+            mask = _shape_mask(shape, yy, xx, 0.5, 0.5, r)
+            assert mask.sum() >= 70 * (size / 64) ** 2, (shape, size, mask.sum())
+            if size == 64:
+                kept = ndimage.binary_opening(mask, np.ones((3, 3))).sum() / mask.sum()
+                assert kept >= 0.85, (shape, kept)
+        circle = _shape_mask("circle", yy, xx, 0.5, 0.5, r).sum()
+        assert circle == pytest.approx(np.pi * (r * size) ** 2, rel=0.05)
+    with pytest.raises(ValueError, match="unknown shape 'blob'"):
+        _shape_mask("blob", yy, xx, 0.5, 0.5, r)
+
+
+def test_scene_captions_parse_back_to_the_rendered_objects():
+    """Objects are disjoint, inside the image, left to right, drawn in their caption's colour (full shade,
+    plus the stripe shade when striped) and the caption parses back to them."""
+    for concepts, image, masks, caption, bg in _scenes(30, 64, seed=5):
+        parsed = parse_scenes_caption(caption)
+        assert parsed == {"objects": str(len(concepts)), "shapes": frozenset(c.shape for c in concepts),
+                          "colours": frozenset(c.colour for c in concepts)}
+        assert caption.endswith(f" on a {bg} background")
+        assert all(m.any() and not (m[[0, -1]].any() or m[:, [0, -1]].any()) for m in masks)
+        assert (np.sum(masks, axis=0) <= 1).all()
+        centres = [np.nonzero(m)[1].mean() for m in masks]
+        assert centres == sorted(centres)
+        for c, m in zip(concepts, masks):
+            colours = {tuple(p) for p in image[m]}
+            full = tuple(COLOURS[c.colour])
+            shaded = tuple(int(v) for v in (np.asarray(full, np.float32) * np.float32(STRIPE_SHADE)).astype(np.uint8))
+            assert colours == ({full, shaded} if c.texture == "striped" else {full}), (caption, colours)
+
+
+def test_backgrounds_keep_their_distance_from_the_objects():
+    for concepts, image, masks, _, _ in _scenes(20, 32, seed=7, background="plain"):
+        shades = np.array([COLOURS[c.colour] for c in concepts], float)
+        shades = np.concatenate([shades, shades * STRIPE_SHADE])
+        bg = image[~np.any(masks, axis=0)][0].astype(float)
+        assert np.linalg.norm(shades - bg, axis=1).min() >= MIN_CONTRAST - 1  # uint8 rounding
+    every = np.array(list(COLOURS.values()), float)
+    every = np.concatenate([every, every * STRIPE_SHADE])
+    assert min(np.linalg.norm(every - np.array(c), axis=1).min() for c in (SKY, GRASS)) >= 95
+
+
+def test_scenes_scale_with_the_image_size():
+    """The full profile renders at 512: the same draws give the same scene, only finer."""
+    small = _scenes(4, 64, seed=11)
+    large = _scenes(4, 512, seed=11)
+    for (_, im64, m64, cap64, _), (_, im512, m512, cap512, _) in zip(small, large):
+        assert cap64 == cap512
+        for a, b in zip(m64, m512):
+            assert a.mean() == pytest.approx(b.mean(), rel=0.1, abs=2e-3)
+        down = im512.reshape(64, 8, 64, 8, 3).mean(axis=(1, 3))
+        assert np.abs(down - im64).mean() < 12
+
+
+def test_customization_vocabulary_names_every_novel_concept():
+    texts = customization_vocabulary()
+    assert len(texts) == len(NOVEL_SHAPES) * len(COLOURS) * len(TEXTURES) * len(BACKGROUNDS)
+    assert all(parse_scenes_caption(t)["shapes"] <= set(NOVEL_SHAPES) for t in texts)
+    assert "a photo of a red striped heart on a field background" in texts
+
+
+@pytest.mark.parametrize("seed", [0, 1, 7])
+def test_novel_pairs_are_sixteen_distinct_sets_of_two_different_concepts(seed):
+    """Chapter 3's 16 customization sets (§3.6.1): distinct pairs, each of two novel instances that differ
+    in shape (class name) and colour (its fusion measure reads one concept's colour in the other's samples)."""
+    pairs = novel_pairs(16, seed)
+    assert len(set(pairs)) == 16
+    held = held_out_combinations()
+    for a, b in pairs:
+        assert a.shape != b.shape and a.colour != b.colour, (a, b)
+        for c in (a, b):
+            assert c.shape in NOVEL_SHAPES or (c.shape, c.colour, c.texture) in held
+    assert {a.shape for a, _ in pairs} >= set(NOVEL_SHAPES)   # every novel shape is customized

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 
+import numpy as np
 import pytest
 import torch
 from accelerate import init_empty_weights
@@ -10,6 +11,10 @@ from diffusers import AutoencoderKL, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel
 
 from ctrlgen.config import load_profile
+from ctrlgen.data.domains import DomainData
+from ctrlgen.data.worlds.multiconcept import (BACKGROUNDS, COLOURS, NOVEL_SHAPES, SHAPES, TEXTURES, pretrain_concepts,
+                                            scene_caption)
+from ctrlgen.experiments.base_models import tokenizer_corpus
 from ctrlgen.models import (
     ModelNotFoundError,
     add_placeholder_tokens,
@@ -204,6 +209,23 @@ def test_caption_tokenizer_files_are_byte_identical_in_every_process(tmp_path):
     tok = load_tokenizer(tmp_path / "tok1")
     assert tok.tokenize("checkered melanoma") == ["checkered</w>", "melanoma</w>"]
     assert tok.convert_tokens_to_ids(".</w>") != tok.convert_tokens_to_ids("z</w>")
+
+
+def test_scenes_tokenizer_keeps_every_novel_shape_one_token():
+    """Chapter 3 initialises identifiers from class names (star, heart, moon, arrow) that no pretraining
+    caption holds: the scenes corpus adds the customization captions, so each is one token. Without them
+    the word is split into pieces (the check below can fail)."""
+    rng = np.random.default_rng(0)
+    captions = [scene_caption(pretrain_concepts(rng, 2), str(rng.choice(BACKGROUNDS))) for _ in range(60)]
+    empty = np.zeros((0, 8, 8, 3), np.uint8)
+    data = DomainData("scenes", "multiconcept", "procedural", "", empty, captions, empty, captions[:5])
+    bare = build_caption_tokenizer(captions)
+    assert any(len(bare.tokenize(w)) > 1 for w in NOVEL_SHAPES)
+    tok = build_caption_tokenizer(tokenizer_corpus(data))
+    for word in (*NOVEL_SHAPES, *SHAPES, *COLOURS, *TEXTURES, *BACKGROUNDS):
+        assert tok.tokenize(word) == [f"{word}</w>"], word
+    assert tok.tokenize("a photo of a red striped heart on a field background") == [
+        f"{w}</w>" for w in "a photo of a red striped heart on a field background".split()]
 
 
 def test_bpe_merges_prefer_frequent_pairs_and_break_ties_by_order():

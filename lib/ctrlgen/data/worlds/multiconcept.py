@@ -1,10 +1,17 @@
 """Procedural multi-concept scenes for chapter 3 (AttenCraft): two or more objects from a vocabulary
-(shape × colour × texture) on varied backgrounds, with one exact mask per object and a caption.
+(shape × colour × texture) on smooth backgrounds, with one exact mask per object and a caption.
 
 ``pretrain`` scenes use the base vocabulary; the ``customize`` sets mirror the 16 two-concept
 datasets of thesis §3.6.1: each is one image holding two *novel instances* — shapes outside the
 base vocabulary, or base shapes in colour × texture combinations held out of pretraining — so a
 customization method must learn them from that single image.
+
+The world is drawn so that a 64-pixel latent diffusion model with a 4× downsampling VAE (a 16×16
+latent) can learn it (issue 12): backgrounds are smooth (a flat colour, a vertical gradient, sky over
+grass — no per-pixel noise), the only texture besides ``plain`` is a wide diagonal stripe whose period
+is ``STRIPE_PERIOD`` of the image side (9 px at 64 px, so two latent pixels or more per period), objects
+fill most of their column, and background colours keep a distance from the objects' colours. Every
+length is a fraction of the image side, so the full profile's 512-pixel scenes look the same.
 
 Layout written under ``<world>/multiconcept/``: ``pretrain/images/NNNNN.png``, ``pretrain/masks/NNNNN_K.png``,
 ``pretrain/captions.jsonl`` (one JSON object per image: file, caption, objects) and
@@ -20,14 +27,19 @@ from pathlib import Path
 import numpy as np
 
 from ctrlgen.data.imageio import write_image, write_text
-from ctrlgen.data.worlds.common import grid, smooth_noise
+from ctrlgen.data.worlds.common import grid
 
 SHAPES = ("circle", "square", "triangle", "diamond", "cross", "ring")
 NOVEL_SHAPES = ("star", "heart", "moon", "arrow")
 COLOURS = {"red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 80, 220), "yellow": (235, 210, 40),
            "purple": (140, 60, 180), "orange": (240, 140, 30), "white": (235, 235, 235), "black": (25, 25, 25)}
-TEXTURES = ("plain", "striped", "dotted", "checkered")
-BACKGROUNDS = ("plain", "gradient", "field", "noise")
+TEXTURES = ("plain", "striped")
+BACKGROUNDS = ("plain", "gradient", "field")
+STRIPE_PERIOD = 1 / 7       # stripe period across the stripes, as a fraction of the image side
+STRIPE_SHADE = 0.55         # the darker stripes are the object's colour × this (chapter 3's colour_share)
+RADIUS = (0.7, 0.88)        # object radius range, as a fraction of half its column's width
+SKY, GRASS = (150, 190, 235), (135, 225, 80)  # field colours, each ≥ 95 RGB units from every object shade
+MIN_CONTRAST = 60.0         # RGB distance kept between a random background colour and every object shade
 
 
 def held_out_combinations() -> set[tuple[str, str, str]]:
@@ -37,6 +49,7 @@ def held_out_combinations() -> set[tuple[str, str, str]]:
 
 
 def _shape_mask(shape: str, yy: np.ndarray, xx: np.ndarray, cy: float, cx: float, r: float) -> np.ndarray:
+    """The shape centred at (cy, cx) with radius ``r`` (normalised units); every shape fits in its radius."""
     y, x = (yy - cy) / r, (xx - cx) / r
     if shape == "circle":
         return x**2 + y**2 < 1
@@ -46,50 +59,66 @@ def _shape_mask(shape: str, yy: np.ndarray, xx: np.ndarray, cy: float, cx: float
         return (y < 0.75) & (2 * np.abs(x) < y + 0.95)
     if shape == "diamond":
         return np.abs(x) + np.abs(y) < 1
-    if shape == "cross":
-        return ((np.abs(x) < 0.3) & (np.abs(y) < 0.95)) | ((np.abs(y) < 0.3) & (np.abs(x) < 0.95))
-    if shape == "ring":
+    if shape == "cross":  # arms 0.7 r wide: at least 4 px (one latent pixel) at 64 px
+        return ((np.abs(x) < 0.35) & (np.abs(y) < 0.95)) | ((np.abs(y) < 0.35) & (np.abs(x) < 0.95))
+    if shape == "ring":  # inner radius 0.5 r: the band is as wide as a cross arm
         d = x**2 + y**2
-        return (d < 1) & (d > 0.35)
-    if shape == "star":
+        return (d < 1) & (d > 0.25)
+    if shape == "star":  # five fat lobes (cos² of 5θ/2); finer points would not survive the VAE
         ang, rad = np.arctan2(y, x), np.sqrt(x**2 + y**2)
-        return rad < 0.55 + 0.4 * np.cos(5 * ang) ** 2
+        return rad < 0.45 + 0.5 * np.cos(2.5 * (ang + np.pi / 2)) ** 2
     if shape == "heart":
         x2, y2 = x * 1.1, -y * 1.1 + 0.2
         return (x2**2 + y2**2 - 0.8) ** 3 - x2**2 * y2**3 < 0
     if shape == "moon":
-        return (x**2 + y**2 < 1) & ((x - 0.45) ** 2 + (y + 0.1) ** 2 > 0.6)
+        return (x**2 + y**2 < 1) & ((x - 0.5) ** 2 + (y + 0.1) ** 2 > 0.45)
     if shape == "arrow":
-        return ((np.abs(y) < 0.25) & (x > -0.9) & (x < 0.2)) | ((x >= 0.2) & (x < 0.95) & (np.abs(y) < 0.95 - x))
-    raise ValueError(f"unknown shape {shape!r}")
+        return ((np.abs(y) < 0.3) & (x > -0.9) & (x < 0.2)) | ((x >= 0.2) & (x < 0.95) & (np.abs(y) < 1.1 * (0.95 - x)))
+    raise ValueError(f"unknown shape {shape!r}; expected one of {SHAPES + NOVEL_SHAPES}")
 
 
-def _texture(texture: str, yy: np.ndarray, xx: np.ndarray, size: int) -> np.ndarray:
-    period = 6.0 / size
+def _texture(texture: str, yy: np.ndarray, xx: np.ndarray) -> np.ndarray:
+    """Shade (H, W) in (0, 1]: 1 for ``plain``; diagonal bands of shade 1 and ``STRIPE_SHADE`` for ``striped``."""
     if texture == "plain":
         return np.ones_like(yy)
-    if texture == "striped":
-        return 0.55 + 0.45 * (np.sin(2 * np.pi * (yy + xx) / period) > 0)
-    if texture == "dotted":
-        return 1.0 - 0.5 * ((np.sin(np.pi * yy / period) ** 2 * np.sin(np.pi * xx / period) ** 2) > 0.6)
-    if texture == "checkered":
-        return 0.55 + 0.45 * ((np.floor(yy / period) + np.floor(xx / period)) % 2)
-    raise ValueError(f"unknown texture {texture!r}")
+    if texture == "striped":  # (yy + xx) / √2 is the distance across the diagonal stripes
+        phase = (yy + xx) / (np.sqrt(2) * STRIPE_PERIOD)
+        return np.where(phase % 1.0 < 0.5, 1.0, STRIPE_SHADE).astype(yy.dtype)
+    raise ValueError(f"unknown texture {texture!r}; expected one of {TEXTURES}")
 
 
-def _background(kind: str, rng: np.random.Generator, size: int, yy, xx) -> np.ndarray:
-    base = rng.uniform(60, 220, 3)
+def _object_shades(colours: list[str]) -> np.ndarray:
+    """(2K, 3) RGB of every object's full and striped shade: what a background colour must stay away from."""
+    rgb = np.array([COLOURS[c] for c in colours], np.float64)
+    return np.concatenate([rgb, rgb * STRIPE_SHADE])
+
+
+def _contrasting(rng: np.random.Generator, avoid: np.ndarray, tries: int = 32) -> np.ndarray:
+    """A random RGB colour in [60, 220]³ at least ``MIN_CONTRAST`` from every row of ``avoid`` (else the
+    farthest of ``tries`` draws), so that no object vanishes into its background."""
+    best, best_d = None, -1.0
+    for _ in range(tries):
+        c = rng.uniform(60, 220, 3)
+        d = float(np.linalg.norm(avoid - c, axis=1).min()) if len(avoid) else np.inf
+        if d >= MIN_CONTRAST:
+            return c
+        if d > best_d:
+            best, best_d = c, d
+    return best
+
+
+def _background(kind: str, rng: np.random.Generator, yy: np.ndarray, xx: np.ndarray, avoid: np.ndarray) -> np.ndarray:
+    """A smooth (H, W, 3) float32 background: flat, a vertical two-colour gradient, or sky over grass."""
+    size = yy.shape
     if kind == "plain":
-        return np.broadcast_to(base, (size, size, 3)).astype(np.float32)
+        return np.broadcast_to(_contrasting(rng, avoid), (*size, 3)).astype(np.float32)
     if kind == "gradient":
-        other = rng.uniform(60, 220, 3)
-        return (base * (1 - yy[..., None]) + other * yy[..., None]).astype(np.float32)
-    if kind == "field":  # sky above, grass below a wavy horizon
-        horizon = 0.55 + 0.05 * np.sin(2 * np.pi * xx * rng.uniform(1, 3))
-        sky, grass = np.array([150, 190, 235]), np.array([70, 140, 60])
-        return np.where((yy > horizon)[..., None], grass, sky).astype(np.float32)
-    noise = smooth_noise(rng, 1, size, size, 5)[0][..., None]
-    return np.clip(base + 40 * noise, 0, 255).astype(np.float32)
+        top, bottom = _contrasting(rng, avoid), _contrasting(rng, avoid)
+        return (top * (1 - yy[..., None]) + bottom * yy[..., None]).astype(np.float32)
+    if kind == "field":  # sky above, grass below a gently wavy horizon (one edge, no fine detail)
+        horizon = 0.6 + 0.04 * np.sin(2 * np.pi * (xx * rng.uniform(0.5, 1.5) + rng.uniform()))
+        return np.where((yy > horizon)[..., None], np.float32(GRASS), np.float32(SKY)).astype(np.float32)
+    raise ValueError(f"unknown background {kind!r}; expected one of {BACKGROUNDS}")
 
 
 @dataclass(frozen=True)
@@ -103,23 +132,28 @@ class Concept:
         return " ".join(w for w in (self.colour, "" if self.texture == "plain" else self.texture, self.shape) if w)
 
 
+def scene_caption(concepts: list[Concept], background: str) -> str:
+    """``a photo of a red striped cross and a blue circle on a plain background`` (objects left to right)."""
+    return "a photo of " + " and ".join(f"a {c.phrase}" for c in concepts) + f" on a {background} background"
+
+
 def render_scene(concepts: list[Concept], size: int, rng: np.random.Generator, background: str
                  ) -> tuple[np.ndarray, list[np.ndarray], str]:
-    """One scene: objects placed left to right without overlap; returns image, masks and caption."""
+    """One scene: objects placed left to right, one per column, without overlap; returns image, masks and caption."""
     yy, xx = grid(size, size)
-    image = _background(background, rng, size, yy, xx).copy()
+    image = _background(background, rng, yy, xx, _object_shades([c.colour for c in concepts])).copy()
     k = len(concepts)
     masks = []
     for i, c in enumerate(concepts):
-        r = rng.uniform(0.55, 0.8) * 0.5 / k
+        # radius ≤ 0.88 · 0.5/k and centre jitter ≤ 0.05/k keep neighbours apart (0.88/k < 0.9/k)
+        r = rng.uniform(*RADIUS) * 0.5 / k
         cx = (i + 0.5) / k + rng.uniform(-0.05, 0.05) / k
-        cy = rng.uniform(0.3 + r * 0.8, 0.7 - r * 0.8) if r < 0.2 else 0.5
+        cy = rng.uniform(max(0.3, r + 0.03), min(0.7, 0.97 - r))
         mask = _shape_mask(c.shape, yy, xx, cy, cx, r)
-        shade = _texture(c.texture, yy, xx, size)[..., None]
+        shade = _texture(c.texture, yy, xx)[..., None]
         image = np.where(mask[..., None], np.asarray(COLOURS[c.colour], np.float32) * shade, image)
         masks.append(mask)
-    caption = "a photo of " + " and ".join(f"a {c.phrase}" for c in concepts) + f" on a {background} background"
-    return np.clip(image, 0, 255).astype(np.uint8), masks, caption
+    return np.clip(image, 0, 255).astype(np.uint8), masks, scene_caption(concepts, background)
 
 
 def pretrain_concepts(rng: np.random.Generator, k: int) -> list[Concept]:
@@ -133,18 +167,29 @@ def pretrain_concepts(rng: np.random.Generator, k: int) -> list[Concept]:
 
 
 def novel_pairs(count: int, seed: int) -> list[tuple[Concept, Concept]]:
-    """``count`` pairs of novel instances (novel shapes, or held-out base combinations)."""
+    """``count`` pairs of novel instances (novel shapes, or held-out base combinations). The two concepts of a
+    pair differ in shape and in colour: chapter 3 tells them apart by class name and measures feature fusion
+    as the share of one concept's colour in the other's samples."""
     rng = np.random.default_rng([seed, 21])
     held = sorted(held_out_combinations())
     novel = [Concept(s, str(rng.choice(list(COLOURS))), str(rng.choice(TEXTURES))) for s in NOVEL_SHAPES]
     pool = novel + [Concept(*held[i]) for i in rng.permutation(len(held))[:12]]
     pairs = []
     for i in range(count):
-        a, b = pool[i % len(pool)], pool[(i * 5 + 3) % len(pool)]
-        if a.shape == b.shape:
-            b = pool[(i * 5 + 4) % len(pool)]
+        a = pool[i % len(pool)]
+        # the first partner from a stride-5 walk through the pool that differs in shape and colour
+        b = next(pool[j % len(pool)] for j in range(i * 5 + 3, i * 5 + 3 + len(pool))
+                 if pool[j % len(pool)].shape != a.shape and pool[j % len(pool)].colour != a.colour)
         pairs.append((a, b))
     return pairs
+
+
+def customization_vocabulary() -> list[str]:
+    """Every caption a customization set can have for a novel shape (each colour × texture × background):
+    texts the scenes tokenizer is built from, so that every ``NOVEL_SHAPES`` word — absent from the
+    pretraining captions — is still one token (chapter 3 initialises identifiers from class names)."""
+    return [scene_caption([Concept(s, c, t)], b)
+            for s, c, t, b in itertools.product(NOVEL_SHAPES, COLOURS, TEXTURES, BACKGROUNDS)]
 
 
 def write_multiconcept(root: Path, n_pretrain: int, n_customize: int, size: int, seed: int) -> None:
