@@ -105,8 +105,9 @@ run.show(ch04_downstream.class_samples_figure(generators, cls_sets), "fig_4_4_cl
 # early stopping on validation accuracy (the trainer and its settings: `ctrlgen.downstream`, profile
 # `downstream.classification`). Table 4.2: micro precision, recall and F1 on the test split. Each model costs CPU
 # time per image and epoch, six training sets over: the `mini` profile trains the two cheapest (ResNet18,
-# DenseNet121) on a capped number of images (`ch04_downstream.classification`), `full` all four; a classifier this
-# profile does not train reads "not run yet".
+# DenseNet121: `downstream.classification.models`) on a capped number of images (`ch04_downstream.classification`),
+# `full` all four; a classifier this profile does not train reads "not run yet". Chapter 4 trains with the harness
+# settings as they are (§4.7.2); chapter 5 overrides some of them in its own section.
 
 # %%
 classification = TaskSettings.from_profile(cfg, "classification")

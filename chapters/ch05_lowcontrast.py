@@ -52,7 +52,8 @@ run = ChapterRun.start("ch05_lowcontrast", profile, overrides)
 cfg = run.cfg
 cc = ch05.Ch05Config.from_profile(cfg)
 print(f"profile {cfg.profile_name}: segmenters {', '.join(cc.segmenters)} ({cc.segmenter_size}), "
-      f"at most {cc.seg_fit.max_epochs} epochs; skin-tone base models at {cc.tone_image_size} px")
+      f"batch {cc.seg_fit.batch_size}, lr {cc.seg_fit.lr:g}, at most {cc.seg_fit.max_epochs} epochs; "
+      f"skin-tone base models at {cc.tone_image_size} px, batch {cc.tone_fit.batch_size}, {cc.tone_fit.optimizer}")
 
 # %% [markdown]
 # ## Skin-tone annotation — Table 5.1 (§5.4.1)
@@ -90,8 +91,9 @@ attrs[["skin_tone", "ita_skin", "ita_lesion", "ita_difference", "area_ratio", "c
 # ## Segmenters and their poorly segmented subsets (§5.4.2)
 #
 # AttenU-Net, DCSAU-Net and FAT-Net (the book's downstream zoo; thesis settings in `full`: batch 24, lr 1e-3,
-# patience 20) train on the training split with early stopping on the validation IoU. S_θ = test images with
-# IoU < θ.
+# patience 20) train on the training split with early stopping on the validation IoU. Their settings are the
+# harness's (`downstream.segmentation`) with chapter 5's overrides (`ch05.segmentation`: the models, batch 24, and
+# the epochs this profile affords). S_θ = test images with IoU < θ.
 
 # %%
 segmenters, pretrained = {}, {}
@@ -355,8 +357,8 @@ lr_correct = t51.per_image_correct["Logistic Regression"].astype(float)
 record_claim(run, "ch5.t51_dl_vs_ita", a=lr_correct,
              b={m: t51.per_image_correct[m].astype(float) for m in ("ITA w/ YCbCr", "8-patch ITA")}, seeds=seeds)
 # (image, model) pairs pooled over the three models, then split at IoU 0.6 (the split's fallbacks need the pool)
-poor, rest, split_note = ch05.split_for_claim(np.tile(attrs["ita_difference"].to_numpy(), len(cc.segmenters)),
-                                              np.concatenate([pretrained[n]["iou"] for n in cc.segmenters]), 0.6)
+poor, rest, split_note = bias.poor_vs_rest(np.tile(attrs["ita_difference"].to_numpy(), len(cc.segmenters)),
+                                           np.concatenate([pretrained[n]["iou"] for n in cc.segmenters]), 0.6)
 record_claim(run, "ch5.s542_ita_difference", a=poor, b=rest, seeds=seeds, note=split_note)
 s06_shift = shifts.xs("S_0.6", level="subset")["standardised shift"].unstack()
 

@@ -14,6 +14,7 @@ from ctrlgen.analysis.bias import (
     ks_test,
     permutation_mean_test,
     poor_subsets,
+    poor_vs_rest,
     shift_table,
 )
 from ctrlgen.data.attributes import circularity
@@ -38,6 +39,44 @@ def test_poor_subsets_are_strict_thresholds():
     assert s["S_0.8"].tolist() == [True, True, True, False, False]
     assert s["S_0.6"].tolist() == [True, False, False, False, False]
     assert s["S_0.4"].tolist() == [True, False, False, False, False]
+
+
+def test_poor_vs_rest_splits_at_the_threshold_when_both_arms_have_images():
+    values, ious = np.array([10.0, 20.0, 30.0, 40.0]), np.array([0.1, 0.9, 0.3, 0.7])
+    poor, rest, note = poor_vs_rest(values, ious, 0.6)
+    assert poor.tolist() == [10.0, 30.0] and rest.tolist() == [20.0, 40.0]
+    assert "< 0.6" in note and "median" not in note
+    poor, rest, _ = poor_vs_rest(values, ious, 0.7)  # strict: IoU 0.7 is not below 0.7
+    assert poor.tolist() == [10.0, 30.0]
+
+
+def test_poor_vs_rest_falls_back_to_the_median_when_an_arm_is_empty():
+    values = np.array([10.0, 20.0, 30.0, 40.0, 50.0])
+    # every IoU below 0.6: median 0.3, poor = IoU < 0.3 = {0.1, 0.2}
+    poor, rest, note = poor_vs_rest(values, np.array([0.3, 0.1, 0.5, 0.2, 0.4]), 0.6)
+    assert poor.tolist() == [20.0, 40.0] and rest.tolist() == [10.0, 30.0, 50.0] and "< median" in note
+    # every IoU at or above 0.6 (the other empty arm): median 0.8, poor = {0.6, 0.7}
+    poor, rest, note = poor_vs_rest(values, np.array([0.9, 0.6, 0.8, 0.7, 1.0]), 0.6)
+    assert poor.tolist() == [20.0, 40.0] and rest.tolist() == [10.0, 30.0, 50.0] and "median IoU 0.8" in note
+
+
+def test_poor_vs_rest_keeps_ties_at_the_median_together():
+    # IoUs 0, 0, 0, 0.5: median 0, nothing below it; the three images at 0 are the poor arm (not two of them)
+    poor, rest, note = poor_vs_rest(np.array([1.0, 2.0, 3.0, 4.0]), np.array([0.0, 0.5, 0.0, 0.0]), 0.6)
+    assert poor.tolist() == [1.0, 3.0, 4.0] and rest.tolist() == [2.0] and "≤ median" in note
+
+
+def test_poor_vs_rest_ranks_when_every_iou_ties_and_drops_non_finite_pairs():
+    # every IoU 0 (a smoke segmenter after one epoch): neither threshold nor median splits; the lower half by rank
+    # (input order among ties) does; the NaN value and the NaN IoU are left out first
+    values = np.array([4.0, 3.0, np.nan, 2.0, 1.0, 7.0])
+    ious = np.array([0.0, 0.0, 0.0, 0.0, 0.0, np.nan])
+    poor, rest, note = poor_vs_rest(values, ious, 0.6)
+    assert poor.tolist() == [4.0, 3.0] and rest.tolist() == [2.0, 1.0] and "rank" in note
+    poor, rest, _ = poor_vs_rest(np.array([5.0]), np.array([0.2]), 0.6)  # one image: one arm must be empty
+    assert poor.tolist() == [5.0] and rest.tolist() == []
+    with pytest.raises(ValueError, match="one length"):
+        poor_vs_rest(np.zeros(3), np.zeros(2), 0.6)
 
 
 def test_ks_statistic_by_hand():

@@ -17,6 +17,7 @@ from ctrlgen.downstream import (CLASSIFIERS, SEGMENTERS, EarlyStopping, FitSetti
                                 paired_test, predict, predict_masks, predict_proba, resize_images, resize_masks,
                                 segmentation_scores, segmentation_summary, stopping_epoch, train_classifier,
                                 train_segmenter)
+from ctrlgen.downstream import settings as downstream_settings
 from ctrlgen.downstream.train import VAL_METRICS, _fit
 
 
@@ -216,6 +217,29 @@ def test_fit_settings_from_the_profile_and_their_checks():
         FitSettings(max_epochs=1, batch_size=1, lr=1e-3, optimizer="rmsprop")
     with pytest.raises(ValueError, match="patience must be >= 1"):
         FitSettings(max_epochs=1, batch_size=1, lr=1e-3, patience=0)
+
+
+def test_settings_merge_a_chapters_overrides_over_the_harness_defaults():
+    """Each key has one home: downstream.<task> unless the chapter's section defines it; later sections win; the
+    chapter's own keys (n_train_images...) are not harness settings and stay out."""
+    cfg = load_profile("smoke", {"downstream.segmentation.lr": 0.02, "downstream.segmentation.batch_size": 3,
+                                 "ch05.segmentation.batch_size": 5, "ch05.mitigation.batch_size": 6})
+    harness = downstream_settings(cfg, "segmentation")
+    assert harness == dict(cfg.downstream.segmentation) and harness["batch_size"] == 3
+    ch05 = downstream_settings(cfg, "segmentation", "ch05.segmentation")
+    assert (ch05["batch_size"], ch05["lr"], ch05["models"]) == (5, 0.02, list(cfg.ch05.segmentation.models))
+    finetune = downstream_settings(cfg, "segmentation", "ch05.segmentation", "ch05.mitigation")
+    assert (finetune["batch_size"], finetune["lr"]) == (6, cfg.ch05.mitigation.lr)
+    assert "low_contrast_threshold" not in finetune and set(finetune) == set(harness)
+    tone = FitSettings.from_profile(cfg, "classification", "ch05.skin_tone")
+    assert (tone.optimizer, tone.momentum, tone.lr) == ("adam", 0.0, cfg.ch05.skin_tone.lr)
+    with pytest.raises(ValueError, match="no profile section 'ch05.nothing'"):
+        downstream_settings(cfg, "segmentation", "ch05.nothing")
+    # the error names the section the bad list came from (a plain mapping: the profile checks would refuse it first)
+    plain = {"seed": 0, "device": "cpu", "downstream": {"segmentation": dict(cfg.downstream.segmentation)},
+             "ch05": {"segmentation": {"models": ["unet", "vgg16"]}}}
+    with pytest.raises(ValueError, match=r"ch05.segmentation.models = \['unet', 'vgg16'\]"):
+        TaskSettings.from_profile(plain, "segmentation", "ch05.segmentation")
 
 
 def test_resize_helpers_on_a_hand_case():

@@ -64,7 +64,10 @@ def _samples(n: int, classes=MINORITY) -> ClassSamples:
 def test_config_reads_the_profile_with_types(cfg, dc):
     s = cfg.ch04_downstream
     assert dc.n_per_class == s.classification.n_per_class and isinstance(dc.scales, tuple) and len(dc.scales) == 2
-    assert dc.segmenters == tuple(s.segmentation.segmenters) and dc.num_steps == cfg.didgen.pairs.num_steps
+    assert dc.num_steps == cfg.didgen.pairs.num_steps
+    # chapter 4 trains the harness's models with its defaults (§4.7.2): one home, downstream.<task>
+    assert dc.segmenters == tuple(cfg.downstream.segmentation.models)
+    assert dc.classifiers == tuple(cfg.downstream.classification.models)
     assert dc.gain_bins[0] == 0.0 and dc.gain_bins[-1] == 1.0
 
 
@@ -191,8 +194,9 @@ def test_the_paired_test_pairs_the_same_images_in_the_same_order(dc):
 def test_poor_vs_good_splits_at_the_threshold_and_falls_back_to_the_median(dc):
     run = _seg_run(dc.segmenters)
     base = d.pooled(run, SCALE_LABELS[1], ORIGINAL, "IoU test", dc.segmenters)
+    gain = d.pooled(run, SCALE_LABELS[1], "Mine", "IoU test", dc.segmenters) - base
     poor, good, note = d.poor_vs_good(run, dc)
-    assert len(poor) == (base < dc.poor_iou).sum() and len(good) == (base >= dc.poor_iou).sum()
+    assert poor.tolist() == gain[base < dc.poor_iou].tolist() and good.tolist() == gain[base >= dc.poor_iou].tolist()
     assert "IoU <" in note
     for key in list(run.scores):
         run.scores[key] = {**run.scores[key], "IoU test": run.scores[key]["IoU test"] * 0.1}  # every image poor

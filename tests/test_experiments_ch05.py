@@ -169,15 +169,18 @@ def test_baseline_pairs_refuse_unknown_kinds_and_mismatched_references(cc):
         ch05.baseline_pairs(load_profile("smoke"), cc, "ControlNet", None, "", None, "", mine, mine.images[:1])
 
 
-def test_claim_split_falls_back_to_the_median_and_says_so():
-    values, ious = np.arange(4.0), np.array([0.1, 0.2, 0.3, 0.4])
-    poor, rest, note = ch05.split_for_claim(values, ious, 0.6)
-    assert poor.tolist() == [0.0, 1.0] and rest.tolist() == [2.0, 3.0] and "median" in note
-    poor, rest, note = ch05.split_for_claim(values, np.array([0.1, 0.9, 0.3, 0.7]), 0.6)
-    assert poor.tolist() == [0.0, 2.0] and "median" not in note
-    # every IoU 0 (a smoke segmenter after one epoch): neither threshold nor median splits; the rank does
-    poor, rest, note = ch05.split_for_claim(np.array([4.0, 3.0, 2.0, 1.0, np.nan]), np.zeros(5), 0.6)
-    assert poor.tolist() == [4.0, 3.0] and rest.tolist() == [2.0, 1.0] and "rank" in note
+def test_settings_are_the_harness_with_chapter_5_overrides():
+    """§5.4.2's batch 24 and the §5.4.1 base models' Adam come from ch05's sections; what ch05 does not set (the
+    segmenters' lr, optimizer, size) follows downstream.segmentation, so an override of it reaches chapter 5."""
+    cfg = load_profile("full")
+    c = ch05.Ch05Config.from_profile(cfg)
+    assert (c.seg_fit.batch_size, c.seg_fit.lr, c.seg_fit.patience, c.segmenter_size) == (24, 1e-3, 20, "full")
+    assert (c.tone_fit.batch_size, c.tone_fit.lr, c.tone_fit.patience, c.tone_fit.optimizer) == (64, 1e-3, 10, "adam")
+    assert (c.finetune_fit.batch_size, c.finetune_fit.lr) == (24, 1e-4)  # §5.5.1
+    assert c.segmenters == ("attention_unet", "dcsau_net", "fat_net")
+    moved = ch05.Ch05Config.from_profile(load_profile("full", {"downstream.segmentation.lr": 0.01,
+                                                               "downstream.segmentation.batch_size": 7}))
+    assert (moved.seg_fit.lr, moved.finetune_fit.lr, moved.seg_fit.batch_size) == (0.01, 1e-4, 24)
 
 
 def test_dual_branch_targets_refuse_an_empty_low_contrast_subset_without_a_fallback():

@@ -58,6 +58,46 @@ def poor_subsets(iou: np.ndarray, thresholds: Sequence[float]) -> dict[str, np.n
     return {f"S_{t:g}": iou < t for t in thresholds}
 
 
+def poor_vs_rest(values: np.ndarray, iou_values: np.ndarray, threshold: float,
+                 label: str = "IoU") -> tuple[np.ndarray, np.ndarray, str]:
+    """``(values of the poorly segmented images, values of the rest, note)``: the two arms of a "poorly segmented
+    vs the rest" claim (chapter 4's Fig. 4.11 gains, chapter 5's S_θ of §5.4.2). ``values[i]`` belongs to the image
+    whose IoU is ``iou_values[i]``; images with a non-finite value or IoU are left out.
+
+    The split, in order, the first that leaves both arms non-empty (the note says which was used):
+
+    1. the threshold: poor = IoU < ``threshold`` (S_θ);
+    2. an arm is empty (weak models on a small profile): the median m of the IoUs, poor = IoU < m;
+    3. nothing is below m (at least half the IoUs tie at the minimum m): poor = IoU ≤ m, so that equal IoUs stay in
+       one arm and every poor image is segmented no better than every other one;
+    4. every IoU is equal (ties all through): the lower half by IoU rank, ties in input order (``n // 2`` poor).
+
+    With fewer than two images one arm is necessarily empty. ``label`` names the IoU in the note
+    ("original IoU").
+    """
+    values, iou_values = np.asarray(values, dtype=float), np.asarray(iou_values, dtype=float)
+    if values.shape != iou_values.shape or values.ndim != 1:
+        raise ValueError(f"values {values.shape} and iou_values {iou_values.shape} must be 1-D and of one length")
+    keep = np.isfinite(values) & np.isfinite(iou_values)
+    values, iou_values = values[keep], iou_values[keep]
+    poor, note = iou_values < threshold, f"poorly segmented: {label} < {threshold:g} (S_{threshold:g}) vs the rest"
+    if _one_sided(poor):
+        m = float(np.median(iou_values)) if len(iou_values) else float("nan")
+        empty = f"{label} < {threshold:g} leaves an arm empty"
+        poor, note = iou_values < m, f"{empty}: split at the median {label} {m:.3g} instead ({label} < median)"
+        if not poor.any():
+            poor, note = iou_values <= m, f"{empty}: split at the median {label} {m:.3g} instead ({label} ≤ median)"
+        if _one_sided(poor) and len(values) >= 2:
+            poor = np.zeros(len(values), bool)
+            poor[np.argsort(iou_values, kind="stable")[: len(values) // 2]] = True
+            note = f"{empty} and every {label} is {m:.3g}: the lower half by {label} rank (input order) instead"
+    return values[poor], values[~poor], note
+
+
+def _one_sided(member: np.ndarray) -> bool:
+    return bool(member.all() or not member.any())
+
+
 def ks_test(subset: np.ndarray, rest: np.ndarray) -> tuple[float, float]:
     """Two-sample Kolmogorov–Smirnov statistic and p-value (scipy, exact/asymptotic by its rule); NaNs dropped."""
     a, b = _finite(subset), _finite(rest)

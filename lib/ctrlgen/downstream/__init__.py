@@ -7,7 +7,8 @@ Layer 7 (beside ``metrics`` and ``analysis``): chapter 4 part II (augmentation w
 * :mod:`.classifiers` — ``build_classifier``: torchvision VGG16, ResNet18, DenseNet121, ViT-B/16,
   EfficientNet-V2-S, MobileNet-V2; ImageNet weights from a local file.
 * :mod:`.segmenters` — ``build_segmenter``: U-Net and Attention U-Net (MONAI), DCSAU-Net, XBound-Former, FAT-Net.
-* :mod:`.train` — ``FitSettings``, ``EarlyStopping``, ``train_segmenter``, ``train_classifier``, ``predict``.
+* :mod:`.train` — ``settings`` (a chapter's overrides merged over the ``downstream`` profile section),
+  ``FitSettings``, ``EarlyStopping``, ``train_segmenter``, ``train_classifier``, ``predict``.
 * :mod:`.scores` — per-image Dice/IoU, micro P/R/F1 and class-wise F1, paired t-tests, the Fig. 4.11 gain table.
 
 Models take images as float ``(B, 3, H, W)`` in [0, 1] (CONVENTIONS.md); the ImageNet normalisation and, for
@@ -19,10 +20,11 @@ from ctrlgen.downstream.scores import (ClassificationScores, PairedTest, classif
                                        paired_test, segmentation_scores, segmentation_summary)
 from ctrlgen.downstream.segmenters import SEGMENTERS, build_segmenter
 from ctrlgen.downstream.train import (EarlyStopping, FitResult, FitSettings, TaskSettings, predict, predict_labels,
-                                      predict_masks, predict_proba, stopping_epoch, train_classifier, train_segmenter)
+                                      predict_masks, predict_proba, settings, stopping_epoch, train_classifier,
+                                      train_segmenter)
 
 __all__ = ["CLASSIFIERS", "SEGMENTERS", "ImageInput", "resize_images", "resize_masks", "build_classifier",
-           "classifier_weights", "build_segmenter", "FitSettings", "TaskSettings", "FitResult", "EarlyStopping",
+           "classifier_weights", "build_segmenter", "settings", "FitSettings", "TaskSettings", "FitResult", "EarlyStopping",
            "stopping_epoch", "train_segmenter", "train_classifier", "predict", "predict_masks", "predict_labels",
            "predict_proba", "segmentation_scores", "segmentation_summary",
            "classification_scores", "ClassificationScores", "paired_test", "PairedTest", "gain_analysis"]

@@ -2,9 +2,10 @@
 
 §4.7.2: segmenters with Adam, lr 1e-3, batch 16, early stopping with patience 20 "concerning the accuracy on the
 validation set"; classifiers with SGD (momentum 0.9), lr 1e-3, batch 128, patience 10 on validation accuracy.
-(§5.4.2 trains the bias-analysis segmenters with batch 24 and §5.4.1 the skin-tone classifiers with batch 64:
-chapter 5's own profile section carries those.) The §4.7.2 values live in the full profile's ``downstream``
-section (:meth:`FitSettings.from_profile`, :meth:`TaskSettings.from_profile`).
+Each setting has one home (:func:`settings`): the harness defaults are the profile's ``downstream.<task>`` sections
+(the §4.7.2 values in the full profile: chapter 4 trains with them as they are), and a chapter section holds only
+the keys that chapter sets differently, e.g. ``ch05.segmentation.batch_size`` (§5.4.2: 24) or ``ch05.skin_tone``
+(§5.4.1: batch 64). :meth:`FitSettings.from_profile` and :meth:`TaskSettings.from_profile` take those sections.
 
 The validation score is mean per-image IoU for segmenters (the thesis's "accuracy" of a mask) and accuracy for
 classifiers; the weights of the best validation epoch are restored at the end. Reproducibility: build the model
@@ -71,10 +72,10 @@ class FitSettings:
             raise ValueError(f"momentum must be in [0, 1), got {self.momentum}")
 
     @classmethod
-    def from_profile(cls, cfg: Mapping[str, Any], task: str, progress: bool = False) -> "FitSettings":
-        """Settings of the profile's ``downstream.<task>`` section ("segmentation" or "classification"), the
-        profile's ``seed`` and ``device``."""
-        s = _section(cfg, task)
+    def from_profile(cls, cfg: Mapping[str, Any], task: str, *overrides: str, progress: bool = False) -> "FitSettings":
+        """Settings of the profile's ``downstream.<task>`` section ("segmentation" or "classification") with the
+        chapter sections ``overrides`` merged over it (:func:`settings`), the profile's ``seed`` and ``device``."""
+        s = settings(cfg, task, *overrides)
         return cls(max_epochs=int(s["max_epochs"]), batch_size=int(s["batch_size"]), lr=float(s["lr"]),
                    optimizer=str(s["optimizer"]), momentum=float(s["momentum"]), patience=int(s["patience"]),
                    seed=int(cfg["seed"]), augment=bool(s["augment"]), device=resolve_device(cfg), progress=progress)
@@ -94,22 +95,48 @@ class TaskSettings:
     fit: FitSettings
 
     @classmethod
-    def from_profile(cls, cfg: Mapping[str, Any], task: str, progress: bool = False) -> "TaskSettings":
-        s = _section(cfg, task)
+    def from_profile(cls, cfg: Mapping[str, Any], task: str, *overrides: str,
+                     progress: bool = False) -> "TaskSettings":
+        """``downstream.<task>`` with the chapter sections ``overrides`` merged over it (:func:`settings`)."""
+        s = settings(cfg, task, *overrides)
         known = SEGMENTERS if task == "segmentation" else CLASSIFIERS
         models = tuple(str(m) for m in s["models"])
         unknown = [m for m in models if m not in known]
         if unknown or not models:
-            raise ValueError(f"downstream.{task}.models = {list(models)}: expected a non-empty list of "
-                             f"{', '.join(known)}")
+            where = next((o for o in reversed(overrides) if "models" in _lookup(cfg, o)), f"downstream.{task}")
+            raise ValueError(f"{where}.models = {list(models)}: expected a non-empty list of {', '.join(known)}")
         return cls(task, models, int(s["image_size"]), str(s["size"]) if task == "segmentation" else "",
-                   FitSettings.from_profile(cfg, task, progress))
+                   FitSettings.from_profile(cfg, task, *overrides, progress=progress))
 
 
-def _section(cfg: Mapping[str, Any], task: str) -> Mapping[str, Any]:
+def settings(cfg: Mapping[str, Any], task: str, *overrides: str) -> dict[str, Any]:
+    """One chapter's view of the harness settings of ``task``: the profile's ``downstream.<task>`` section with, for
+    each dotted section path in ``overrides`` (e.g. ``"ch05.segmentation"``, then ``"ch05.mitigation"``), its keys
+    that ``downstream.<task>`` also defines replacing the values, later sections winning.
+
+    The chapter sections' other keys (``n_train_images``...) are the chapter's own and are not merged. So
+    ``downstream.<task>.<key>`` reaches every chapter whose sections do not define ``<key>``, and a chapter's value
+    is always in that chapter's section: no setting is read from two places.
+    """
     if task not in TASKS:
         raise ValueError(f"unknown downstream task {task!r}; expected one of {', '.join(TASKS)}")
-    return cfg["downstream"][task]
+    merged = dict(cfg["downstream"][task])
+    for path in overrides:
+        section = _lookup(cfg, path)
+        merged.update({k: section[k] for k in section if k in merged})
+    return merged
+
+
+def _lookup(cfg: Mapping[str, Any], path: str) -> Mapping[str, Any]:
+    """The profile section at the dotted ``path``; a clear error when there is none."""
+    node: Any = cfg
+    for part in path.split("."):
+        if not isinstance(node, Mapping) or part not in node:
+            raise ValueError(f"no profile section {path!r} (at {part!r}) to override downstream settings with")
+        node = node[part]
+    if not isinstance(node, Mapping):
+        raise ValueError(f"profile key {path!r} is a value, not a section of downstream overrides")
+    return node
 
 
 # ================================================================================================ early stopping
@@ -341,6 +368,6 @@ def predict_proba(model: nn.Module, images: np.ndarray, batch_size: int = 64) ->
     return torch.from_numpy(predict(model, images, batch_size)).softmax(dim=1).numpy()
 
 
-__all__ = ["FitSettings", "TaskSettings", "FitResult", "EarlyStopping", "stopping_epoch", "train_segmenter",
+__all__ = ["FitSettings", "TaskSettings", "settings", "FitResult", "EarlyStopping", "stopping_epoch", "train_segmenter",
            "train_classifier", "predict", "predict_masks", "predict_labels", "predict_proba", "VAL_METRICS",
            "seeded_model", "seeded_torch_rng"]

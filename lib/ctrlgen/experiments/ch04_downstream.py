@@ -34,6 +34,7 @@ import torch
 import torch.nn.functional as F
 
 from ctrlgen import result_cache
+from ctrlgen.analysis.bias import poor_vs_rest
 from ctrlgen.data import load_dataset
 from ctrlgen.data.records import DataError
 from ctrlgen.data.tensors import image_tensor
@@ -90,17 +91,19 @@ class NotRun:
 # ================================================================================================ settings
 @dataclass(frozen=True)
 class DownstreamConfig:
-    """Part II's settings, typed once from the profile section ``ch04_downstream`` (and the sampling settings
-    of part I's pair generation, which every mask-conditioned row shares)."""
+    """Part II's settings, typed once from the profile section ``ch04_downstream``, the model lists of the harness
+    sections ``downstream.classification`` / ``downstream.segmentation`` (chapter 4 trains with the harness defaults
+    as they are: §4.7.2) and the sampling settings of part I's pair generation, which every mask-conditioned row
+    shares."""
 
     n_per_class: int                    # §4.4.3: synthetic images per minority class (thesis 1000)
-    classifiers: tuple[str, ...]        # chapter 4's classifiers (input side, trainer: downstream.classification)
+    classifiers: tuple[str, ...]        # downstream.classification.models (input side, trainer: the same section)
     max_train_images: int               # real classification training images used (0 = all)
     max_eval_images: int                # validation and test images used, each (0 = all)
     finetune_steps: int                 # class-conditional diffusion finetuning (thesis 20k)
     finetune_batch: int
     finetune_lr: float
-    segmenters: tuple[str, ...]         # chapter 4's segmenters (widths, trainer: downstream.segmentation)
+    segmenters: tuple[str, ...]         # downstream.segmentation.models (widths, trainer: the same section)
     scales: tuple[int, int]             # real training pairs at S_1k and S_2.5k (0 = all)
     n_pairs: int                        # synthetic pairs added at each scale (thesis 2500)
     val_fraction: float                 # share of the real training pairs held out for early stopping
@@ -119,10 +122,10 @@ class DownstreamConfig:
         scales = tuple(int(v) for v in s["scales"])
         if len(scales) != 2:
             raise ValueError(f"ch04_downstream.segmentation.scales needs two sizes (S_1k, S_2.5k), got {list(scales)}")
-        return cls(n_per_class=int(c["n_per_class"]), classifiers=tuple(str(x) for x in c["classifiers"]),
+        return cls(n_per_class=int(c["n_per_class"]), classifiers=TaskSettings.from_profile(cfg, "classification").models,
                    max_train_images=int(c["max_train_images"]), max_eval_images=int(c["max_eval_images"]),
                    finetune_steps=int(c["finetune_steps"]), finetune_batch=int(c["finetune_batch"]),
-                   finetune_lr=float(c["finetune_lr"]), segmenters=tuple(str(x) for x in s["segmenters"]),
+                   finetune_lr=float(c["finetune_lr"]), segmenters=TaskSettings.from_profile(cfg, "segmentation").models,
                    scales=scales, n_pairs=int(s["n_pairs"]),
                    val_fraction=float(s["val_fraction"]), gain_bins=tuple(float(b) for b in d["gain_bins"]),
                    poor_iou=float(d["poor_iou"]), n_figure=int(d["n_figure"]), num_steps=int(p["num_steps"]),
@@ -898,18 +901,11 @@ def gain_figure(run: SegmentationRun, dc: DownstreamConfig, row: str = "Mine"):
 
 def poor_vs_good(run: SegmentationRun, dc: DownstreamConfig, row: str = "Mine") -> tuple[np.ndarray, np.ndarray, str]:
     """Per-image IoU gains (larger scale, segmenters pooled) of the poorly segmented images (original IoU <
-    ``poor_iou``) and of the rest: the two arms of the Fig. 4.11 claim. When the threshold leaves an arm empty (weak
-    models on a small profile) the split falls back to the median original IoU, and the returned note says so."""
+    ``poor_iou``) and of the rest: the two arms of the Fig. 4.11 claim, split by
+    :func:`ctrlgen.analysis.bias.poor_vs_rest` (its fallbacks when an arm is empty; the note says which ran)."""
     base = pooled(run, SCALE_LABELS[1], ORIGINAL, "IoU test", dc.segmenters)
     gain = pooled(run, SCALE_LABELS[1], row, "IoU test", dc.segmenters) - base
-    cut, note = dc.poor_iou, f"poorly segmented: original IoU < {dc.poor_iou}"
-    if (base < cut).all() or (base >= cut).all():
-        cut = float(np.median(base))
-        note = (f"IoU {dc.poor_iou} leaves an arm empty (original IoU {base.min():.2f}–{base.max():.2f}): "
-                f"split at the median original IoU {cut:.3f} instead")
-        if (base < cut).sum() == 0:
-            cut = float(np.nextafter(cut, np.inf))
-    return gain[base < cut], gain[base >= cut], note
+    return poor_vs_rest(gain, base, dc.poor_iou, label="original IoU")
 
 
 # ================================================================================================ figures

@@ -61,7 +61,8 @@ from ctrlgen.methods.dual_branch import targets as dual_branch_targets
 from ctrlgen.metrics.image import fid as fid_score
 from ctrlgen.models.registry import weight_path
 from ctrlgen.sampling import decode_images, sample
-from ctrlgen.downstream.train import FitSettings, predict_masks, predict_proba, train_classifier, train_segmenter
+from ctrlgen.downstream.train import (FitSettings, TaskSettings, predict_masks, predict_proba, settings,
+                                      train_classifier, train_segmenter)
 from ctrlgen.metrics.overlap import dice, iou
 from ctrlgen.methods.skin_tone import (
     BASE_MODELS,
@@ -77,7 +78,6 @@ from ctrlgen.methods.skin_tone import (
     score_table,
     stack_features,
 )
-from ctrlgen.runtime import resolve_device
 from ctrlgen.seeding import seed_everything
 
 SEGMENTER_NAMES = {"attention_unet": "AttenU-Net", "dcsau_net": "DCSAU-Net", "fat_net": "FAT-Net"}
@@ -90,7 +90,10 @@ SOURCES = ("Pretrained", "Training Sample (Random)", "Training Sample (Target)",
 # ================================================================================================ settings
 @dataclass(frozen=True)
 class Ch05Config:
-    """Chapter 5's settings, typed once from the profile section ``ch05``."""
+    """Chapter 5's settings, typed once from the profile section ``ch05``. Its trainers are the harness's
+    (``downstream.<task>``, :func:`ctrlgen.downstream.settings`) with chapter 5's overrides: ``ch05.skin_tone`` over
+    ``downstream.classification`` (§5.4.1), ``ch05.segmentation`` over ``downstream.segmentation`` (§5.4.2: batch 24)
+    and, for the finetuning of §5.5.1, ``ch05.mitigation`` over both."""
 
     tone_train_images: int          # procedural stand-in for Fitzpatrick17k (80/20 train/val)
     tone_test_per_group: int        # procedural stand-in for DDI: class-balanced test set
@@ -115,25 +118,23 @@ class Ch05Config:
 
     @classmethod
     def from_profile(cls, cfg: Mapping[str, Any]) -> "Ch05Config":
-        c, device, seed = cfg["ch05"], resolve_device(cfg), int(cfg["seed"])
-        s, m = c["segmentation"], c["mitigation"]
-
-        def fit(section, lr_key: str) -> FitSettings:
-            return FitSettings(max_epochs=int(section["max_epochs"]), batch_size=int(section["batch_size"]),
-                               lr=float(section[lr_key]), patience=int(section["patience"]), seed=seed, device=device)
+        c, seed, m = cfg["ch05"], int(cfg["seed"]), cfg["ch05"]["mitigation"]
+        seg = TaskSettings.from_profile(cfg, "segmentation", "ch05.segmentation")
         return cls(tone_train_images=int(c["skin_tone"]["n_train_images"]),
                    tone_test_per_group=int(c["skin_tone"]["n_test_per_group"]),
                    tone_resolution=int(c["skin_tone"]["resolution"]), patch_size=int(c["skin_tone"]["patch_size"]),
-                   tone_image_size=int(c["skin_tone"]["image_size"]), tone_fit=fit(c["skin_tone"], "lr"),
+                   tone_image_size=int(settings(cfg, "classification", "ch05.skin_tone")["image_size"]),
+                   tone_fit=FitSettings.from_profile(cfg, "classification", "ch05.skin_tone"),
                    bias_images=int(c["bias"]["n_procedural_images"]),
                    max_train_images=int(c["bias"]["max_train_images"]),
-                   resolution=int(c["bias"]["resolution"]), segmenters=tuple(str(n) for n in s["models"]),
-                   segmenter_size=str(s["size"]), seg_fit=fit(s, "lr"),
+                   resolution=int(c["bias"]["resolution"]), segmenters=seg.models, segmenter_size=seg.size,
+                   seg_fit=seg.fit,
                    thresholds=tuple(float(t) for t in c["bias"]["thresholds"]),
                    external_thresholds=tuple(float(t) for t in c["bias"]["external_thresholds"]),
                    n_resamples=int(c["bias"]["n_resamples"]), low_contrast_threshold=float(m["low_contrast_threshold"]),
                    max_pairs=int(m["max_pairs"]),
-                   finetune_fit=fit(m, "lr"), ratios=_ratios(m["generation_ratios"]), seed=seed)
+                   finetune_fit=FitSettings.from_profile(cfg, "segmentation", "ch05.segmentation", "ch05.mitigation"),
+                   ratios=_ratios(m["generation_ratios"]), seed=seed)
 
     @property
     def shift(self) -> ShiftSettings:
@@ -860,26 +861,8 @@ def pooled(per_model: Mapping[str, Mapping[str, Mapping[str, np.ndarray]]], sour
     return {src: np.concatenate([np.asarray(per_model[m][src][key])[pick[m]] for m in models]) for src in sources}, note
 
 
-def split_for_claim(values: np.ndarray, iou_values: np.ndarray, threshold: float) -> tuple[np.ndarray, np.ndarray, str]:
-    """(values in S_θ, values of the rest, note), images with a non-finite value left out. When S_θ or its rest is
-    empty (tiny smoke sets), the split falls back to the median IoU, and when ties leave a side empty even then
-    (e.g. every IoU 0), to the lower half of the images ranked by IoU; the note says which."""
-    keep = np.isfinite(values) & np.isfinite(iou_values)
-    values, iou_values = np.asarray(values)[keep], np.asarray(iou_values)[keep]
-    member = iou_values < threshold
-    note = f"S_{threshold:g} (IoU < {threshold:g}) vs the rest"
-    if member.all() or not member.any():
-        member = iou_values < np.median(iou_values)
-        note = f"S_{threshold:g} or its rest was empty: split at the median IoU instead"
-    if (member.all() or not member.any()) and len(values) >= 2:
-        member = np.zeros(len(values), bool)
-        member[np.argsort(iou_values, kind="stable")[: len(values) // 2]] = True
-        note = f"S_{threshold:g} or its rest was empty and the IoUs tie: the lower half by IoU rank instead"
-    return values[member], values[~member], note
-
-
 __all__ = ["Ch05Config", "BiasData", "SegSet", "bias_data", "ToneData", "tone_data", "base_predictions", "table_5_1",
            "pretrained_segmenter", "scores", "low_contrast_subset", "random_subset", "finetuned_scores", "not_run_reasons",
-           "mitigation_table", "split_for_claim", "SEGMENTER_NAMES", "SOURCES", "DualBranchPairs", "dual_branch_pairs", "to_unit", "efficiency", "table_5_5", "annotate",
+           "mitigation_table", "SEGMENTER_NAMES", "SOURCES", "DualBranchPairs", "dual_branch_pairs", "to_unit", "efficiency", "table_5_5", "annotate",
            "poor_subsets", "shift_table", "BaselinePairs", "BASELINES", "ch05_controlnet", "ch05_ip_adapter", "unet_key", "controlnet_key", "baseline_pairs",
            "QualityFeatures", "quality_features", "image_quality", "single_vs_dual", "ratio_table", "table_5_4", "pooled"]
