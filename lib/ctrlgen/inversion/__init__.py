@@ -18,7 +18,7 @@ from ctrlgen.progress import tqdm
 
 from ctrlgen.attention.kv import KVRecorder, KVSelection, KVStore
 from ctrlgen.models import schedule_kwargs
-from ctrlgen.sampling import predict_noise
+from ctrlgen.sampling import predict_model_output
 
 
 @dataclass
@@ -56,7 +56,8 @@ def ddim_invert(unet: torch.nn.Module, scheduler_config: Mapping[str, Any], late
         cond: text embedding of the image's prompt (the thesis inverts with it, guidance scale 1).
         record_kv: a ``KVSelection`` (or a prepared ``KVRecorder``) to store self-attention K/V per step.
     Returns the trajectory; ``ctrlgen.sampling.sample(..., latents=out.final)`` with a DDIM scheduler
-    of ``num_steps`` steps and the same prompt approximately reconstructs z_0.
+    of ``num_steps`` steps and the same prompt approximately reconstructs z_0. Under a zero-terminal-SNR schedule
+    (ᾱ_T = 0, trailing timesteps) the last step lands on t = T = 999 and z_T is the predicted noise itself.
     """
     sched = inverse_scheduler(scheduler_config)
     sched.set_timesteps(num_steps, device=latents.device)
@@ -66,8 +67,9 @@ def ddim_invert(unet: torch.nn.Module, scheduler_config: Mapping[str, Any], late
     traj, ts = [z.clone()], []
     with recorder if recorder is not None else nullcontext():
         for t in tqdm(sched.timesteps, disable=not progress, desc="DDIM inversion", leave=False):
-            eps = predict_noise(unet, z, t, cond, uncond, guidance_scale)
-            z = sched.step(eps, t, z).prev_sample
+            # ε̂ or v̂: DDIMInverseScheduler.step reads prediction_type (v under the zero-terminal-SNR schedule)
+            out = predict_model_output(unet, z, t, cond, uncond, guidance_scale)
+            z = sched.step(out, t, z).prev_sample
             traj.append(z.clone())
             ts.append(int(t))
     return InversionOutput(traj, ts, recorder.store if recorder is not None else None,

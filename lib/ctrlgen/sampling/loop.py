@@ -1,7 +1,9 @@
 """The denoising loop over diffusers schedulers with classifier-free guidance.
 
 ``sample`` runs DDIM, PNDM or DDPM (any diffusers scheduler with ``set_timesteps``/``step``),
-applies classifier-free guidance ``ε = ε_u + s (ε_c − ε_u)`` in one batched U-Net call, and calls an
+applies classifier-free guidance ``o = o_u + s (o_c − o_u)`` to the U-Net output o (ε under ε-prediction,
+v under v-prediction: guidance is linear in either, and the scheduler's ``step`` reads ``prediction_type``)
+in one batched U-Net call, and calls an
 optional *refiner* (``ctrlgen.guidance.GuidanceRefiner``) on the latent before the U-Net call of the
 steps it is active on (Eq. 4.10: "only in the first 50% of the timesteps").
 
@@ -50,13 +52,16 @@ def _step_kwargs(scheduler, generator: torch.Generator | None, eta: float) -> di
     return kw
 
 
-def predict_noise(unet: torch.nn.Module, latents: torch.Tensor, t: torch.Tensor | int, cond: torch.Tensor,
-                  uncond: torch.Tensor | None = None, guidance_scale: float = 1.0, scheduler=None,
-                  store: AttentionStore | None = None) -> torch.Tensor:
-    """ε̂(z_t, t) with classifier-free guidance when ``uncond`` is given and ``guidance_scale != 1``.
+def predict_model_output(unet: torch.nn.Module, latents: torch.Tensor, t: torch.Tensor | int, cond: torch.Tensor,
+                         uncond: torch.Tensor | None = None, guidance_scale: float = 1.0, scheduler=None,
+                         store: AttentionStore | None = None) -> torch.Tensor:
+    """The U-Net's output at (z_t, t) — ε̂ for an ε-prediction model, v̂ for a v-prediction one (the mini models'
+    zero-terminal-SNR schedule) — with classifier-free guidance (Ho & Salimans, 2022;
+    ``o_u + s (o_c − o_u)``) when ``uncond`` is given and ``guidance_scale != 1``.
 
-    The batch sent to the U-Net is ``[unconditional; conditional]``; a capture ``store`` is told so,
-    and keeps the conditional half only.
+    Hand it to the scheduler (``scheduler.step(out, t, z).prev_sample``; ``.pred_original_sample`` for x̂_0):
+    never read it as ε by hand. The batch sent to the U-Net is ``[unconditional; conditional]``; a capture
+    ``store`` is told so, and keeps the conditional half only.
     """
     cfg = uncond is not None and guidance_scale != 1.0
     x = torch.cat([latents, latents]) if cfg else latents
@@ -68,11 +73,14 @@ def predict_noise(unet: torch.nn.Module, latents: torch.Tensor, t: torch.Tensor 
         emb = cond
     if store is not None:
         store.cfg_batch = cfg
-    eps = unet(x, t, encoder_hidden_states=emb).sample
+    out = unet(x, t, encoder_hidden_states=emb).sample
     if cfg:
-        eps_u, eps_c = eps.chunk(2)
-        eps = eps_u + guidance_scale * (eps_c - eps_u)
-    return eps
+        out_u, out_c = out.chunk(2)
+        out = out_u + guidance_scale * (out_c - out_u)
+    return out
+
+
+predict_noise = predict_model_output  # the historical name (it returns ε only for ε-prediction models)
 
 
 def sample(unet: torch.nn.Module, scheduler, latents: torch.Tensor, cond: torch.Tensor,
@@ -112,8 +120,8 @@ def sample(unet: torch.nn.Module, scheduler, latents: torch.Tensor, cond: torch.
         if keep_trajectory:
             trajectory.append(latents.detach().clone())
         with torch.no_grad():
-            eps = predict_noise(unet, latents, t, cond, uncond, guidance_scale, scheduler, store)
-        latents = scheduler.step(eps, t, latents, **kw).prev_sample
+            out = predict_model_output(unet, latents, t, cond, uncond, guidance_scale, scheduler, store)
+        latents = scheduler.step(out, t, latents, **kw).prev_sample
         if callback is not None:
             callback(i, int(t), latents)
     return SampleOutput(latents, [int(t) for t in timesteps], trajectory)
@@ -126,4 +134,4 @@ def initial_latents(batch: int, channels: int, size: int | tuple[int, int], gene
     return torch.randn(batch, channels, h, w, generator=generator, dtype=torch.float32).to(device, dtype)
 
 
-__all__ = ["Refiner", "SampleOutput", "sample", "predict_noise", "initial_latents"]
+__all__ = ["Refiner", "SampleOutput", "sample", "predict_model_output", "predict_noise", "initial_latents"]

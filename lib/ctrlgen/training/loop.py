@@ -13,6 +13,10 @@ Batch format (a dict per step, from any iterable; it is cycled until ``steps``):
 (no text encoder call, no ``prompt_dropout``: the caller drops conditions); optional ``mask`` (B, 1, H, W) region mask
 (masked L_rec when ``TrainConfig.masked_rec``), ``rec_weight`` (B,), ``token_indices`` (B, K),
 ``token_masks`` (B, K, H, W), ``token_valid`` (B, K) for the attention-alignment term.
+
+The regression target follows the model's scheduler (``prediction_type``): ε for ε-prediction (SD 1.4 / 2.1 base),
+v = ``get_velocity(z_0, ε, t)`` for v-prediction (the mini models' zero-terminal-SNR schedule, Lin et al. 2024);
+``LossContext.noise_pred`` is the U-Net output, whichever of the two it predicts.
 """
 from __future__ import annotations
 
@@ -87,7 +91,8 @@ def train_config_from(settings: Mapping[str, Any], train_config: Mapping[str, An
 
 @dataclass
 class LossContext:
-    """What a loss term can read at one step."""
+    """What a loss term can read at one step: ``noise_pred`` is the U-Net output and ``target`` its regression target
+    (ε, or v under v-prediction: never assume ε)."""
 
     batch: dict[str, Any]
     noise_pred: torch.Tensor

@@ -18,6 +18,10 @@ def reconstruction_loss(pred: torch.Tensor, target: torch.Tensor, mask: torch.Te
                         weights: torch.Tensor | None = None) -> torch.Tensor:
     """L_rec: Eq. (4.3) ``‖ε − ε_θ(z_t, t, τ(y))‖²``; with ``mask``, Eq. (3.6) ``‖(ε − ε_θ) ⊙ M_s‖²``.
 
+    ``target`` is the model's own target: ε under ε-prediction, diffusers' ``get_velocity``
+    v = √ᾱ_t ε − √(1−ᾱ_t) z_0 under v-prediction (the mini models' zero-terminal-SNR schedule);
+    ``train_diffusion`` picks it.
+
     Mean over channels and pixels; ``mask`` ``(B, 1, h, w)`` or ``(B, h, w)`` at any side is
     area-pooled to the latent side; ``weights`` ``(B,)`` scale each sample (0 drops L_rec for it,
     as AttenCraft does for multi-concept subsets, Eq. 3.8).

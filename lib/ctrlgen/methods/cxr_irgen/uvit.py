@@ -42,7 +42,8 @@ class UViTBlock(nn.Module):
 
 
 class UViT(ModelMixin, ConfigMixin):
-    """U-ViT noise predictor ε_θ(z_t, t, c) built from its config (module doc)."""
+    """U-ViT denoiser built from its config (module doc): ε_θ(z_t, t, c), or v_θ under v-prediction (it learns the
+    training loop's target, which follows the base model's scheduler)."""
 
     @register_to_config
     def __init__(self, sample_size: int = 16, in_channels: int = 4, out_channels: int = 4, patch_size: int = 2,
@@ -83,7 +84,8 @@ class UViT(ModelMixin, ConfigMixin):
 
     def forward(self, sample: torch.Tensor, timestep, encoder_hidden_states: torch.Tensor,
                 return_dict: bool = True, **_ignored) -> UViTOutput | tuple[torch.Tensor]:
-        """ε̂ ``(B, C, h, w)`` for latents ``sample`` at ``timestep`` under ``encoder_hidden_states`` ``(B, L, D)``."""
+        """The prediction (ε̂ or v̂, as trained) ``(B, C, h, w)`` for latents ``sample`` at ``timestep`` under
+        ``encoder_hidden_states`` ``(B, L, D)``."""
         h = self._tokens(sample, timestep, encoder_hidden_states)
         skips = []
         for block in self.in_blocks:
