@@ -79,3 +79,22 @@ def test_published_model_folders_and_checkpoints_get_the_umask_permissions(tmp_p
     assert (folder / "unet" / "weights.safetensors").stat().st_mode & 0o777 == file_mode
     assert (folder / "rec.json").stat().st_mode & 0o777 == file_mode
     assert (ckpt / "trainable.safetensors").stat().st_mode & 0o777 == file_mode
+
+
+def test_code_version_ignores_comments_docstrings_and_layout_but_sees_code(tmp_path, monkeypatch):
+    """A reworded docstring or comment keeps a model's key; a changed constant or operator changes it."""
+    monkeypatch.setattr(cache, "LIB_ROOT", tmp_path)
+    original = '"""Module doc."""\n\ndef f(x):\n    """Doc."""\n    return x + 1  # why\n'
+    cosmetic = '"""Another module doc."""\n\n\ndef f(x):\n    """Reworded."""\n    # a new comment\n    return (x\n            + 1)\n'
+    versions = {}
+    for name, text in {"original": original, "cosmetic": cosmetic, "constant": original.replace("+ 1", "+ 2"),
+                       "operator": original.replace("x + 1", "x - 1"),
+                       "doc_only_body": '"""Module doc."""\n\ndef f(x):\n    """Doc."""\n'}.items():
+        (tmp_path / "m.py").write_text(text)
+        versions[name] = cache.code_version(["m.py"])
+    assert versions["cosmetic"] == versions["original"]
+    assert len({versions[k] for k in ("original", "constant", "operator", "doc_only_body")}) == 4
+    (tmp_path / "rules.yaml").write_text("a: 1\n")  # not Python: raw bytes count
+    before = cache.code_version(["rules.yaml"])
+    (tmp_path / "rules.yaml").write_text("a: 1  # comment\n")
+    assert cache.code_version(["rules.yaml"]) != before

@@ -49,19 +49,19 @@ def test_derm_parser_refuses_other_captions_quoting_them(bad):
 
 
 def test_scenes_parser_two_and_three_objects_with_and_without_texture():
-    two = parse_scenes_caption("a photo of a red cross and a orange checkered square on a noise background")
+    two = parse_scenes_caption("a photo of a red cross and a orange striped square on a gradient background")
     assert two == {"objects": "2", "shapes": frozenset({"cross", "square"}), "colours": frozenset({"red", "orange"})}
     three = parse_scenes_caption(
-        "a photo of a blue striped ring and a blue circle and a white dotted triangle on a gradient background")
+        "a photo of a blue striped ring and a blue circle and a white striped triangle on a field background")
     assert three == {"objects": "3", "shapes": frozenset({"ring", "circle", "triangle"}),
                      "colours": frozenset({"blue", "white"})}  # two blue objects: the colour set has two members
     # "an" is read like "a"; the background word "plain" is not taken for a texture
     assert parse_scenes_caption("a photo of an orange star and a black moon on a plain background")["shapes"] == \
         frozenset({"star", "moon"})
     # the world's own renderer: a plain (texture-less) object, a textured one, a third one
-    concepts = [Concept("diamond", "green", "plain"), Concept("cross", "yellow", "striped"), Concept("ring", "red", "dotted")]
+    concepts = [Concept("diamond", "green", "plain"), Concept("cross", "yellow", "striped"), Concept("ring", "red", "striped")]
     _, _, caption = render_scene(concepts, 16, np.random.default_rng(0), "field")
-    assert caption == "a photo of a green diamond and a yellow striped cross and a red dotted ring on a field background"
+    assert caption == "a photo of a green diamond and a yellow striped cross and a red striped ring on a field background"
     assert parse_scenes_caption(caption) == {"objects": "3", "shapes": frozenset({"diamond", "cross", "ring"}),
                                              "colours": frozenset({"green", "yellow", "red"})}
 
@@ -70,6 +70,8 @@ def test_scenes_parser_two_and_three_objects_with_and_without_texture():
                                  "a photo of a red blob and a blue square on a plain background",     # shape
                                  "a photo of a red plain circle and a blue square on a plain background",
                                  "a photo of a red wavy circle on a plain background",                # texture
+                                 "a photo of a red dotted circle on a plain background",              # dropped (issue 12)
+                                 "a photo of a red circle and a blue square on a noise background",   # dropped (issue 12)
                                  "a photo of a red circle and a blue square on a marble background",
                                  "a photo of a red circle and a blue square",                          # no background
                                  "a photo of red circle and a blue square on a plain background"])    # article
@@ -108,7 +110,7 @@ def test_unknown_domain_is_refused():
 
 def test_schema_restricts_to_occurring_values_and_encodes_by_hand():
     caps = ["a photo of a red cross and a blue circle on a plain background",
-            "a photo of a red ring and a white dotted circle and a blue square on a field background"]
+            "a photo of a red ring and a white striped circle and a blue square on a field background"]
     schema, labels = caption_labels("scenes", caps)
     assert schema["objects"] == Attribute("objects", CLASS, ("2", "3"))
     assert schema["shapes"].values == ("circle", "square", "cross", "ring")   # vocabulary order, only those seen

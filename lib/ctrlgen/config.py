@@ -358,9 +358,7 @@ SCHEMA: dict[str, Rule] = {
     "*.momentum": Rule(lambda v: _number(v) and 0 <= v < 1, "a number in [0, 1)"),
     "*segmentation.size": one_of("mini", "full"),
     "*segmentation.models": each(one_of(*SEGMENTER_NAMES)),
-    "*segmentation.segmenters": each(one_of(*SEGMENTER_NAMES)),
     "*classification.models": each(one_of(*CLASSIFIER_NAMES)),
-    "*classification.classifiers": each(one_of(*CLASSIFIER_NAMES)),
     "didgen.pairs.grad_normalize": one_of("none", "max"),  # guidance.GuidanceRefiner.normalize
     "didgen.pairs.softmax_scale": positive(),
     "*max_train_images": at_least(0, " (0 = all)"),

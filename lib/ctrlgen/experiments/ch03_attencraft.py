@@ -157,7 +157,7 @@ def three_concept_scene(cfg: Mapping[str, Any]) -> Scene:
 def same_class_scene(cfg: Mapping[str, Any]) -> Scene:
     """§7.2's first limitation: two concepts of the same class (both tokens start from the same word)."""
     size = int(cfg["models"]["image_size"])
-    concepts = [Concept("star", "red", "plain"), Concept("star", "green", "dotted")]
+    concepts = [Concept("star", "red", "plain"), Concept("star", "green", "striped")]
     image, masks, _ = render_scene(concepts, 256, np.random.default_rng([int(cfg["seed"]), 34]), "plain")
     image, m = _resize(image, np.stack(masks), size)
     return Scene("two stars", image, m, ("star", "star"), ("red", "green"))

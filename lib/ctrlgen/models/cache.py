@@ -9,6 +9,7 @@ rename, so a reader never sees half a model.
 """
 from __future__ import annotations
 
+import ast
 import hashlib
 import json
 import os
@@ -34,12 +35,28 @@ def key_hash(parts: Any) -> str:
 
 
 def code_version(files: Iterable[str]) -> str:
-    """Hash of library files (paths relative to ``lib/ctrlgen``) whose change must retrain a model."""
+    """Hash of library files (paths relative to ``lib/ctrlgen``) whose change must retrain a model.
+
+    A Python file counts by its syntax tree without docstrings (``code_text``): a reworded comment or
+    docstring does not retrain twenty minutes of base model; any change to what the code does does.
+    """
     h = hashlib.sha256()
     for rel in files:
         h.update(rel.encode())
-        h.update((LIB_ROOT / rel).read_bytes())
+        path = LIB_ROOT / rel
+        h.update(code_text(path.read_text()).encode() if path.suffix == ".py" else path.read_bytes())
     return h.hexdigest()[:12]
+
+
+def code_text(source: str) -> str:
+    """``source``'s syntax tree as text, docstrings removed (comments and layout never reach the tree)."""
+    tree = ast.parse(source)
+    for node in ast.walk(tree):
+        if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)) and node.body:
+            first = node.body[0]
+            if isinstance(first, ast.Expr) and isinstance(first.value, ast.Constant) and isinstance(first.value.value, str):
+                node.body = node.body[1:] or [ast.Pass()]
+    return ast.dump(tree)
 
 
 def read_json(path: Path) -> dict | None:
