@@ -203,10 +203,14 @@ def bench_flops(cfg, batch: int = 0, repeats: int = 3) -> dict[str, Any]:
     ids = model.tokenize([PROMPT] * batch)
     params = [p for m in (unet, text) for p in m.parameters()]
     optimizer = torch.optim.AdamW(params, lr=1e-4)
+    sched = model.noise_scheduler()
+    noisy = sched.add_noise(latents, noise, t)
+    # the model's own target (ε, or v on the zero-terminal-SNR mini models), as the training loop computes it
+    target = noise if sched.config.prediction_type == "epsilon" else sched.get_velocity(latents, noise, t)
 
     def train_step() -> None:
-        pred = unet(latents + noise, t, encoder_hidden_states=text(ids)[0]).sample
-        loss = torch.nn.functional.mse_loss(pred, noise)
+        pred = unet(noisy, t, encoder_hidden_states=text(ids)[0]).sample
+        loss = torch.nn.functional.mse_loss(pred, target)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
