@@ -176,3 +176,93 @@ def test_config_from_every_profile(name):
         assert (c.train_steps, c.batch_size, c.lr, c.weight_decay) == (20000, 4, 1e-5, 1e-2)
     with pytest.raises(ValueError, match="unknown setting"):
         cn.ControlNetConfig.from_profile(cfg, steps=3)
+
+
+# ---------------------------------------------------------------- the U-Net facade and the training target
+def test_controlled_unet_is_the_base_unet_called_with_the_controlnet_residuals():
+    """The facade by hand: the ControlNet's residuals (Eq. 2.33, scaled, on the masks repeated for the guidance
+    batch) passed to the base U-Net; the base U-Net's config, dtype and device; no call before ``condition``."""
+    from ctrlgen.methods.baselines.unet_wrapper import ConditionedUNet
+
+    torch.manual_seed(0)
+    model = tiny()
+    net = cn.build_controlnet(model)
+    with torch.no_grad():  # non-zero zero convolutions, so that the residuals are not 0
+        for p in (*net.controlnet_down_blocks.parameters(), *net.controlnet_mid_block.parameters()):
+            p.normal_(0, 0.1)
+    _, masks = pairs(2)
+    cond = cn.conditioning_images(masks, SIDE)
+    x, t, emb = unet_inputs(model)
+    x2, t2, emb2 = torch.cat([x, x]), torch.cat([t, t]), torch.cat([emb, emb])
+    controlled = cn.ControlledUNet(model.unet, net, conditioning_scale=0.7)
+    with torch.no_grad():
+        with pytest.raises(RuntimeError, match=r"ControlledUNet: call condition\(images\) before the U-Net"):
+            controlled(x, t, encoder_hidden_states=emb)
+        down, mid = net(x2, t2, encoder_hidden_states=emb2, controlnet_cond=torch.cat([cond, cond]),
+                        conditioning_scale=0.7, return_dict=False)
+        want = model.unet(x2, t2, encoder_hidden_states=emb2, down_block_additional_residuals=down,
+                          mid_block_additional_residual=mid).sample
+        got = controlled.condition(cond)(x2, t2, encoder_hidden_states=emb2).sample
+        base = model.unet(x2, t2, encoder_hidden_states=emb2).sample
+    assert torch.equal(got, want) and not torch.allclose(got, base)
+    assert isinstance(controlled, ConditionedUNet) and controlled.cond is cond
+    assert controlled.config is model.unet.config and controlled.dtype == model.unet.dtype
+    assert controlled.device == model.unet.device == torch.device("cpu")
+
+
+def record_training_targets(monkeypatch) -> list[dict]:
+    """Spy on ``train_diffusion``: per step, what it noised (z_0, ε, t, the schedule) and the target its loss
+    compared the U-Net's output with."""
+    from diffusers import DDPMScheduler
+
+    seen: list[dict] = []
+    add_noise, rec = DDPMScheduler.add_noise, training_loop.reconstruction_loss
+
+    def spy_add_noise(self, latents, noise, t):
+        seen.append({"z0": latents.detach().clone(), "eps": noise.detach().clone(), "t": t.clone(),
+                     "abar": self.alphas_cumprod.clone(), "prediction_type": self.config.prediction_type})
+        return add_noise(self, latents, noise, t)
+
+    def spy_rec(pred, target, *args, **kwargs):
+        seen[-1]["target"] = target.detach().clone()
+        return rec(pred, target, *args, **kwargs)
+
+    monkeypatch.setattr(DDPMScheduler, "add_noise", spy_add_noise)
+    monkeypatch.setattr(training_loop, "reconstruction_loss", spy_rec)
+    return seen
+
+
+def assert_velocity_targets(seen: list[dict], steps: int) -> None:
+    """Each step's target is v = √ᾱ_t ε − √(1 − ᾱ_t) z_0 (Salimans & Ho 2022, closed form), not ε, on a
+    zero-terminal-SNR schedule (ᾱ_T = 0)."""
+    assert len(seen) == steps
+    for s in seen:
+        assert s["prediction_type"] == "v_prediction" and float(s["abar"][-1]) < 1e-6
+        a = s["abar"][s["t"]].view(-1, 1, 1, 1)
+        torch.testing.assert_close(s["target"], a.sqrt() * s["eps"] - (1 - a).sqrt() * s["z0"], rtol=1e-5, atol=1e-6)
+        assert not torch.allclose(s["target"], s["eps"], atol=1e-3)
+
+
+def test_controlnet_trains_against_the_v_prediction_target_of_the_base_models_schedule(monkeypatch):
+    """The mini base models predict v (zero-terminal-SNR schedule): ControlNet's loss compares with v, built by the
+    book's trainer from the scheduler, never with ε."""
+    model = tiny()
+    assert model.scheduler_config["prediction_type"] == "v_prediction"
+    seen = record_training_targets(monkeypatch)
+    images, masks = pairs(4)
+    cn.train_controlnet(model, images, masks, PROMPT, cn.ControlNetConfig(train_steps=2, batch_size=2), progress=False)
+    assert_velocity_targets(seen, 2)
+
+
+def test_shuffled_batches_are_full_batches_of_one_seeded_permutation_per_epoch():
+    """5 samples in batches of 2: two full batches per epoch (the fifth sample waits for a later epoch), each epoch
+    the next permutation of numpy's generator seeded 7; fewer samples than a batch: one short batch per epoch."""
+    from itertools import islice
+
+    from ctrlgen.methods.baselines.unet_wrapper import shuffled_batches
+
+    got = [b.tolist() for b in islice(shuffled_batches(5, 2, seed=7), 4)]
+    rng = np.random.default_rng(7)
+    first, second = rng.permutation(5).tolist(), rng.permutation(5).tolist()
+    assert got == [first[0:2], first[2:4], second[0:2], second[2:4]]
+    assert [b.tolist() for b in islice(shuffled_batches(1, 4), 2)] == [[0], [0]]

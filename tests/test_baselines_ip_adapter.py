@@ -121,3 +121,51 @@ def test_bad_input_is_refused():
         adapter = ipa.IPAdapter(model.unet, 4)
         with ipa.IPAdapterSwap(model.unet, adapter) as swap:
             ipa.ImagePromptedUNet(model.unet, adapter, swap, embed)(*inputs(model))
+
+
+# ---------------------------------------------------------------- the U-Net facade and the training target
+def test_image_prompted_unet_sets_the_image_tokens_then_calls_the_wrapped_unet():
+    """The facade by hand: the swap's image tokens set from the embedded prompts, then the wrapped U-Net called as
+    is; config, dtype and device of the U-Net (through a ``ControlledUNet`` too); no call before ``prompt``."""
+    from ctrlgen.methods.baselines.controlnet import ControlledUNet, build_controlnet
+    from ctrlgen.methods.baselines.unet_wrapper import ConditionedUNet
+
+    torch.manual_seed(0)
+    model = tiny()
+    adapter = ipa.IPAdapter(model.unet, embed_dim=5, tokens=3)
+    with torch.no_grad():  # W'_k apart from W_k, so that the image prompt matters
+        for p in adapter.to_k_ip.parameters():
+            p.normal_(0, 0.3)
+    embed = lambda im: im.mean((2, 3)).repeat(1, 2)[:, :5]  # noqa: E731
+    prompts = torch.rand(2, 3, SIDE, SIDE, generator=torch.Generator().manual_seed(3))
+    x, t, emb = inputs(model)
+    with torch.no_grad():
+        base = model.unet(x, t, encoder_hidden_states=emb).sample
+        with ipa.IPAdapterSwap(model.unet, adapter, scale=0.8) as swap:
+            wrapped = ipa.ImagePromptedUNet(model.unet, adapter, swap, embed)
+            with pytest.raises(RuntimeError, match=r"ImagePromptedUNet: call prompt\(images\) before the U-Net"):
+                wrapped(x, t, emb)
+            got = wrapped.prompt(prompts)(x, t, emb).sample
+            swap.tokens = swap.uncond = None
+            swap.set_embeds(embed(prompts))
+            want = model.unet(x, t, encoder_hidden_states=emb).sample
+    assert torch.equal(got, want) and not torch.allclose(got, base)
+    assert isinstance(wrapped, ConditionedUNet) and wrapped.images is prompts
+    nested = ipa.ImagePromptedUNet(ControlledUNet(model.unet, build_controlnet(model)), adapter, swap, embed)
+    for facade in (wrapped, nested):
+        assert facade.config is model.unet.config and facade.dtype == model.unet.dtype
+        assert facade.device == model.unet.device == torch.device("cpu")
+
+
+def test_ip_adapter_trains_against_the_v_prediction_target_of_the_base_models_schedule(monkeypatch):
+    """The mini base models predict v: IP-Adapter's loss compares with v from the scheduler, never with ε."""
+    from test_baselines_controlnet import assert_velocity_targets, record_training_targets
+
+    model = tiny()
+    assert model.scheduler_config["prediction_type"] == "v_prediction"
+    seen = record_training_targets(monkeypatch)
+    embed = ipa.vae_image_embedder(model.vae, grid=2)
+    dim = int(embed(torch.rand(1, 3, SIDE, SIDE)).shape[1])
+    ipa.train_ip_adapter(model, images(4), PROMPT, ipa.IPAdapterConfig(train_steps=2, batch_size=2, tokens=2), embed,
+                         dim, seed=0)
+    assert_velocity_targets(seen, 2)

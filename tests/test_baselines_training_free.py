@@ -150,3 +150,56 @@ def test_terms_compose_with_the_book_refiner_names(unet):
                               eta=1.0, fraction=1.0)
     refiner(unet, z, torch.tensor(500), cond, 0)
     assert {"car", "zest", "loss"} <= set(refiner.history[0])
+
+
+def test_sar_term_is_the_official_per_layer_loss_on_fixed_random_maps():
+    """L_SAR as the official ``loss_one_att_outside`` computes it, by hand on two random 8×8 self-attention layers
+    and a box: per layer, the in-box query rows summed and divided by their count, times the outside mask, summed;
+    then averaged over the layers. The term reads the layer-averaged map (what the capture keeps): the same number,
+    the loss being linear in A_S. It is the book's L_SA term with the per-query normalisation fixed."""
+    from ctrlgen.guidance import GuidanceContext, SelfAttentionLayoutTerm
+
+    g = torch.Generator().manual_seed(0)
+    layers = [(3 * torch.rand(2, 64, 64, generator=g)).softmax(-1) for _ in range(2)]
+    box = torch.zeros(8, 8)
+    box[2:6, 1:5] = 1
+    inside = [r * 8 + c for r in range(2, 6) for c in range(1, 5)]
+    official = sum((layer[:, inside, :].sum(1) / len(inside) * (1 - box).flatten()).sum(-1) for layer in layers) / 2
+
+    class Store:
+        def self_attention(self, side):
+            assert side == 8
+            return (layers[0] + layers[1]) / 2
+
+    term = SelfAttentionRefocusTerm(box, 8, 2.0)  # positional: mask, side, weight, as before
+    assert isinstance(term, SelfAttentionLayoutTerm) and term.normalize == "queries" and term.weight == 2.0
+    assert term.name == "sar" and term.self_res == (8,) and term.cross_res == ()
+    torch.testing.assert_close(term(GuidanceContext(Store(), torch.zeros(2, 4, 8, 8), 500, 0)), official)
+    with pytest.raises(TypeError):
+        SelfAttentionRefocusTerm(box, 8, normalize="background")  # the official normalisation is not a choice
+
+
+def test_car_term_is_car_loss_on_the_token_map_and_the_mask_pooled_to_its_side():
+    """CAR shares L_CA's map and mask handling (``TokenMapMaskTerm``) and differs in its loss only: on a fixed
+    random cross-attention map, the peaks inside and outside the 16-px box pooled 2×2 to the map side 8, by hand."""
+    from ctrlgen.guidance import GuidanceContext
+    from ctrlgen.guidance.terms import TokenMapMaskTerm
+
+    cross = torch.rand(1, 8, 8, 9, generator=torch.Generator().manual_seed(1)).softmax(-1)
+
+    class Store:
+        def cross(self, side):
+            assert side == 8
+            return cross
+
+    box = torch.zeros(16, 16)
+    box[4:12, 2:8] = 1  # rows 2–5, columns 1–3 at side 8
+    tmap = TokenMap(2, 6, cross_res=8)
+    a = gaussian_smooth(text_token_softmax(cross, 6, 100.0)[..., 2], 3, 0.5)[0]
+    inside = torch.zeros(8, 8, dtype=torch.bool)
+    inside[2:6, 1:4] = True
+    want = (1 - a[inside].max()) + 0.3 * a[~inside].max()
+    term = CrossAttentionRefocusTerm(box, tmap, 0.3)
+    assert isinstance(term, TokenMapMaskTerm) and term.cross_res == (8,) and term.self_res == ()
+    got = term(GuidanceContext(Store(), torch.zeros(1, 4, 8, 8), 500, 0))
+    torch.testing.assert_close(got, want[None])

@@ -249,3 +249,84 @@ def test_a_dominant_token_saturates_the_x100_softmax_and_a_scale_of_one_restores
     inside = lambda a: float((a[0, ..., 1] * mask[0]).sum() / mask.sum()  # noqa: E731
                              - (a[0, ..., 1] * (1 - mask[0])).sum() / (1 - mask).sum())
     assert inside(stepped) > inside(cross) + 0.01 and loss_and_grad(1.0, stepped)[0] < loss1
+
+
+# ---------------------------------------------------------------- the terms' shared shape (map, mask at its side, loss)
+class FixedStore:
+    """Stands in for an ``AttentionStore``: fixed random maps, cross ``(B, s, s, T)`` and self ``(B, s², s²)``
+    (rows softmax-normalised like attention)."""
+
+    def __init__(self, batch: int = 2, side: int = 8, tokens: int = 10, seed: int = 0):
+        g = torch.Generator().manual_seed(seed)
+        self.side = side
+        self.cross_maps = torch.rand(batch, side, side, tokens, generator=g).softmax(-1)
+        self.self_maps = (4 * torch.rand(batch, side * side, side * side, generator=g)).softmax(-1)
+
+    def cross(self, side: int) -> torch.Tensor:
+        assert side == self.side, side
+        return self.cross_maps
+
+    def self_attention(self, side: int) -> torch.Tensor:
+        assert side == self.side, side
+        return self.self_maps
+
+
+def _context(store):
+    from ctrlgen.guidance import GuidanceContext
+
+    return GuidanceContext(store, torch.zeros(2, 4, 8, 8), 500, 0)
+
+
+def test_layout_terms_are_their_losses_on_the_token_map_and_the_mask_pooled_to_its_side():
+    """L_CA and L_SA terms on fixed random maps, against the loss functions on maps and masks built by hand
+    (the 32-px masks area-pooled 4×4 to the maps' side 8)."""
+    from ctrlgen.guidance.terms import SelfAttentionMaskTerm, TokenMapMaskTerm
+
+    store = FixedStore()
+    masks = torch.zeros(2, 32, 32)
+    masks[0, 4:22, 6:30] = 1
+    masks[1, 10:31, 1:17] = 1
+    pooled = masks.view(2, 8, 4, 8, 4).mean((2, 4))
+    tmap = TokenMap(2, 6, cross_res=8)
+    a = gaussian_smooth(text_token_softmax(store.cross_maps, 6, 100.0)[..., 2], 3, 0.5)
+    ca, sa = CrossAttentionLayoutTerm(masks, tmap), SelfAttentionLayoutTerm(masks, side=8, normalize="queries")
+    assert isinstance(ca, TokenMapMaskTerm) and isinstance(sa, SelfAttentionMaskTerm)
+    assert ca.cross_res == (8,) and ca.self_res == () and sa.self_res == (8,) and sa.cross_res == ()
+    torch.testing.assert_close(ca(_context(store)), cross_attention_layout_loss(a, pooled, reduction="none"))
+    torch.testing.assert_close(sa(_context(store)),
+                               self_attention_layout_loss(store.self_maps, pooled, "queries", reduction="none"))
+    background = SelfAttentionLayoutTerm(masks, side=8)(_context(store))  # Eq. (4.9): divided by Σ(1 − M)
+    m = pooled.flatten(1)
+    by_hand = (m[:, :, None] * store.self_maps * (1 - m)[:, None, :]).sum((1, 2)) / (1 - m).sum(1)
+    torch.testing.assert_close(background, by_hand)
+
+
+def test_a_new_term_supplies_only_its_loss():
+    """A term on the shared shape receives the token map and the mask at the map side; without ``loss`` it says so."""
+    from dataclasses import dataclass
+
+    from ctrlgen.guidance.terms import TokenMapMaskTerm
+
+    @dataclass
+    class InsideMass(TokenMapMaskTerm):
+        mask: torch.Tensor
+        token_map: TokenMap
+        name, weight, self_res = "inside", 1.0, ()  # what the refiner reads (GuidanceTerm), not fields here
+
+        def loss(self, token_map, mask):
+            return -(token_map * mask).sum((-2, -1))
+
+    store = FixedStore()
+    mask = torch.zeros(32, 32)
+    mask[:16] = 1  # top half: rows 0–3 of the 8×8 map
+    tmap = TokenMap(3, 7, cross_res=8, smoothing_kernel=1)
+    a = text_token_softmax(store.cross_maps, 7, 100.0)[..., 3]
+    torch.testing.assert_close(InsideMass(mask, tmap)(_context(store)), -a[:, :4].sum((-2, -1)))
+
+    @dataclass
+    class NoLoss(TokenMapMaskTerm):
+        mask: torch.Tensor
+        token_map: TokenMap
+
+    with pytest.raises(NotImplementedError, match="NoLoss must define loss"):
+        NoLoss(mask, tmap)(_context(store))

@@ -87,28 +87,64 @@ class TokenMap:
         return gaussian_smooth(a, self.smoothing_kernel, self.smoothing_sigma)
 
 
+class TokenMapMaskTerm:
+    """The shape every term comparing one token's cross-attention map with a layout mask shares: it reads the side
+    ``token_map.cross_res``, the map once per context (``GuidanceContext.token_map``: terms on the same map share its
+    graph), the mask area-pooled to that side (``mask_at``), and returns ``loss(map, mask)`` per sample ``(B,)``.
+
+    Subclasses are dataclasses with fields ``mask``, ``token_map``, ``weight``, ``name`` and ``self_res`` and
+    define ``loss`` (L_CA of Eq. 4.7 here; Attention-Refocusing's L_CAR among the baselines)."""
+
+    @property
+    def cross_res(self) -> tuple[int, ...]:
+        return (self.token_map.cross_res,)
+
+    def loss(self, token_map: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Per sample ``(B,)`` from the map ``(B, h, w)`` and the mask at its side ``(B|1, h, w)``."""
+        raise NotImplementedError(f"{type(self).__name__} must define loss(token_map, mask)")
+
+    def __call__(self, ctx: GuidanceContext) -> torch.Tensor:
+        a = ctx.token_map(self.token_map)
+        return self.loss(a, mask_at(self.mask, self.token_map.cross_res, a))
+
+
+class SelfAttentionMaskTerm:
+    """The shape every term comparing the self-attention maps at one side with a layout mask shares: it reads
+    ``store.self_attention(side)`` ``(B, N, N)`` (layers of that side averaged), the mask area-pooled to ``side``,
+    and returns ``loss(self_attn, mask)`` per sample ``(B,)``.
+
+    Subclasses are dataclasses with fields ``mask``, ``side``, ``weight``, ``name`` and ``cross_res`` and define
+    ``loss`` (L_SA of Eq. 4.8–4.9)."""
+
+    @property
+    def self_res(self) -> tuple[int, ...]:
+        return (self.side,)
+
+    def loss(self, self_attn: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Per sample ``(B,)`` from the maps ``(B, N, N)`` (rows: queries) and the mask ``(B|1, side, side)``."""
+        raise NotImplementedError(f"{type(self).__name__} must define loss(self_attn, mask)")
+
+    def __call__(self, ctx: GuidanceContext) -> torch.Tensor:
+        sa = ctx.store.self_attention(self.side)
+        return self.loss(sa, mask_at(self.mask, self.side, sa))
+
+
 @dataclass
-class CrossAttentionLayoutTerm:
+class CrossAttentionLayoutTerm(TokenMapMaskTerm):
     """L_CA, Eq. (4.7) / (5.5), on ``token_map`` against the layout ``mask`` (area-pooled to the map side)."""
 
     mask: torch.Tensor
     token_map: TokenMap
     weight: float = 1.0
     name: str = "ca"
-
-    @property
-    def cross_res(self) -> tuple[int, ...]:
-        return (self.token_map.cross_res,)
-
     self_res: tuple[int, ...] = ()
 
-    def __call__(self, ctx: GuidanceContext) -> torch.Tensor:
-        a = ctx.token_map(self.token_map)
-        return cross_attention_layout_loss(a, mask_at(self.mask, self.token_map.cross_res, a), reduction="none")
+    def loss(self, token_map: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        return cross_attention_layout_loss(token_map, mask, reduction="none")
 
 
 @dataclass
-class SelfAttentionLayoutTerm:
+class SelfAttentionLayoutTerm(SelfAttentionMaskTerm):
     """L_SA, Eq. (4.8)–(4.9) / (5.6)–(5.7), on the self-attention maps at side ``side``."""
 
     mask: torch.Tensor
@@ -118,13 +154,8 @@ class SelfAttentionLayoutTerm:
     name: str = "sa"
     cross_res: tuple[int, ...] = ()
 
-    @property
-    def self_res(self) -> tuple[int, ...]:
-        return (self.side,)
-
-    def __call__(self, ctx: GuidanceContext) -> torch.Tensor:
-        sa = ctx.store.self_attention(self.side)
-        return self_attention_layout_loss(sa, mask_at(self.mask, self.side, sa), self.normalize, reduction="none")
+    def loss(self, self_attn: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        return self_attention_layout_loss(self_attn, mask, self.normalize, reduction="none")
 
 
 @dataclass
@@ -154,5 +185,5 @@ def sides(terms: Sequence[GuidanceTerm]) -> tuple[list[int], list[int]]:
     return (sorted({s for term in terms for s in term.cross_res}), sorted({s for term in terms for s in term.self_res}))
 
 
-__all__ = ["GuidanceContext", "GuidanceTerm", "TokenMap", "CrossAttentionLayoutTerm", "SelfAttentionLayoutTerm",
-           "StyleTerm", "mask_at", "sides"]
+__all__ = ["GuidanceContext", "GuidanceTerm", "TokenMap", "TokenMapMaskTerm", "SelfAttentionMaskTerm",
+           "CrossAttentionLayoutTerm", "SelfAttentionLayoutTerm", "StyleTerm", "mask_at", "sides"]

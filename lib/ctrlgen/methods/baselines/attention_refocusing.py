@@ -21,7 +21,11 @@ Two losses on the attention of one U-Net call on z_t, descended on the latent:
       L_SAR = Σ_{p ∈ M} Σ_{q ∉ M} A_S[p, q] / |M|
 
   which is L_SA of Eq. (4.8) with the per-query normalisation (``self_attention_layout_loss(...,
-  normalize="queries")``), reused here rather than written twice.
+  normalize="queries")``; Eq. (4.9) divides by Σ(1 − M) instead), reused here rather than written twice: the
+  official loss is per layer and averaged over the layers of the side, the same as the loss of the layer-averaged
+  map the capture keeps because the loss is linear in A_S. ``SelfAttentionRefocusTerm`` is therefore the book's
+  ``SelfAttentionLayoutTerm`` with that normalisation fixed; the CAR term shares L_CA's map and mask handling
+  (``ctrlgen.guidance.terms.TokenMapMaskTerm``) and differs in its loss only.
 
 For a soft mask (a pixel mask area-pooled to the attention side) the maxima weight each position by its mask
 value: ``max_p A_p M_p`` and ``max_p A_p (1 − M_p)``, exactly the hard-mask maxima when M is binary. The
@@ -30,12 +34,13 @@ paper's boxes become the lesion mask: a box is a mask with straight edges.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
-from typing import Any
+from dataclasses import dataclass, field
+from typing import Any, Literal
 
 import torch
 
-from ctrlgen.guidance import GuidanceContext, GuidanceRefiner, TokenMap, mask_at, self_attention_layout_loss
+from ctrlgen.guidance import GuidanceRefiner, SelfAttentionLayoutTerm, TokenMap, self_attention_layout_loss
+from ctrlgen.guidance.terms import TokenMapMaskTerm
 
 
 def car_loss(token_map: torch.Tensor, mask: torch.Tensor, background_weight: float = 0.5) -> torch.Tensor:
@@ -55,8 +60,9 @@ def sar_loss(self_attn: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 
 
 @dataclass
-class CrossAttentionRefocusTerm:
-    """L_CAR on ``token_map`` against ``mask`` (``(B, H, W)`` or ``(H, W)``, area-pooled to the map side)."""
+class CrossAttentionRefocusTerm(TokenMapMaskTerm):
+    """L_CAR on ``token_map`` against ``mask`` (``(B, H, W)`` or ``(H, W)``, area-pooled to the map side): the map
+    and mask handling of ``TokenMapMaskTerm`` (as L_CA's), the peaks of ``car_loss`` instead of L_CA's means."""
 
     mask: torch.Tensor
     token_map: TokenMap
@@ -65,32 +71,21 @@ class CrossAttentionRefocusTerm:
     name: str = "car"
     self_res: tuple[int, ...] = ()
 
-    @property
-    def cross_res(self) -> tuple[int, ...]:
-        return (self.token_map.cross_res,)
-
-    def __call__(self, ctx: GuidanceContext) -> torch.Tensor:
-        a = ctx.token_map(self.token_map)
-        return car_loss(a, mask_at(self.mask, a.shape[-1], a), self.background_weight)
+    def loss(self, token_map: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        return car_loss(token_map, mask, self.background_weight)
 
 
 @dataclass
-class SelfAttentionRefocusTerm:
-    """L_SAR on the self-attention maps at side ``side`` against ``mask``."""
+class SelfAttentionRefocusTerm(SelfAttentionLayoutTerm):
+    """L_SAR on the self-attention maps at side ``side`` against ``mask``: the thesis's L_SA term (Eq. 4.8) with the
+    per-query normalisation of the official code (module doc), fixed: ``normalize`` is not an argument."""
 
     mask: torch.Tensor
     side: int = 16
+    normalize: Literal["background", "queries"] = field(default="queries", init=False)
     weight: float = 1.0
     name: str = "sar"
     cross_res: tuple[int, ...] = ()
-
-    @property
-    def self_res(self) -> tuple[int, ...]:
-        return (self.side,)
-
-    def __call__(self, ctx: GuidanceContext) -> torch.Tensor:
-        sa = ctx.store.self_attention(self.side)
-        return sar_loss(sa, mask_at(self.mask, self.side, sa))
 
 
 @dataclass(frozen=True)

@@ -10,8 +10,9 @@ convolutions** (1×1 convolutions with weights and biases initialised to zero):
 
 so before training the residuals are exactly zero and the model is the base model. Training follows
 diffusers' ``examples/controlnet/train_controlnet.py``: the conditioning image is the mask as an RGB
-image in [0, 1], the base U-Net, VAE and text encoder are frozen, the loss is the noise-prediction MSE
-on the ControlNet's parameters only (AdamW), an optional share of empty prompts
+image in [0, 1], the base U-Net, VAE and text encoder are frozen, the loss is the diffusion MSE against the
+scheduler's target (ε, or v for the v-predicting mini models: the trainer's ``get_velocity``) on the ControlNet's
+parameters only (AdamW), an optional share of empty prompts
 (``--proportion_empty_prompts``, profile ``prompt_dropout``). It runs through the book's one trainer,
 ``ctrlgen.training.train_diffusion``, on a ``ControlledUNet`` (base U-Net + ControlNet).
 
@@ -38,6 +39,7 @@ from diffusers import ControlNetModel
 from torch import nn
 
 from ctrlgen.data.tensors import image_tensor
+from ctrlgen.methods.baselines.unet_wrapper import ConditionedUNet, shuffled_batches
 from ctrlgen.models.sd import SDComponents
 from ctrlgen.sampling import text_to_image
 from ctrlgen.training import TrainableParams, train_config_from, train_diffusion
@@ -84,34 +86,25 @@ def build_controlnet(base_model: SDComponents, seed: int = 0) -> ControlNetModel
     return net.to(base_model.device)
 
 
-class ControlledUNet(nn.Module):
+class ControlledUNet(ConditionedUNet):
     """The frozen base U-Net with ControlNet residuals added: looks like a U-Net to the sampler and trainer.
 
     ``condition(images)`` sets the conditioning images ``(B, 3, H, W)`` in [0, 1] of the next calls; a call
     whose batch is a multiple k of B (classifier-free guidance: k = 2) repeats them k times."""
 
+    setter = "condition(images)"
+
     def __init__(self, unet: nn.Module, controlnet: ControlNetModel, conditioning_scale: float = 1.0):
-        super().__init__()
-        self.unet, self.controlnet, self.conditioning_scale = unet, controlnet, conditioning_scale
-        self.cond: torch.Tensor | None = None
+        super().__init__(unet)
+        self.controlnet, self.conditioning_scale = controlnet, conditioning_scale
 
-    @property
-    def config(self):
-        """The base U-Net's config (``in_channels``, ``sample_size``: what the sampler reads)."""
-        return self.unet.config
+    condition = ConditionedUNet.set_inputs  # ControlNet's name: ``condition(images)`` sets the next calls' images
+    cond = property(lambda self: self.inputs, doc="The conditioning images of the next calls (None until set).")
 
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.unet.dtype
-
-    def condition(self, images: torch.Tensor) -> "ControlledUNet":
-        self.cond = images
-        return self
-
-    def forward(self, sample: torch.Tensor, timestep, encoder_hidden_states: torch.Tensor, **kwargs: Any):
-        if self.cond is None:
-            raise RuntimeError("ControlledUNet: call condition(images) before the U-Net")
-        cond = self.cond
+    def unet_kwargs(self, inputs: torch.Tensor, sample: torch.Tensor, timestep,
+                    encoder_hidden_states: torch.Tensor) -> dict[str, Any]:
+        """The ControlNet's residuals for the skip connections and the middle block (Eq. 2.33)."""
+        cond = inputs
         if sample.shape[0] != cond.shape[0]:
             if sample.shape[0] % cond.shape[0]:
                 raise ValueError(f"ControlledUNet: {cond.shape[0]} conditioning images for a batch of {sample.shape[0]}")
@@ -119,8 +112,7 @@ class ControlledUNet(nn.Module):
         down, mid = self.controlnet(sample, timestep, encoder_hidden_states=encoder_hidden_states,
                                     controlnet_cond=cond.to(sample), conditioning_scale=self.conditioning_scale,
                                     return_dict=False)
-        return self.unet(sample, timestep, encoder_hidden_states=encoder_hidden_states,
-                         down_block_additional_residuals=down, mid_block_additional_residual=mid, **kwargs)
+        return {"down_block_additional_residuals": down, "mid_block_additional_residual": mid}
 
 
 def conditioning_images(masks: np.ndarray | torch.Tensor, side: int) -> torch.Tensor:
@@ -144,14 +136,9 @@ def controlnet_batches(controlled: ControlledUNet, pixels: torch.Tensor, cond: t
                        batch_size: int, seed: int = 0) -> Iterator[dict[str, Any]]:
     """Endless shuffled batches ``{pixel_values, input_ids}``; each batch's conditioning images are set on
     ``controlled`` as it is yielded (``train_diffusion`` draws a batch right before its U-Net call)."""
-    rng = np.random.default_rng(seed)
-    n = len(pixels)
-    while True:
-        order = rng.permutation(n)
-        for start in range(0, max(1, n - batch_size + 1), batch_size):
-            idx = torch.as_tensor(order[start:start + batch_size])
-            controlled.condition(cond[idx])
-            yield {"pixel_values": pixels[idx], "input_ids": ids[idx]}
+    for idx in shuffled_batches(len(pixels), batch_size, seed):
+        controlled.condition(cond[idx])
+        yield {"pixel_values": pixels[idx], "input_ids": ids[idx]}
 
 
 def train_controlnet(base_model: SDComponents, images: np.ndarray, masks: np.ndarray, prompts: Sequence[str],
@@ -160,8 +147,9 @@ def train_controlnet(base_model: SDComponents, images: np.ndarray, masks: np.nda
     """Train a ControlNet on (image, mask, prompt) triples with ``base_model`` frozen; returns the ControlNet.
 
     ``images``: uint8 ``(N, S, S, 3)`` at the base model's pixel side S; ``masks``: binary ``(N, S, S)``;
-    ``prompts``: one per image (or one for all). L = ‖ε − ε_θ(z_t, t, τ(y), c_f)‖² (Eq. 4.3 with the
-    ControlNet residuals) on the ControlNet's parameters only. ``train_config``: extra ``TrainConfig`` fields
+    ``prompts``: one per image (or one for all). L = ‖u − F_θ(z_t, t, τ(y), c_f)‖² (Eq. 4.3 with the
+    ControlNet residuals; the target u is the base model's scheduler's, ε or v = √ᾱ_t ε − √(1−ᾱ_t) z_0, built by
+    ``train_diffusion``) on the ControlNet's parameters only. ``train_config``: extra ``TrainConfig`` fields
     (mixed precision, checkpointing), winning over the config's. Save with ``controlnet.save_pretrained``."""
     side = _pixel_side(base_model)
     pix = image_tensor(images)

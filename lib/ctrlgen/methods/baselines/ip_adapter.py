@@ -7,7 +7,8 @@ second, image-only attention with its own key and value projections W'_k, W'_v:
 
     Z_new = Attention(Q, K_t, V_t) + λ · Attention(Q, c_i W'_k, c_i W'_v)          (Ye et al., Eq. 5)
 
-Only the projection and the W'_k, W'_v are trained, with the ordinary noise-prediction loss on (image, text)
+Only the projection and the W'_k, W'_v are trained, with the ordinary diffusion loss (Eq. 4.3; its target ε or v
+from the base model's scheduler, built by ``train_diffusion``) on (image, text)
 pairs whose image prompt is the training image itself; W'_k, W'_v start as copies of the text W_k, W_v (the
 reference ``tutorial_train.py``). Under classifier-free guidance the unconditional half gets the tokens of a zero
 embedding (the reference pipeline's ``uncond_image_prompt_embeds``). The thesis's IP-Adapter "learns from both mask
@@ -39,6 +40,7 @@ from transformers import CLIPImageProcessor, CLIPVisionModelWithProjection
 from ctrlgen.attention import AttentionProcessorBase, ProcessorSwap, Projected
 from ctrlgen.attention.layers import AttentionLayer, attention_layers
 from ctrlgen.data.tensors import image_tensor
+from ctrlgen.methods.baselines.unet_wrapper import ConditionedUNet, shuffled_batches
 from ctrlgen.models.sd import SDComponents
 from ctrlgen.sampling import text_to_image
 from ctrlgen.training import TrainableParams, train_config_from, train_diffusion
@@ -138,36 +140,27 @@ class IPAdapterSwap(ProcessorSwap):
         raise RuntimeError(f"IP-Adapter: image prompts for a batch of {n}, the U-Net got {batch}")
 
 
-class ImagePromptedUNet(nn.Module):
+class ImagePromptedUNet(ConditionedUNet):
     """``unet`` (a U-Net or a ``ControlledUNet``) whose calls carry the image prompt set by ``prompt(images)``: the
     embeddings are projected inside ``forward`` so that the projection trains; the swap must be entered."""
 
+    setter = "prompt(images)"
+
     def __init__(self, unet: nn.Module, adapter: IPAdapter, swap: IPAdapterSwap, embed: Embedder):
-        super().__init__()
-        self.unet, self.adapter = unet, adapter
-        self.swap, self.embed = swap, embed
-        self.images: torch.Tensor | None = None
+        super().__init__(unet)
+        self.adapter, self.swap, self.embed = adapter, swap, embed
 
-    @property
-    def config(self):
-        return self.unet.config
+    # ``prompt(images)``: image prompts ``(B, 3, H, W)`` in [0, 1] of the next calls (ControlNet masks: set on ``unet``)
+    prompt = ConditionedUNet.set_inputs
+    images = property(lambda self: self.inputs, doc="The image prompts of the next calls (None until set).")
 
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.unet.dtype
-
-    def prompt(self, images: torch.Tensor) -> "ImagePromptedUNet":
-        """Image prompts ``(B, 3, H, W)`` in [0, 1] of the next calls (and the ControlNet masks, set on ``unet``)."""
-        self.images = images
-        return self
-
-    def forward(self, sample: torch.Tensor, timestep, encoder_hidden_states: torch.Tensor, **kwargs: Any):
-        if self.images is None:
-            raise RuntimeError("ImagePromptedUNet: call prompt(images) before the U-Net")
+    def unet_kwargs(self, inputs: torch.Tensor, sample: torch.Tensor, timestep,
+                    encoder_hidden_states: torch.Tensor) -> dict[str, Any]:
+        """Sets the image tokens c_i on the swap's processors (Ye et al., Eq. 5); no extra U-Net arguments."""
         with torch.no_grad():
-            embeds = self.embed(self.images.to(sample.device)).float()
+            embeds = self.embed(inputs.to(sample.device)).float()
         self.swap.set_embeds(embeds.to(sample.dtype))
-        return self.unet(sample, timestep, encoder_hidden_states=encoder_hidden_states, **kwargs)
+        return {}
 
 
 def vae_image_embedder(vae: nn.Module, grid: int = 4) -> Embedder:
@@ -193,16 +186,11 @@ def clip_image_embedder(folder: str) -> Embedder:
 
 def _batches(wrapper: ImagePromptedUNet, controlled: Any, pixels: torch.Tensor, cond: torch.Tensor | None,
              ids: torch.Tensor, batch_size: int, seed: int) -> Iterator[dict[str, Any]]:
-    rng = np.random.default_rng(seed)
-    n = len(pixels)
-    while True:
-        order = rng.permutation(n)
-        for start in range(0, max(1, n - batch_size + 1), batch_size):
-            idx = torch.as_tensor(order[start:start + batch_size])
-            wrapper.prompt((pixels[idx] + 1) / 2)  # the training image is its own image prompt
-            if cond is not None:
-                controlled.condition(cond[idx])
-            yield {"pixel_values": pixels[idx], "input_ids": ids[idx]}
+    for idx in shuffled_batches(len(pixels), batch_size, seed):
+        wrapper.prompt((pixels[idx] + 1) / 2)  # the training image is its own image prompt
+        if cond is not None:
+            controlled.condition(cond[idx])
+        yield {"pixel_values": pixels[idx], "input_ids": ids[idx]}
 
 
 def train_ip_adapter(base_model: SDComponents, images: np.ndarray, prompts: Sequence[str] | str, config: IPAdapterConfig,
@@ -210,7 +198,7 @@ def train_ip_adapter(base_model: SDComponents, images: np.ndarray, prompts: Sequ
                      seed: int = 0, progress: bool = False) -> IPAdapter:
     """Train an IP-Adapter on uint8 images ``(N, S, S, 3)`` with their prompts, the base model frozen; with a frozen
     ``controlled`` (``ControlledUNet``) and its conditioning images ``masks`` ``(N, 3, S, S)``, on top of it.
-    Loss: Eq. (4.3)'s noise prediction with the decoupled cross-attention; trained: the projection and W'_k, W'_v."""
+    Loss: Eq. (4.3) with the decoupled cross-attention (target ε or v: the base model's scheduler's); trained: the projection and W'_k, W'_v."""
     pix = image_tensor(images)
     side = int(base_model.unet.config.sample_size) * base_model.vae_scale_factor
     if pix.shape[-2:] != (side, side):
