@@ -9,15 +9,18 @@ from skimage.filters import threshold_otsu
 
 from ctrlgen.config import load_profile
 from ctrlgen.methods.didgen.pair_generation import (
+    ANNOTATION_TIMESTEP,
     PairConfig,
     PairGenerator,
     annotate_masks,
+    annotation_input,
     augment_masks,
     condition_masks_from,
     validate_condition_masks,
 )
 from ctrlgen.methods.didgen.region_aware import setup_placeholders
 from ctrlgen.models import build_caption_tokenizer, build_mini_components
+from ctrlgen.sampling import decode_images
 
 
 def disk_mask(side=32, r=8, cy=16, cx=16):
@@ -135,3 +138,56 @@ def test_l_ca_only_guidance_with_a_normalised_step_changes_the_pairs():
         masks, ["an image of <lesion> on <skin>"], seed=0)
     assert all(h["step_norm"] >= 0.5 - 1e-6 and h["grad_norm"] > 0 for h in guided.history) and len(guided.history) == 2
     assert float((guided.images - plain.images).abs().mean()) > 1e-3
+
+
+SD_SCHEDULE = {"models.mini.scheduler.timestep_spacing": "leading", "models.mini.scheduler.prediction_type": "epsilon",
+               "models.mini.scheduler.rescale_betas_zero_snr": False}  # SD's ε model: leading timesteps, steps_offset 1
+
+
+class UNetInputs:
+    """Records every U-Net call's (latent, timestep) with a forward pre-hook."""
+
+    def __init__(self, unet):
+        self.calls: list[tuple[torch.Tensor, int]] = []
+        self.handle = unet.register_forward_pre_hook(self.hook, with_kwargs=True)
+
+    def hook(self, module, args, kwargs):
+        x = args[0] if args else kwargs["sample"]
+        t = args[1] if len(args) > 1 else kwargs["timestep"]
+        self.calls.append((x.detach().clone(), int(t)))
+
+
+def test_annotation_input_is_the_end_of_denoising_for_both_spacings():
+    """Eq. (4.11)'s t̂ is the end of denoising: at a last sampled timestep t <= 1 (SD's leading spacing) the last step's
+    input at that t; above it (trailing: 249 of 4 steps) the final latent at t = 1."""
+    before, final = torch.zeros(1, 4, 2, 2), torch.ones(1, 4, 2, 2)
+    assert annotation_input(before, final, 1) == (before, 1) and annotation_input(before, final, 0) == (before, 0)
+    z, t = annotation_input(before, final, 249)
+    assert z is final and t == ANNOTATION_TIMESTEP == 1
+
+
+@pytest.mark.parametrize("spacing", ["leading", "trailing"])
+def test_pair_annotation_reads_the_unet_at_the_end_of_denoising(spacing):
+    """The annotation call (the last U-Net call of a batch, conditional rows only) under SD's leading timesteps is the
+    last step's call (its conditional half's latent, t = 1: as before); under the trailing timesteps of the ZTSNR smoke
+    model (last step t = 249) it is the final latent — the one the returned images decode from — at t = 1."""
+    cfg = load_profile("smoke", SD_SCHEDULE if spacing == "leading" else {})
+    assert cfg["models"]["mini"]["scheduler"]["timestep_spacing"] == spacing
+    model = build_mini_components(cfg, build_caption_tokenizer(["an image of a small lesion on skin"],
+                                                               model_max_length=16))
+    setup_placeholders(model)
+    gen = PairGenerator(model, PairConfig.from_profile(cfg, num_steps=4, guidance=False))
+    rec = UNetInputs(model.unet)
+    try:
+        res = gen.generate(np.stack([disk_mask(), disk_mask(32, 6, 10, 20)]), ["an image of <lesion> on <skin>"],
+                           seed=0)
+    finally:
+        rec.handle.remove()
+    (z_ann, t_ann), (z_step, t_step) = rec.calls[-1], rec.calls[-2]
+    assert len(rec.calls) == 5 and z_ann.shape[0] == 2 and z_step.shape[0] == 4  # 4 CFG steps, then the annotation
+    assert t_ann == 1
+    if spacing == "leading":
+        assert t_step == 1 and torch.equal(z_ann, z_step[2:])  # unchanged: the last step's own input at t = 1
+    else:
+        assert t_step == 249 and not torch.allclose(z_ann, z_step[2:])
+        assert torch.allclose(decode_images(model, z_ann), res.images, atol=1e-6)  # the final latent z_0

@@ -15,9 +15,9 @@ from skimage.color import rgb2lab
 from ctrlgen.attention import DualBranchInjector, KVStore, interleave_branches, split_branches
 from ctrlgen.attention.layers import AttentionLayer
 from ctrlgen.config import load_profile
-from ctrlgen.guidance import GuidanceContext, StyleTerm
+from ctrlgen.guidance import GuidanceContext, LayoutGuidanceSettings, StyleTerm
 from ctrlgen.inversion import ddim_invert
-from ctrlgen.methods.didgen import setup_placeholders
+from ctrlgen.methods.didgen import PairConfig, PairGenerator, setup_placeholders
 from ctrlgen.methods.dual_branch import (
     DualBranchConfig,
     DualBranchGenerator,
@@ -32,7 +32,7 @@ from ctrlgen.methods.dual_branch import (
 )
 from ctrlgen.methods.dual_branch.styleid import StyleIDProcessor
 from ctrlgen.models import build_caption_tokenizer, build_mini_components
-from ctrlgen.sampling import predict_noise, sample, text_to_image
+from ctrlgen.sampling import decode_images, predict_noise, sample, text_to_image
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -76,6 +76,43 @@ def test_config_from_profile_carries_the_thesis_values(cfg):
         DualBranchConfig(num_steps=4, bifurcation_fraction=1.0)
 
 
+def test_both_configs_hold_one_layout_guidance_settings_read_from_the_profile(cfg):
+    """Review D6: ``PairConfig`` and ``DualBranchConfig`` hold one ``LayoutGuidanceSettings`` each, read from the same
+    profile keys as before (η and λ_attn of their own sections, sides and smoothing of ``attention``, chapter 4's
+    token softmax and step), reachable under the old attribute names, and both build their refiner through it."""
+    d, p, a = cfg["dual_branch"], cfg["didgen"]["pairs"], cfg["attention"]
+    dual, pairs = DualBranchConfig.from_profile(cfg), PairConfig.from_profile(cfg)
+    assert isinstance(dual.layout, LayoutGuidanceSettings) and isinstance(pairs.layout, LayoutGuidanceSettings)
+    assert (dual.eta, dual.lambda_attn, dual.layout.fraction) == (d["eta"], d["lambda_attn"], 1.0)
+    assert (pairs.eta, pairs.guidance_fraction, pairs.layout.lambda_ca) == (p["eta"], p["guidance_fraction"], 1.0)
+    for c in (dual, pairs):
+        assert (c.cross_res, c.self_res, c.smoothing_kernel, c.smoothing_sigma) == (
+            a["cross_res"][0], a["self_res"][0], a["smoothing_kernel"], a["smoothing_sigma"])
+        assert (c.softmax_scale, c.grad_normalize) == (p["softmax_scale"], p["grad_normalize"])
+    # overrides by the old names reach the settings; lambda_attn sets both weights, and a single λ_attn needs them equal
+    off = DualBranchConfig.from_profile(cfg, lambda_attn=0.0, eta=0.7, cross_res=4)
+    assert (off.layout.lambda_ca, off.layout.lambda_sa, off.eta, off.cross_res) == (0.0, 0.0, 0.7, 4)
+    with pytest.raises(ValueError, match="no single λ_attn"):
+        DualBranchConfig(layout=LayoutGuidanceSettings(lambda_ca=1.0, lambda_sa=0.5)).lambda_attn
+    with pytest.raises(ValueError, match=r"unknown layout-guidance settings \['etaa'\]"):
+        LayoutGuidanceSettings().with_overrides(etaa=1.0)
+    # the refiners: weights by hand (pairs: w/o CA keeps L_CA at 0, w/o SA drops it), η, step, fraction
+    mask = torch.zeros(1, 32, 32)
+    mask[:, 8:24, 8:24] = 1
+    weights = lambda r: {t.name: t.weight for t in r.terms}  # noqa: E731
+    half = LayoutGuidanceSettings(lambda_ca=2.0, lambda_sa=0.5, eta=3.0, fraction=0.25, grad_normalize="max")
+    r = half.refiner(half.terms(mask, 4, (7,)))
+    assert weights(r) == {"ca": 2.0, "sa": 0.5} and (r.eta, r.fraction, r.normalize) == (3.0, 0.25, "max")
+    assert weights(half.refiner(half.terms(mask, 4, (7,), with_ca=False, with_sa=False))) == {"ca": 0.0}
+    model = build_mini_components(cfg, build_caption_tokenizer(["an image of a small lesion on skin"],
+                                                               model_max_length=16))
+    no_ca = PairGenerator(model, PairConfig.from_profile(cfg, use_ca=False)).refiner(mask, 4, (7,))
+    assert weights(no_ca) == {"ca": 0.0, "sa": 1.0} and no_ca.fraction == p["guidance_fraction"]
+    assert no_ca.eta == p["eta"] and no_ca.normalize == p["grad_normalize"]
+    two = DualBranchGenerator(model, off).refiner(mask, 4, (7,))
+    assert weights(two) == {"ca": 0.0, "sa": 0.0} and (two.eta, two.fraction) == (0.7, 1.0)
+
+
 def test_batched_two_branch_step_equals_the_branches_run_separately(model, config, reference):
     """One U-Net call on ``[uncond; cond] x [layout, style]`` under ``DualBranchInjector`` equals, by hand: the
     layout branch alone with ordinary attention, and the style branch alone attending with the layout branch's
@@ -103,7 +140,8 @@ def test_batched_two_branch_step_equals_the_branches_run_separately(model, confi
 
 
 def test_without_injection_and_guidance_the_style_branch_is_plain_generation_from_z_T_style(model, config, reference):
-    off = DualBranchConfig(**{**config.__dict__, "inject_style": False, "lambda_attn": 0.0, "lambda_style": 0.0})
+    off = DualBranchConfig(**{**config.__dict__, "inject_style": False, "lambda_style": 0.0,
+                              "layout": config.layout.with_overrides(lambda_attn=0.0)})
     res = DualBranchGenerator(model, off).generate(reference, disks(), PROMPT)
     plain = text_to_image(model, [PROMPT] * 2, num_steps=off.num_steps, guidance_scale=off.guidance_scale,
                           latents=reference.final.expand(2, -1, -1, -1))
@@ -326,3 +364,37 @@ def test_an_empty_low_contrast_subset_falls_back_to_the_lowest_contrast_images_w
     sub = low_contrast_subset(images, masks, below, fallback=2)
     assert sub.attrs["fallback"] and sub["index"].tolist() == np.argsort(ita, kind="stable")[:2].tolist()
     assert not low_contrast_subset(images, masks, float(ita.max()) + 1).attrs.get("fallback")
+
+
+@pytest.mark.parametrize("spacing", ["leading", "trailing"])
+def test_annotation_reads_the_layout_branch_at_the_end_of_denoising(spacing):
+    """Eq. (5.11) at t = 0: the annotation call (the last U-Net call: the layout rows, conditional only) is, under SD's
+    leading timesteps, the last step's call (its conditional layout rows' latent, t = 1: as before); under the smoke
+    model's trailing timesteps (last step t = 249), the final layout latent — the one the layout images decode from —
+    at t = 1."""
+    over = {"models.mini.scheduler.timestep_spacing": "leading", "models.mini.scheduler.prediction_type": "epsilon",
+            "models.mini.scheduler.rescale_betas_zero_snr": False} if spacing == "leading" else {}
+    cfg = load_profile("smoke", over)
+    m = build_mini_components(cfg, build_caption_tokenizer(["an image of a small lesion on skin"], model_max_length=16))
+    setup_placeholders(m)
+    config = DualBranchConfig.from_profile(cfg, layout_guidance_after=False)
+    reference = invert_style(m, torch.rand(3, 32, 32, generator=torch.Generator().manual_seed(0)), PROMPT, config)
+    calls: list[tuple[torch.Tensor, int]] = []
+
+    def hook(module, args, kwargs):
+        calls.append(((args[0] if args else kwargs["sample"]).detach().clone(),
+                      int(args[1] if len(args) > 1 else kwargs["timestep"])))
+
+    handle = m.unet.register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        res = DualBranchGenerator(m, config).generate(reference, disks(), PROMPT)
+    finally:
+        handle.remove()
+    (z_ann, t_ann), (z_step, t_step) = calls[-1], calls[-2]
+    assert t_ann == 1 and z_ann.shape[0] == 2 and z_step.shape[0] == 8  # [uncond; cond] x 2 targets x 2 branches
+    layout_cond = split_branches(z_step[4:])[0]
+    if spacing == "leading":
+        assert t_step == 1 and torch.equal(z_ann, layout_cond)
+    else:
+        assert t_step == 249 and not torch.allclose(z_ann, layout_cond)
+        assert torch.allclose(decode_images(m, z_ann), res.layout_images, atol=1e-6)

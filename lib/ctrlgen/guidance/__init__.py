@@ -2,6 +2,7 @@
 from ctrlgen.guidance.layout import LayoutGuidance, layout_terms
 from ctrlgen.guidance.losses import cross_attention_layout_loss, self_attention_layout_loss, style_loss
 from ctrlgen.guidance.refiner import GuidanceRefiner
+from ctrlgen.guidance.settings import LayoutGuidanceSettings
 from ctrlgen.guidance.terms import (
     CrossAttentionLayoutTerm,
     GuidanceContext,
@@ -13,5 +14,6 @@ from ctrlgen.guidance.terms import (
 )
 
 __all__ = ["GuidanceRefiner", "GuidanceContext", "GuidanceTerm", "TokenMap", "CrossAttentionLayoutTerm",
-           "SelfAttentionLayoutTerm", "StyleTerm", "mask_at", "LayoutGuidance", "layout_terms",
+           "SelfAttentionLayoutTerm", "StyleTerm", "mask_at", "LayoutGuidance", "LayoutGuidanceSettings",
+           "layout_terms",
            "cross_attention_layout_loss", "self_attention_layout_loss", "style_loss"]

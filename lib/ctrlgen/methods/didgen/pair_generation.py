@@ -10,7 +10,8 @@ on the first ``guidance_fraction`` of the DDIM steps (thesis: 50%, η = 20), whe
 computed on the Attend-and-Excite softmax over text tokens of the ``<lesion>`` cross-attention map,
 Gaussian-smoothed, and L_SA (Eq. 4.8–4.9) on the self-attention maps — both terms of
 ``ctrlgen.guidance`` in its one refiner, through ``ctrlgen.sampling.text_to_image``. Then annotate the generated lesion from the
-maps of the **final** denoising step (t̂ = 0):
+maps at the **end** of denoising (t̂ = 0 in the thesis; here the smallest timestep t = 1 — the last step's
+call for SD's leading timesteps, a call on the final latent for trailing ones, ``annotation_input``):
 
     A_CS = (A_S)^τ · A_C,  M̂ = Otsu(A_CS), then dilation followed by erosion        (Eq. 4.11)
 
@@ -39,7 +40,8 @@ import torch
 from skimage.transform import AffineTransform, resize, warp
 
 from ctrlgen.attention import AttentionCapture, cross_self_map, otsu_mask, resize_maps
-from ctrlgen.guidance import GuidanceRefiner, layout_terms
+from ctrlgen.guidance import GuidanceRefiner, LayoutGuidanceSettings
+from ctrlgen.guidance.settings import FromLayout, split_layout_overrides
 from ctrlgen.models.sd import SDComponents
 from ctrlgen.models.tokens import locate_tokens
 from ctrlgen.sampling import predict_noise, text_to_image
@@ -158,8 +160,8 @@ def annotate_masks(cross: torch.Tensor, self_attn: torch.Tensor | None, size: in
     """Eq. (4.11) for a batch, with the τ = 0 annotation beside it and the fallback rule of the module doc.
 
     Args:
-        cross: raw ``<lesion>`` cross-attention maps ``(B, h, w)`` of the final step.
-        self_attn: self-attention ``(B, N, N)`` of the final step (None: only τ = 0).
+        cross: raw ``<lesion>`` cross-attention maps ``(B, h, w)`` at the end of denoising (``annotation_input``).
+        self_attn: self-attention ``(B, N, N)`` at the end of denoising (``annotation_input``) (None: only τ = 0).
         size: image side the masks are produced at.
     Returns ``{"mask", "mask_tau0", "ok", "fallback", "failure", "failure_tau", "a_cs"}``: ``mask``
     is the τ annotation or its τ = 0 fallback, ``ok`` False where both failed.
@@ -194,40 +196,55 @@ def annotate_masks(cross: torch.Tensor, self_attn: torch.Tensor | None, size: in
             "fallback": torch.tensor(fallback), "failure": failure, "failure_tau": failure_tau, "a_cs": a_cs_img.cpu()}
 
 
+# t̂ of Eq. (4.11): the smallest timestep SD's DDIM sampler visits (leading spacing, steps_offset 1)
+ANNOTATION_TIMESTEP = 1
+
+
+def annotation_input(before_last: torch.Tensor, final: torch.Tensor, t_last: int) -> tuple[torch.Tensor, int]:
+    """The latent and timestep whose U-Net call the annotation of Eq. (4.11)/(5.11) reads its maps from: the end of
+    denoising ("t̂ = 0", §4.3.4, §5.3.3) — the smallest timestep of the schedule, ``ANNOTATION_TIMESTEP`` = 1,
+    whatever the sampler's timestep spacing.
+
+    * SD's leading spacing (``steps_offset`` 1) ends with a step at ``t_last`` = 1: the maps are those of that last
+      step's conditional call on its input latent ``before_last`` (z_1), the thesis' reading of SD.
+    * Trailing spacing (the zero-terminal-SNR schedule of the mini/smoke models) ends with a step at
+      ``t_last`` = T/n − 1 (39 of 25 steps, 249 of 4) on a latent that noisy; its maps are not those of the end of
+      denoising. The U-Net is called instead on the ``final`` latent z_0 at t = 1.
+
+    ``t_last`` at or below 1 (the end is already reached) keeps ``(before_last, t_last)``."""
+    if int(t_last) <= ANNOTATION_TIMESTEP:
+        return before_last, int(t_last)
+    return final, ANNOTATION_TIMESTEP
+
+
 # ================================================================================================ generator
 @dataclass(frozen=True)
 class PairConfig:
-    """Pair-generation settings (full profile: §4.3.4 — η = 20, first 50% of 50 DDIM steps, τ = 4)."""
+    """Pair-generation settings (full profile: §4.3.4 — η = 20, first 50% of 50 DDIM steps, τ = 4).
+
+    ``layout`` holds the layout guidance of Eq. (4.10) (``ctrlgen.guidance.LayoutGuidanceSettings``, shared with
+    chapter 5's ``DualBranchConfig``); its values read as before through ``eta``, ``guidance_fraction``,
+    ``cross_res``, ``self_res``, ``softmax_scale``, ``grad_normalize``, ... ``use_ca``/``use_sa`` are §4.4.5's
+    ablation switches on top of it."""
 
     num_steps: int = 50
     guidance_scale: float = 7.5
-    eta: float = 20.0
-    guidance_fraction: float = 0.5
-    cross_res: int = 16
-    self_res: int = 32
+    layout: LayoutGuidanceSettings = field(default_factory=LayoutGuidanceSettings)
     tau: int = 4
     dilate: int = 1
     erode: int = 1
-    smoothing_kernel: int = 3
-    smoothing_sigma: float = 0.5
-    # ×100 is Attend-and-Excite's scale for SD, whose per-token attention values are ~0.01–0.05; a region-aware model
-    # trained to put its raw <skin> map near 1 - M (Eq. 4.5) has <skin> at ~0.4 everywhere and <lesion> at ~0.06, and
-    # ×100 saturates the token softmax on <skin>: the <lesion> column is ~1e-15 everywhere, L_CA ≡ 1, ∇L_CA ≈ 3e-15
-    # (measured, mini derm model after 150 region-aware steps) — L_CA-only guidance then equals no guidance
-    softmax_scale: float = 100.0
-    iterations: int = 1
     use_ca: bool = True
     use_sa: bool = True
     guidance: bool = True  # False: plain sampling (the "unguided" rows), still annotated
-    sa_normalize: Literal["background", "queries"] = "background"
-    # what η multiplies (GuidanceRefiner.normalize): "none" = the raw gradient of Eq. (4.10) with the thesis η = 20
-    # (tuned on SD 2.1); "max" = ∇/‖∇‖_∞ per sample, η then being the largest latent change per step, which a small
-    # model needs (its near-uniform token attention gives ‖∇L_CA‖ ≈ 1e-3: the raw step changes nothing)
-    grad_normalize: Literal["none", "max"] = "none"
     # conditioning masks (``condition_masks``): the thesis uses the real masks as they are (augment_masks=False);
     # flipping, rotating and scaling them (within augment_scale) is this book's choice, for more diverse layouts
     augment_masks: bool = True
     augment_scale: tuple[float, float] = (0.8, 1.2)
+
+    # the layout settings under the names PairConfig had before it held them (read-only; set them on ``layout``)
+    eta, guidance_fraction, iterations = FromLayout(), FromLayout(), FromLayout()
+    cross_res, self_res, smoothing_kernel, smoothing_sigma = FromLayout(), FromLayout(), FromLayout(), FromLayout()
+    softmax_scale, sa_normalize, grad_normalize = FromLayout(), FromLayout(), FromLayout()
 
     def __post_init__(self):
         lo, hi = self.augment_scale
@@ -236,17 +253,16 @@ class PairConfig:
 
     @classmethod
     def from_profile(cls, cfg: Mapping[str, Any], **overrides: Any) -> "PairConfig":
+        """``didgen.pairs`` with its layout guidance (``LayoutGuidanceSettings.from_section(cfg, "didgen.pairs")``:
+        η, guidance fraction, the pairs' own token-softmax scale and step); ``overrides`` by field name, layout
+        settings included (``eta=``, ``grad_normalize=``)."""
         p = cfg["didgen"]["pairs"]
-        kw = dict(num_steps=int(p["num_steps"]), guidance_scale=float(p["guidance_scale"]), eta=float(p["eta"]),
-                  guidance_fraction=float(p["guidance_fraction"]), cross_res=int(cfg["attention"]["cross_res"][0]),
-                  self_res=int(cfg["attention"]["self_res"][0]), tau=int(p["tau"]), dilate=int(p["dilate"]),
-                  erode=int(p["erode"]), smoothing_kernel=int(cfg["attention"]["smoothing_kernel"]),
-                  smoothing_sigma=float(cfg["attention"]["smoothing_sigma"]),
-                  softmax_scale=float(p["softmax_scale"]),  # the pairs' own scale (mini: 1, see the profile)
-                  augment_masks=bool(p["augment"]),
-                  augment_scale=tuple(float(v) for v in p["augment_scale"]),
-                  grad_normalize=str(p["grad_normalize"]))
-        kw.update(overrides)
+        layout_over, rest = split_layout_overrides(overrides)
+        kw = dict(num_steps=int(p["num_steps"]), guidance_scale=float(p["guidance_scale"]),
+                  layout=LayoutGuidanceSettings.from_section(cfg, "didgen.pairs", **layout_over),
+                  tau=int(p["tau"]), dilate=int(p["dilate"]), erode=int(p["erode"]), augment_masks=bool(p["augment"]),
+                  augment_scale=tuple(float(v) for v in p["augment_scale"]))
+        kw.update(rest)
         return cls(**kw)
 
     def condition_masks(self, masks: np.ndarray, n: int, size: int, seed: int = 0
@@ -268,7 +284,7 @@ class PairResult:
     failure: list[str]
     failure_tau: list[str]
     prompts: list[str]
-    cross_maps: torch.Tensor      # raw <lesion> maps of the last step (B, h, w)
+    cross_maps: torch.Tensor      # raw <lesion> maps at the end of denoising (B, h, w)
     a_cs: torch.Tensor            # processed map A_CS at image side (B, H, W)
     history: list[dict[str, float]] = field(default_factory=list)
 
@@ -334,11 +350,7 @@ class PairGenerator:
         c = self.config
         if not c.guidance:
             return None
-        terms = layout_terms(masks, token_index, lasts, c.cross_res, c.self_res if c.use_sa else 0, 1.0,
-                             c.smoothing_kernel, c.smoothing_sigma, c.softmax_scale, c.sa_normalize)
-        terms[0].weight = 1.0 if c.use_ca else 0.0
-        return GuidanceRefiner(terms, eta=c.eta, fraction=c.guidance_fraction, iterations=c.iterations,
-                               normalize=c.grad_normalize)
+        return c.layout.refiner(c.layout.terms(masks, token_index, lasts, with_ca=c.use_ca, with_sa=c.use_sa))
 
     def _batch(self, masks: torch.Tensor, prompts: list[str], g: torch.Generator, progress: bool) -> PairResult:
         c, model = self.config, self.model
@@ -353,10 +365,10 @@ class PairGenerator:
 
         out = text_to_image(model, prompts, num_steps=c.num_steps, guidance_scale=c.guidance_scale, generator=g,
                             refiner=refiner, callback=keep_last_input, progress=progress)
-        # maps of the final step t̂: the conditional half of that step's U-Net call, recomputed with capture
+        # maps at the end of denoising (t̂ of Eq. 4.11, ``annotation_input``): one conditional U-Net call with capture
         sched = model.scheduler("ddim")
-        z_last = kept.get("z", out.noise * sched.init_noise_sigma)
-        t_last = out.timesteps[-1]
+        z_last, t_last = annotation_input(kept.get("z", out.noise * sched.init_noise_sigma), out.latents,
+                                          out.timesteps[-1])
         latent_side = int(model.unet.config.sample_size)
         self_res = [c.self_res] if c.tau > 0 else []
         with torch.no_grad(), AttentionCapture(model.unet, cross_res=[c.cross_res], self_res=self_res,
@@ -372,4 +384,4 @@ class PairGenerator:
 
 
 __all__ = ["validate_condition_masks", "augment_masks", "condition_masks_from", "annotate_masks",
-           "PairConfig", "PairResult", "PairGenerator"]
+           "ANNOTATION_TIMESTEP", "annotation_input", "PairConfig", "PairResult", "PairGenerator"]

@@ -12,8 +12,10 @@
    ``groups x [layout, style]`` rows, in which the style rows' decoder self-attention uses the layout rows'
    queries with the stored style K/V (Fig. 5.3), and the layout rows alone are refined by Eq. (5.10)
    (λ_attn (L_CA + L_SA), under ``injector.paused()``; ``layout_guidance_after``).
-4. **Mask annotation** (lines 18–20): Eq. (4.11)/(5.11) on the layout branch's maps of the final step,
-   as chapter 4 does it (``didgen.annotate_masks``: A_CS = (A_S)^τ · A_C, Otsu, τ = 0 fallback).
+4. **Mask annotation** (lines 18–20): Eq. (4.11)/(5.11) on the layout branch's maps at the end of denoising
+   (t = 1: the last step's call for SD's leading timesteps, the final latent for trailing ones;
+   ``didgen.annotation_input``), as chapter 4 does it (``didgen.annotate_masks``: A_CS = (A_S)^τ · A_C, Otsu,
+   τ = 0 fallback).
 
 Both denoising phases are ``ctrlgen.sampling.sample`` (the second resumes with ``start_step=B`` on the
 bifurcated batch after the first stopped with ``stop_step=B``); guidance is ``GuidanceRefiner`` with the
@@ -27,7 +29,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 import torch
@@ -41,9 +43,10 @@ from ctrlgen.attention import (
     interleave_branches,
     split_branches,
 )
-from ctrlgen.guidance import GuidanceRefiner, StyleTerm, layout_terms
+from ctrlgen.guidance import GuidanceRefiner, LayoutGuidanceSettings, StyleTerm
+from ctrlgen.guidance.settings import FromLayout, split_layout_overrides
 from ctrlgen.inversion import InversionOutput, ddim_invert
-from ctrlgen.methods.didgen.pair_generation import annotate_masks, validate_condition_masks
+from ctrlgen.methods.didgen.pair_generation import annotate_masks, annotation_input, validate_condition_masks
 from ctrlgen.methods.dual_branch.efficiency import UNetCalls
 from ctrlgen.models.sd import SDComponents
 from ctrlgen.models.tokens import locate_tokens
@@ -58,27 +61,33 @@ class DualBranchConfig:
     num_steps: int = 50                   # T, shared by the inversion and the generation
     guidance_scale: float = 7.5           # classifier-free guidance of the generation
     inversion_guidance_scale: float = 1.0  # DDIM inversion without CFG
-    eta: float = 20.0                     # η of Eq. (5.9)–(5.10)
-    lambda_attn: float = 1.0
+    # η, λ_attn (both λ_CA and λ_SA), attention sides, token softmax, step normalisation of Eq. (5.9)–(5.10): chapter
+    # 4's layout guidance (``LayoutGuidanceSettings``); its own steps are chosen here (fraction 1, ``StepRange``)
+    layout: LayoutGuidanceSettings = field(default_factory=lambda: LayoutGuidanceSettings(fraction=1.0))
     lambda_style: float = 50.0
     bifurcation_fraction: float = 0.5     # B = round(fraction · T)
     layout_guidance_after: bool = True    # Eq. (5.10) on the layout branch after B
     inject_style: bool = True             # False: the style branch runs ordinary self-attention (ablation, tests)
     kv_places: tuple[str, ...] = ("up",)  # decoder blocks (§5.3.3)
     kv_resolutions: tuple[int, ...] = ()  # decoder sides receiving style K/V (empty: every side)
-    cross_res: int = 16
-    self_res: int = 32
     tau: int = 4
     dilate: int = 1
     erode: int = 1
-    smoothing_kernel: int = 3
-    smoothing_sigma: float = 0.5
-    softmax_scale: float = 100.0
-    iterations: int = 1
-    sa_normalize: Literal["background", "queries"] = "background"
-    grad_normalize: Literal["none", "max"] = "none"  # chapter 4's latent step (didgen.pairs.grad_normalize)
     styleid_gamma: float = 0.75           # two-stage baseline: StyleID query preservation γ
     styleid_temperature: float = 1.5      # two-stage baseline: StyleID attention temperature T
+
+    # the layout settings under the names DualBranchConfig had before it held them (read-only; set them on ``layout``)
+    eta, iterations, cross_res, self_res = FromLayout(), FromLayout(), FromLayout(), FromLayout()
+    smoothing_kernel, smoothing_sigma, softmax_scale = FromLayout(), FromLayout(), FromLayout()
+    sa_normalize, grad_normalize = FromLayout(), FromLayout()
+
+    @property
+    def lambda_attn(self) -> float:
+        """λ_attn of Eq. (5.9)–(5.10): the common weight of L_CA and L_SA."""
+        if self.layout.lambda_ca != self.layout.lambda_sa:
+            raise ValueError(f"λ_CA = {self.layout.lambda_ca} and λ_SA = {self.layout.lambda_sa} differ: "
+                             "there is no single λ_attn, read layout.lambda_ca / layout.lambda_sa")
+        return self.layout.lambda_ca
 
     def __post_init__(self) -> None:
         if self.num_steps < 2:
@@ -101,23 +110,23 @@ class DualBranchConfig:
     @classmethod
     def from_profile(cls, cfg: Mapping[str, Any], **overrides: Any) -> "DualBranchConfig":
         """The profile's ``dual_branch`` section, T = ``sampling.inversion_steps``, K/V places
-        ``attention.kv_places``, attention sides and smoothing from ``attention``, τ/dilate/erode of
-        chapter 4's annotation (``didgen.pairs``)."""
+        ``attention.kv_places``, τ/dilate/erode of chapter 4's annotation (``didgen.pairs``), and the layout guidance
+        ``LayoutGuidanceSettings.from_section(cfg, "dual_branch")`` (η and λ_attn of ``dual_branch``, attention sides
+        and smoothing of ``attention``, chapter 4's token softmax and step: Eq. 5.5-5.7 = Eq. 4.7-4.9) at fraction 1
+        (the steps are Algorithm 3's). ``overrides`` by field name, layout settings included (``lambda_attn=``)."""
         d, a, p = cfg["dual_branch"], cfg["attention"], cfg["didgen"]["pairs"]
+        layout_over, rest = split_layout_overrides(overrides)
         kw = dict(num_steps=int(cfg["sampling"]["inversion_steps"]), guidance_scale=float(d["guidance_scale"]),
-                  inversion_guidance_scale=float(d["inversion_guidance_scale"]), eta=float(d["eta"]),
-                  lambda_attn=float(d["lambda_attn"]), lambda_style=float(d["lambda_style"]),
+                  inversion_guidance_scale=float(d["inversion_guidance_scale"]),
+                  layout=LayoutGuidanceSettings.from_section(cfg, "dual_branch", **{"fraction": 1.0, **layout_over}),
+                  lambda_style=float(d["lambda_style"]),
                   bifurcation_fraction=float(d["bifurcation_fraction"]),
                   layout_guidance_after=bool(d["layout_guidance_after"]),
                   kv_places=tuple(str(x) for x in a["kv_places"]),
                   kv_resolutions=tuple(int(x) for x in d["kv_resolutions"]),
-                  cross_res=int(a["cross_res"][0]), self_res=int(a["self_res"][0]), tau=int(p["tau"]),
-                  dilate=int(p["dilate"]), erode=int(p["erode"]), smoothing_kernel=int(a["smoothing_kernel"]),
-                  smoothing_sigma=float(a["smoothing_sigma"]),
-                  # the layout guidance is chapter 4's (Eq. 5.5-5.7 = Eq. 4.7-4.9): its token softmax and step
-                  softmax_scale=float(p["softmax_scale"]), grad_normalize=str(p["grad_normalize"]),
+                  tau=int(p["tau"]), dilate=int(p["dilate"]), erode=int(p["erode"]),
                   styleid_gamma=float(d["styleid_gamma"]), styleid_temperature=float(d["styleid_temperature"]))
-        kw.update(overrides)
+        kw.update(rest)
         return cls(**kw)
 
 
@@ -341,15 +350,19 @@ class DualBranchGenerator:
                 style: StyleBatch | None = None) -> GuidanceRefiner:
         """Eq. (5.9) with a style batch (λ_attn (L_CA + L_SA) + λ_style L_style), Eq. (5.10) without one."""
         c = self.config
-        terms = layout_terms(masks.to(self.model.device), pos, lasts, c.cross_res, c.self_res, c.lambda_attn,
-                             c.smoothing_kernel, c.smoothing_sigma, c.softmax_scale, c.sa_normalize)
+        terms = c.layout.terms(masks.to(self.model.device), pos, lasts)
         if style is not None and c.lambda_style:
             terms.append(StyleTerm(style.latents, weight=c.lambda_style))
-        return GuidanceRefiner(terms, eta=c.eta, fraction=1.0, iterations=c.iterations, normalize=c.grad_normalize)
+        return c.layout.refiner(terms, fraction=1.0)  # the steps are the caller's (StepRange)
 
-    def annotate(self, z_last: torch.Tensor, t_last: int, prompts: list[str], pos: int) -> dict[str, Any]:
-        """Eq. (4.11)/(5.11) from the maps of the final step's conditional call on the layout latent."""
+    def annotate(self, before_last: torch.Tensor, final: torch.Tensor, t_last: int, prompts: list[str],
+                 pos: int) -> dict[str, Any]:
+        """Eq. (4.11)/(5.11) from the maps of one conditional call on the layout latent at the end of denoising
+        (t = 0 in the thesis): ``didgen.annotation_input`` of the latent before the last step ``before_last``, the
+        final latent ``final`` and the last sampled timestep ``t_last`` — the last step's call at t = 1 for SD's
+        leading timesteps, the final latent at t = 1 for trailing ones."""
         c = self.config
+        z_last, t_last = annotation_input(before_last, final, t_last)
         self_res = [c.self_res] if c.tau > 0 else []
         with torch.no_grad(), AttentionCapture(self.model.unet, cross_res=[c.cross_res], self_res=self_res,
                                                latent_size=tuple(z_last.shape[-2:])) as store:
@@ -387,7 +400,7 @@ class DualBranchGenerator:
                              keep_trajectory=True, **common)
             layout_z0, style_z0 = split_branches(out.latents)
             calls.phase = "annotation"
-            ann = self.annotate(split_branches(out.trajectory[-1])[0], out.timesteps[-1], prompts, pos)
+            ann = self.annotate(split_branches(out.trajectory[-1])[0], layout_z0, out.timesteps[-1], prompts, pos)
         history = [*joint.history, *layout_guide.history]
         return DualBranchResult(decode_images(model, style_z0), decode_images(model, layout_z0), ann["mask"],
                                 ann["mask_tau0"], masks.bool().cpu(), ann["ok"], ann["fallback"], ann["failure"],

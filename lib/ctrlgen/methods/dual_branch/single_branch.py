@@ -6,7 +6,7 @@ OWN queries to the stored style K/V (``attention.KVInjector`` with one branch, `
 the layout the guidance draws and the style injection act on the same features — what the bifurcation is
 there to avoid. The thesis does not say when injection starts in this variant: ``inject_from`` (a step
 index, default the bifurcation step T/2) is the book's choice. The mask is annotated from the same
-trajectory's final step (Eq. 4.11/5.11).
+trajectory's end of denoising (Eq. 4.11/5.11, ``didgen.annotation_input``).
 """
 from __future__ import annotations
 
@@ -74,7 +74,7 @@ def single_branch_generate(generator: DualBranchGenerator, references: StyleRefe
             out = sample(unet, model.scheduler("ddim"), z, cond, uncond,
                          refine=_Chain(refine(s, c.num_steps, injector)), start_step=s, keep_trajectory=True, **common)
         calls.phase = "annotation"
-        ann = generator.annotate(out.trajectory[-1], out.timesteps[-1], prompts, pos)
+        ann = generator.annotate(out.trajectory[-1], out.latents, out.timesteps[-1], prompts, pos)
     images = decode_images(model, out.latents)
     return DualBranchResult(images, images.clone(), ann["mask"], ann["mask_tau0"], masks.bool().cpu(), ann["ok"],
                             ann["fallback"], ann["failure"], prompts, calls.counts(), calls.rows(),

@@ -33,7 +33,7 @@ from ctrlgen.sampling import decode_images, sample
 def two_stage_generate(generator: DualBranchGenerator, references: StyleReference | Sequence[StyleReference],
                        cond_masks: np.ndarray | torch.Tensor, prompts: Sequence[str] | str) -> DualBranchResult:
     """Layout image (stage 1), then StyleID-style injection into it (stage 2): module doc. Same config, model,
-    checks, annotation (on stage 1's final step) and result type as ``DualBranchGenerator.generate``."""
+    checks, annotation (at the end of stage 1's denoising) and result type as ``DualBranchGenerator.generate``."""
     c, model, unet = generator.config, generator.model, generator.model.unet
     masks, prompts, pos, lasts, style = generator.prepare(references, cond_masks, prompts)
     b = c.bifurcation_step
@@ -56,7 +56,7 @@ def two_stage_generate(generator: DualBranchGenerator, references: StyleReferenc
                              c.styleid_temperature, latent_size=side):
             styled = sample(unet, model.scheduler("ddim"), z_t, cond, uncond, **common)
         calls.phase = "annotation"
-        ann = generator.annotate(tail.trajectory[-1], tail.timesteps[-1], prompts, pos)
+        ann = generator.annotate(tail.trajectory[-1], tail.latents, tail.timesteps[-1], prompts, pos)
     return DualBranchResult(decode_images(model, styled.latents), decode_images(model, tail.latents), ann["mask"],
                             ann["mask_tau0"], masks.bool().cpu(), ann["ok"], ann["fallback"], ann["failure"], prompts,
                             calls.counts(), calls.rows(), [*joint.history, *late.history])
