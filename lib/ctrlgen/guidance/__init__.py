@@ -8,12 +8,14 @@ from ctrlgen.guidance.terms import (
     GuidanceContext,
     GuidanceTerm,
     SelfAttentionLayoutTerm,
+    SelfAttentionMaskTerm,
     StyleTerm,
+    TokenMapMaskTerm,
     TokenMap,
     mask_at,
 )
 
 __all__ = ["GuidanceRefiner", "GuidanceContext", "GuidanceTerm", "TokenMap", "CrossAttentionLayoutTerm",
-           "SelfAttentionLayoutTerm", "StyleTerm", "mask_at", "LayoutGuidance", "LayoutGuidanceSettings",
+           "SelfAttentionLayoutTerm", "StyleTerm", "TokenMapMaskTerm", "SelfAttentionMaskTerm", "mask_at", "LayoutGuidance", "LayoutGuidanceSettings",
            "layout_terms",
            "cross_attention_layout_loss", "self_attention_layout_loss", "style_loss"]

@@ -39,8 +39,8 @@ from typing import Any, Literal
 
 import torch
 
-from ctrlgen.guidance import GuidanceRefiner, SelfAttentionLayoutTerm, TokenMap, self_attention_layout_loss
-from ctrlgen.guidance.terms import TokenMapMaskTerm
+from ctrlgen.guidance import (GuidanceRefiner, SelfAttentionLayoutTerm, TokenMap, TokenMapMaskTerm,
+                              self_attention_layout_loss)
 
 
 def car_loss(token_map: torch.Tensor, mask: torch.Tensor, background_weight: float = 0.5) -> torch.Tensor:
