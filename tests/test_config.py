@@ -315,3 +315,14 @@ def test_schema_model_names_are_the_downstream_zoo():
         load_profile("smoke", {"downstream.segmentation.models": ["unet", "segformer"]})
     with pytest.raises(ConfigError, match="ch03.attencraft.omega"):
         load_profile("smoke", {"ch03.attencraft.omega": 1.5})
+
+
+def test_unknown_key_error_lists_only_the_nearest_section():
+    """The message names the keys of the deepest existing section, not the whole profile."""
+    with pytest.raises(ConfigError) as err:
+        load_profile("mini", {"ch02.toy.nonsense": 1})
+    message = str(err.value)
+    assert "Allowed keys in 'ch02.toy'" in message and "ch02.toy.train_steps" in message and "pretrain." not in message
+    with pytest.raises(ConfigError) as err:
+        load_profile("mini", {"nonsense": 1})
+    assert "Allowed sections:" in str(err.value) and "pretrain" in str(err.value) and "pretrain.unet" not in str(err.value)

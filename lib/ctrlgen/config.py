@@ -199,6 +199,18 @@ def _set_dotted(data: dict[str, Any], key: str, value: Any) -> None:
     node[parts[-1]] = value
 
 
+def _allowed_near(key: str, allowed: Mapping[str, Any]) -> str:
+    """The keys of the deepest existing section above ``key`` (the top-level sections if none): a few hundred
+    keys of the whole profile would bury the one line that matters."""
+    parts = key.split(".")
+    for depth in range(len(parts) - 1, 0, -1):
+        prefix = ".".join(parts[:depth]) + "."
+        keys = sorted(k for k in allowed if k.startswith(prefix))
+        if keys:
+            return f"Allowed keys in {prefix[:-1]!r}: {', '.join(keys)}"
+    return f"Allowed sections: {', '.join(sorted({k.split('.')[0] for k in allowed}))}"
+
+
 def validate_overrides(base: Mapping[str, Any], overrides: Mapping[str, Any]) -> dict[str, Any]:
     """Check ``overrides`` (dotted key -> value) against ``base``; return them type-converted."""
     allowed = flatten(base)
@@ -210,7 +222,7 @@ def validate_overrides(base: Mapping[str, Any], overrides: Mapping[str, Any]) ->
                 raise ConfigError(f"{key!r} is a section, not a value; set one of: {', '.join(sub)}")
             close = difflib.get_close_matches(key, allowed, n=3)
             hint = f" Did you mean {' or '.join(close)}?" if close else ""
-            raise ConfigError(f"unknown key {key!r}.{hint} Allowed keys: {', '.join(sorted(allowed))}")
+            raise ConfigError(f"unknown key {key!r}.{hint} {_allowed_near(key, allowed)}")
         checked[key] = coerce(key, value, allowed[key])
     return checked
 
