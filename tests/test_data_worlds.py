@@ -8,7 +8,7 @@ import pytest
 from scipy import ndimage
 
 from ctrlgen.analysis.attribute_labels import parse_scenes_caption
-from ctrlgen.data import load_dataset, load_multiconcept, world_root
+from ctrlgen.data import datasets, load_dataset, load_multiconcept, world_root
 from ctrlgen.data.readers.cxr import CHEXPERT_LABELS
 from ctrlgen.data.worlds.common import grid
 from ctrlgen.data.worlds.cxr import render_cxr, sample_labels, write_report
@@ -265,3 +265,13 @@ def test_novel_pairs_are_sixteen_distinct_sets_of_two_different_concepts(seed):
         for c in (a, b):
             assert c.shape in NOVEL_SHAPES or (c.shape, c.colour, c.texture) in held
     assert {a.shape for a, _ in pairs} >= set(NOVEL_SHAPES)   # every novel shape is customized
+
+
+def test_world_key_follows_its_generator_code(smoke_cfg, monkeypatch):
+    """A changed generator module rebuilds its world: the folder key includes that module's code digest."""
+    seen = []
+    monkeypatch.setattr(datasets, "code_digest", lambda modules: seen.append(list(modules)) or "a" * 64)
+    before = world_root("multiconcept", smoke_cfg, build=False)
+    monkeypatch.setattr(datasets, "code_digest", lambda modules: "b" * 64)
+    after = world_root("multiconcept", smoke_cfg, build=False)
+    assert before != after and seen == [["ctrlgen.data.worlds.multiconcept"]]

@@ -34,8 +34,13 @@ from ctrlgen.data.worlds.dermoscopy import DermWorldConfig, generate_dermoscopy
 from ctrlgen.data.worlds.multiconcept import write_multiconcept
 from ctrlgen.paths import cache_root, data_root, make_public
 from ctrlgen.progress import tqdm
+from ctrlgen.result_cache import code_digest
 
-WORLD_VERSION = "2"  # bump when a generator's output changes, so cached worlds are rebuilt (2: CXR anatomy masks)
+WORLD_VERSION = "2"  # bump when a world's output changes without its code changing (2: CXR anatomy masks)
+# the generator module of each world: its code (and what it imports) is part of the world's key, so a changed
+# generator rebuilds the cached world by itself (a manual version bump alone was forgotten once)
+WORLD_MODULES = {"derm": "ctrlgen.data.worlds.dermoscopy", "cxr": "ctrlgen.data.worlds.cxr",
+                 MULTICONCEPT: "ctrlgen.data.worlds.multiconcept"}
 
 
 def read_options(cfg: Mapping[str, Any], verify_cache: Path | None = None) -> ReadOptions:
@@ -64,7 +69,8 @@ def dataset_folder(name: str, cfg: Mapping[str, Any] | None = None, root: Path |
 def _world_settings(world: str, cfg: Mapping[str, Any]) -> dict[str, Any]:
     w = cfg["data"]["worlds"][world]
     settings = {k: w[k] for k in w}
-    return {**settings, "seed": int(cfg["seed"]), "resolution": int(cfg["data"]["resolution"]) or 64, "version": WORLD_VERSION}
+    return {**settings, "seed": int(cfg["seed"]), "resolution": int(cfg["data"]["resolution"]) or 64, "version": WORLD_VERSION,
+            "code": code_digest([WORLD_MODULES[world]])[:16]}
 
 
 def world_root(world: str, cfg: Mapping[str, Any], build: bool = True) -> Path:
