@@ -139,14 +139,19 @@ distances.style.format("{:.4f}")
 # the same run (`pretrain.unet.curve_points`): quality against minutes of training, the chosen point marked.
 # One known weakness of SD's noise schedule is sharper at this size: with 16×16 latents the per-image *mean*
 # of a latent channel survives to $t=T$ (the signal keeps $\sqrt{\bar\alpha_T}\approx 0.07$ of itself while
-# the mean of 256 noise values has a standard deviation of only $1/16$), so sampling from pure noise starts
+# the mean of 256 noise values has a standard deviation of only $1/16$, so on a domain whose images differ
+# in overall colour the mean is still readable at $t=T$), so sampling from pure noise starts
 # from means that are too small and samples regress towards the average colour (Lin et al. 2024, "Common
-# diffusion noise schedules and sample steps are flawed"). The recipe adds diffusers' `--noise_offset`
-# (`pretrain.unet.noise_offset`, Guttenberg 2023), the usual first remedy; measured on the ISIC model it does
-# not restore the spread (the per-image colour spread of samples stays about 0.4× the data's after 1,500
-# steps), and the bar's distance criterion reports what is left. The principled fix — a zero-terminal-SNR
-# schedule with v-prediction and trailing timesteps — changes every sampler, inversion and guidance step of
-# the book, and is not made here.
+# diffusion noise schedules and sample steps are flawed"). The mini models therefore use Lin et al.'s fix as
+# diffusers implements it (`models.mini.scheduler`): the betas rescaled to zero terminal SNR
+# (`rescale_betas_zero_snr`, $\bar\alpha_T=0$), v-prediction (the U-Net predicts
+# $v=\sqrt{\bar\alpha_t}\,\epsilon-\sqrt{1-\bar\alpha_t}\,z_0$, since $\epsilon$ cannot be predicted where
+# $z_T$ is pure noise) and trailing timesteps (the first sampling step is $t=T$). The public SD checkpoints of
+# the `full` profile keep their own ε-prediction schedule; every sampler, inversion and guidance step of the
+# book goes through diffusers' scheduler, so both run through the same code. Diffusers' `--noise_offset`,
+# the usual first remedy, is off: on the ISIC model it had not restored the colour variety of samples. The
+# *colour variety* table after the quality curve measures, for this run, how much of the data's variety the
+# samples and the VAE round trips keep.
 
 # %%
 base = ch02_background.pretrain_base_models(cfg)
@@ -220,6 +225,20 @@ run.log_table("ch02.quality_curve", shown[["value", "threshold", "status"]])
 for (domain, step), minutes in curve.groupby(["domain", "step"])["minutes"].first().items():
     run.log_timing("ch02.quality_curve", f"{domain} / {step}", "training minutes", minutes)
 run.show(ch02_background.quality_curve_figure(curve), "quality_curve")
+
+# %% [markdown]
+# ### Colour variety: samples and VAE round trips
+#
+# The distance criterion fails when samples are too alike: the spread of their mean colours (over images)
+# and their within-image contrast, as ratios to the held-out images' (1 = the data's variety), for each
+# domain's default model. The VAE round trips show what the decoder can give back at all, and the slope of
+# a round trip's mean colour against the original's shows whether the decoder pulls every image towards the
+# average colour: a sample cannot have a variety its decoder does not return.
+
+# %%
+dispersion = ch02_background.dispersion_table(cfg, base)
+run.log_table("ch02.colour_dispersion", dispersion)
+dispersion.round(2).T
 
 # %% [markdown]
 # ### The VAE round trip

@@ -217,3 +217,19 @@ def test_refinement_ious_by_hand():
     self_attn = (same / same.sum(1, keepdim=True))[None]
     refined, plain = ch02_background.refinement_ious({"cross": cross, "self": self_attn, "labels": labels}, token=1, tau=4)
     assert refined.tolist() == [1.0] and plain.tolist() == pytest.approx([2 / 9])
+
+
+def test_colour_dispersion_and_vae_slope_on_an_affine_copy():
+    """images = 0.5·held + 0.25 keeps half the spread and half the within-image std, at slope 0.5; a copy keeps all."""
+    held = np.random.default_rng(0).uniform(0, 1, (20, 8, 8, 3))
+    from_copy = ch02_background.colour_dispersion(held, held.copy())
+    assert all(abs(v - 1) < 1e-12 for v in from_copy.values()) and len(from_copy) == 6
+    shrunk = ch02_background.colour_dispersion(held, 0.5 * held + 0.25)
+    assert all(abs(v - 0.5) < 1e-12 for v in shrunk.values())
+    slopes = ch02_background.colour_mean_slopes(held, 0.5 * held + 0.25)
+    assert set(slopes) == {"VAE colour-mean slope R", "VAE colour-mean slope G", "VAE colour-mean slope B"}
+    assert all(abs(v - 0.5) < 1e-9 for v in slopes.values())
+    flipped = held.copy()
+    flipped[..., 0] = 1 - held[..., 0]  # the red mean reversed: slope -1 in R only
+    slopes = ch02_background.colour_mean_slopes(held, flipped)
+    assert abs(slopes["VAE colour-mean slope R"] + 1) < 1e-9 and abs(slopes["VAE colour-mean slope G"] - 1) < 1e-9

@@ -24,7 +24,7 @@ from diffusers import DDIMScheduler, DDPMScheduler
 from sklearn.datasets import make_moons, make_swiss_roll
 from torch import nn
 
-from ctrlgen import figures
+from ctrlgen import figures, result_cache
 from ctrlgen.analysis.attention_views import nu_tau_iou, real_maps
 from ctrlgen.analysis.self_attention import summarize_affinity
 from ctrlgen.attention import otsu_mask, self_enhance
@@ -427,6 +427,57 @@ def quality_curve(cfg: Mapping[str, Any], base: BaseModels) -> pd.DataFrame:
             table = model_bar(cfg, model, result.key if final else f"{result.key}@{step}", base.datas[domain], variant)
             frames.append(table.assign(domain=domain, step=step, minutes=seconds / 60, chosen=final))
     return pd.concat(frames, ignore_index=True)
+
+
+def colour_dispersion(held: np.ndarray, images: np.ndarray) -> dict[str, float]:
+    """How much of the data's colour variety ``images`` (N, H, W, 3 in [0, 1]) keep, per RGB channel: the
+    spread (std over images) of each image's mean colour and the mean within-image std, each as a ratio to
+    the held-out images' (1 = the data's variety; below 1 = samples regress to the average)."""
+    out = {}
+    spread = images.mean(axis=(1, 2)).std(0) / held.mean(axis=(1, 2)).std(0)
+    within = images.std(axis=(1, 2)).mean(0) / held.std(axis=(1, 2)).mean(0)
+    for c, name in enumerate("RGB"):
+        out[f"colour spread {name}"] = float(spread[c])
+        out[f"within-image std {name}"] = float(within[c])
+    return out
+
+
+def colour_mean_slopes(held: np.ndarray, trips: np.ndarray) -> dict[str, float]:
+    """Least-squares slope of the VAE round trip's per-image mean colour against the original's, per channel
+    (1 = kept; below 1 = the decoder pulls every image towards the average colour)."""
+    m, r = held.mean(axis=(1, 2)), trips.mean(axis=(1, 2))
+    return {f"VAE colour-mean slope {name}": float(np.polyfit(m[:, c], r[:, c], 1)[0]) for c, name in enumerate("RGB")}
+
+
+def dispersion_table(cfg: Mapping[str, Any], base: BaseModels) -> pd.DataFrame:
+    """Colour variety of each default model's samples and of its VAE round trips against the held-out images
+    (the diagnosis behind the zero-terminal-SNR schedule and the SW1 criterion); cached by model key."""
+    rows = {}
+    for domain, results in base.results.items():
+        variant = base_models.default_variant(cfg, domain)
+        result, data = results[variant], base.datas[domain]
+        n = min(int(cfg["pretrain"]["quality_bar"]["n_samples"]), len(data.heldout_captions))
+        guidance = float(cfg["sampling"]["guidance_scale"])
+        steps = int(cfg["pretrain"]["quality_bar"]["sample_steps"])
+        held = image_tensor(data.heldout_images[:n], signed=False).permute(0, 2, 3, 1).numpy()
+
+        def compute(domain=domain, variant=variant, data=data, n=n) -> dict[str, float]:
+            model = base_models.load_variant(cfg, domain, variant)
+            samples = base_models.generate(model, list(data.heldout_captions[:n]), steps, guidance, seed=int(cfg["seed"]))
+            with torch.no_grad():
+                trips = decode_images(model, model.encode_images(image_tensor(data.heldout_images[:n])))
+            samples, trips = samples.permute(0, 2, 3, 1).numpy(), trips.permute(0, 2, 3, 1).numpy()
+            return {**{f"samples: {k}": v for k, v in colour_dispersion(held, samples).items()},
+                    **{f"VAE round trips: {k}": v for k, v in colour_dispersion(held, trips).items()},
+                    **colour_mean_slopes(held, trips)}
+
+        parts = {"what": "ch02 colour dispersion", "model": result.key, "n": n, "guidance": guidance, "steps": steps,
+                 "seed": int(cfg["seed"])}
+        rows[domain] = result_cache.cached(parts, compute, kind="json", cfg=cfg,
+                                           code=["ctrlgen.experiments.ch02_background"])
+    frame = pd.DataFrame(rows).T
+    frame.index.name = "domain"
+    return frame
 
 
 def quality_curve_figure(curve: pd.DataFrame):
