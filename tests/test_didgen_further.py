@@ -14,6 +14,7 @@ from ctrlgen.config import load_profile
 from ctrlgen.guidance import GuidanceContext, GuidanceRefiner, TokenMap, mask_at
 from ctrlgen.methods.baselines.boxdiff import (
     BoxDiffConfig,
+    box_guidance,
     box_losses,
     box_masks,
     box_terms,
@@ -210,9 +211,10 @@ def test_box_guidance_lowers_the_box_losses_and_pulls_lesion_attention_into_the_
 
     original = fc.box_guidance
 
-    def with_spy(box, token_map, eta, fraction, *args):
-        r = original(box, token_map, eta, fraction, *args)
-        return GuidanceRefiner([*r.terms, InBoxShare(box, token_map)], eta=r.eta, fraction=r.fraction)
+    def with_spy(box, token_map, eta, fraction, *args, **kwargs):
+        r = original(box, token_map, eta, fraction, *args, **kwargs)
+        return GuidanceRefiner([*r.terms, InBoxShare(box, token_map)], eta=r.eta, fraction=r.fraction,
+                               normalize=r.normalize)
 
     monkeypatch.setattr(fc, "box_guidance", with_spy)
     model = tiny_sd()
@@ -377,3 +379,13 @@ def test_p2p_word_swap_edit_stays_closer_to_the_reconstruction():
         ratios.append(err_p2p / err_plain)
         print(f"seed {seed}: edit MSE to reconstruction, P2P {err_p2p:.2e} vs re-sampling {err_plain:.2e}")
     assert sum(r < 1 for r in ratios) >= 5 and np.mean(ratios) < 0.95, ratios
+
+
+def test_box_guidance_takes_the_pair_pipelines_step_rule():
+    """Fig. 4.9 on mini steps like the pair pipeline (η·∇/‖∇‖∞), on the full profile like Eq. (4.10) (raw ∇)."""
+    tmap = TokenMap(1, (4,), 8, 1.0, 3, 0.5)
+    boxes = box_masks([(0.1, 0.1, 0.6, 0.6)], 8)
+    assert box_guidance(boxes, tmap, 0.3).normalize == "none"
+    assert box_guidance(boxes, tmap, 0.3, normalize="max").normalize == "max"
+    with pytest.raises(ValueError, match="normalize"):
+        box_guidance(boxes, tmap, 0.3, normalize="l2")

@@ -595,8 +595,11 @@ def box_guidance(model, pool: Sequence[str], pairs: PairConfig, box: BoxDiffConf
     """Fig. 4.9: BoxDiff's constraints on the ``<lesion>`` map (``box``: P and L), the pair pipeline's steps, scale, η
     and fraction; the segmenter says how much of the drawn lesion lies inside its box."""
     prompts = list(pool[: len(BOXES)]) if len(pool) >= len(BOXES) else [ec.prefix] * len(BOXES)
+    layout = pairs.layout  # the pair pipeline's token smoothing and step rule (mini: ∇/‖∇‖∞ on an unsharpened softmax)
+    smoothing = {"softmax_scale": layout.softmax_scale, "kernel": layout.smoothing_kernel, "sigma": layout.smoothing_sigma}
     images, _ = further_control.box_guided_generate(model, prompts, BOXES, pairs.num_steps, pairs.guidance_scale,
-                                                    pairs.eta, pairs.guidance_fraction, ec.cross_res, seed=ec.seed, box=box)
+                                                    pairs.eta, pairs.guidance_fraction, ec.cross_res, seed=ec.seed, box=box,
+                                                    smoothing=smoothing, normalize=layout.grad_normalize)
     segmented = segmenter.predict(images)
     side = segmented.shape[-1]
     inside = [float((m & (box_masks([b], side)[0].numpy() > 0.5)).sum() / max(1, m.sum())) for m, b in zip(segmented, BOXES)]

@@ -146,9 +146,11 @@ def box_terms(box: torch.Tensor, token_map: TokenMap, config: BoxDiffConfig = Bo
 
 
 def box_guidance(box: torch.Tensor, token_map: TokenMap, eta: float, fraction: float = 0.5,
-                 config: BoxDiffConfig = BoxDiffConfig(), iterations: int = 1) -> GuidanceRefiner:
-    """The refiner of BoxDiff's guidance: ẑ_t = z_t − η ∇ (L_IB + L_OB + L_CC) on the first ``fraction`` of the steps."""
-    return GuidanceRefiner(box_terms(box, token_map, config), eta=eta, fraction=fraction, iterations=iterations)
+                 config: BoxDiffConfig = BoxDiffConfig(), iterations: int = 1, normalize: str = "none") -> GuidanceRefiner:
+    """The refiner of BoxDiff's guidance: ẑ_t = z_t − η ∇ (L_IB + L_OB + L_CC) on the first ``fraction`` of the steps
+    (``normalize="max"``: the step η·∇/‖∇‖∞ the mini profile uses for every layout guidance, see ``GuidanceRefiner``)."""
+    return GuidanceRefiner(box_terms(box, token_map, config), eta=eta, fraction=fraction, iterations=iterations,
+                           normalize=normalize)
 
 
 __all__ = ["BoxDiffConfig", "box_masks", "inner_box_loss", "outer_box_loss", "corner_loss", "box_losses", "BoxTerm",

@@ -79,10 +79,12 @@ def customise(model: SDComponents, base: DermAttributes, attribute: str, values:
 def box_guided_generate(model: SDComponents, prompts: Sequence[str], boxes: Sequence[Sequence[float]], num_steps: int,
                         guidance_scale: float, eta: float, guidance_fraction: float, cross_res: int,
                         lesion_token: str = "<lesion>", seed: int = 0, box: BoxDiffConfig = BoxDiffConfig(),
-                        smoothing: Mapping[str, Any] | None = None) -> tuple[torch.Tensor, list[dict[str, float]]]:
+                        smoothing: Mapping[str, Any] | None = None, normalize: str = "none"
+                        ) -> tuple[torch.Tensor, list[dict[str, float]]]:
     """Fig. 4.9: images whose lesion follows boxes ``(x0, y0, x1, y1)`` (image fractions), one box per prompt.
 
-    ``box``: BoxDiff's P and L (``BoxDiffConfig.from_profile``). Returns images ``(B, 3, H, W)`` in [0, 1] and the
+    ``box``: BoxDiff's P and L (``BoxDiffConfig.from_profile``); ``smoothing`` (softmax_scale, kernel, sigma) and
+    ``normalize`` as the pair pipeline's layout guidance uses them (``LayoutGuidanceSettings``). Returns images ``(B, 3, H, W)`` in [0, 1] and the
     guidance loss history (``ib``, ``ob``, ``cc``)."""
     if len(prompts) != len(boxes):
         raise ValueError("give one box per prompt")
@@ -90,7 +92,7 @@ def box_guided_generate(model: SDComponents, prompts: Sequence[str], boxes: Sequ
     sm = dict(smoothing or {})
     tmap = TokenMap(loc.position(lesion_token), tuple(loc.ends.tolist()), cross_res, float(sm.get("softmax_scale", 100.0)),
                     int(sm.get("kernel", 3)), float(sm.get("sigma", 0.5)))
-    guide = box_guidance(box_masks(boxes, cross_res), tmap, eta, guidance_fraction, box)
+    guide = box_guidance(box_masks(boxes, cross_res), tmap, eta, guidance_fraction, box, normalize=normalize)
     images = text_to_image(model, prompts, num_steps=num_steps, guidance_scale=guidance_scale, seed=seed,
                            refiner=guide).images
     return images, guide.history
