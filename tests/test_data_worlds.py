@@ -1,12 +1,14 @@
 """Procedural worlds: deterministic, fast, written in the official layouts and read by the real readers."""
 import re
 import time
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
 from scipy import ndimage
 
+from ctrlgen import result_cache
 from ctrlgen.analysis.attribute_labels import parse_scenes_caption
 from ctrlgen.data import datasets, load_dataset, load_multiconcept, world_root
 from ctrlgen.data.readers.cxr import CHEXPERT_LABELS
@@ -268,10 +270,31 @@ def test_novel_pairs_are_sixteen_distinct_sets_of_two_different_concepts(seed):
 
 
 def test_world_key_follows_its_generator_code(smoke_cfg, monkeypatch):
-    """A changed generator module rebuilds its world: the folder key includes that module's code digest."""
-    seen = []
-    monkeypatch.setattr(datasets, "code_digest", lambda modules: seen.append(list(modules)) or "a" * 64)
-    before = world_root("multiconcept", smoke_cfg, build=False)
-    monkeypatch.setattr(datasets, "code_digest", lambda modules: "b" * 64)
-    after = world_root("multiconcept", smoke_cfg, build=False)
-    assert before != after and seen == [["ctrlgen.data.worlds.multiconcept"]]
+    """A changed generator rebuilds its world: the folder key includes ``world_code``, which reads exactly the
+    world's generator files (all present) and changes with their code."""
+    monkeypatch.setattr(datasets, "world_code", lambda world: "a" * 16)
+    before = datasets.world_root("multiconcept", smoke_cfg, build=False)
+    monkeypatch.setattr(datasets, "world_code", lambda world: "b" * 16)
+    assert datasets.world_root("multiconcept", smoke_cfg, build=False) != before
+    monkeypatch.undo()
+    lib = Path(datasets.__file__).resolve().parents[1]
+    for world, files in datasets.WORLD_FILES.items():
+        assert all((lib / f).is_file() for f in files), world
+        assert "data/worlds/common.py" in files and "config.py" not in files
+    assert len({datasets.world_code(w) for w in datasets.WORLD_FILES}) == 3
+
+
+def test_source_digest_sees_code_not_comments(tmp_path):
+    """``result_cache.source_digest``: a comment or docstring edit keeps the digest, a changed constant does not;
+    function sources count the same whatever their indentation."""
+    pkg = tmp_path / "lib" / "ctrlgen"
+    pkg.mkdir(parents=True)
+    (pkg / "w.py").write_text('def f():\n    """Doc."""\n    return 1\n')
+    base = result_cache.source_digest(["w.py"], root=tmp_path)
+    (pkg / "w.py").write_text('def f():\n    """Other doc."""\n    # note\n    return 1\n')
+    assert result_cache.source_digest(["w.py"], root=tmp_path) == base
+    (pkg / "w.py").write_text('def f():\n    return 2\n')
+    assert result_cache.source_digest(["w.py"], root=tmp_path) != base
+    nested = "    def g(x):\n        return x + 1\n"
+    flat = "def g(x):\n    return x + 1  # why\n"
+    assert result_cache.source_digest([], [nested], root=tmp_path) == result_cache.source_digest([], [flat], root=tmp_path)

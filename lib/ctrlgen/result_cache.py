@@ -37,6 +37,7 @@ import io
 import json
 import os
 import re
+import textwrap
 import time
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
@@ -178,6 +179,30 @@ def file_digests(files: Iterable[Path], root: Path | None = None) -> dict[str, s
     """``{path relative to the project: sha256 of the bytes}`` (each file read once per process while its stat holds)."""
     base = (root or paths.project_root()).resolve()
     return {str(Path(f).resolve().relative_to(base)): _file_sha256(Path(f)) for f in files}
+
+
+def code_text(source: str) -> str:
+    """``source``'s syntax tree as text, docstrings removed (comments and layout never reach the tree)."""
+    tree = ast.parse(source)
+    for node in ast.walk(tree):
+        if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)) and node.body:
+            first = node.body[0]
+            if isinstance(first, ast.Expr) and isinstance(first.value, ast.Constant) and isinstance(first.value.value, str):
+                node.body = node.body[1:] or [ast.Pass()]
+    return ast.dump(tree)
+
+
+def source_digest(files: Iterable[str], extra_sources: Iterable[str] = (), root: Path | None = None) -> str:
+    """Hash of library ``files`` (paths relative to ``lib/ctrlgen``) and of ``extra_sources`` (function sources),
+    Python counted by ``code_text``: what the code does, not how its comments read."""
+    lib = library_root(root) / "ctrlgen"
+    h = hashlib.sha256()
+    for rel in files:
+        h.update(rel.encode())
+        h.update(code_text((lib / rel).read_text()).encode())
+    for source in extra_sources:
+        h.update(code_text(textwrap.dedent(source)).encode())
+    return h.hexdigest()
 
 
 def code_digest(modules: Iterable[str], root: Path | None = None) -> str:

@@ -9,6 +9,7 @@ with nearest neighbour and re-binarised) and the records point at the copies.
 from __future__ import annotations
 
 import hashlib
+import inspect
 import json
 import os
 import shutil
@@ -34,13 +35,18 @@ from ctrlgen.data.worlds.dermoscopy import DermWorldConfig, generate_dermoscopy
 from ctrlgen.data.worlds.multiconcept import write_multiconcept
 from ctrlgen.paths import cache_root, data_root, make_public
 from ctrlgen.progress import tqdm
-from ctrlgen.result_cache import code_digest
+from ctrlgen.result_cache import source_digest
 
 WORLD_VERSION = "2"  # bump when a world's output changes without its code changing (2: CXR anatomy masks)
-# the generator module of each world: its code (and what it imports) is part of the world's key, so a changed
-# generator rebuilds the cached world by itself (a manual version bump alone was forgotten once)
-WORLD_MODULES = {"derm": "ctrlgen.data.worlds.dermoscopy", "cxr": "ctrlgen.data.worlds.cxr",
-                 MULTICONCEPT: "ctrlgen.data.worlds.multiconcept"}
+# the files each world's generator runs (paths under lib/ctrlgen): their code is part of the world's key, so a
+# changed generator rebuilds the cached world by itself (a manual version bump alone was forgotten once), while
+# a comment, a docstring or an unrelated module does not
+WORLD_FILES = {
+    "derm": ("data/worlds/dermoscopy.py", "data/worlds/derm_layouts.py", "data/worlds/common.py", "data/attributes.py",
+             "data/imageio.py", "data/readers/derm.py"),
+    "cxr": ("data/worlds/cxr.py", "data/worlds/common.py", "data/splits.py", "data/imageio.py", "data/readers/cxr.py"),
+    MULTICONCEPT: ("data/worlds/multiconcept.py", "data/worlds/common.py", "data/imageio.py"),
+}
 
 
 def read_options(cfg: Mapping[str, Any], verify_cache: Path | None = None) -> ReadOptions:
@@ -70,7 +76,13 @@ def _world_settings(world: str, cfg: Mapping[str, Any]) -> dict[str, Any]:
     w = cfg["data"]["worlds"][world]
     settings = {k: w[k] for k in w}
     return {**settings, "seed": int(cfg["seed"]), "resolution": int(cfg["data"]["resolution"]) or 64, "version": WORLD_VERSION,
-            "code": code_digest([WORLD_MODULES[world]])[:16]}
+            "code": world_code(world)}
+
+
+def world_code(world: str) -> str:
+    """The code part of a world's key: its generator files and this module's builders (``source_digest``)."""
+    builders = [_build_world] + {"derm": [_build_derm], "cxr": [_build_cxr]}.get(world, [])
+    return source_digest(WORLD_FILES[world], [inspect.getsource(f) for f in builders])[:16]
 
 
 def world_root(world: str, cfg: Mapping[str, Any], build: bool = True) -> Path:

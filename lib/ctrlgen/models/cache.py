@@ -9,7 +9,6 @@ rename, so a reader never sees half a model.
 """
 from __future__ import annotations
 
-import ast
 import hashlib
 import json
 import os
@@ -20,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from ctrlgen.paths import make_public
+from ctrlgen.result_cache import code_text
 
 LIB_ROOT = Path(__file__).resolve().parents[1]
 
@@ -46,17 +46,6 @@ def code_version(files: Iterable[str]) -> str:
         path = LIB_ROOT / rel
         h.update(code_text(path.read_text()).encode() if path.suffix == ".py" else path.read_bytes())
     return h.hexdigest()[:12]
-
-
-def code_text(source: str) -> str:
-    """``source``'s syntax tree as text, docstrings removed (comments and layout never reach the tree)."""
-    tree = ast.parse(source)
-    for node in ast.walk(tree):
-        if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)) and node.body:
-            first = node.body[0]
-            if isinstance(first, ast.Expr) and isinstance(first.value, ast.Constant) and isinstance(first.value.value, str):
-                node.body = node.body[1:] or [ast.Pass()]
-    return ast.dump(tree)
 
 
 def read_json(path: Path) -> dict | None:
