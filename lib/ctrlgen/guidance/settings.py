@@ -1,7 +1,7 @@
 """The layout-guidance settings chapters 4 and 5 share (Eq. 4.7–4.10; Eq. 5.5–5.7, 5.9–5.10).
 
-``LayoutGuidanceSettings`` holds what the step ẑ_t = z_t − η ∇_{z_t} (λ_CA L_CA + λ_SA L_SA) of Eq. (4.10)
-needs besides the layout mask and the token positions: η, the weights, the share of the steps it acts on,
+``LayoutGuidanceSettings`` holds what the step ẑ_t = z_t − η ∇_{z_t} (λ_CA L_CA + λ_SA L_SA) — Eq. (4.10) with
+λ = 1, Eq. (5.9)–(5.10) with λ_attn — needs besides the layout mask and the token positions: η, the weights, the share of the steps it acts on,
 the attention sides and L_CA's token softmax and smoothing, L_SA's normalisation, and what η multiplies.
 ``from_section`` reads them from a profile: η (and, where the section has them, ``guidance_fraction`` and
 ``lambda_attn``) from the method's own section, the attention sides and smoothing from ``attention``, and the
