@@ -9,9 +9,14 @@ defines, as two functions (``AdversarialLosses``):
 
 * ``d_loss(step)``: draw the step's batch from ``GANSetup.rng`` and return the discriminator's loss and a context
   (the batch, fakes, discriminator outputs) that the generator's loss may reuse — PGAN's WGAN-GP with drift,
-  StyleGAN2's non-saturating loss with lazy R1, Pix2PixHD's multi-scale LSGAN;
-* ``g_loss(context)``: the generator's loss and what to log beside it (PGAN's level and fade-in α, StyleGAN2's R1,
-  Pix2PixHD's feature matching and VGG loss).
+  StyleGAN2's non-saturating loss, Pix2PixHD's multi-scale LSGAN;
+* ``g_loss(context)``: the generator's loss and what to log beside it (PGAN's level and fade-in α,
+  Pix2PixHD's feature matching and VGG loss);
+
+and, for lazy regularisation (StyleGAN2 §3.1 and Appendix B; stylegan2-ada-pytorch's ``training_loop.py``
+phases Dmain/Dreg), a third: ``d_reg(context)``, a regulariser that is its own discriminator update after the main
+one at every ``d_reg_interval``-th step (0-based steps 0, k, 2k, …, as the official ``batch_idx % interval``),
+with D's Adam corrected for the extra updates (``gan_optimizers``) — StyleGAN2's R1.
 
 Also here: what a trained GAN is (``GANModel``), its saving and loading, and unconditional sampling.
 """
@@ -33,9 +38,11 @@ from ctrlgen.data.tensors import image_tensor
 from ctrlgen.progress import tqdm
 from ctrlgen.training.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 
-# d_loss(step) -> (discriminator loss, context for g_loss); g_loss(context) -> (generator loss, values to log)
+# d_loss(step) -> (discriminator loss, context for g_loss); g_loss(context) -> (generator loss, values to log);
+# d_reg(context) -> (discriminator regularisation loss, values to log)
 DLoss = Callable[[int], tuple[torch.Tensor, dict[str, Any]]]
 GLoss = Callable[[dict[str, Any]], tuple[torch.Tensor, dict[str, Any]]]
+DReg = GLoss
 
 
 @dataclass
@@ -67,10 +74,25 @@ class GANSetup:
 
 @dataclass(frozen=True)
 class AdversarialLosses:
-    """What one GAN supplies to ``train_adversarial``: its discriminator and generator losses (module doc)."""
+    """What one GAN supplies to ``train_adversarial``: its discriminator and generator losses and, with lazy
+    regularisation, the discriminator's regulariser ``d_reg`` stepped every ``d_reg_interval`` steps (module doc).
+
+    ``d_reg_interval`` k > 0 also corrects D's Adam by c = k/(k+1) (``gan_optimizers``); as in stylegan2-ada, that
+    holds even when ``d_reg`` is None (γ = 0: the Dreg phase exists but has nothing to step)."""
 
     d_loss: DLoss
     g_loss: GLoss
+    d_reg: DReg | None = None
+    d_reg_interval: int = 0
+
+    def __post_init__(self) -> None:
+        if self.d_reg_interval < 0 or (self.d_reg is not None and self.d_reg_interval < 1):
+            raise ValueError(f"AdversarialLosses: d_reg_interval must be >= 1 with a d_reg (>= 0 without), got "
+                             f"{self.d_reg_interval}")
+
+    def regularises(self, step: int) -> bool:
+        """Whether 0-based ``step`` has a Dreg update: ``d_reg`` set and ``step`` a multiple of ``d_reg_interval``."""
+        return self.d_reg is not None and step % self.d_reg_interval == 0
 
 
 # --------------------------------------------------------------------------- building blocks
@@ -125,7 +147,9 @@ def setup_gan(make_generator: Callable[[], nn.Module], make_discriminator: Calla
 
 def gan_optimizers(setup: GANSetup, config: Any, d_reg_interval: int = 0) -> dict[str, torch.optim.AdamW]:
     """AdamW for G and D from ``config``'s lr, adam_betas, adam_eps and weight_decay. With lazy regularisation every
-    ``d_reg_interval`` steps, D's lr and betas are corrected by c = k/(k+1) (StyleGAN2 Appendix B: lr·c, β^c)."""
+    ``d_reg_interval`` steps as its own D update, D's lr and betas are corrected by c = k/(k+1) (StyleGAN2 Appendix B:
+    lr·c, β^c; stylegan2-ada's ``mb_ratio``), so that k main updates plus one regularisation update move D as k
+    plain ones would."""
     c = d_reg_interval / (d_reg_interval + 1) if d_reg_interval else 1.0
     args = (config.adam_eps, config.weight_decay)
     return {"g": adamw(setup.generator.parameters(), config.lr, config.adam_betas, *args),
@@ -144,15 +168,23 @@ def _scalar(value: Any) -> Any:
 
 def adversarial_step(step: int, setup: GANSetup, optimizers: Mapping[str, torch.optim.Optimizer],
                      losses: AdversarialLosses, ema_decay: float = 0.0) -> dict[str, Any]:
-    """One training step: a discriminator update on ``d_loss(step)``, then a generator update on
-    ``g_loss(context)``, then the EMA of G (when the setup has one). Returns the step's losses and logged values."""
+    """One training step: a discriminator update on ``d_loss(step)`` (Dmain); at a regularisation step
+    (``losses.regularises(step)``) a second, separate discriminator update on ``d_reg(context)`` (Dreg; the
+    official phase order Dmain then Dreg); then a generator update on ``g_loss(context)``, then the EMA of G (when
+    the setup has one). Returns the step's losses and logged values (``loss_d_reg`` and the regulariser's values
+    only at Dreg steps)."""
     loss_d, context = losses.d_loss(step)
     _descend(optimizers["d"], loss_d)
+    record: dict[str, Any] = {"loss_d": loss_d.item()}
+    if losses.regularises(step):
+        loss_reg, logged_reg = losses.d_reg(context)
+        _descend(optimizers["d"], loss_reg)
+        record.update(loss_d_reg=loss_reg.item(), **{k: _scalar(v) for k, v in logged_reg.items()})
     loss_g, logged = losses.g_loss(context)
     _descend(optimizers["g"], loss_g)
     if setup.g_ema is not None:
         ema_update(setup.g_ema, setup.generator, ema_decay)
-    return {"loss_d": loss_d.item(), "loss_g": loss_g.item(), **{k: _scalar(v) for k, v in logged.items()}}
+    return {**record, "loss_g": loss_g.item(), **{k: _scalar(v) for k, v in logged.items()}}
 
 
 # --------------------------------------------------------------------------- the loop
@@ -192,8 +224,9 @@ def run_gan_training(modules: Mapping[str, nn.Module], optimizers: Mapping[str, 
                      step_fn: Callable[[int], dict[str, float]], steps: int, rng: np.random.Generator,
                      output_dir: str | Path = "", checkpoint_every: int = 0, progress: bool = True,
                      desc: str = "GAN") -> list[dict[str, float]]:
-    """The one training loop of the book's GANs: ``step_fn(step)`` (one discriminator and one generator
-    update, drawing data from ``rng`` and noise from torch's global generator) for ``steps`` steps.
+    """The one training loop of the book's GANs: ``step_fn(step)`` (a discriminator update, a second one at a lazy
+    regularisation step, and one generator update, drawing data from ``rng`` and noise from torch's global
+    generator) for ``steps`` steps.
 
     With ``output_dir`` and ``checkpoint_every`` > 0, every module's state, the optimisers, the NumPy and
     torch random states and the history are saved (``ctrlgen.training.checkpoint``, atomic), and a rerun
@@ -211,11 +244,12 @@ def run_gan_training(modules: Mapping[str, nn.Module], optimizers: Mapping[str, 
 
 
 def train_adversarial(kind: str, config: Any, setup: GANSetup, losses: AdversarialLosses, output_dir: str | Path = "",
-                      progress: bool = True, desc: str = "GAN", d_reg_interval: int = 0) -> GANModel:
+                      progress: bool = True, desc: str = "GAN") -> GANModel:
     """Train ``setup``'s networks with ``losses`` for ``config.train_steps`` steps (``adversarial_step``; AdamW from
-    ``gan_optimizers``, EMA decay ``config.ema_decay``), checkpointing every ``config.checkpoint_every`` steps into
-    ``output_dir`` (a rerun resumes there). Returns the EMA generator, or G itself when the setup has no EMA."""
-    optimizers = gan_optimizers(setup, config, d_reg_interval)
+    ``gan_optimizers``, D's corrected for ``losses.d_reg_interval``; EMA decay ``config.ema_decay``), checkpointing
+    every ``config.checkpoint_every`` steps into ``output_dir`` (a rerun resumes there). Returns the EMA generator, or
+    G itself when the setup has no EMA."""
+    optimizers = gan_optimizers(setup, config, losses.d_reg_interval)
     decay = getattr(config, "ema_decay", 0.0)
     history = run_gan_training(setup.modules, optimizers,
                                lambda step: adversarial_step(step, setup, optimizers, losses, decay),
@@ -280,7 +314,7 @@ def load_gan_parts(folder: str | Path) -> tuple[str, dict[str, Any], dict[str, t
 
 
 __all__ = [
-    "GANModel", "GANSetup", "AdversarialLosses", "config_from_section", "pixels", "ema_update", "adamw", "setup_gan",
-    "gan_optimizers", "adversarial_step", "run_gan_training", "train_adversarial", "sample_images", "save_gan",
-    "load_gan", "load_gan_parts",
+    "GANModel", "GANSetup", "AdversarialLosses", "DLoss", "GLoss", "DReg", "config_from_section", "pixels",
+    "ema_update", "adamw", "setup_gan", "gan_optimizers", "adversarial_step", "run_gan_training", "train_adversarial",
+    "sample_images", "save_gan", "load_gan", "load_gan_parts",
 ]

@@ -15,9 +15,11 @@ and Improving the Image Quality of StyleGAN"), trained as StyleGAN2-ADA's offici
 * per-pixel **noise inputs** scaled by a learned per-layer strength (StyleGAN §2, B in Fig. 1);
 * skip-connection toRGB outputs summed over resolutions, a residual discriminator with the minibatch
   standard-deviation layer (StyleGAN2 Fig. 7, config E/F);
-* the non-saturating logistic loss, softplus(D(G(z))) + softplus(−D(x)) for D and softplus(−D(G(z)))
-  for G, with **lazy R1 regularisation** γ/2·E‖∇_x D(x)‖² applied every ``r1_interval`` steps and scaled
-  by that interval (StyleGAN2 §3.1, ``training/loss.py`` of stylegan2-ada-pytorch);
+* the non-saturating logistic loss, softplus(D(G(z))) + softplus(−D(x)) for D (phase Dmain, every step)
+  and softplus(−D(G(z))) for G, with **lazy R1 regularisation**: every ``r1_interval`` = k steps a separate
+  D update (phase Dreg) on γ/2·E‖∇_x D(x)‖²·k over the step's real batch, and D's Adam corrected by
+  c = k/(k+1) (StyleGAN2 §3.1 and Appendix B; ``training/loss.py`` and ``training/training_loop.py`` of
+  stylegan2-ada-pytorch);
 * an exponential moving average of the generator for sampling (no truncation: ψ = 1).
 
 Left out, as choices of this book, and said so: ADA's augmentation pipeline, path-length
@@ -249,37 +251,39 @@ class StyleGANDiscriminator(nn.Module):
 # --------------------------------------------------------------------------- training and sampling
 def stylegan_losses(setup: GANSetup, data: torch.Tensor, config: StyleGANConfig,
                     device: str | torch.device = "cpu") -> AdversarialLosses:
-    """StyleGAN2's losses (Karras et al. 2020, §3.1; stylegan2-ada's ``training/loss.py``): D: softplus(D(G(z))) +
-    softplus(−D(x)), plus γ/2·R1·k every k = ``r1_interval`` steps (lazy R1); G: softplus(−D(G(z))). Logs R1."""
+    """StyleGAN2's losses (Karras et al. 2020, §3.1; stylegan2-ada's ``training/loss.py``), as its phases:
+    Dmain softplus(D(G(z))) + softplus(−D(x)) every step, no R1; Dreg γ/2·R1·k on the same real batch as its own
+    D update every k = ``r1_interval`` steps (lazy R1; none when γ = 0, as the official ``do_Dr1``; logs R1);
+    G softplus(−D(G(z))). Path-length regularisation (Greg) is left out (module doc)."""
     g, d = setup.generator, setup.discriminator
 
     def d_loss(step: int) -> tuple[torch.Tensor, dict[str, Any]]:
         reals = data[setup.rng.integers(0, len(data), config.batch_size)].to(device)
         z = torch.randn(config.batch_size, config.z_dim).to(device)
-        loss = F.softplus(d(g(z).detach())).mean() + F.softplus(-d(reals)).mean()
-        r1 = torch.zeros(())
-        if step % config.r1_interval == 0:
-            r1 = r1_penalty(d, reals)
-            loss = loss + config.r1_gamma / 2 * r1 * config.r1_interval
-        return loss, {"r1": r1}
+        return F.softplus(d(g(z).detach())).mean() + F.softplus(-d(reals)).mean(), {"reals": reals}
+
+    def d_reg(ctx: dict[str, Any]) -> tuple[torch.Tensor, dict[str, Any]]:
+        r1 = r1_penalty(d, ctx["reals"])
+        # scaled by the interval (the official gain = phase.interval): one R1 step stands for k of them
+        return config.r1_gamma / 2 * r1 * config.r1_interval, {"r1": r1}
 
     def g_loss(ctx: dict[str, Any]) -> tuple[torch.Tensor, dict[str, Any]]:
         z = torch.randn(config.batch_size, config.z_dim).to(device)
-        return F.softplus(-d(g(z))).mean(), ctx
+        return F.softplus(-d(g(z))).mean(), {}
 
-    return AdversarialLosses(d_loss, g_loss)
+    return AdversarialLosses(d_loss, g_loss, d_reg if config.r1_gamma > 0 else None, config.r1_interval)
 
 
 def train_stylegan(images: np.ndarray, config: StyleGANConfig, seed: int = 0, progress: bool = True,
                    output_dir: str | Path = "", device: str | torch.device = "cpu") -> GANModel:
     """Train one StyleGAN2 on ``images`` (uint8 ``(N, H, W, 3)``, resized to ``config.image_size``):
-    non-saturating logistic loss with lazy R1 (``stylegan_losses`` in ``gan_training``'s loop; D's AdamW corrected
-    for the lazy regularisation, StyleGAN2 Appendix B); returns the EMA generator. Checkpoints every
-    ``config.checkpoint_every`` steps into ``output_dir``; a rerun there resumes."""
+    non-saturating logistic loss with lazy R1 as its own D update every ``config.r1_interval`` steps
+    (``stylegan_losses`` in ``gan_training``'s loop; D's AdamW corrected for it, StyleGAN2 Appendix B); returns the
+    EMA generator. Checkpoints every ``config.checkpoint_every`` steps into ``output_dir``; a rerun there resumes."""
     data = pixels(images, config.image_size, "StyleGAN training images")
     setup = setup_gan(lambda: StyleGANGenerator(config), lambda: StyleGANDiscriminator(config), seed, device)
     return train_adversarial("stylegan", config, setup, stylegan_losses(setup, data, config, device), output_dir,
-                             progress, "StyleGAN", d_reg_interval=config.r1_interval)
+                             progress, "StyleGAN")
 
 
 def generate(model: GANModel, n: int, seed: int = 0, batch_size: int = 64) -> torch.Tensor:
