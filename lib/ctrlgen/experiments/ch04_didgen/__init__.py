@@ -501,6 +501,25 @@ def agreement_table(runs: Mapping[str, PairRun], segmenter: Segmenter) -> pd.Dat
     return table
 
 
+def guidance_effect_lines(head_summary: Mapping[str, float], agreement: pd.DataFrame) -> list[str]:
+    """Does layout guidance move the drawn lesion onto its condition, and does each term act on its own? On the
+    same first masks: IoU(condition, drawn lesion) and IoU(annotation, condition) of the guided run, each
+    single-term ablation and unguided sampling, and how far the L_CA-only run is from the unguided one (the
+    largest difference over the agreement table's metrics; 0 would mean the L_CA term is not applied)."""
+    drawn, annotated = "IoU(condition, drawn lesion) mean", "IoU(annotation, condition) mean"
+    rows = {"guided (first masks)": head_summary, **{k: agreement.loc[k] for k in ABLATIONS}}
+    lines = [f"{name}: drawn lesion vs condition IoU {float(r[drawn]):.3f}; annotation vs condition IoU "
+             f"{float(r[annotated]):.3f}" for name, r in rows.items()]
+    metrics = [c for c in agreement.columns if c.endswith("mean")]
+    ca_only, unguided = agreement.loc["w/o SA guidance (L_CA only)", metrics], agreement.loc["unguided", metrics]
+    gap = float((ca_only.astype(float) - unguided.astype(float)).abs().max())
+    lines.append(f"L_CA only vs unguided: largest difference over {len(metrics)} metrics {gap:.3f}")
+    gain = float(head_summary[drawn]) - float(agreement.loc["unguided", drawn])
+    lines.append(f"guidance moves the drawn lesion towards its condition by {gain:+.3f} IoU "
+                 f"({'it follows the mask better' if gain > 0 else 'no better than unguided'})")
+    return lines
+
+
 def mask_diversity(cond_masks: np.ndarray, runs: Mapping[str, PairRun], head: PairRun, distance,
                    ec: EvalConfig) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Table 4.7's LPIPS row (diversity of the annotated masks, w/ vs w/o cross-attention guidance, on the same
@@ -751,7 +770,7 @@ def directions(t41: pd.DataFrame, region: pd.DataFrame, head_summary: Mapping[st
     return direction_table(rows)
 
 
-__all__ = ["MODEL_NAMES", "Finetuned", "finetune", "models_dir", "base_model", "DermSets", "derm_sets",
+__all__ = ["MODEL_NAMES", "guidance_effect_lines", "Finetuned", "finetune", "models_dir", "base_model", "DermSets", "derm_sets",
            "load_base_and_sets", "pixels01", "EvalConfig", "sample_images", "cached_samples", "new_prompts",
            "table_4_1_prompts", "ROW_MODEL", "eval_resize", "quality_row", "Table41", "table_4_1", "token_maps_on_real",
            "otsu_iou", "blob_baseline_iou", "IOU_COLUMN", "TOKENS", "RegionAblation", "region_ablation", "figure_4_7a",
