@@ -298,3 +298,13 @@ def test_source_digest_sees_code_not_comments(tmp_path):
     nested = "    def g(x):\n        return x + 1\n"
     flat = "def g(x):\n    return x + 1  # why\n"
     assert result_cache.source_digest([], [nested], root=tmp_path) == result_cache.source_digest([], [flat], root=tmp_path)
+
+
+def test_cxr_world_key_follows_the_chexpert_label_table(smoke_cfg, tmp_path, monkeypatch):
+    """A CheXpert table appearing under the data root (it sets the CXR world's label co-occurrence) rebuilds it."""
+    monkeypatch.setattr(datasets, "dataset_folder", lambda name, cfg: tmp_path)
+    before = datasets.world_root("cxr", smoke_cfg, build=False)
+    assert datasets.chexpert_label_source(smoke_cfg) == "built-in prevalences"
+    (tmp_path / "chexpert_train.csv").write_text("Path,No Finding\nx,1\n")
+    assert datasets.chexpert_label_source(smoke_cfg).startswith("chexpert_train.csv:")
+    assert datasets.world_root("cxr", smoke_cfg, build=False) != before

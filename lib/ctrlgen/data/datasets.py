@@ -76,7 +76,21 @@ def _world_settings(world: str, cfg: Mapping[str, Any]) -> dict[str, Any]:
     w = cfg["data"]["worlds"][world]
     settings = {k: w[k] for k in w}
     return {**settings, "seed": int(cfg["seed"]), "resolution": int(cfg["data"]["resolution"]) or 64, "version": WORLD_VERSION,
-            "code": world_code(world)}
+            "code": world_code(world), **({"labels_from": chexpert_label_source(cfg)} if world == "cxr" else {})}
+
+
+CHEXPERT_LABEL_FILES = ("chexpert_train.csv.gz", "chexpert_train.csv", "CheXpert-v1.0-small/train.csv",
+                        "CheXpert-v1.0/train.csv")  # read_chexpert_labels' order
+
+
+def chexpert_label_source(cfg: Mapping[str, Any]) -> str:
+    """Which CheXpert label table the CXR world's label co-occurrence comes from (file and size), or
+    "built-in prevalences": part of that world's key, so a table added to the data root rebuilds it."""
+    folder = dataset_folder("chexpert", cfg)
+    for name in CHEXPERT_LABEL_FILES:
+        if (folder / name).is_file():
+            return f"{name}:{(folder / name).stat().st_size}"
+    return "built-in prevalences"
 
 
 def world_code(world: str) -> str:
