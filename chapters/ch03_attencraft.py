@@ -246,10 +246,10 @@ p_scores = [init[s.name]["P-P"][k] for s in scenes for k in range(2)]
 g_scores = [init[s.name]["G-P"][0] if k == 0 else init[s.name]["P-G"][1] for s in scenes for k in range(2)]
 record_claim(run, "ch3.t35_init_precise", p_scores, g_scores, note="scores at initialisation (before training)")
 full_iou = np.concatenate([r["iou"]["all three techniques"] for r in stage[default]])
-record_claim(run, "ch3.fig38_mask_creation", full_iou,
-             {"w/o cross-attention suppression": np.concatenate([r["iou"]["w/o cross-attention suppression"] for r in stage[default]]),
-              "w/o self-attention enhancement": np.concatenate([r["iou"]["w/o self-attention enhancement"] for r in stage[default]]),
-              "Otsu instead of delta masking": np.concatenate([r["iou"]["Otsu instead of delta masking"] for r in stage[default]])})
+_ = record_claim(run, "ch3.fig38_mask_creation", full_iou,
+                 {"w/o cross-attention suppression": np.concatenate([r["iou"]["w/o cross-attention suppression"] for r in stage[default]]),
+                  "w/o self-attention enhancement": np.concatenate([r["iou"]["w/o self-attention enhancement"] for r in stage[default]]),
+                  "Otsu instead of delta masking": np.concatenate([r["iou"]["Otsu instead of delta masking"] for r in stage[default]])})
 
 # %% tags=["hide-input"]
 run.save()

@@ -369,7 +369,7 @@ record_claim(run, "ch4.t41_prefix", a=r["FID ↓", "Mine-prefix"], b={o: r["FID 
 record_claim(run, "ch4.t47_mask_diversity", a=r["mask LPIPS ↑", "w/ guidance (Mine)"], b=r["mask LPIPS ↑", "w/o guidance"],
              seeds=seeds)
 record_claim(run, "ch4.region_aware_alignment", a=region.per_image["mine"], b=region.per_image["mine-noregion"], seeds=seeds)
-record_claim(run, "ch4.guidance_pair_iou", a=ch04_didgen.pair_iou(head), b=ch04_didgen.pair_iou(runs["unguided"]), seeds=seeds)
+_ = record_claim(run, "ch4.guidance_pair_iou", a=ch04_didgen.pair_iou(head), b=ch04_didgen.pair_iou(runs["unguided"]), seeds=seeds)
 
 # %%
 record = run.save()

@@ -372,9 +372,9 @@ both = [n for n in iou_by_arm[arms[0]] if n in iou_by_arm[arms[1]]]
 values, where = ch05.pooled({n: {arm: {"iou": iou_by_arm[arm][n]} for arm in arms} for n in both}, arms,
                             {n: s06[n] for n in both})
 record_claim(run, "ch5.t55_segmentation", a=values[arms[0]], b=values[arms[1]], seeds=seeds, note=where)
-record_claim(run, "ch5.s542_contrast_not_skin_tone", a=s06_shift["ITA Difference"].abs().fillna(0.0),
-             b=s06_shift["ITA Skin"].abs().fillna(0.0), seeds=seeds,
-             note="an empty S_0.6 counts as no shift (0)")
+_ = record_claim(run, "ch5.s542_contrast_not_skin_tone", a=s06_shift["ITA Difference"].abs().fillna(0.0),
+                 b=s06_shift["ITA Skin"].abs().fillna(0.0), seeds=seeds,
+                 note="an empty S_0.6 counts as no shift (0)")
 
 # %%
 others = ["ControlNet", "IP-Adapter", "ControlNet + StyleID"]
@@ -382,8 +382,8 @@ record_claim(run, "ch5.t52_lpips", a=quality["lpips"]["Mine"], b={m: quality["lp
              note=quality_features.note)
 record_claim(run, "ch5.t52_dino", a=quality["dino"]["Mine"], b={m: quality["dino"][m] for m in others}, seeds=seeds,
              note=quality_features.note)
-record_claim(run, "ch5.t52_fid", a=[t52.loc["Mine", "FID ↓"]], b={m: [t52.loc[m, "FID ↓"]] for m in others[:2]},
-             seeds=seeds, note=quality_features.note)
+_ = record_claim(run, "ch5.t52_fid", a=[t52.loc["Mine", "FID ↓"]], b={m: [t52.loc[m, "FID ↓"]] for m in others[:2]},
+                 seeds=seeds, note=quality_features.note)
 
 # %%
 generative = ["Mine", "Pretrained", "ControlNet", "IP-Adapter", "ControlNet+StyleID"]
@@ -397,8 +397,8 @@ record_claim(run, "ch5.t54_ham_s06", a=values["Mine"], b={k: values[k] for k in 
 values, where = ch05.pooled(per_source_ext, generative)
 record_claim(run, "ch5.t54_ham_whole_set", a=values["Mine"], b={k: values[k] for k in generative[2:]}, seeds=seeds,
              note=f"{data.external_note}; {where}")
-record_claim(run, "ch5.fig510_generation_ratio", a=by_ratio[1]["iou"], b=by_ratio[max(cc.ratios)]["iou"], seeds=seeds,
-             note=f"n = 1 against n = {max(cc.ratios)}, DCSAU-Net, all test images")
+_ = record_claim(run, "ch5.fig510_generation_ratio", a=by_ratio[1]["iou"], b=by_ratio[max(cc.ratios)]["iou"], seeds=seeds,
+                 note=f"n = 1 against n = {max(cc.ratios)}, DCSAU-Net, all test images")
 
 # %%
 record = run.save()

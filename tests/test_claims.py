@@ -2,8 +2,10 @@
 every branch on hand-made data, with the statistics checked against scipy and closed forms."""
 from __future__ import annotations
 
+import ast
 import re
 from dataclasses import replace
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -284,3 +286,20 @@ def test_ledger_table_renders_every_claim_with_its_verdict():
     assert "Wilcoxon" in row["this run"]
     assert frame.loc["ch3.t31_clip_i_sync", "verdict"] == "not run"
     assert "0.062" in frame.loc["ch3.t31_clip_i_sync", "thesis evidence"]
+
+
+def test_no_chapter_cell_ends_by_displaying_a_claim_record():
+    """``record_claim`` returns the stored entry; as a cell's last expression the page would print the whole
+    record (hundreds of per-sample values) — a chapter cell must not end with a bare call."""
+    offenders = []
+    for chapter in sorted((Path(__file__).resolve().parents[1] / "chapters").glob("*.py")):
+        for cell in re.split(r"^# %%.*$", chapter.read_text(), flags=re.M):
+            try:
+                body = ast.parse(cell).body
+            except SyntaxError:
+                continue  # markdown cells are comments; a broken cell is test_book's to report
+            last = body[-1] if body else None
+            if (isinstance(last, ast.Expr) and isinstance(last.value, ast.Call)
+                    and getattr(last.value.func, "id", "") == "record_claim"):
+                offenders.append(chapter.name)
+    assert offenders == []
