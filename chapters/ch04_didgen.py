@@ -234,11 +234,11 @@ pd.DataFrame({head.label: head_summary}).T
 # An earlier build of this chapter drew lesions that barely followed their conditioning masks: guided and
 # unguided images looked almost the same, and the L_CA-only ablation equalled unguided sampling on every
 # metric. Three causes were found and fixed where they live. (1) Eq. (4.10)'s raw step: on the mini models the
-# token attention is nearly flat, so $\|\nabla L_{CA}\|\approx 10^{-3}$ and $\eta$ moved $z_t$ by a
-# thousandth; the `mini` profile steps by $\eta\,\nabla/\|\nabla\|_\infty$ instead (ZestGuide's
+# token attention is nearly flat, so $\nabla L_{CA}$ is tiny and the thesis's $\eta$ barely moved $z_t$;
+# the `mini` profile steps by $\eta\,\nabla/\|\nabla\|_\infty$ instead (ZestGuide's
 # normalisation, `didgen.pairs.grad_normalize`), the `full` profile keeps the thesis's raw step and $\eta$.
 # (2) The ×100 token softmax of Attend-and-Excite saturated on `<skin>` on the region-aware model, leaving the
-# `<lesion>` column at ~$10^{-15}$ and $L_{CA}$ without gradient; `mini` uses no sharpening
+# `<lesion>` column near zero and $L_{CA}$ without gradient; `mini` uses no sharpening
 # (`didgen.pairs.softmax_scale`). (3) The base model could hardly draw (chapter 2): it is now trained on a
 # zero-terminal-SNR schedule with v-prediction, and the annotation reads the maps at the end of denoising under
 # the new trailing timesteps. The lines below are this run's answer, on the same first masks for every
