@@ -29,7 +29,8 @@ from ctrlgen.methods.didgen.pair_generation import PairConfig, PairGenerator
 from ctrlgen.methods.didgen.region_aware import RegionAwareConfig, region_aware_finetune
 from ctrlgen.methods.dual_branch import (DualBranchConfig, DualBranchGenerator, invert_style, single_branch_generate,
                                          two_stage_generate)
-from ctrlgen.models import build_caption_tokenizer, build_mini_components, make_scheduler, schedule_kwargs
+from ctrlgen.models import (build_caption_tokenizer, build_mini_components, diffusion_target, make_scheduler,
+                            schedule_kwargs)
 from ctrlgen.sampling import predict_model_output, predict_noise, sample, text_to_image
 from ctrlgen.training import LossContext, select_trainable, train_config_from, train_diffusion
 
@@ -113,6 +114,30 @@ def test_get_velocity_is_the_closed_form_on_a_hand_case(schedule, t):
     got = make_scheduler("ddpm", schedule).get_velocity(torch.ones(1, 1, 1, 1), torch.full((1, 1, 1, 1), 2.0),
                                                         torch.tensor([t]))
     assert float(got) == pytest.approx(2 * math.sqrt(ab) - math.sqrt(1 - ab), abs=2e-6)
+
+
+@pytest.mark.parametrize("kind", ["epsilon", "v_prediction", "sample"])
+def test_diffusion_target_follows_the_prediction_type_by_hand(schedule, kind):
+    """x0 = 1, ε = 2 at t = 500: ε → 2, v → 2√ᾱ_t − √(1 − ᾱ_t) (Lin et al.'s ᾱ_t by hand), sample → 1."""
+    ab = float(lin_alphas_cumprod(schedule)[500])
+    # ε with zero terminal SNR is refused (schedule_kwargs), so the ε case drops the rescale: ε is the noise anyway
+    drop = ("rescale_betas_zero_snr",) if kind == "epsilon" else ()
+    sched = make_scheduler("ddpm", {k: v for k, v in schedule.items() if k not in drop} | {"prediction_type": kind})
+    got = float(diffusion_target(sched, torch.ones(1, 1, 1, 1), torch.full((1, 1, 1, 1), 2.0), torch.tensor([500])))
+    want = {"epsilon": 2.0, "v_prediction": 2 * math.sqrt(ab) - math.sqrt(1 - ab), "sample": 1.0}[kind]
+    assert got == pytest.approx(want, abs=2e-6)
+
+
+def test_diffusion_target_refuses_an_unknown_prediction_type(schedule):
+    sched = make_scheduler("ddpm", schedule)
+    sched.register_to_config(prediction_type="flow")
+    with pytest.raises(ValueError, match="unknown prediction_type 'flow'"):
+        diffusion_target(sched, torch.zeros(1, 1, 1, 1), torch.zeros(1, 1, 1, 1), torch.tensor([0]))
+
+
+def test_zero_snr_with_epsilon_names_the_profile_key(schedule):
+    with pytest.raises(ValueError, match="models.mini.scheduler"):
+        schedule_kwargs({**schedule, "prediction_type": "epsilon"})
 
 
 # ============================================================================== an exact denoiser for v

@@ -47,7 +47,7 @@ from ctrlgen.attention.layers import available_resolutions, select_layers
 from ctrlgen.guidance import LayoutGuidance
 from ctrlgen.methods.didgen import (PairConfig, PairGenerator, RegionAwareConfig, region_aware_finetune,
                                     setup_placeholders)
-from ctrlgen.models import build_caption_tokenizer, build_from_published_config, build_mini_components, locate_tokens
+from ctrlgen.models import build_caption_tokenizer, build_from_published_config, build_mini_components, diffusion_target, locate_tokens
 from ctrlgen.sampling import sample
 from ctrlgen.training import TrainResult
 
@@ -206,7 +206,7 @@ def bench_flops(cfg, batch: int = 0, repeats: int = 3) -> dict[str, Any]:
     sched = model.noise_scheduler()
     noisy = sched.add_noise(latents, noise, t)
     # the model's own target (ε, or v on the zero-terminal-SNR mini models), as the training loop computes it
-    target = noise if sched.config.prediction_type == "epsilon" else sched.get_velocity(latents, noise, t)
+    target = diffusion_target(sched, latents, noise, t)
 
     def train_step() -> None:
         pred = unet(noisy, t, encoder_hidden_states=text(ids)[0]).sample

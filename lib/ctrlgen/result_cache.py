@@ -182,14 +182,14 @@ def file_digests(files: Iterable[Path], root: Path | None = None) -> dict[str, s
 
 
 def code_text(source: str) -> str:
-    """``source``'s syntax tree as text, docstrings removed (comments and layout never reach the tree)."""
+    """``source`` regenerated from its syntax tree, docstrings removed (comments and layout never reach the tree)."""
     tree = ast.parse(source)
     for node in ast.walk(tree):
         if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)) and node.body:
             first = node.body[0]
             if isinstance(first, ast.Expr) and isinstance(first.value, ast.Constant) and isinstance(first.value.value, str):
                 node.body = node.body[1:] or [ast.Pass()]
-    return ast.dump(tree)
+    return ast.unparse(tree)  # source text of the tree: steadier across Python versions than ast.dump
 
 
 def source_digest(files: Iterable[str], extra_sources: Iterable[str] = (), root: Path | None = None) -> str:

@@ -6,6 +6,7 @@ from ctrlgen.models.sd import (
     ModelNotFoundError,
     SDComponents,
     build_from_published_config,
+    diffusion_target,
     load_components,
     make_scheduler,
     published_config,
@@ -25,6 +26,7 @@ from ctrlgen.models.vlm import HFChatVLM, load_chat_vlm
 
 __all__ = [
     "SDComponents", "ModelNotFoundError", "build_from_published_config", "load_components", "make_scheduler", "schedule_kwargs",
+    "diffusion_target",
     "published_config", "build_mini_components", "count_parameters", "check_models", "load_base_model",
     "mini_model_dir", "models_root", "build_caption_tokenizer", "load_tokenizer", "save_tokenizer",
     "PlaceholderTokens", "add_placeholder_tokens", "end_position", "token_positions", "locate_tokens",

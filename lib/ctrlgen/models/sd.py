@@ -50,9 +50,27 @@ def schedule_kwargs(config: Mapping[str, Any]) -> dict[str, Any]:
     """
     base = {k: config[k] for k in SCHEDULE_KEYS if k in config and config[k] is not None}
     if base.get("rescale_betas_zero_snr") and base.get("prediction_type", "epsilon") == "epsilon":
-        raise ValueError("rescale_betas_zero_snr: true needs prediction_type: v_prediction "
+        raise ValueError("the scheduler config (profile key models.mini.scheduler for the mini models) sets "
+                         "rescale_betas_zero_snr: true with prediction_type: epsilon; set prediction_type: v_prediction "
                          "(ε cannot be predicted at t = T where ᾱ_T = 0)")
     return base
+
+
+PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
+
+
+def diffusion_target(scheduler, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+    """What the U-Net learns to predict for ``add_noise(latents, noise, t)``: ε, v = √ᾱ_t ε − √(1−ᾱ_t) z_0
+    (diffusers' ``get_velocity``; the zero-terminal-SNR mini models), or z_0 itself, by the scheduler's
+    ``prediction_type``. The one place the training loop, the held-out loss and the benchmark take it from."""
+    kind = scheduler.config.prediction_type
+    if kind == "epsilon":
+        return noise
+    if kind == "v_prediction":
+        return scheduler.get_velocity(latents, noise, timesteps)
+    if kind == "sample":
+        return latents
+    raise ValueError(f"unknown prediction_type {kind!r} in the scheduler config; expected one of {', '.join(PREDICTION_TYPES)}")
 
 
 def make_scheduler(name: str, config: Mapping[str, Any]):

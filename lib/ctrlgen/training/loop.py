@@ -33,7 +33,7 @@ from diffusers.models.modeling_utils import ModelMixin
 from diffusers.training_utils import EMAModel
 
 from ctrlgen.attention.capture import AttentionCapture, AttentionStore
-from ctrlgen.models.sd import SDComponents
+from ctrlgen.models.sd import SDComponents, diffusion_target
 from ctrlgen.progress import tqdm
 from ctrlgen.training.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from ctrlgen.training.losses import attention_alignment_loss, reconstruction_loss, self_attention_structure_loss
@@ -283,7 +283,7 @@ def _train(model: SDComponents, data: Iterable[dict[str, Any]], config: TrainCon
                 noise = noise + config.noise_offset * torch.randn(latents.shape[:2] + (1, 1), generator=gen).to(latents)
             t = torch.randint(0, noise_sched.config.num_train_timesteps, (latents.shape[0],), generator=gen).to(acc.device)
             noisy = noise_sched.add_noise(latents, noise, t)
-            target = noise if noise_sched.config.prediction_type == "epsilon" else noise_sched.get_velocity(latents, noise, t)
+            target = diffusion_target(noise_sched, latents, noise, t)
             hw = tuple(latents.shape[-2:])
             if needs_cross or needs_self:
                 cap = AttentionCapture(unet_raw, cross_res=config.cross_res if needs_cross else (),

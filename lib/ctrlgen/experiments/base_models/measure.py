@@ -11,6 +11,7 @@ from ctrlgen.analysis.quality import sample_distance
 from ctrlgen.analysis.self_attention import affinity_table, summarize_affinity
 from ctrlgen.data.domains import DomainData
 from ctrlgen.data.tensors import image_tensor
+from ctrlgen.models import diffusion_target
 from ctrlgen.sampling import text_to_image
 
 
@@ -38,7 +39,7 @@ def heldout_noise_error(model, data: DomainData, timesteps=(250, 500, 750), seed
         noise = torch.randn(z.shape, generator=gen)
         tt = torch.full((len(z),), t, dtype=torch.long)
         pred = model.unet(sched.add_noise(z, noise, tt), tt, encoder_hidden_states=emb).sample
-        target = noise if sched.config.prediction_type == "epsilon" else sched.get_velocity(z, noise, tt)
+        target = diffusion_target(sched, z, noise, tt)
         out[f"heldout loss t={t}"] = float(((pred - target) ** 2).mean())
     return out
 
