@@ -24,9 +24,13 @@
 #
 # Every number below is computed by this run; the thesis's numbers appear only in columns labelled "thesis".
 # The data are the scenes world's two-concept customization sets (the stand-in for the 16 datasets of §3.6.1):
-# each image holds two objects the base model never saw in that form, with their true masks — which lets this
-# chapter measure what the thesis could only show: mask IoU, and feature fusion as concept B's colour in
-# concept A's samples.
+# each image holds two objects with their true masks — which lets this chapter measure what the thesis could
+# only show: mask IoU, and feature fusion as concept B's colour in concept A's samples. The two concepts are
+# novel *instances* of classes the base model was pretrained on: shape–colour–texture combinations held out of
+# pretraining (a "red circle" never appears in its captions; circles and the colour red do), and the two differ
+# in shape and colour. This is the thesis's setting, where the classes ("dog", "cat") are known to Stable
+# Diffusion and only the user's particular dog is new: Stage I reads the cross-attention of each concept's class
+# name, and only a word the model was trained on localizes its object (an untrained shape word's map is flat).
 
 # %% tags=["parameters"]
 profile = "mini"
@@ -203,8 +207,9 @@ t35
 # %% [markdown]
 # ## Limitations (§7.2) and more than two concepts (§3.4.5)
 #
-# Stage I on a three-concept image, and on two concepts of the same class (both tokens start from the same
-# word, so their maps barely differ and delta masking has little to separate).
+# Stage I on a three-concept image (three known shapes in three colours), and on two concepts of the same known
+# class in two colours (both tokens start from the same word, so their maps barely differ and delta masking has
+# little to separate). Every concept there is a held-out combination, as in the customization sets.
 
 # %%
 extra = [ch03_attencraft.three_concept_scene(cfg), ch03_attencraft.same_class_scene(cfg)]

@@ -17,8 +17,8 @@ from ctrlgen.data.worlds.cxr import render_cxr, sample_labels, write_report
 from ctrlgen.data.worlds.dermoscopy import generate_dermoscopy
 from ctrlgen.data.worlds.multiconcept import (BACKGROUNDS, COLOURS, GRASS, MIN_CONTRAST, NOVEL_SHAPES, RADIUS, SHAPES, SKY,
                                             STRIPE_PERIOD, STRIPE_SHADE, TEXTURES, _shape_mask, _texture,
-                                            customization_vocabulary, held_out_combinations, novel_pairs,
-                                            pretrain_concepts, render_scene)
+                                            Concept, customization_concepts, customization_vocabulary,
+                                            held_out_combinations, novel_pairs, pretrain_concepts, render_scene)
 from data_fixtures import SHARED_DATA, needs_shared, smoke_cfg  # noqa: F401
 
 
@@ -122,12 +122,15 @@ def test_multiconcept_scenes(smoke_cfg):
     custom = ds.split("customize")[0]
     masks = [np.asarray(__import__("PIL.Image").Image.open(m)) > 0 for m in custom.meta["masks"]]
     assert len(masks) == 2 and all(m.any() for m in masks) and not (masks[0] & masks[1]).any()
-    pretrain_shapes = {o["shape"] for r in ds.split("pretrain") for o in r.meta["objects"]}
-    assert not pretrain_shapes & set(NOVEL_SHAPES)
     combos = {(o["shape"], o["colour"], o["texture"]) for r in ds.split("pretrain") for o in r.meta["objects"]}
     assert not combos & held_out_combinations()
-    assert all(c["shape"] in NOVEL_SHAPES or (c["shape"], c["colour"], c["texture"]) in held_out_combinations()
-               for r in ds.split("customize") for c in r.meta["concepts"])
+    custom_triples = {(c["shape"], c["colour"], c["texture"]) for r in ds.split("customize") for c in r.meta["concepts"]}
+    assert custom_triples <= held_out_combinations() and {t[0] for t in custom_triples} <= set(SHAPES)
+    for r in ds.split("customize"):   # the class names Stage I reads are the concepts' known shape words
+        assert r.meta["class_names"] == [c["shape"] for c in r.meta["concepts"]]
+    # no pretraining caption names a customization concept (read from the caption text, not the metadata)
+    phrases = {f"a {Concept(*t).phrase}" for t in custom_triples}
+    assert not phrases & {o for r in ds.split("pretrain") for o in _caption_objects(r.text)}
     # every caption the world wrote reads back to its objects (issue 12's attribute labels)
     for r in ds.records:
         objects = r.meta["objects"] if r.split == "pretrain" else r.meta["concepts"]
@@ -248,25 +251,68 @@ def test_scenes_scale_with_the_image_size():
         assert np.abs(down - im64).mean() < 12
 
 
-def test_customization_vocabulary_names_every_novel_concept():
+def _caption_objects(caption: str) -> list[str]:
+    """``a photo of a red circle and a blue striped ring on a plain background`` -> the object phrases."""
+    assert caption.startswith("a photo of ") and " on a " in caption, caption
+    return caption[len("a photo of "):caption.rindex(" on a ")].split(" and ")
+
+
+def test_caption_objects_by_hand():
+    assert _caption_objects("a photo of a red circle and a blue striped ring on a plain background") == [
+        "a red circle", "a blue striped ring"]
+
+
+def test_customization_vocabulary_keeps_the_novel_shape_captions():
+    """The scenes tokenizer is still built with these texts (its vocabulary keys the trained base models)."""
     texts = customization_vocabulary()
     assert len(texts) == len(NOVEL_SHAPES) * len(COLOURS) * len(TEXTURES) * len(BACKGROUNDS)
     assert all(parse_scenes_caption(t)["shapes"] <= set(NOVEL_SHAPES) for t in texts)
     assert "a photo of a red striped heart on a field background" in texts
 
 
+def test_held_out_combinations_by_hand():
+    """Every 7th (shape, colour, texture) of the product in declaration order: 6 · 8 · 2 = 96 triples, 14 held out;
+    index 0 is (circle, red, plain), index 7 = colour 3 (yellow) striped, index 14 = colour 7 (black) plain."""
+    held = held_out_combinations()
+    assert len(held) == 14
+    assert {("circle", "red", "plain"), ("circle", "yellow", "striped"), ("circle", "black", "plain")} == {
+        h for h in held if h[0] == "circle"}
+    assert [Concept(*t) for t in sorted(held)] == customization_concepts()
+
+
 @pytest.mark.parametrize("seed", [0, 1, 7])
-def test_novel_pairs_are_sixteen_distinct_sets_of_two_different_concepts(seed):
-    """Chapter 3's 16 customization sets (§3.6.1): distinct pairs, each of two novel instances that differ
-    in shape (class name) and colour (its fusion measure reads one concept's colour in the other's samples)."""
+def test_novel_pairs_are_sixteen_distinct_pairs_of_held_out_instances_of_known_shapes(seed):
+    """Chapter 3's 16 customization sets (§3.6.1): distinct pairs, each of two novel instances of known classes —
+    a shape of the base vocabulary in a (shape, colour, texture) triple held out of pretraining, whose class name
+    the base model has learned to localize (§3.3.1) — that differ in shape (class name) and colour (feature
+    fusion reads one concept's colour in the other's samples); drawn the same way for the same seed."""
     pairs = novel_pairs(16, seed)
-    assert len(set(pairs)) == 16
+    assert len({frozenset(p) for p in pairs}) == 16
     held = held_out_combinations()
     for a, b in pairs:
         assert a.shape != b.shape and a.colour != b.colour, (a, b)
         for c in (a, b):
-            assert c.shape in NOVEL_SHAPES or (c.shape, c.colour, c.texture) in held
-    assert {a.shape for a, _ in pairs} >= set(NOVEL_SHAPES)   # every novel shape is customized
+            assert c.shape in SHAPES and (c.shape, c.colour, c.texture) in held, c
+    uses = [sum(c in p for p in pairs) for c in customization_concepts()]
+    assert min(uses) >= 2 and max(uses) - min(uses) <= 1      # 32 places over 14 concepts: every one 2 or 3 times
+    assert novel_pairs(16, seed) == pairs and novel_pairs(16, seed + 100) != pairs
+    assert novel_pairs(4, seed) == pairs[:4]                  # the smaller profiles read the first sets
+
+
+def test_novel_pairs_cover_every_valid_pair_and_refuse_more():
+    """By hand: 91 pairs of the 14 held-out concepts, less 10 of one shape (circle 3, diamond 3, and one each for
+    cross, ring, square, triangle) and 6 of one colour (black, red, yellow, white, blue, orange): 75."""
+    pairs = novel_pairs(75, 0)
+    assert len({frozenset(p) for p in pairs}) == 75
+    with pytest.raises(ValueError, match="n_customize=76.*expected 0 to 75"):
+        novel_pairs(76, 0)
+
+
+def test_pretraining_never_draws_a_customization_triple():
+    rng = np.random.default_rng(3)
+    drawn = {(c.shape, c.colour, c.texture) for _ in range(3000) for c in pretrain_concepts(rng, 3)}
+    custom = {(c.shape, c.colour, c.texture) for p in novel_pairs(75, 0) for c in p}
+    assert len(drawn) == 96 - 14 and not drawn & custom      # every other triple does occur
 
 
 def test_world_key_follows_its_generator_code(smoke_cfg, monkeypatch):

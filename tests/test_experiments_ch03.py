@@ -14,7 +14,7 @@ import torch
 
 from ctrlgen import paths
 from ctrlgen.config import load_profile
-from ctrlgen.data.worlds.multiconcept import COLOURS
+from ctrlgen.data.worlds.multiconcept import COLOURS, SHAPES, held_out_combinations
 from ctrlgen.experiments import ch03_attencraft as ch3
 from ctrlgen.thesis.claims import RECORD_TABLE, load_ledger
 
@@ -70,6 +70,18 @@ def test_scenes_load_at_the_model_size_with_one_mask_per_concept(cfg):
         assert not (s.masks[0] & s.masks[1]).any() and all(c in COLOURS for c in s.colours)
     three = ch3.three_concept_scene(cfg)
     assert three.masks.shape[0] == 3 and three.masks.any((1, 2)).all()
+    assert len(set(three.class_names)) == 3 and len(set(three.colours)) == 3
+    same = ch3.same_class_scene(cfg)
+    assert same.masks.shape[0] == 2 and same.masks.any((1, 2)).all() and not (same.masks[0] & same.masks[1]).any()
+    assert len(set(same.class_names)) == 1 and len(set(same.colours)) == 2 and same.name == f"two {same.class_names[0]}s"
+
+
+def test_limitation_scenes_are_held_out_instances_of_known_shapes():
+    """Stage I reads the class names' cross-attention (§3.3.1): only shape words the base model was pretrained
+    on localize, so the extra scenes hold known shapes, in triples held out of pretraining like the datasets."""
+    for concepts in (ch3.THREE_CONCEPTS, ch3.SAME_CLASS_CONCEPTS):
+        for c in concepts:
+            assert c.shape in SHAPES and (c.shape, c.colour, c.texture) in held_out_combinations(), c
 
 
 def test_the_chapter_runs_on_smoke_and_records_every_claim(tmp_path):

@@ -145,22 +145,30 @@ def load_scenes(cfg: Mapping[str, Any], n: int) -> list[Scene]:
     return out
 
 
+# Held-out triples (``held_out_combinations``) of shapes the base model knows: novel instances of known
+# classes, as the customization sets are (§3.3.1 reads the class names' cross-attention).
+THREE_CONCEPTS = (Concept("circle", "red", "plain"), Concept("square", "blue", "striped"),
+                  Concept("cross", "yellow", "plain"))
+SAME_CLASS_CONCEPTS = (Concept("circle", "red", "plain"), Concept("circle", "yellow", "striped"))
+
+
 def three_concept_scene(cfg: Mapping[str, Any]) -> Scene:
-    """A three-concept input (§3.4.5), rendered by the world's own scene renderer."""
+    """A three-concept input (§3.4.5): three known shapes in three colours, rendered by the world's renderer."""
     size = int(cfg["models"]["image_size"])
-    concepts = [Concept("heart", "red", "plain"), Concept("star", "blue", "striped"), Concept("moon", "yellow", "plain")]
+    concepts = list(THREE_CONCEPTS)
     image, masks, _ = render_scene(concepts, 256, np.random.default_rng([int(cfg["seed"]), 33]), "plain")
     image, m = _resize(image, np.stack(masks), size)
     return Scene("three concepts", image, m, tuple(c.shape for c in concepts), tuple(c.colour for c in concepts))
 
 
 def same_class_scene(cfg: Mapping[str, Any]) -> Scene:
-    """§7.2's first limitation: two concepts of the same class (both tokens start from the same word)."""
+    """§7.2's first limitation: two concepts of the same known class in two colours (both tokens start from
+    the same word)."""
     size = int(cfg["models"]["image_size"])
-    concepts = [Concept("star", "red", "plain"), Concept("star", "green", "striped")]
+    concepts = list(SAME_CLASS_CONCEPTS)
     image, masks, _ = render_scene(concepts, 256, np.random.default_rng([int(cfg["seed"]), 34]), "plain")
     image, m = _resize(image, np.stack(masks), size)
-    return Scene("two stars", image, m, ("star", "star"), ("red", "green"))
+    return Scene(f"two {concepts[0].shape}s", image, m, tuple(c.shape for c in concepts), tuple(c.colour for c in concepts))
 
 
 def base_model(cfg: Mapping[str, Any], variant: str | None = None):
@@ -631,7 +639,8 @@ def init_scores(base, scene: Scene, cc: Ch3Config, general: str) -> dict[str, np
     return out
 
 
-__all__ = ["METHODS", "Ch3Config", "Scene", "load_scenes", "three_concept_scene", "same_class_scene", "base_model",
+__all__ = ["METHODS", "Ch3Config", "Scene", "load_scenes", "THREE_CONCEPTS", "SAME_CLASS_CONCEPTS", "three_concept_scene",
+           "same_class_scene", "base_model",
            "variants", "default_name", "latent_of", "MASK_ABLATIONS", "stage_one_masks", "mask_table", "mask_figure", "ratio_table",
            "Trial", "trial_settings", "finetune", "customized", "Extractors", "extractors", "colour_share", "prompts_for",
            "sample_trial", "class_prompts", "score_samples", "step_time_ratio", "sync", "summary", "Evaluated", "evaluate_arm", "arm_table", "sweep", "best",

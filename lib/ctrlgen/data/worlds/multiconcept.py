@@ -1,10 +1,12 @@
 """Procedural multi-concept scenes for chapter 3 (AttenCraft): two or more objects from a vocabulary
 (shape × colour × texture) on smooth backgrounds, with one exact mask per object and a caption.
 
-``pretrain`` scenes use the base vocabulary; the ``customize`` sets mirror the 16 two-concept
-datasets of thesis §3.6.1: each is one image holding two *novel instances* — shapes outside the
-base vocabulary, or base shapes in colour × texture combinations held out of pretraining — so a
-customization method must learn them from that single image.
+``pretrain`` scenes use the base vocabulary minus the held-out (shape, colour, texture) triples; the
+``customize`` sets mirror the 16 two-concept datasets of thesis §3.6.1: each is one image holding two
+*novel instances of known classes* — held-out triples, so the shape word (the class name) is one the
+base model was pretrained on, as "cat" is for Stable Diffusion, while that instance never occurred — and
+a customization method must learn them from that single image. A class the base model never saw would
+not do: its class name's cross-attention cannot localize, and AttenCraft's Stage I (§3.3.1) reads it.
 
 The world is drawn so that a 64-pixel latent diffusion model with a 4× downsampling VAE (a 16×16
 latent) can learn it (issue 12): backgrounds are smooth (a flat colour, a vertical gradient, sky over
@@ -30,6 +32,9 @@ from ctrlgen.data.imageio import write_image, write_text
 from ctrlgen.data.worlds.common import grid
 
 SHAPES = ("circle", "square", "triangle", "diamond", "cross", "ring")
+# Shapes outside the base vocabulary. No customization set draws them any more (their untrained class
+# names cannot localize, §3.3.1); kept only because the scenes tokenizer vocabulary
+# (``customization_vocabulary``) and ``analysis.attribute_labels`` still name them (issue 16).
 NOVEL_SHAPES = ("star", "heart", "moon", "arrow")
 COLOURS = {"red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 80, 220), "yellow": (235, 210, 40),
            "purple": (140, 60, 180), "orange": (240, 140, 30), "white": (235, 235, 235), "black": (25, 25, 25)}
@@ -166,28 +171,47 @@ def pretrain_concepts(rng: np.random.Generator, k: int) -> list[Concept]:
     return chosen
 
 
+def customization_concepts() -> list[Concept]:
+    """The concepts a customization set can hold: every held-out base triple (``held_out_combinations``), a
+    novel *instance* of a shape class the base model was pretrained on — as a user's own cat is for Stable
+    Diffusion (thesis §3.3.1 reads the cross-attention of the class name, which only a known class localizes)."""
+    return [Concept(*c) for c in sorted(held_out_combinations())]
+
+
+def _distinct(a: Concept, b: Concept) -> bool:
+    return a.shape != b.shape and a.colour != b.colour
+
+
 def novel_pairs(count: int, seed: int) -> list[tuple[Concept, Concept]]:
-    """``count`` pairs of novel instances (novel shapes, or held-out base combinations). The two concepts of a
-    pair differ in shape and in colour: chapter 3 tells them apart by class name and measures feature fusion
-    as the share of one concept's colour in the other's samples."""
+    """``count`` distinct pairs of novel instances of known shapes (``customization_concepts``). The two concepts
+    of a pair differ in shape and in colour: chapter 3 tells them apart by class name and measures feature fusion
+    as the share of one concept's colour in the other's samples. Pairs are drawn in a seeded order that spreads
+    the concepts evenly: each next pair is the first, in that order, whose concepts have been used least."""
+    concepts = customization_concepts()
     rng = np.random.default_rng([seed, 21])
-    held = sorted(held_out_combinations())
-    novel = [Concept(s, str(rng.choice(list(COLOURS))), str(rng.choice(TEXTURES))) for s in NOVEL_SHAPES]
-    pool = novel + [Concept(*held[i]) for i in rng.permutation(len(held))[:12]]
-    pairs = []
-    for i in range(count):
-        a = pool[i % len(pool)]
-        # the first partner from a stride-5 walk through the pool that differs in shape and colour
-        b = next(pool[j % len(pool)] for j in range(i * 5 + 3, i * 5 + 3 + len(pool))
-                 if pool[j % len(pool)].shape != a.shape and pool[j % len(pool)].colour != a.colour)
+    candidates = [(a, b) for a, b in itertools.combinations(concepts, 2) if _distinct(a, b)]
+    if not 0 <= count <= len(candidates):
+        raise ValueError(f"n_customize={count}: the scenes world has {len(candidates)} pairs of held-out concepts "
+                         f"that differ in shape and colour; expected 0 to {len(candidates)}")
+    order = [candidates[i] for i in rng.permutation(len(candidates))]
+    flips = rng.integers(0, 2, len(order))   # which concept stands on the left
+    uses = dict.fromkeys(concepts, 0)
+    pairs: list[tuple[Concept, Concept]] = []
+    for _ in range(count):
+        k = min(range(len(order)), key=lambda i: (max(uses[order[i][0]], uses[order[i][1]]),
+                                                  uses[order[i][0]] + uses[order[i][1]], i))
+        a, b = order.pop(k)
+        a, b = (b, a) if flips[len(pairs)] else (a, b)
+        uses[a] += 1
+        uses[b] += 1
         pairs.append((a, b))
     return pairs
 
 
 def customization_vocabulary() -> list[str]:
-    """Every caption a customization set can have for a novel shape (each colour × texture × background):
-    texts the scenes tokenizer is built from, so that every ``NOVEL_SHAPES`` word — absent from the
-    pretraining captions — is still one token (chapter 3 initialises identifiers from class names)."""
+    """Every caption of one ``NOVEL_SHAPES`` object (each colour × texture × background): texts the scenes
+    tokenizer is still built from, so that its vocabulary, and the base models keyed by it, stay as they were
+    trained. The customization sets no longer hold novel shapes: their words all occur in pretraining."""
     return [scene_caption([Concept(s, c, t)], b)
             for s, c, t, b in itertools.product(NOVEL_SHAPES, COLOURS, TEXTURES, BACKGROUNDS)]
 
