@@ -15,9 +15,9 @@ from ctrlgen.data.readers.cxr import CHEXPERT_LABELS
 from ctrlgen.data.worlds.common import grid
 from ctrlgen.data.worlds.cxr import render_cxr, sample_labels, write_report
 from ctrlgen.data.worlds.dermoscopy import generate_dermoscopy
-from ctrlgen.data.worlds.multiconcept import (BACKGROUNDS, COLOURS, GRASS, MIN_CONTRAST, NOVEL_SHAPES, RADIUS, SHAPES, SKY,
+from ctrlgen.data.worlds.multiconcept import (BACKGROUNDS, COLOURS, GRASS, MIN_CONTRAST, RADIUS, SHAPES, SKY,
                                             STRIPE_PERIOD, STRIPE_SHADE, TEXTURES, _shape_mask, _texture,
-                                            Concept, customization_concepts, customization_vocabulary,
+                                            Concept, customization_concepts,
                                             held_out_combinations, novel_pairs, pretrain_concepts, render_scene)
 from data_fixtures import SHARED_DATA, needs_shared, smoke_cfg  # noqa: F401
 
@@ -197,7 +197,7 @@ def test_every_shape_is_drawable_at_64_px():
     r = RADIUS[0] * 0.5 / 3
     for size in (64, 512):
         yy, xx = grid(size, size)
-        for shape in (*SHAPES, *NOVEL_SHAPES):
+        for shape in SHAPES:
             mask = _shape_mask(shape, yy, xx, 0.5, 0.5, r)
             assert mask.sum() >= 70 * (size / 64) ** 2, (shape, size, mask.sum())
             if size == 64:
@@ -260,14 +260,6 @@ def _caption_objects(caption: str) -> list[str]:
 def test_caption_objects_by_hand():
     assert _caption_objects("a photo of a red circle and a blue striped ring on a plain background") == [
         "a red circle", "a blue striped ring"]
-
-
-def test_customization_vocabulary_keeps_the_novel_shape_captions():
-    """The scenes tokenizer is still built with these texts (its vocabulary keys the trained base models)."""
-    texts = customization_vocabulary()
-    assert len(texts) == len(NOVEL_SHAPES) * len(COLOURS) * len(TEXTURES) * len(BACKGROUNDS)
-    assert all(parse_scenes_caption(t)["shapes"] <= set(NOVEL_SHAPES) for t in texts)
-    assert "a photo of a red striped heart on a field background" in texts
 
 
 def test_held_out_combinations_by_hand():

@@ -56,8 +56,10 @@ def test_scenes_parser_two_and_three_objects_with_and_without_texture():
     assert three == {"objects": "3", "shapes": frozenset({"ring", "circle", "triangle"}),
                      "colours": frozenset({"blue", "white"})}  # two blue objects: the colour set has two members
     # "an" is read like "a"; the background word "plain" is not taken for a texture
-    assert parse_scenes_caption("a photo of an orange star and a black moon on a plain background")["shapes"] == \
-        frozenset({"star", "moon"})
+    assert parse_scenes_caption("a photo of an orange ring and a black circle on a plain background")["shapes"] == \
+        frozenset({"ring", "circle"})
+    with pytest.raises(ValueError, match="shape 'star' of 'an orange star' is not one of"):
+        parse_scenes_caption("a photo of an orange star and a black circle on a plain background")
     # the world's own renderer: a plain (texture-less) object, a textured one, a third one
     concepts = [Concept("diamond", "green", "plain"), Concept("cross", "yellow", "striped"), Concept("ring", "red", "striped")]
     _, _, caption = render_scene(concepts, 16, np.random.default_rng(0), "field")

@@ -28,7 +28,7 @@ import numpy as np
 
 from ctrlgen.data.domains import CXR_PROMPT, DERM_TOKENS, DOMAINS
 from ctrlgen.data.readers.cxr import CHEXPERT_LABELS, NIH_LABELS
-from ctrlgen.data.worlds.multiconcept import BACKGROUNDS, COLOURS, NOVEL_SHAPES, SHAPES, TEXTURES
+from ctrlgen.data.worlds.multiconcept import BACKGROUNDS, COLOURS, SHAPES, TEXTURES
 
 CLASS, MULTI = "class", "multi-hot"
 DERM_SIZES = ("small", "medium", "large")
@@ -37,7 +37,7 @@ NO_FINDING = "no finding"
 # Every finding name a caption can hold, as ``cxr_caption`` writes it (lower case, "_" -> " "), NIH order first.
 CXR_FINDINGS = tuple(dict.fromkeys(n.lower().replace("_", " ") for n in (*NIH_LABELS, *CHEXPERT_LABELS)
                                    if n.lower() != NO_FINDING))
-SCENE_SHAPES = (*SHAPES, *NOVEL_SHAPES)
+SCENE_SHAPES = SHAPES
 SCENE_COLOURS = tuple(COLOURS)
 
 _DERM = re.compile(rf"an image of a (\w+) (\w+) {re.escape(DERM_TOKENS[0])} on {re.escape(DERM_TOKENS[1])}")

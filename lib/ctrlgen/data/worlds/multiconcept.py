@@ -32,10 +32,6 @@ from ctrlgen.data.imageio import write_image, write_text
 from ctrlgen.data.worlds.common import grid
 
 SHAPES = ("circle", "square", "triangle", "diamond", "cross", "ring")
-# Shapes outside the base vocabulary. No customization set draws them any more (their untrained class
-# names cannot localize, §3.3.1); kept only because the scenes tokenizer vocabulary
-# (``customization_vocabulary``) and ``analysis.attribute_labels`` still name them (issue 16).
-NOVEL_SHAPES = ("star", "heart", "moon", "arrow")
 COLOURS = {"red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 80, 220), "yellow": (235, 210, 40),
            "purple": (140, 60, 180), "orange": (240, 140, 30), "white": (235, 235, 235), "black": (25, 25, 25)}
 TEXTURES = ("plain", "striped")
@@ -69,17 +65,7 @@ def _shape_mask(shape: str, yy: np.ndarray, xx: np.ndarray, cy: float, cx: float
     if shape == "ring":  # inner radius 0.5 r: the band is as wide as a cross arm
         d = x**2 + y**2
         return (d < 1) & (d > 0.25)
-    if shape == "star":  # five fat lobes (cos² of 5θ/2); finer points would not survive the VAE
-        ang, rad = np.arctan2(y, x), np.sqrt(x**2 + y**2)
-        return rad < 0.45 + 0.5 * np.cos(2.5 * (ang + np.pi / 2)) ** 2
-    if shape == "heart":
-        x2, y2 = x * 1.1, -y * 1.1 + 0.2
-        return (x2**2 + y2**2 - 0.8) ** 3 - x2**2 * y2**3 < 0
-    if shape == "moon":
-        return (x**2 + y**2 < 1) & ((x - 0.5) ** 2 + (y + 0.1) ** 2 > 0.45)
-    if shape == "arrow":
-        return ((np.abs(y) < 0.3) & (x > -0.9) & (x < 0.2)) | ((x >= 0.2) & (x < 0.95) & (np.abs(y) < 1.1 * (0.95 - x)))
-    raise ValueError(f"unknown shape {shape!r}; expected one of {SHAPES + NOVEL_SHAPES}")
+    raise ValueError(f"unknown shape {shape!r}; expected one of {SHAPES}")
 
 
 def _texture(texture: str, yy: np.ndarray, xx: np.ndarray) -> np.ndarray:
@@ -206,14 +192,6 @@ def novel_pairs(count: int, seed: int) -> list[tuple[Concept, Concept]]:
         uses[b] += 1
         pairs.append((a, b))
     return pairs
-
-
-def customization_vocabulary() -> list[str]:
-    """Every caption of one ``NOVEL_SHAPES`` object (each colour × texture × background): texts the scenes
-    tokenizer is still built from, so that its vocabulary, and the base models keyed by it, stay as they were
-    trained. The customization sets no longer hold novel shapes: their words all occur in pretraining."""
-    return [scene_caption([Concept(s, c, t)], b)
-            for s, c, t, b in itertools.product(NOVEL_SHAPES, COLOURS, TEXTURES, BACKGROUNDS)]
 
 
 def write_multiconcept(root: Path, n_pretrain: int, n_customize: int, size: int, seed: int) -> None:

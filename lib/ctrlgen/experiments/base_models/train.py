@@ -33,7 +33,6 @@ from ctrlgen.data import domains
 from ctrlgen.data.batches import Batches
 from ctrlgen.data.domains import DomainData
 from ctrlgen.data.tensors import image_tensor, region_maps
-from ctrlgen.data.worlds.multiconcept import customization_vocabulary as scenes_customization_vocabulary
 from ctrlgen.experiments.base_models.keys import (available_variants, default_variant, snapshot_steps, unet_key_parts,
                                                   vae_dir, vae_key_parts, variant_dir, variant_steps, work_dir)
 from ctrlgen.experiments.base_models.measure import measure_model
@@ -100,10 +99,8 @@ def _build_tokenizer(cfg, data: DomainData):
 def extra_vocabulary(domain: str) -> list[str]:
     """Texts beyond the captions whose words must be single tokens: for derm every phrase the DermPrompt
     attribute captioner can write and the baselines' prompt (chapter 4 finetunes with them); for cxr every
-    CXR-IRGen label prompt (chapter 6 finetunes with them, §6.3.1); for scenes every caption of a
-    customization set's novel shapes (chapter 3 initialises identifiers from their class names, §3.6.1)."""
-    if domain == "scenes":
-        return scenes_customization_vocabulary()
+    CXR-IRGen label prompt (chapter 6 finetunes with them, §6.3.1). Scenes need none: chapter 3's
+    customization concepts are held-out combinations of pretraining words (§3.6.1)."""
     if domain == "derm":
         return dermprompt_vocabulary() + ["An image of lesion on skin.", "An image of skin."]
     if domain == "cxr":
