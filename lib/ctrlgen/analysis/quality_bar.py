@@ -15,6 +15,9 @@ fails and by how much*:
    keeps at least 95 % of its score on the originals; PSNR reported beside it.
 4. ``affinity_criterion`` — self-attention's affinity ratio does not fall below a reference.
 
+``info_rows`` adds measurements reported beside the criteria without a threshold (status "info"), e.g. how
+well the scenes model's words localize in cross-attention (``analysis.cross_attention``).
+
 The attribute classifier (``AttributeClassifier``, ``train_attribute_classifier``, ``score``) is a small
 CNN with one head per attribute of ``ctrlgen.analysis.attribute_labels`` (softmax for a class attribute,
 sigmoid for a multi-hot one). It is a measuring instrument for the book's own models, not a method of the
@@ -411,6 +414,17 @@ def affinity_criterion(value: float, reference: float, tolerance: float = 0.0,
                         reference=float(reference))])
 
 
+def info_rows(criterion: str, values: Mapping[str, float], note: str = "", **extra: Mapping[str, Any]) -> pd.DataFrame:
+    """Informational rows beside the criteria: measured ``values`` (quantity -> number) with status "info",
+    no threshold, no margin and ``passed`` empty (None): reported, never passed or failed (``failures``
+    skips them). ``extra``: further columns, each a mapping quantity -> value."""
+    if not values:
+        raise ValueError(f"info_rows({criterion!r}) needs at least one value")
+    return _frame([dict(criterion=criterion, quantity=str(q), value=float(v), threshold=math.nan, passed=None,
+                        margin=math.nan, status="info", note=note, **{k: m.get(q) for k, m in extra.items()})
+                   for q, v in values.items()])
+
+
 def bar_table(*tables: pd.DataFrame) -> pd.DataFrame:
     """The criteria's tables in one (columns missing from a criterion are NaN)."""
     if not tables:
@@ -419,9 +433,10 @@ def bar_table(*tables: pd.DataFrame) -> pd.DataFrame:
 
 
 def failures(table: pd.DataFrame) -> list[str]:
-    """One line per row that does not pass: which criterion fails, on what, and by how much."""
+    """One line per criterion row that does not pass (fail or undefined; "info" rows are not criteria):
+    which criterion fails, on what, and by how much."""
     out = []
-    for _, r in table[~table["passed"].astype(bool)].iterrows():
+    for _, r in table[table["status"].isin(["fail", "undefined"])].iterrows():
         how = r["note"] if r["status"] == "undefined" else (
             f"{r['value']:.3g} vs threshold {r['threshold']:.3g}, fails by {-r['margin']:.3g}")
         out.append(f"{r['criterion']} ({r['quantity']}): {how}")
@@ -430,5 +445,5 @@ def failures(table: pd.DataFrame) -> list[str]:
 
 __all__ = ["AttributeClassifier", "train_attribute_classifier", "predict", "score", "label_aurocs", "macro_auroc",
            "majority_rate", "gaussian_ceiling_images", "distance_criterion", "chance_corrected_ratio",
-           "prompt_fidelity_criterion", "vae_criterion", "affinity_criterion", "bar_table", "failures",
+           "prompt_fidelity_criterion", "vae_criterion", "affinity_criterion", "info_rows", "bar_table", "failures",
            "DISTANCE_FRACTION", "FIDELITY_THRESHOLD", "VAE_THRESHOLD", "MIN_CHANCE_GAP"]

@@ -14,6 +14,10 @@ model and its domain's held-out data):
 4. **affinity** — the ``selfattn`` variant's self-attention affinity ratio stays at least
    ``min_affinity`` (NOTES-mini-feasibility.md: 1.31 after 300 steps with the auxiliary loss, 1.0 = none).
 
+Beside them, for the scenes domain, an informational row per word kind (status "info", no threshold): the
+cross-attention localization ratio of shape and colour words on the objects they name
+(``measure_words.word_localization``; 1.0 = none), the property chapter 3's Stage I masks rely on.
+
 Measurements are cached by content (``ctrlgen.result_cache``): the classifier per domain (its data
 fingerprint and settings), the bar per model (its cache key), so a rebuild of chapter 2 re-measures only
 a model that changed, and measuring never retrains a model (this file is not part of the models' key).
@@ -33,15 +37,18 @@ from ctrlgen import result_cache
 from ctrlgen.analysis.attribute_labels import attribute_schema
 from ctrlgen.analysis.quality import psnr, sample_distance
 from ctrlgen.analysis.quality_bar import (AttributeClassifier, affinity_criterion, bar_table, distance_criterion,
-                                          gaussian_ceiling_images, prompt_fidelity_criterion, score,
+                                          gaussian_ceiling_images, info_rows, prompt_fidelity_criterion, score,
                                           train_attribute_classifier, vae_criterion)
 from ctrlgen.data.domains import DomainData
 from ctrlgen.data.tensors import image_tensor
 from ctrlgen.experiments.base_models.measure import affinity_for, generate
+from ctrlgen.experiments.base_models.measure_words import KINDS, word_localization
 from ctrlgen.metrics.image import VAEEncoderFeatures, fid
 from ctrlgen.sampling import decode_images
 
-CODE = ("ctrlgen.experiments.base_models.bar", "ctrlgen.analysis.quality_bar", "ctrlgen.analysis.attribute_labels")
+CODE = ("ctrlgen.experiments.base_models.bar", "ctrlgen.analysis.quality_bar", "ctrlgen.analysis.attribute_labels",
+        "ctrlgen.experiments.base_models.measure_words", "ctrlgen.analysis.cross_attention")
+LOCALIZATION = "cross-attention localization (info)"
 
 
 @dataclass(frozen=True)
@@ -106,7 +113,8 @@ def _fid_triple(model, samples: torch.Tensor, data: DomainData, grid: int, seed:
 
 def measure_bar(cfg: Mapping[str, Any], model, data: DomainData, variant: str, settings: BarSettings,
                 classifier: AttributeClassifier) -> pd.DataFrame:
-    """The four criteria for one pretrained model (one row per criterion and quantity)."""
+    """The four criteria for one pretrained model (one row per criterion and quantity), and the scenes
+    domain's word-localization info rows."""
     seed = int(cfg["seed"])
     n = min(settings.n_samples, len(data.heldout_captions))
     captions, held = data.heldout_captions[:n], data.heldout_images[:n]
@@ -130,7 +138,21 @@ def measure_bar(cfg: Mapping[str, Any], model, data: DomainData, variant: str, s
         affinity = affinity_for(cfg, model, data)
         down = affinity[(affinity["place"] == "down") & (affinity["head"] == "mean")]["affinity_ratio"].mean()
         tables.append(affinity_criterion(float(down), settings.min_affinity, quantity="affinity ratio (down-block head mean)"))
+    localization = word_localization(cfg, model, data)
+    if localization is not None:
+        tables.append(localization_rows(localization))
     return bar_table(*tables)
+
+
+def localization_rows(table: pd.DataFrame) -> pd.DataFrame:
+    """The info rows of a ``word_localization`` table: one per word kind ("shape words", "colour words"),
+    the mean localization ratio over the kind's tokens, its median and token count beside it."""
+    rows = table[table["word"] == "all"].set_index("kind")
+    kinds = {f"{k} words": rows.loc[k] for k in KINDS if k in rows.index}
+    return info_rows(LOCALIZATION, {q: float(r["localization_ratio"]) for q, r in kinds.items()},
+                     note="word's map mass inside its object / the object's area share (1 = none)",
+                     median={q: float(r["median"]) for q, r in kinds.items()},
+                     n_tokens={q: int(r["n_tokens"]) for q, r in kinds.items()})
 
 
 def model_bar(cfg: Mapping[str, Any], model, model_key: str, data: DomainData, variant: str) -> pd.DataFrame:
@@ -138,7 +160,10 @@ def model_bar(cfg: Mapping[str, Any], model, model_key: str, data: DomainData, v
     settings = BarSettings.from_profile(cfg)
     parts = {"what": "quality bar", "model": model_key, "variant": variant, "domain": data.domain,
              "data": data.fingerprint, "settings": settings.__dict__, "seed": int(cfg["seed"]),
-             "guidance": float(cfg["sampling"]["guidance_scale"]), "feature_side": int(cfg["pretrain"]["measure"]["feature_side"])}
+             "guidance": float(cfg["sampling"]["guidance_scale"]), "feature_side": int(cfg["pretrain"]["measure"]["feature_side"]),
+             # what word_localization reads (the scenes info rows)
+             "localization": {"t_max": int(cfg["ch03"]["attencraft"]["t_max"]), "cross_res": list(cfg["attention"]["cross_res"]),
+                              "places": list(cfg["attention"]["places"])}}
 
     def compute() -> list[dict[str, Any]]:
         classifier = domain_classifier(cfg, data, settings)
@@ -148,4 +173,4 @@ def model_bar(cfg: Mapping[str, Any], model, model_key: str, data: DomainData, v
     return pd.DataFrame(result_cache.cached(parts, compute, kind="json", cfg=cfg, code=CODE))
 
 
-__all__ = ["BarSettings", "domain_classifier", "measure_bar", "model_bar"]
+__all__ = ["BarSettings", "LOCALIZATION", "domain_classifier", "localization_rows", "measure_bar", "model_bar"]
