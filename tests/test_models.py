@@ -2,12 +2,13 @@
 from __future__ import annotations
 
 import argparse
+import json
 
 import numpy as np
 import pytest
 import torch
 from accelerate import init_empty_weights
-from diffusers import AutoencoderKL, UNet2DConditionModel
+from diffusers import AutoencoderKL, AutoencoderTiny, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel
 
 from ctrlgen.config import load_profile
@@ -21,14 +22,18 @@ from ctrlgen.models import (
     build_mini_components,
     check_models,
     count_parameters,
+    encode_latents,
     load_base_model,
     load_components,
     load_tokenizer,
+    load_vae,
     models_root,
     published_config,
     save_tokenizer,
     token_positions,
 )
+from ctrlgen.metrics.image import VAEEncoderFeatures
+from ctrlgen.models.mini import mini_vae
 from ctrlgen.models.registry import local_folder
 
 # Published parameter counts of the checkpoints (diffusers/transformers builds of the real weights).
@@ -51,8 +56,12 @@ def test_mini_models_match_the_feasibility_notes():
     cfg = load_profile("mini")
     tok = build_caption_tokenizer(["an image of a small dark lesion on skin"])
     model = build_mini_components(cfg, tok)
-    # NOTES-mini-feasibility.md: VAE 0.95 M, U-Net 4.19 M parameters, f = 4, 16x16x4 latent
-    assert round(count_parameters(model.vae) / 1e6, 2) == 0.95
+    # NOTES-mini-feasibility.md: U-Net 4.19 M parameters, f = 4, 16x16x4 latent. The VAE is an AutoencoderTiny
+    # (issue 12) with 64 channels at 3 levels, 2 blocks per inner level; by hand (3x3 convs: 9·in·out + bias,
+    # a TAESD block = 3 convs 64->64 = 110,784): encoder 1,792 + 110,784 + 36,864 + 2·110,784 + 36,864
+    # + 2·110,784 + 2,308 = 631,748; decoder 2,368 + 2·110,784 + 36,864 + 2·110,784 + 36,864 + 110,784 + 1,731
+    # = 631,747
+    assert isinstance(model.vae, AutoencoderTiny) and count_parameters(model.vae) == 631_748 + 631_747
     assert round(count_parameters(model.unet) / 1e6, 2) == 4.19
     assert model.vae_scale_factor == 4 and model.latent_size(64) == 16
     assert model.unet.config.cross_attention_dim == model.text_encoder.config.hidden_size == 64
@@ -248,3 +257,46 @@ def test_encode_dataset_equals_encoding_everything_at_once():
         whole = model.encode_images(image_tensor(images))
     torch.testing.assert_close(model.encode_dataset(images, batch_size=2), whole, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(model.encode_dataset(image_tensor(images), batch_size=3), whole, rtol=1e-5, atol=1e-5)
+
+
+def _tiny_and_kl_vaes():
+    torch.manual_seed(0)
+    tiny = mini_vae({"block_out_channels": [8, 8, 8], "blocks_per_level": 1, "latent_channels": 4})
+    kl = AutoencoderKL(block_out_channels=(8, 8), norm_num_groups=4, latent_channels=4,
+                       down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2)
+    return tiny, kl
+
+
+def test_encode_latents_is_the_tiny_vaes_latents_and_the_kl_vaes_posterior_mode():
+    tiny, kl = _tiny_and_kl_vaes()
+    x = torch.rand(2, 3, 16, 16) * 2 - 1
+    with torch.no_grad():
+        assert torch.equal(encode_latents(tiny, x), tiny.encode(x).latents)
+        assert torch.equal(encode_latents(tiny, x, sample=True), tiny.encode(x).latents)  # nothing to draw
+        dist = kl.encode(x).latent_dist
+        assert torch.equal(encode_latents(kl, x), dist.mode())
+        g1, g2 = torch.Generator().manual_seed(3), torch.Generator().manual_seed(3)
+        assert torch.equal(encode_latents(kl, x, sample=True, generator=g1), dist.sample(g2))
+    assert encode_latents(tiny, x).shape == (2, 4, 4, 4)
+
+
+def test_load_vae_returns_the_saved_class_and_weights_and_refuses_an_unknown_class(tmp_path):
+    tiny, kl = _tiny_and_kl_vaes()
+    for vae, name in ((tiny, "tiny"), (kl, "kl")):
+        vae.save_pretrained(tmp_path / name)
+        back = load_vae(tmp_path / name)
+        assert type(back) is type(vae)
+        assert all(torch.equal(a, b) for a, b in zip(vae.state_dict().values(), back.state_dict().values()))
+    cfg = json.loads((tmp_path / "tiny" / "config.json").read_text())
+    (tmp_path / "tiny" / "config.json").write_text(json.dumps({**cfg, "_class_name": "AutoencoderOdd"}))
+    with pytest.raises(ValueError, match="AutoencoderOdd.*AutoencoderKL, AutoencoderTiny"):
+        load_vae(tmp_path / "tiny")
+
+
+def test_vae_encoder_features_of_the_tiny_vae_are_its_levels_and_latent():
+    tiny, _ = _tiny_and_kl_vaes()
+    x = torch.rand(2, 3, 16, 16)
+    with torch.no_grad():
+        maps = VAEEncoderFeatures(tiny).layers(x)
+        assert [tuple(m.shape) for m in maps] == [(2, 8, 16, 16), (2, 8, 8, 8), (2, 4, 4, 4)]
+        assert torch.allclose(maps[-1], tiny.encode(x * 2 - 1).latents, atol=1e-6)  # [0, 1] in, TAESD's convention

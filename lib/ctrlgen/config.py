@@ -348,6 +348,7 @@ SCHEMA: dict[str, Rule] = {
     "models.image_size": Rule(lambda v: _power_of_two(v) and v >= 8, "a power of two >= 8 (pixels)"),
     "models.mini.*.block_out_channels": each(at_least(1)),
     "models.mini.*layers_per_block": at_least(1),
+    "models.mini.vae.blocks_per_level": at_least(1),
     "models.mini.*num_groups": at_least(1),
     "models.mini.unet.attention_heads": at_least(1),
     "models.mini.text_encoder.*": at_least(1),
@@ -479,11 +480,10 @@ def _cross_key_problems(data: Mapping[str, Any]) -> list[tuple[str, Any, str]]:
         if any(side not in sides for side in flat[key]):
             problems.append((key, flat[key], f"attention sides this model has at {models['image_size']} px: {sides}"))
     mini = models["mini"]
-    for part in ("vae", "unet"):
-        groups = mini[part]["norm_num_groups"]
-        if any(width % groups for width in mini[part]["block_out_channels"]):
-            problems.append((f"models.mini.{part}.norm_num_groups", groups,
-                             f"a divisor of every block_out_channels {mini[part]['block_out_channels']}"))
+    groups = mini["unet"]["norm_num_groups"]
+    if any(width % groups for width in mini["unet"]["block_out_channels"]):
+        problems.append(("models.mini.unet.norm_num_groups", groups,
+                         f"a divisor of every block_out_channels {mini['unet']['block_out_channels']}"))
     text = mini["text_encoder"]
     if text["hidden_size"] % text["num_attention_heads"]:
         problems.append(("models.mini.text_encoder.num_attention_heads", text["num_attention_heads"],

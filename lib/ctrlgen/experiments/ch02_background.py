@@ -496,7 +496,7 @@ def quality_curve_figure(curve: pd.DataFrame):
                 continue
             rows = rows.sort_values("minutes")
             ax.plot(rows["minutes"], rows["value"], "-", color="0.5")
-            ax.scatter(rows["minutes"], rows["value"], c=["tab:green" if s == "pass" else "tab:red" for s in rows["status"]],
+            ax.scatter(rows["minutes"], rows["value"], c=[{"pass": "tab:green", "info": "0.5"}.get(s, "tab:red") for s in rows["status"]],
                        s=18, zorder=3)
             chosen = rows[rows["chosen"]]
             ax.scatter(chosen["minutes"], chosen["value"], s=90, facecolors="none", edgecolors="k", zorder=4)
@@ -514,7 +514,7 @@ def quality_bar_lines(bar: pd.DataFrame, defaults: Mapping[str, str]) -> list[st
     lines = []
     for domain, variant in defaults.items():
         rows = bar.loc[(domain, variant)]
-        failing = rows[rows["status"] != "pass"]
+        failing = rows[rows["status"].isin(["fail", "undefined"])]  # "info" rows have no threshold
         if failing.empty:
             lines.append(f"{domain} ({variant}): passes every criterion")
             continue

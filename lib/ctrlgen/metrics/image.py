@@ -31,6 +31,7 @@ import torch
 import torch.nn.functional as F
 import torchmetrics.functional.image.lpips as tm_lpips
 from scipy import linalg
+from diffusers.models.autoencoders.vae import EncoderTiny
 from torch import nn
 from torchmetrics.functional.image import multiscale_structural_similarity_index_measure as msssim
 from torchmetrics.image.fid import FrechetInceptionDistance, NoTrainInceptionV3
@@ -128,9 +129,10 @@ class InceptionFeatures(nn.Module):
 class VAEEncoderFeatures(nn.Module):
     """Features of a (mini) VAE encoder trained on the domain's real images (mini/smoke profiles).
 
-    ``forward`` → FID features: every down-block activation and the latent mean, each average-pooled
-    to ``grid`` x ``grid`` and flattened, concatenated. ``layers`` → the list of feature maps used by
-    ``PerceptualDistance``. Input ``(B, 3, H, W)`` in [0, 1].
+    ``forward`` → FID features: the activation at the end of every resolution level and the latent (mean),
+    each average-pooled to ``grid`` x ``grid`` and flattened, concatenated. ``layers`` → the list of feature
+    maps used by ``PerceptualDistance``. Input ``(B, 3, H, W)`` in [0, 1]. Works on ``AutoencoderKL`` (its
+    down blocks) and ``AutoencoderTiny`` (the mini VAE: the block before each stride-2 convolution).
     """
 
     def __init__(self, vae: nn.Module, grid: int = 2):
@@ -140,6 +142,8 @@ class VAEEncoderFeatures(nn.Module):
         self.grid = grid
 
     def layers(self, x: torch.Tensor) -> list[torch.Tensor]:
+        if isinstance(self.encoder, EncoderTiny):
+            return self._tiny_layers(x)
         enc = self.encoder
         h = enc.conv_in(x.float() * 2 - 1)
         out = []
@@ -151,6 +155,15 @@ class VAEEncoderFeatures(nn.Module):
         if self.quant is not None:
             h = self.quant(h)
         out.append(h[:, : h.shape[1] // 2])  # latent mean
+        return out
+
+    def _tiny_layers(self, x: torch.Tensor) -> list[torch.Tensor]:
+        h, out = x.float(), []  # EncoderTiny reads images in [0, 1] (TAESD's convention)
+        for layer in self.encoder.layers:
+            if isinstance(layer, nn.Conv2d) and layer.stride == (2, 2):
+                out.append(h)  # the end of a resolution level
+            h = layer(h)
+        out.append(h)  # the latent
         return out
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

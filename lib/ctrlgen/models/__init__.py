@@ -7,7 +7,9 @@ from ctrlgen.models.sd import (
     SDComponents,
     build_from_published_config,
     diffusion_target,
+    encode_latents,
     load_components,
+    load_vae,
     make_scheduler,
     published_config,
     schedule_kwargs,
@@ -26,7 +28,7 @@ from ctrlgen.models.vlm import HFChatVLM, load_chat_vlm
 
 __all__ = [
     "SDComponents", "ModelNotFoundError", "build_from_published_config", "load_components", "make_scheduler", "schedule_kwargs",
-    "diffusion_target",
+    "diffusion_target", "encode_latents", "load_vae",
     "published_config", "build_mini_components", "count_parameters", "check_models", "load_base_model",
     "mini_model_dir", "models_root", "build_caption_tokenizer", "load_tokenizer", "save_tokenizer",
     "PlaceholderTokens", "add_placeholder_tokens", "end_position", "token_positions", "locate_tokens",

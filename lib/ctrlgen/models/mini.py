@@ -1,9 +1,15 @@
 """The book's own small SD-architecture models (mini and smoke profiles).
 
-Same classes as Stable Diffusion — ``AutoencoderKL``, ``UNet2DConditionModel`` with CrossAttn
-down/up blocks at every level, ``CLIPTextModel`` — at the sizes of ``models.mini`` in the profile
-(calibrated in NOTES-mini-feasibility.md: 64x64 images, f = 4, 16x16x4 latents, a 4 M-parameter
-U-Net with cross-attention at 16x16 and 8x8). Weights are random: ``ctrlgen pretrain`` trains them.
+Stable Diffusion's U-Net and text encoder classes — ``UNet2DConditionModel`` with CrossAttn down/up blocks
+at every level, ``CLIPTextModel`` — at the sizes of ``models.mini`` in the profile (calibrated in
+NOTES-mini-feasibility.md: 64x64 images, f = 4, 16x16x4 latents, a 4 M-parameter U-Net with cross-attention
+at 16x16 and 8x8). Weights are random: ``ctrlgen pretrain`` trains them.
+
+The VAE is diffusers' ``AutoencoderTiny`` (the TAESD architecture, Bohan 2023: a small drop-in for SD's VAE,
+plain conv blocks without normalization layers), not a scaled-down ``AutoencoderKL``: at the mini widths
+(32 channels, 32 GroupNorm groups) every GroupNorm of ``AutoencoderKL`` normalizes single channels or pairs and
+erases per-image channel levels, and the trained VAE could not return an image's mean redness (issue 12,
+chapter 2: round-trip colour-mean slope 0.0 on derm training images; 0.9–1.0 with ``AutoencoderTiny``).
 """
 from __future__ import annotations
 
@@ -11,19 +17,22 @@ from collections.abc import Mapping
 from typing import Any
 
 import torch
-from diffusers import AutoencoderKL, UNet2DConditionModel
+from diffusers import AutoencoderTiny, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
 from ctrlgen.models.sd import SDComponents
 
 
-def mini_vae(spec: Mapping[str, Any], image_size: int) -> AutoencoderKL:
-    ch = list(spec["block_out_channels"])
-    return AutoencoderKL(
+def mini_vae(spec: Mapping[str, Any]) -> AutoencoderTiny:
+    """``AutoencoderTiny`` with one level per ``block_out_channels`` entry (f = 2^(levels − 1)) and
+    ``blocks_per_level`` TAESD blocks at every level but the outermost (TAESD: 3; the outermost has 1)."""
+    ch = tuple(int(c) for c in spec["block_out_channels"])
+    n = int(spec["blocks_per_level"])
+    return AutoencoderTiny(
         in_channels=3, out_channels=3, latent_channels=int(spec["latent_channels"]),
-        down_block_types=("DownEncoderBlock2D",) * len(ch), up_block_types=("UpDecoderBlock2D",) * len(ch),
-        block_out_channels=tuple(ch), layers_per_block=int(spec["layers_per_block"]),
-        norm_num_groups=int(spec["norm_num_groups"]), sample_size=image_size, scaling_factor=1.0,
+        encoder_block_out_channels=ch, decoder_block_out_channels=ch[::-1],
+        num_encoder_blocks=(1,) + (n,) * (len(ch) - 1), num_decoder_blocks=(n,) * (len(ch) - 1) + (1,),
+        scaling_factor=1.0,
     )
 
 
@@ -63,7 +72,7 @@ def build_mini_components(cfg: Mapping[str, Any], tokenizer: CLIPTokenizer, seed
     torch.manual_seed(seed)
     image_size = int(models["image_size"])
     tokenizer.model_max_length = int(mini["text_encoder"]["max_length"])
-    vae = mini_vae(mini["vae"], image_size)
+    vae = mini_vae(mini["vae"])
     factor = 2 ** (len(mini["vae"]["block_out_channels"]) - 1)
     te = mini_text_encoder(mini["text_encoder"], tokenizer)
     unet = mini_unet(mini["unet"], image_size // factor, int(mini["text_encoder"]["hidden_size"]),

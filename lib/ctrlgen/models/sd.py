@@ -15,7 +15,7 @@ from typing import Any, Literal
 
 import numpy as np
 import torch
-from diffusers import AutoencoderKL, DDIMScheduler, DDPMScheduler, PNDMScheduler, UNet2DConditionModel
+from diffusers import AutoencoderKL, AutoencoderTiny, DDIMScheduler, DDPMScheduler, PNDMScheduler, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
 from ctrlgen.data.tensors import image_tensor
@@ -94,11 +94,41 @@ def make_scheduler(name: str, config: Mapping[str, Any]):
     return SCHEDULERS[name](**base, **extra)
 
 
+VAE = AutoencoderKL | AutoencoderTiny
+VAE_CLASSES = {"AutoencoderKL": AutoencoderKL, "AutoencoderTiny": AutoencoderTiny}
+
+
+def vae_levels(vae: VAE) -> int:
+    """Resolution levels of a VAE (image side / latent side = 2^(levels − 1))."""
+    cfg = vae.config
+    return len(cfg.encoder_block_out_channels if isinstance(vae, AutoencoderTiny) else cfg.block_out_channels)
+
+
+def encode_latents(vae: VAE, images: torch.Tensor, sample: bool = False,
+                   generator: torch.Generator | None = None) -> torch.Tensor:
+    """Unscaled latents E(x) of images in [-1, 1]: ``AutoencoderKL``'s posterior mean (or a draw with ``sample``),
+    ``AutoencoderTiny``'s deterministic latents (the mini VAE; ``sample`` has nothing to draw there)."""
+    if isinstance(vae, AutoencoderTiny):
+        return vae.encode(images).latents
+    dist = vae.encode(images).latent_dist
+    return dist.sample(generator) if sample else dist.mode()
+
+
+def load_vae(folder: str | Path, subfolder: str | None = None, **kwargs: Any) -> VAE:
+    """A saved VAE of either class, chosen by the ``_class_name`` its ``config.json`` records (``kwargs`` go to
+    ``from_pretrained``: revision, local_files_only, torch_dtype)."""
+    where = {k: kwargs[k] for k in ("revision", "local_files_only") if k in kwargs}
+    name = AutoencoderKL.load_config(str(folder), subfolder=subfolder, **where).get("_class_name", "AutoencoderKL")
+    if name not in VAE_CLASSES:
+        raise ValueError(f"{folder}: VAE class {name!r} is not supported; expected one of {', '.join(VAE_CLASSES)}")
+    return VAE_CLASSES[name].from_pretrained(str(folder), subfolder=subfolder, **kwargs)
+
+
 @dataclass
 class SDComponents:
     """VAE, U-Net, text encoder, tokenizer and noise schedule of one latent diffusion model."""
 
-    vae: AutoencoderKL
+    vae: VAE
     unet: UNet2DConditionModel
     text_encoder: CLIPTextModel
     tokenizer: CLIPTokenizer
@@ -110,7 +140,7 @@ class SDComponents:
     @property
     def vae_scale_factor(self) -> int:
         """Image side / latent side (8 for SD, 4 for the mini VAE)."""
-        return 2 ** (len(self.vae.config.block_out_channels) - 1)
+        return 2 ** (vae_levels(self.vae) - 1)
 
     @property
     def scaling_factor(self) -> float:
@@ -153,9 +183,7 @@ class SDComponents:
 
     def encode_images(self, images: torch.Tensor, sample: bool = False, generator: torch.Generator | None = None) -> torch.Tensor:
         """Latents ``z = scaling_factor * E(x)`` of images in [-1, 1] ``(B, 3, H, W)`` (mean unless ``sample``)."""
-        dist = self.vae.encode(images.to(self.vae.device, self.vae.dtype)).latent_dist
-        z = dist.sample(generator) if sample else dist.mode()
-        return z * self.scaling_factor
+        return encode_latents(self.vae, images.to(self.vae.device, self.vae.dtype), sample, generator) * self.scaling_factor
 
     @torch.no_grad()
     def encode_dataset(self, images: np.ndarray | torch.Tensor, batch_size: int = 32) -> torch.Tensor:
@@ -187,7 +215,7 @@ class SDComponents:
         (folder / "scheduler" / "scheduler_config.json").write_text(json.dumps(sched, indent=2))
         (folder / "model_index.json").write_text(json.dumps({
             "_class_name": "StableDiffusionPipeline", "name": self.name,
-            "unet": ["diffusers", "UNet2DConditionModel"], "vae": ["diffusers", "AutoencoderKL"],
+            "unet": ["diffusers", "UNet2DConditionModel"], "vae": ["diffusers", type(self.vae).__name__],
             "text_encoder": ["transformers", "CLIPTextModel"], "tokenizer": ["transformers", "CLIPTokenizer"],
             "scheduler": ["diffusers", sched["_class_name"]], **self.extras}, indent=2, default=str))
         return folder
@@ -219,7 +247,7 @@ def load_components(source: str | Path, revision: str | None = None, local_files
     src = str(source)
     try:
         unet = UNet2DConditionModel.from_pretrained(src, subfolder="unet", torch_dtype=dtype, **kw)
-        vae = AutoencoderKL.from_pretrained(src, subfolder="vae", torch_dtype=dtype, **kw)
+        vae = load_vae(src, subfolder="vae", torch_dtype=dtype, **kw)
         text_encoder = CLIPTextModel.from_pretrained(src, subfolder="text_encoder", dtype=dtype, **kw)
         tokenizer = CLIPTokenizer.from_pretrained(src, subfolder="tokenizer", **kw)
         sched = DDPMScheduler.load_config(src, subfolder="scheduler", **kw)

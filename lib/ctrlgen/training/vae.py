@@ -1,4 +1,5 @@
-"""Training the mini VAE (chapter 2 pretraining): MSE + 0.5·L1 + 1e-6·KL, then the latent scaling factor.
+"""Training the mini VAE (chapter 2 pretraining): MSE + 0.5·L1 (+ 1e-6·KL for an ``AutoencoderKL``; the mini
+``AutoencoderTiny`` is deterministic, as TAESD), then the latent scaling factor.
 
 With ``output_dir`` and ``checkpoint_every`` the run writes atomic checkpoints (``ctrlgen.training.checkpoint``:
 weights, optimizer, RNG state, loss history) and a re-run with the same config resumes from the newest one,
@@ -12,6 +13,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from diffusers import AutoencoderTiny
+
+from ctrlgen.models.sd import encode_latents
 from ctrlgen.progress import tqdm
 
 from ctrlgen.training.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
@@ -43,7 +47,7 @@ class VAETrainResult:
 
 def train_vae(vae: torch.nn.Module, data: Iterable[dict[str, Any]], config: VAETrainConfig,
               device: str | torch.device = "cpu", scale_batches: int = 8) -> VAETrainResult:
-    """Train an ``AutoencoderKL`` on batches with ``pixel_values`` (B, 3, H, W) in [-1, 1].
+    """Train an ``AutoencoderKL`` or ``AutoencoderTiny`` on batches with ``pixel_values`` (B, 3, H, W) in [-1, 1].
 
     Afterwards sets ``vae.config.scaling_factor`` to 1 / std of the latent means over
     ``scale_batches`` batches (the SD convention that makes latents unit-variance).
@@ -68,10 +72,9 @@ def train_vae(vae: torch.nn.Module, data: Iterable[dict[str, Any]], config: VAET
     for step in tqdm(range(start, config.steps), initial=start, total=config.steps, disable=not config.progress,
                      desc="VAE", leave=False):
         x = next(stream)["pixel_values"].to(device)
-        dist = vae.encode(x).latent_dist
-        z = dist.sample(gen if x.device.type == "cpu" else None)
+        z, kl = _training_latents(vae, x, gen if x.device.type == "cpu" else None)
         recon = vae.decode(z).sample
-        loss = vae_loss(recon, x, dist.kl(), config.l1_weight, config.kl_weight)
+        loss = vae_loss(recon, x, kl, config.l1_weight, config.kl_weight)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         if config.max_grad_norm > 0:
@@ -89,6 +92,14 @@ def train_vae(vae: torch.nn.Module, data: Iterable[dict[str, Any]], config: VAET
     return VAETrainResult(config.steps, history, scale, start)
 
 
+def _training_latents(vae: torch.nn.Module, x: torch.Tensor, gen: torch.Generator | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """A posterior draw and its KL for an ``AutoencoderKL``; the latents and a zero KL for an ``AutoencoderTiny``."""
+    if isinstance(vae, AutoencoderTiny):
+        return vae.encode(x).latents, torch.zeros((), device=x.device)
+    dist = vae.encode(x).latent_dist
+    return dist.sample(gen), dist.kl()
+
+
 @torch.no_grad()
 def latent_scaling_factor(vae: torch.nn.Module, data: Iterable[dict[str, Any]], batches: int = 8,
                           device: str | torch.device = "cpu") -> float:
@@ -97,7 +108,7 @@ def latent_scaling_factor(vae: torch.nn.Module, data: Iterable[dict[str, Any]], 
     for i, batch in enumerate(data):
         if i >= batches:
             break
-        zs.append(vae.encode(batch["pixel_values"].to(device)).latent_dist.mode().flatten())
+        zs.append(encode_latents(vae, batch["pixel_values"].to(device)).flatten())
     if not zs:
         raise ValueError("no batches to estimate the latent scale from")
     return float(1.0 / torch.cat(zs).std().clamp_min(1e-6))

@@ -26,8 +26,6 @@ from typing import Any
 
 import numpy as np
 import torch
-from diffusers import AutoencoderKL
-
 from ctrlgen.analysis.quality import psnr
 from ctrlgen.data import domains
 from ctrlgen.data.batches import Batches
@@ -38,8 +36,8 @@ from ctrlgen.experiments.base_models.keys import (available_variants, default_va
 from ctrlgen.experiments.base_models.measure import measure_model
 from ctrlgen.methods.cxr_irgen.prompts import prompt_vocabulary as cxr_prompt_vocabulary
 from ctrlgen.methods.didgen.dermprompt import dermprompt_vocabulary
-from ctrlgen.models import (ModelNotFoundError, build_caption_tokenizer, build_mini_components, load_components,
-                            load_tokenizer, save_tokenizer)
+from ctrlgen.models import (ModelNotFoundError, build_caption_tokenizer, build_mini_components, encode_latents,
+                            load_components, load_tokenizer, load_vae, save_tokenizer)
 from ctrlgen.models import cache
 from ctrlgen.training import (RegionSelfAttentionTerm, TrainConfig, VAETrainConfig, load_trainable, select_trainable,
                               train_diffusion, train_vae)
@@ -83,7 +81,7 @@ class PretrainResult:
 def _components_from_vae(cfg, data: DomainData, vae_folder: Path, seed: int):
     tok = load_tokenizer(vae_folder / "tokenizer")
     model = build_mini_components(cfg, tok, seed=seed, name=f"mini/{data.domain}")
-    model.vae = AutoencoderKL.from_pretrained(str(vae_folder / "vae")).eval()
+    model.vae = load_vae(vae_folder / "vae").eval()
     return model
 
 
@@ -135,7 +133,7 @@ def ensure_vae(cfg: Mapping[str, Any], data: DomainData, force: bool = False, pr
     (work / "seconds.json").write_text(json.dumps({"seconds": spent["seconds"] + time.perf_counter() - start}))
     with torch.no_grad():
         hx = image_tensor(data.heldout_images)
-        rec = model.vae.decode(model.vae.encode(hx).latent_dist.mode()).sample.clamp(-1, 1)
+        rec = model.vae.decode(encode_latents(model.vae, hx)).sample.clamp(-1, 1)
     metrics = {"vae_psnr_heldout_db": float(np.mean(psnr(hx, rec))), "scaling_factor": res.scaling_factor,
                "vae_parameters": sum(q.numel() for q in model.vae.parameters())}
     seconds = spent["seconds"] + time.perf_counter() - start

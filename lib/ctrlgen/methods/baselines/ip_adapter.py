@@ -41,7 +41,7 @@ from ctrlgen.attention import AttentionProcessorBase, ProcessorSwap, Projected
 from ctrlgen.attention.layers import AttentionLayer, attention_layers
 from ctrlgen.data.tensors import image_tensor
 from ctrlgen.methods.baselines.unet_wrapper import ConditionedUNet, shuffled_batches
-from ctrlgen.models.sd import SDComponents
+from ctrlgen.models.sd import SDComponents, encode_latents
 from ctrlgen.sampling import text_to_image
 from ctrlgen.training import TrainableParams, train_config_from, train_diffusion
 
@@ -164,10 +164,10 @@ class ImagePromptedUNet(ConditionedUNet):
 
 
 def vae_image_embedder(vae: nn.Module, grid: int = 4) -> Embedder:
-    """Image embeddings from a (frozen) VAE encoder: the latent mean, average-pooled to ``grid`` × ``grid``,
+    """Image embeddings from a (frozen) VAE encoder: the latent (mean), average-pooled to ``grid`` × ``grid``,
     flattened — the mini stand-in for IP-Adapter's CLIP image encoder."""
     def embed(images: torch.Tensor) -> torch.Tensor:
-        z = vae.encode(images.to(next(vae.parameters()).device) * 2 - 1).latent_dist.mean
+        z = encode_latents(vae, images.to(next(vae.parameters()).device) * 2 - 1)
         return F.adaptive_avg_pool2d(z, grid).flatten(1)
     return embed
 
