@@ -190,6 +190,8 @@ def test_attention_sides_are_the_models_own():
     assert load_profile("smoke", {"attention.cross_res": "[4]"}).attention.cross_res == [4]
     with pytest.raises(ConfigError, match="a divisor of every block_out_channels"):
         load_profile("smoke", {"models.mini.unet.norm_num_groups": "24"})
+    with pytest.raises(ConfigError, match=r"models.mini.vae.block_out_channels = \[16, 32, 32\].*one width at every level"):
+        load_profile("smoke", {"models.mini.vae.block_out_channels": "[16, 32, 32]"})
     with pytest.raises(ConfigError, match=r"pretrain.default_variant = 'plain'.*one of pretrain.variants"):
         load_profile("smoke", {"pretrain.variants": "[selfattn]", "pretrain.default_variant": "plain"})
     with pytest.raises(ConfigError, match=r"didgen.eval.attention_timestep = 1000.*\[0, 999\]"):

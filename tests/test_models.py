@@ -298,5 +298,5 @@ def test_vae_encoder_features_of_the_tiny_vae_are_its_levels_and_latent():
     x = torch.rand(2, 3, 16, 16)
     with torch.no_grad():
         maps = VAEEncoderFeatures(tiny).layers(x)
-        assert [tuple(m.shape) for m in maps] == [(2, 8, 16, 16), (2, 8, 8, 8), (2, 4, 4, 4)]
+        assert [tuple(m.shape) for m in maps] == [(2, 8, 16, 16), (2, 8, 8, 8), (2, 8, 4, 4), (2, 4, 4, 4)]
         assert torch.allclose(maps[-1], tiny.encode(x * 2 - 1).latents, atol=1e-6)  # [0, 1] in, TAESD's convention

@@ -480,6 +480,10 @@ def _cross_key_problems(data: Mapping[str, Any]) -> list[tuple[str, Any, str]]:
         if any(side not in sides for side in flat[key]):
             problems.append((key, flat[key], f"attention sides this model has at {models['image_size']} px: {sides}"))
     mini = models["mini"]
+    widths = mini["vae"]["block_out_channels"]
+    if len(set(widths)) != 1:
+        problems.append(("models.mini.vae.block_out_channels", widths, "one width at every level (AutoencoderTiny's "
+                         "stride-2 convolutions keep the channel count), e.g. [64, 64, 64]"))
     groups = mini["unet"]["norm_num_groups"]
     if any(width % groups for width in mini["unet"]["block_out_channels"]):
         problems.append(("models.mini.unet.norm_num_groups", groups,

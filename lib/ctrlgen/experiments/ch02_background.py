@@ -519,7 +519,8 @@ def quality_bar_lines(bar: pd.DataFrame, defaults: Mapping[str, str]) -> list[st
             lines.append(f"{domain} ({variant}): passes every criterion")
             continue
         parts = [f"{c} / {q}: {r['value']:.3g} vs {r['threshold']:.3g} ({r['status']})" for (c, q), r in failing.iterrows()]
-        lines.append(f"{domain} ({variant}): {len(failing)} of {len(rows)} not passed — " + "; ".join(parts))
+        measured = int((rows["status"] != "info").sum())
+        lines.append(f"{domain} ({variant}): {len(failing)} of {measured} not passed — " + "; ".join(parts))
     return lines
 
 

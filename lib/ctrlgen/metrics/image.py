@@ -159,8 +159,9 @@ class VAEEncoderFeatures(nn.Module):
 
     def _tiny_layers(self, x: torch.Tensor) -> list[torch.Tensor]:
         h, out = x.float(), []  # EncoderTiny reads images in [0, 1] (TAESD's convention)
-        for layer in self.encoder.layers:
-            if isinstance(layer, nn.Conv2d) and layer.stride == (2, 2):
+        last = len(self.encoder.layers) - 1  # the latent projection
+        for i, layer in enumerate(self.encoder.layers):
+            if i == last or (isinstance(layer, nn.Conv2d) and layer.stride == (2, 2)):
                 out.append(h)  # the end of a resolution level
             h = layer(h)
         out.append(h)  # the latent
