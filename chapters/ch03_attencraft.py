@@ -27,7 +27,8 @@
 # each image holds two objects with their true masks — which lets this chapter measure what the thesis could
 # only show: mask IoU, and feature fusion as concept B's colour in concept A's samples. The two concepts are
 # novel *instances* of classes the base model was pretrained on: shape–colour–texture combinations held out of
-# pretraining (a "red circle" never appears in its captions; circles and the colour red do), and the two differ
+# pretraining (every 7th triple). Each concept is new only as that whole combination: a plain red circle never
+# appears in pretraining, but red striped circles, other circles and other red objects do. The two concepts differ
 # in shape and colour. This is the thesis's setting, where the classes ("dog", "cat") are known to Stable
 # Diffusion and only the user's particular dog is new: Stage I reads the cross-attention of each concept's class
 # name, and only a word the model was trained on localizes its object (an untrained shape word's map is flat).
@@ -195,7 +196,9 @@ t33
 # The peak masked cross-attention score of each [V] (Eq. 3.4 on the true masks) right after initialisation, for
 # P-P, P-G and G-P (P: the class name; G: the general word `ch03.general_word`). Measured before training —
 # Table 3.5 does not say at which step its scores were taken. Break-a-Scene's CLIP-I curves over 1000 steps
-# (Fig. 3.4a, 3.13) are not run here.
+# (Fig. 3.4a, 3.13) are not run here. The word "shape" never occurs in the scenes world's captions, so on mini the
+# G initialisation starts from an embedding the base model never trained — unlike the thesis, where the general
+# category ("animal", "furniture") is a word Stable Diffusion knows; read the P-vs-G comparison with that in mind.
 
 # %%
 init = {s.name: ch03_attencraft.init_scores(base, s, cc, cc.general_word) for s in scenes}

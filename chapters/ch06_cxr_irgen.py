@@ -168,7 +168,7 @@ compare("6.2", t62, cfg.profile_name)
 # by the impression. The corpus is the real IU X-ray findings (R2Gen's split; they have no impression, so F+I adds
 # only the world's) and the CXR world's reports; empty reports and reports of only "XXXX" de-identification
 # tokens are dropped and counted. **Stage 2** trains the prior on the world's true image–report pairs: its input is
-# the image's latent (the frozen VAE's posterior mean for a real image; a generated image's z_0), its target the
+# the image's latent (the frozen VAE's encoding of a real image; a generated image's z_0), its target the
 # frozen stage-1 embedding of the report, its loss L_prior = MSE + λ(1 − cos) with λ = 0.01, the cosine a true cosine.
 
 # %%

@@ -27,6 +27,7 @@ import torch.nn.functional as F
 
 from ctrlgen.attention.capture import AttentionCapture
 from ctrlgen.attention.layers import PLACES
+from ctrlgen.models.sd import SDComponents
 
 
 @dataclass(frozen=True)
@@ -85,13 +86,13 @@ def _check(word_regions: Sequence[Sequence[WordRegion]], labels: torch.Tensor, n
                 raise ValueError(f"image {i}: {w.word!r} names region {w.region}, absent from its labels {sorted(present)}")
 
 
-def word_localization_table(model, latents: torch.Tensor, input_ids: torch.Tensor, labels: torch.Tensor,
+def word_localization_table(model: SDComponents, latents: torch.Tensor, input_ids: torch.Tensor, labels: torch.Tensor,
                             word_regions: Sequence[Sequence[WordRegion]], t: int = 150, res: int = 16,
                             seed: int = 0, batch_size: int = 25, places: Sequence[str] = PLACES) -> pd.DataFrame:
     """Localization ratio (module doc) of the named words' cross-attention maps (Eq. (3.1a)), per kind and word.
 
     Args:
-        model: ``SDComponents`` (U-Net, text encoder, noise schedule are used).
+        model: the U-Net, text encoder and noise schedule are used.
         latents: ``(B, C, h, w)`` scaled latents of held-out images; ``input_ids`` ``(B, L)`` their prompts.
         labels: ``(B, H, W)`` integer region labels (e.g. ``DomainData.heldout_regions``).
         word_regions: per image, the tokens that name a region (``WordRegion``); an image may have none.

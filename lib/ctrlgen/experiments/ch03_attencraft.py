@@ -199,7 +199,7 @@ def default_name(cfg: Mapping[str, Any]) -> str:
 
 @torch.no_grad()
 def latent_of(model, scene: Scene) -> torch.Tensor:
-    """Posterior-mean latent of the scene image ``(1, C, h, w)``."""
+    """The VAE latent of the scene image ``(1, C, h, w)``."""
     return model.encode_dataset(scene.image[None])
 
 

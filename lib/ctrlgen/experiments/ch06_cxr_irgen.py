@@ -679,7 +679,7 @@ def stage1(cfg: Mapping[str, Any], ec: Ch06Config, rs: ReportSets, variant: str,
 
 
 def prior_inputs(base, images: np.ndarray, raw: bool) -> torch.Tensor:
-    """The prior's input: the frozen VAE's posterior-mean latent (the image embedding), or raw pixels in [-1, 1]."""
+    """The prior's input: the frozen VAE's latent (the image embedding), or raw pixels in [-1, 1]."""
     return pixels(images) * 2 - 1 if raw else base.encode_dataset(images)
 
 

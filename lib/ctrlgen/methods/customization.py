@@ -64,7 +64,7 @@ def rare_words(tokenizer, n: int, exclude: Sequence[str] = ()) -> tuple[str, ...
 
 
 def subset_phrase(tokens: Sequence[str], subset: Sequence[int], class_names: Sequence[str] | None = None) -> str:
-    """"<v1> and <v2>" (Break-a-Scene, AttenCraft) or, with ``class_names``, "<v1> star and <v2> moon"
+    """"<v1> and <v2>" (Break-a-Scene, AttenCraft) or, with ``class_names``, "<v1> circle and <v2> ring"
     (Custom Diffusion, DisenDiff: "[V1] [Class1] and [V2] [Class2]", §3.6.3)."""
     parts = [tokens[i] if class_names is None else f"{tokens[i]} {class_names[i]}" for i in subset]
     return " and ".join(parts)

@@ -129,10 +129,11 @@ class InceptionFeatures(nn.Module):
 class VAEEncoderFeatures(nn.Module):
     """Features of a (mini) VAE encoder trained on the domain's real images (mini/smoke profiles).
 
-    ``forward`` → FID features: the activation at the end of every resolution level and the latent (mean),
-    each average-pooled to ``grid`` x ``grid`` and flattened, concatenated. ``layers`` → the list of feature
-    maps used by ``PerceptualDistance``. Input ``(B, 3, H, W)`` in [0, 1]. Works on ``AutoencoderKL`` (its
-    down blocks) and ``AutoencoderTiny`` (the mini VAE: the block before each stride-2 convolution).
+    ``forward`` → FID features: the activation at the end of every resolution level and the latent (its mean
+    for an ``AutoencoderKL``), each average-pooled to ``grid`` x ``grid`` and flattened, concatenated.
+    ``layers`` → the list of feature maps used by ``PerceptualDistance``. Input ``(B, 3, H, W)`` in [0, 1].
+    Works on ``AutoencoderKL`` (its down blocks) and ``AutoencoderTiny`` (the mini VAE: the block before each
+    stride-2 convolution).
     """
 
     def __init__(self, vae: nn.Module, grid: int = 2):

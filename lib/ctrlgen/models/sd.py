@@ -182,14 +182,16 @@ class SDComponents:
         return self.encode_ids(self.tokenize(prompts))
 
     def encode_images(self, images: torch.Tensor, sample: bool = False, generator: torch.Generator | None = None) -> torch.Tensor:
-        """Latents ``z = scaling_factor * E(x)`` of images in [-1, 1] ``(B, 3, H, W)`` (mean unless ``sample``)."""
+        """Latents ``z = scaling_factor * E(x)`` of images in [-1, 1] ``(B, 3, H, W)`` (an ``AutoencoderKL``'s
+        posterior mean unless ``sample``; an ``AutoencoderTiny``'s are deterministic)."""
         return encode_latents(self.vae, images.to(self.vae.device, self.vae.dtype), sample, generator) * self.scaling_factor
 
     @torch.no_grad()
     def encode_dataset(self, images: np.ndarray | torch.Tensor, batch_size: int = 32) -> torch.Tensor:
-        """Posterior-mean latents of a whole image set, ``batch_size`` images at a time, returned on the CPU
-        (training data encoded once). ``images``: uint8/unit-float arrays ``(N, H, W, 3)``, converted per
-        batch so the full set never exists as float pixels, or a pixel tensor in [-1, 1] ``(N, 3, H, W)``."""
+        """The VAE latents (the posterior mean for an ``AutoencoderKL``) of a whole image set, ``batch_size``
+        images at a time, returned on the CPU (training data encoded once). ``images``: uint8/unit-float arrays
+        ``(N, H, W, 3)``, converted per batch so the full set never exists as float pixels, or a pixel tensor in
+        [-1, 1] ``(N, 3, H, W)``."""
         out = []
         for i in range(0, len(images), batch_size):
             chunk = images[i:i + batch_size]

@@ -88,5 +88,7 @@ def self_attention_structure_loss(self_by_res: Mapping[int, torch.Tensor], masks
 
 def vae_loss(recon: torch.Tensor, target: torch.Tensor, kl: torch.Tensor, l1_weight: float = 0.5,
              kl_weight: float = 1e-6) -> torch.Tensor:
-    """VAE objective used to pretrain the mini VAE: MSE + 0.5·L1 + 1e-6·KL (NOTES-mini-feasibility.md)."""
+    """VAE objective used to pretrain the mini VAE: MSE + 0.5·L1 (+ 1e-6·KL, which applies to an ``AutoencoderKL``
+    only: the mini ``AutoencoderTiny`` is deterministic and ``train_vae`` passes it a zero ``kl``;
+    NOTES-mini-feasibility.md)."""
     return F.mse_loss(recon, target) + l1_weight * F.l1_loss(recon, target) + kl_weight * kl.mean()

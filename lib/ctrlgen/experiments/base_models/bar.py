@@ -94,7 +94,8 @@ def domain_classifier(cfg: Mapping[str, Any], data: DomainData, settings: BarSet
 
 @torch.no_grad()
 def _round_trips(model, images: np.ndarray) -> torch.Tensor:
-    """VAE encode (posterior mean) and decode of held-out images, in the book's [0, 1] convention."""
+    """VAE encode (the posterior mean for an AutoencoderKL) and decode of held-out images, in the book's [0, 1]
+    convention."""
     return decode_images(model, model.encode_images(image_tensor(images)))
 
 

@@ -17,11 +17,13 @@ from typing import Any
 
 import pandas as pd
 import torch
+from transformers import CLIPTokenizer
 
 from ctrlgen.analysis.cross_attention import WordRegion, word_localization_table
 from ctrlgen.data.domains import DomainData
 from ctrlgen.data.tensors import image_tensor
 from ctrlgen.data.worlds.multiconcept import COLOURS, SHAPES
+from ctrlgen.models.sd import SDComponents
 from ctrlgen.models.tokens import token_id
 
 KINDS = ("shape", "colour")
@@ -40,7 +42,7 @@ def _vocabulary_ids(tokenizer) -> dict[int, tuple[str, str]]:
     return out
 
 
-def scene_word_regions(tokenizer, input_ids: torch.Tensor, n_objects: Sequence[int] | None = None
+def scene_word_regions(tokenizer: CLIPTokenizer, input_ids: torch.Tensor, n_objects: Sequence[int] | None = None
                        ) -> list[list[WordRegion]]:
     """Per tokenised scenes caption (``(B, L)`` ids): its shape and colour tokens with the region they name.
 
@@ -76,7 +78,7 @@ def _text(tokenizer, row: list[int]) -> str:
     return tokenizer.decode(row, skip_special_tokens=True)
 
 
-def word_localization(cfg: Mapping[str, Any], model, data: DomainData) -> pd.DataFrame | None:
+def word_localization(cfg: Mapping[str, Any], model: SDComponents, data: DomainData) -> pd.DataFrame | None:
     """``analysis.word_localization_table`` of a model on its domain's held-out scenes (None for other domains).
 
     Measured where Stage I reads the maps: at ``ch03.attencraft.t_max`` / 2 (Stage I draws t from

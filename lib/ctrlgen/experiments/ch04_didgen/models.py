@@ -6,7 +6,7 @@
 * ``dreambooth``     the same prompt with prior preservation on base-model class images (Ruiz et al. 2023).
 
 All four see the same training images, steps, batch and AdamW settings (and, with
-``didgen.finetune.precompute_latents``, the same posterior-mean latents). Each is cached under
+``didgen.finetune.precompute_latents``, the same latents, each image encoded once). Each is cached under
 ``<models>/mini-<profile>/didgen/<name>`` with a key = hash of (base model key, the profile values that
 affect it, the training data and caption texts, the code version = this file and the training code), so
 editing the chapter's evaluation, tables or figures (the package's ``__init__``) retrains nothing. An
@@ -127,8 +127,9 @@ def _train(cfg, name: str, model, sets, work: Path, progress: bool, seed: int | 
         res, _ = region_aware_finetune(model, sets.train_images, sets.train_masks, sets.prompts, rc, output_dir=str(work),
                                        train_config=ckpt, tokens=tokens, progress=progress)
         return res.history, {"alpha": rc.alpha}
-    # the same data as the region-aware run: posterior-mean latents when it precomputes them (a mini VAE's
-    # posterior is wide — sampling a latent per step would train the baselines on noisier data than `mine`)
+    # the same data as the region-aware run: with precompute_latents every image's VAE latent (the posterior mean
+    # for an AutoencoderKL) is encoded once, without flips, for all four models — for time only: the VAE encoder then
+    # runs once per image instead of at every step
     common = dict(steps=int(f["steps"]), batch_size=int(f["batch_size"]), lr=float(f["lr"]),
                   weight_decay=float(f["weight_decay"]), adam_betas=tuple(f["adam_betas"]), adam_eps=f["adam_eps"],
                   seed=seed, output_dir=str(work), train_config=ckpt,

@@ -46,7 +46,7 @@ def prior_batches(model: SDComponents, instance: np.ndarray, class_images: np.nd
                   class_prompt: str, batch_size: int, prior_weight: float, seed: int = 0,
                   precompute_latents: bool = False) -> Iterator[dict[str, Any]]:
     """Batches of ``batch_size`` instance + ``batch_size`` class images with weights 2 and 2λ
-    (``precompute_latents``: their posterior-mean latents, encoded once)."""
+    (``precompute_latents``: their VAE latents, encoded once)."""
     pi, pc = image_tensor(instance), image_tensor(class_images)
     if pi.shape[1:] != pc.shape[1:]:
         raise ValueError(f"instance images {tuple(pi.shape[2:])} and class images {tuple(pc.shape[2:])} must have the "

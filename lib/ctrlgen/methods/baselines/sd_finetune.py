@@ -32,7 +32,7 @@ def fixed_prompt_batches(model: SDComponents, images: np.ndarray, prompt: str, b
                          hflip: bool = True, precompute_latents: bool = False) -> Iterator[dict[str, Any]]:
     """Endless shuffled batches of ``images`` (uint8 ``(N, H, W, 3)``) all with one ``prompt``.
 
-    ``precompute_latents``: yield the posterior-mean latents encoded once (no flips), as the region-aware
+    ``precompute_latents``: yield the VAE latents encoded once (no flips), as the region-aware
     finetuning does with ``precompute_latents`` — the same data for both; otherwise pixels (the loop samples
     a latent per step, the SD convention)."""
     pix = image_tensor(images)

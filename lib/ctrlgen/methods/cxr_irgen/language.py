@@ -9,10 +9,11 @@ from-scratch mini encoder must learn to summarise; the thesis does not say wheth
 
 Stage 2. A ViT-style prior (patches of its input + a [CLS] token, a transformer encoder, a linear head; the
 thesis names ViT without a configuration, so width/depth are the book's) maps the image embedding — the
-latent z_0 of the denoising backbone; for real images the frozen VAE encoder's posterior mean — to the frozen
-stage-1 encoder's representative embedding, trained with L_prior (Eq. 6.3) = MSE + λ(1 − cos) with λ = 0.01,
-the cosine written as a true cosine (the printed formula lacks the square roots). Table 6.5's ablations:
-``loss="mse"``, ``loss="cos"``, and raw pixels instead of the latent as the prior's input.
+latent z_0 of the denoising backbone; for real images the frozen VAE's latent (the posterior mean for an
+AutoencoderKL) — to the frozen stage-1 encoder's representative embedding, trained with L_prior (Eq. 6.3) =
+MSE + λ(1 − cos) with λ = 0.01, the cosine written as a true cosine (the printed formula lacks the square
+roots). Table 6.5's ablations: ``loss="mse"``, ``loss="cos"``, and raw pixels instead of the latent as the
+prior's input.
 
 Inference: label → image (vision module) → z_0 → prior → embedding → BART decoder → report (``write_reports``).
 

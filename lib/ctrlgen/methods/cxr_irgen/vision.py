@@ -14,7 +14,7 @@ training batches carry it (``ctrlgen.training.train_diffusion``) and ``ctrlgen.s
 as ``prompt_embeds`` — no second loop.
 
 τ_i: CLIP's image encoder (``CLIPImageEmbedder``, full profile, a local folder) or, on the mini profiles, the
-frozen domain VAE's posterior-mean latent, flattened and sent through a fixed seeded Gaussian projection to
+frozen domain VAE's latent, flattened and sent through a fixed seeded Gaussian projection to
 ``D`` (``LatentProjectionEmbedder``: a frozen encoder, as the thesis's is). Both are rescaled so that the image
 embedding's norm equals the mean norm of a text token (the book's choice, so that neither part drowns the other).
 """
@@ -61,7 +61,7 @@ def _rescale(e: torch.Tensor, norm: float) -> torch.Tensor:
 
 
 class LatentProjectionEmbedder:
-    """Mini τ_i: the frozen VAE's posterior-mean latent, flattened, times a fixed seeded Gaussian matrix
+    """Mini τ_i: the frozen VAE's latent, flattened, times a fixed seeded Gaussian matrix
     ``(C·h·w, D) / √(C·h·w)``, rescaled to ``norm`` (module doc)."""
 
     def __init__(self, model: SDComponents, dim: int, norm: float, seed: int = 0):
