@@ -293,6 +293,14 @@ def test_load_vae_returns_the_saved_class_and_weights_and_refuses_an_unknown_cla
         load_vae(tmp_path / "tiny")
 
 
+def test_loading_a_saved_tiny_vae_prints_no_unexpected_config_warning(tmp_path, capsys, caplog):
+    tiny, _ = _tiny_and_kl_vaes()
+    tiny.save_pretrained(tmp_path / "tiny")
+    load_vae(tmp_path / "tiny")
+    said = capsys.readouterr().err + caplog.text
+    assert "were passed to AutoencoderTiny" not in said
+
+
 def test_vae_encoder_features_of_the_tiny_vae_are_its_levels_and_latent():
     tiny, _ = _tiny_and_kl_vaes()
     x = torch.rand(2, 3, 16, 16)

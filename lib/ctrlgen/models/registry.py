@@ -9,6 +9,7 @@ model stops with one message naming the folder and what should be in it.
 """
 from __future__ import annotations
 
+import logging
 import os
 import re
 from collections.abc import Mapping
@@ -21,6 +22,19 @@ from huggingface_hub import snapshot_download
 
 from ctrlgen.models.sd import ModelNotFoundError, load_components, missing_parts
 from ctrlgen.paths import cache_root, project_root
+
+
+class _AutoencoderTinyConfigNote(logging.Filter):
+    """diffusers' ``AutoencoderTiny`` registers ``block_out_channels`` in its own config (for the pipelines'
+    ``vae_scale_factor``) and then, loading that config back, warns that the key is unexpected: every load of a
+    mini VAE would print it. This drops exactly that message."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        return not ("were passed to AutoencoderTiny" in message and "block_out_channels" in message)
+
+
+logging.getLogger("diffusers.configuration_utils").addFilter(_AutoencoderTinyConfigNote())
 
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
