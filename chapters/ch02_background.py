@@ -214,6 +214,13 @@ quality.shown().style.format("{:.3f}")
 #
 # "undefined" means the criterion could not be measured here (e.g. a classifier at chance on the real
 # images, or a ceiling not above its floor) and counts as not passed. The table is computed by this run.
+#
+# Samples are drawn with the profile's classifier-free guidance scale (`sampling.guidance_scale`). Guidance
+# trades one criterion against the other: well above 1 a model follows its prompt *more* than the real images
+# do (prompt fidelity above 100% of theirs) and its samples leave the data's distribution (the distance
+# grows). The `mini` profile therefore samples its base models at a low scale, chosen on a sweep recorded
+# beside the key; chapters whose methods name their own scale (DiDGen's pairs, the dual branch, chapter 3's
+# evaluation, chapter 6) keep theirs.
 
 # %%
 bar = ch02_background.quality_bar_table(cfg, base)
