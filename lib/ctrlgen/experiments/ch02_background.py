@@ -513,7 +513,7 @@ def quality_bar_lines(bar: pd.DataFrame, defaults: Mapping[str, str]) -> list[st
     """Per domain: does its default base model pass, and if not, which criteria fail and by how much."""
     lines = []
     for domain, variant in defaults.items():
-        rows = bar.loc[(domain, variant)]
+        rows = bar.sort_index().loc[(domain, variant)]  # sorted: no lexsort-depth warning on a MultiIndex
         failing = rows[rows["status"].isin(["fail", "undefined"])]  # "info" rows have no threshold
         if failing.empty:
             lines.append(f"{domain} ({variant}): passes every criterion")
