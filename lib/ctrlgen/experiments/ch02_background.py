@@ -480,20 +480,25 @@ def dispersion_table(cfg: Mapping[str, Any], base: BaseModels) -> pd.DataFrame:
     return frame
 
 
-def quality_curve_figure(curve: pd.DataFrame):
+def quality_curve_figure(curve: pd.DataFrame, per_row: int = 6):
     """One panel per domain and quantity: the value against training minutes, the threshold dashed, the chosen
-    point (the final model the chapters use) ringed; green where it passes."""
-    quantities = list(dict.fromkeys(zip(curve["criterion"], curve["quantity"])))
+    point (the final model the chapters use) ringed; green where it passes. Each domain starts a new row of at
+    most ``per_row`` panels."""
     domains = list(dict.fromkeys(curve["domain"]))
-    fig, axes = plt.subplots(len(domains), len(quantities), figsize=(2.3 * len(quantities), 2.0 * len(domains)),
-                             squeeze=False, constrained_layout=True)
-    for i, domain in enumerate(domains):
-        for j, (criterion, quantity) in enumerate(quantities):
-            ax = axes[i, j]
+    panels = {d: list(dict.fromkeys(zip(*(curve.loc[curve["domain"] == d, k] for k in ("criterion", "quantity")))))
+              for d in domains}
+    rows_of = {d: -(-len(q) // per_row) for d, q in panels.items()}
+    n_rows = sum(rows_of.values())
+    fig, axes = plt.subplots(n_rows, per_row, figsize=(2.4 * per_row, 2.1 * n_rows), squeeze=False,
+                             constrained_layout=True)
+    for ax in axes.flat:
+        ax.set_axis_off()
+    first = 0
+    for domain in domains:
+        for k, (criterion, quantity) in enumerate(panels[domain]):
+            ax = axes[first + k // per_row, k % per_row]
+            ax.set_axis_on()
             rows = curve[(curve["domain"] == domain) & (curve["criterion"] == criterion) & (curve["quantity"] == quantity)]
-            if rows.empty:
-                ax.set_axis_off()
-                continue
             rows = rows.sort_values("minutes")
             ax.plot(rows["minutes"], rows["value"], "-", color="0.5")
             ax.scatter(rows["minutes"], rows["value"], c=[{"pass": "tab:green", "info": "0.5"}.get(s, "tab:red") for s in rows["status"]],
@@ -502,10 +507,11 @@ def quality_curve_figure(curve: pd.DataFrame):
             ax.scatter(chosen["minutes"], chosen["value"], s=90, facecolors="none", edgecolors="k", zorder=4)
             if rows["threshold"].notna().any():
                 ax.axhline(float(rows["threshold"].dropna().iloc[-1]), ls="--", color="k", lw=0.8)
-            ax.set_title(f"{domain}: {quantity}" if len(quantity) < 24 else f"{domain}: {quantity[:22]}…", fontsize=7)
+            short = quantity if len(quantity) < 26 else quantity[:24] + "…"
+            ax.set_title(f"{domain} · {criterion}\n{short}", fontsize=7)
             ax.tick_params(labelsize=6)
-            if i == len(domains) - 1:
-                ax.set_xlabel("training minutes", fontsize=7)
+            ax.set_xlabel("training minutes", fontsize=6)
+        first += rows_of[domain]
     return fig
 
 
