@@ -125,3 +125,13 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def isolated_cache(tmp_path_factory):
+    """A cache root of this test module's own (``CTRLGEN_CACHE_ROOT``), restored afterwards: models it trains are
+    keyed by their settings and shared within the module only."""
+    root = tmp_path_factory.mktemp("cache") / "cache"
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("CTRLGEN_CACHE_ROOT", str(root))
+        yield root

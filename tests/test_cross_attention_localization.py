@@ -131,18 +131,6 @@ TINY = {"pretrain.max_train": 6, "pretrain.n_heldout": 3, "pretrain.vae.steps": 
         "pretrain.unet.checkpoint_every": 2, "pretrain.measure.n_samples": 1, "pretrain.measure.sample_steps": 1}
 
 
-@pytest.fixture(scope="module")
-def isolated_cache(tmp_path_factory):
-    import os
-
-    root = tmp_path_factory.mktemp("xattn") / "cache"
-    old = os.environ.get("CTRLGEN_CACHE_ROOT")
-    os.environ["CTRLGEN_CACHE_ROOT"] = str(root)
-    yield root
-    if old is None:
-        os.environ.pop("CTRLGEN_CACHE_ROOT", None)
-    else:
-        os.environ["CTRLGEN_CACHE_ROOT"] = old
 
 
 def test_word_localization_on_a_smoke_scenes_model(isolated_cache):

@@ -25,19 +25,6 @@ TINY = {"pretrain.max_train": 6, "pretrain.n_heldout": 2, "pretrain.vae.steps": 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
-@pytest.fixture(scope="module")
-def isolated_cache(tmp_path_factory):
-    """One cache root for this module (resized data is shared; models are keyed by their settings)."""
-    import os
-
-    root = tmp_path_factory.mktemp("pretrain") / "cache"
-    old = os.environ.get("CTRLGEN_CACHE_ROOT")
-    os.environ["CTRLGEN_CACHE_ROOT"] = str(root)
-    yield root
-    if old is None:
-        os.environ.pop("CTRLGEN_CACHE_ROOT", None)
-    else:
-        os.environ["CTRLGEN_CACHE_ROOT"] = old
 
 
 def _cfg(**extra):
