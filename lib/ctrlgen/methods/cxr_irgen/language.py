@@ -35,6 +35,7 @@ from tokenizers import Tokenizer, models, pre_tokenizers, processors
 from torch import nn
 from transformers import BartConfig, BartForConditionalGeneration, PreTrainedTokenizerFast
 from transformers.modeling_outputs import BaseModelOutput
+from ctrlgen.progress import tqdm
 
 Representative = Literal["mean", "bos", "eos"]
 PriorLoss = Literal["mse+cos", "mse", "cos"]
@@ -170,7 +171,7 @@ class Stage1Result:
 def train_stage1(model: BartForConditionalGeneration, tokenizer, texts: Sequence[str], steps: int, batch_size: int,
                  lr: float, how: Representative = "mean", seed: int = 0,
                  evaluate: Callable[[BartForConditionalGeneration], dict[str, float]] | None = None,
-                 eval_every: int = 0) -> Stage1Result:
+                 eval_every: int = 0, progress: bool = True) -> Stage1Result:
     """Stage 1 (§6.3.2): AdamW on L_CE of shuffled report batches for ``steps`` steps; ``evaluate(model)``
     every ``eval_every`` steps (and at the end) gives the Fig. 6.5 curves."""
     if not texts:
@@ -179,7 +180,7 @@ def train_stage1(model: BartForConditionalGeneration, tokenizer, texts: Sequence
     rng = np.random.default_rng(seed)
     opt = torch.optim.AdamW(model.parameters(), lr=lr)
     result = Stage1Result()
-    for step in range(1, steps + 1):
+    for step in tqdm(range(1, steps + 1), desc="report stage 1", leave=False, disable=not progress):
         model.train()
         idx = rng.choice(len(texts), size=min(batch_size, len(texts)), replace=len(texts) < batch_size)
         loss = reconstruction_loss(model, _tokenize(tokenizer, [texts[i] for i in idx], model.device), how)
@@ -233,7 +234,8 @@ def prior_loss(pred: torch.Tensor, target: torch.Tensor, lam: float = 0.01, kind
 
 
 def train_prior(prior: nn.Module, inputs: torch.Tensor, targets: torch.Tensor, steps: int, batch_size: int, lr: float,
-                kind: PriorLoss = "mse+cos", lam: float = 0.01, seed: int = 0) -> list[dict[str, float]]:
+                kind: PriorLoss = "mse+cos", lam: float = 0.01, seed: int = 0, progress: bool = True
+                ) -> list[dict[str, float]]:
     """Stage 2 (§6.3.2): AdamW on L_prior of random batches of (image embedding, text embedding) pairs."""
     if len(inputs) != len(targets) or len(inputs) == 0:
         raise ValueError(f"the prior needs as many inputs as targets (and at least one): {len(inputs)} vs {len(targets)}")
@@ -243,7 +245,7 @@ def train_prior(prior: nn.Module, inputs: torch.Tensor, targets: torch.Tensor, s
     history = []
     device = next(prior.parameters()).device
     prior.train()
-    for step in range(1, steps + 1):
+    for step in tqdm(range(1, steps + 1), desc=f"prior ({kind})", leave=False, disable=not progress):
         idx = torch.randint(0, len(inputs), (min(batch_size, len(inputs)),), generator=g)
         loss = prior_loss(prior(inputs[idx].to(device)), targets[idx].to(device), lam, kind)
         opt.zero_grad(set_to_none=True)
