@@ -1,4 +1,5 @@
 """Procedural worlds: deterministic, fast, written in the official layouts and read by the real readers."""
+import json
 import re
 import time
 from pathlib import Path
@@ -18,7 +19,8 @@ from ctrlgen.data.worlds.dermoscopy import generate_dermoscopy
 from ctrlgen.data.worlds.multiconcept import (BACKGROUNDS, COLOURS, GRASS, MIN_CONTRAST, RADIUS, SHAPES, SKY,
                                             STRIPE_PERIOD, STRIPE_SHADE, TEXTURES, _shape_mask, _texture,
                                             Concept, customization_concepts,
-                                            held_out_combinations, novel_pairs, pretrain_concepts, render_scene)
+                                            held_out_combinations, novel_pairs, pretrain_concepts, render_scene,
+                                            scene_caption, write_multiconcept)
 from data_fixtures import SHARED_DATA, needs_shared, smoke_cfg  # noqa: F401
 
 
@@ -131,11 +133,19 @@ def test_multiconcept_scenes(smoke_cfg):
     # no pretraining caption names a customization concept (read from the caption text, not the metadata)
     phrases = {f"a {Concept(*t).phrase}" for t in custom_triples}
     assert not phrases & {o for r in ds.split("pretrain") for o in _caption_objects(r.text)}
-    # every caption the world wrote reads back to its objects (issue 12's attribute labels)
+    # every complete caption reads back to its objects (issue 12's attribute labels); the caption as written
+    # names each object by its whole phrase or, some of the time, by its shape alone
+    bare = []
     for r in ds.records:
         objects = r.meta["objects"] if r.split == "pretrain" else r.meta["concepts"]
-        assert parse_scenes_caption(r.text)["shapes"] == {o["shape"] for o in objects}
+        full = r.meta["full_caption"] if r.split == "pretrain" else r.text
+        assert parse_scenes_caption(full)["shapes"] == {o["shape"] for o in objects}
         assert {o["texture"] for o in objects} <= set(TEXTURES)
+        assert _caption_objects(full) == [f"a {Concept(**o).phrase}" for o in objects]
+        for written, o in zip(_caption_objects(r.text), objects, strict=True):
+            assert written in (f"a {Concept(**o).phrase}", f"a {o['shape']}"), (r.text, o)
+            bare.append(r.split == "pretrain" and written == f"a {o['shape']}")
+    assert 0 < sum(bare) < len(bare)   # p = 0.3 of ~55 objects: both kinds occur
 
 
 # ---- the scenes world is learnable by a 64-pixel latent model (issue 12) ----
@@ -255,6 +265,41 @@ def _caption_objects(caption: str) -> list[str]:
     """``a photo of a red circle and a blue striped ring on a plain background`` -> the object phrases."""
     assert caption.startswith("a photo of ") and " on a " in caption, caption
     return caption[len("a photo of "):caption.rindex(" on a ")].split(" and ")
+
+
+def test_bare_objects_are_named_by_shape_alone_and_leave_the_images_alone(tmp_path):
+    red, blue = Concept("circle", "red", "striped"), Concept("square", "blue", "plain")
+    assert scene_caption([red, blue], "field", [True, False]) == "a photo of a circle and a blue square on a field background"
+    assert scene_caption([red, blue], "plain") == "a photo of a red striped circle and a blue square on a plain background"
+    with pytest.raises(ValueError, match="1 bare flags for 2 objects"):
+        scene_caption([red, blue], "plain", [True])
+    with pytest.raises(ValueError, match="bare_object_probability=1.5"):
+        write_multiconcept(tmp_path / "bad", 2, 0, 32, seed=0, bare_object_probability=1.5)
+    lines = {}
+    for p in (0.0, 1.0):
+        write_multiconcept(tmp_path / str(p), 6, 0, 32, seed=3, bare_object_probability=p)
+        lines[p] = [json.loads(x) for x in (tmp_path / str(p) / "pretrain" / "captions.jsonl").read_text().splitlines()]
+    for none, every in zip(lines[0.0], lines[1.0]):
+        assert none["caption"] == none["full_caption"] == every["full_caption"]   # same scenes either way
+        assert _caption_objects(every["caption"]) == [f"a {o['shape']}" for o in every["objects"]]
+        same = [(tmp_path / str(p) / "pretrain" / line["file"]).read_bytes() for p, line in ((0.0, none), (1.0, every))]
+        assert same[0] == same[1]
+
+
+def test_complete_captions_name_every_attribute(smoke_cfg):
+    from ctrlgen.data.caption_labels import with_complete_captions
+    from ctrlgen.data.domains import load_domain_data
+
+    data = load_domain_data(smoke_cfg, "scenes")
+    full = with_complete_captions(smoke_cfg, data)
+    assert full.ids == data.ids and full.images is data.images
+    written = data.captions + data.heldout_captions
+    for caption, complete in zip(written, full.captions + full.heldout_captions):
+        assert len(parse_scenes_caption(complete)["colours"]) >= 1
+        assert [o.split()[-1] for o in _caption_objects(caption)] == [o.split()[-1] for o in _caption_objects(complete)]
+    assert any(c != f for c, f in zip(written, full.captions + full.heldout_captions))
+    derm = load_domain_data(smoke_cfg, "derm")
+    assert with_complete_captions(smoke_cfg, derm) is derm
 
 
 def test_caption_objects_by_hand():

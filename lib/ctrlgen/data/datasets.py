@@ -121,7 +121,7 @@ def _build_world(world: str, settings: dict[str, Any], folder: Path, cfg: Mappin
             _build_cxr(tmp, settings, cfg)
         elif world == MULTICONCEPT:
             write_multiconcept(tmp / MULTICONCEPT, settings["n_pretrain"], settings["n_customize"],
-                               settings["resolution"], settings["seed"])
+                               settings["resolution"], settings["seed"], float(settings["bare_object_probability"]))
         else:
             raise KeyError(f"unknown world {world!r}; known: {', '.join(WORLD_OF)}")
         (tmp / "world.json").write_text(json.dumps({**settings, "world": world, "seconds": time.perf_counter() - start}, indent=1))
@@ -284,7 +284,8 @@ def load_multiconcept(cfg: Mapping[str, Any]) -> Dataset:
         image = world / "pretrain" / item["file"]
         masks = sorted((world / "pretrain" / "masks").glob(f"{image.stem}_*.png"))
         records.append(Record(image.stem, image, text=item["caption"], split="pretrain",
-                              meta={"masks": [str(m) for m in masks], "objects": item["objects"]}))
+                              meta={"masks": [str(m) for m in masks], "objects": item["objects"],
+                                    "full_caption": item.get("full_caption", item["caption"])}))
     for folder in sorted(p for p in (world / "customize").iterdir() if p.is_dir()):
         info = json.loads((folder / "concepts.json").read_text())
         records.append(Record(folder.name, folder / "image.png", text=info["caption"], split="customize",

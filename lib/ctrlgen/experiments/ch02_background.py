@@ -28,6 +28,7 @@ from ctrlgen import figures, result_cache
 from ctrlgen.analysis.attention_views import nu_tau_iou, real_maps
 from ctrlgen.analysis.self_attention import summarize_affinity
 from ctrlgen.attention import otsu_mask, self_enhance
+from ctrlgen.data.caption_labels import with_complete_captions
 from ctrlgen.data.domains import DomainData
 from ctrlgen.data.tensors import image_tensor
 from ctrlgen.experiments import base_models
@@ -352,12 +353,15 @@ class BaseModels:
 
 
 def pretrain_base_models(cfg: Mapping[str, Any]) -> BaseModels:
-    """Train (or load from the cache) every variant of every domain's mini base model."""
+    """Train (or load from the cache) every variant of every domain's mini base model. The data kept for the
+    chapter's measurements carry complete captions (``data.caption_labels``): prompts and labels that name
+    every attribute, while the models trained on the captions as written."""
     datas, results = {}, {}
     for domain in base_models.DOMAINS:
-        datas[domain] = base_models.load_domain_data(cfg, domain)
-        results[domain] = {v: base_models.pretrain_domain(cfg, domain, v == "selfattn", progress=False, data=datas[domain])
+        data = base_models.load_domain_data(cfg, domain)
+        results[domain] = {v: base_models.pretrain_domain(cfg, domain, v == "selfattn", progress=False, data=data)
                            for v in base_models.available_variants(cfg, domain)}
+        datas[domain] = with_complete_captions(cfg, data)
     return BaseModels(datas, results)
 
 

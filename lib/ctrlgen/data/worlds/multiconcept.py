@@ -15,14 +15,21 @@ is ``STRIPE_PERIOD`` of the image side (9 px at 64 px, so two latent pixels or m
 fill most of their column, and background colours keep a distance from the objects' colours. Every
 length is a fraction of the image side, so the full profile's 512-pixel scenes look the same.
 
+Pretraining captions name some objects by their shape alone (``a photo of a circle and a red square ...``;
+each object with ``bare_object_probability``), as web captions name a dog without its colour. Without
+that, a shape word never follows "a" directly, a bare class-name prompt is out of distribution, and the
+first bare class word of chapter 3's Stage I prompt attended to the background (session 7's finding).
+``full_caption`` names every attribute: the labels chapter 2's attribute classifier and bar read.
+
 Layout written under ``<world>/multiconcept/``: ``pretrain/images/NNNNN.png``, ``pretrain/masks/NNNNN_K.png``,
-``pretrain/captions.jsonl`` (one JSON object per image: file, caption, objects) and
+``pretrain/captions.jsonl`` (one JSON object per image: file, caption, full_caption, objects) and
 ``customize/NN_a_and_b/{image.png, mask_0.png, mask_1.png, concepts.json}``.
 """
 from __future__ import annotations
 
 import itertools
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -123,9 +130,14 @@ class Concept:
         return " ".join(w for w in (self.colour, "" if self.texture == "plain" else self.texture, self.shape) if w)
 
 
-def scene_caption(concepts: list[Concept], background: str) -> str:
-    """``a photo of a red striped cross and a blue circle on a plain background`` (objects left to right)."""
-    return "a photo of " + " and ".join(f"a {c.phrase}" for c in concepts) + f" on a {background} background"
+def scene_caption(concepts: list[Concept], background: str, bare: Sequence[bool] = ()) -> str:
+    """``a photo of a red striped cross and a blue circle on a plain background`` (objects left to right);
+    an object whose ``bare`` flag is set is named by its shape alone (``a cross``)."""
+    bare = list(bare) or [False] * len(concepts)
+    if len(bare) != len(concepts):
+        raise ValueError(f"{len(bare)} bare flags for {len(concepts)} objects")
+    phrases = [c.shape if b else c.phrase for c, b in zip(concepts, bare)]
+    return "a photo of " + " and ".join(f"a {p}" for p in phrases) + f" on a {background} background"
 
 
 def render_scene(concepts: list[Concept], size: int, rng: np.random.Generator, background: str
@@ -194,18 +206,26 @@ def novel_pairs(count: int, seed: int) -> list[tuple[Concept, Concept]]:
     return pairs
 
 
-def write_multiconcept(root: Path, n_pretrain: int, n_customize: int, size: int, seed: int) -> None:
-    """Write the pretraining scenes and the customization sets (module doc) under ``root``."""
+def write_multiconcept(root: Path, n_pretrain: int, n_customize: int, size: int, seed: int,
+                       bare_object_probability: float = 0.0) -> None:
+    """Write the pretraining scenes and the customization sets (module doc) under ``root``; each object of a
+    pretraining caption is named by its shape alone with ``bare_object_probability``."""
+    if not 0.0 <= bare_object_probability <= 1.0:
+        raise ValueError(f"bare_object_probability={bare_object_probability}: expected a probability in [0, 1]")
     rng = np.random.default_rng([seed, 20])
+    # its own stream, so the images are the same whatever the probability
+    caption_rng = np.random.default_rng([seed, 22])
     lines = []
     for i in range(n_pretrain):
         concepts = pretrain_concepts(rng, int(rng.choice([2, 2, 3])))
-        image, masks, caption = render_scene(concepts, size, rng, str(rng.choice(BACKGROUNDS)))
+        background = str(rng.choice(BACKGROUNDS))
+        image, masks, full_caption = render_scene(concepts, size, rng, background)
+        caption = scene_caption(concepts, background, caption_rng.random(len(concepts)) < bare_object_probability)
         name = f"{i:05d}"
         write_image(root / "pretrain" / "images" / f"{name}.png", image)
         for k, mask in enumerate(masks):
             write_image(root / "pretrain" / "masks" / f"{name}_{k}.png", mask)
-        lines.append(json.dumps({"file": f"images/{name}.png", "caption": caption,
+        lines.append(json.dumps({"file": f"images/{name}.png", "caption": caption, "full_caption": full_caption,
                                  "objects": [c.__dict__ for c in concepts]}))
     write_text(root / "pretrain" / "captions.jsonl", "\n".join(lines) + ("\n" if lines else ""))
     for i, (a, b) in enumerate(novel_pairs(n_customize, seed)):

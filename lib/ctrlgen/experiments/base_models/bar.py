@@ -39,6 +39,7 @@ from ctrlgen.analysis.quality import psnr, sample_distance
 from ctrlgen.analysis.quality_bar import (AttributeClassifier, affinity_criterion, bar_table, distance_criterion,
                                           gaussian_ceiling_images, info_rows, prompt_fidelity_criterion, score,
                                           train_attribute_classifier, vae_criterion)
+from ctrlgen.data.caption_labels import with_complete_captions
 from ctrlgen.data.domains import DomainData
 from ctrlgen.data.tensors import image_tensor
 from ctrlgen.experiments.base_models.measure import affinity_for, generate
@@ -46,7 +47,7 @@ from ctrlgen.experiments.base_models.measure_words import KINDS, word_localizati
 from ctrlgen.metrics.image import VAEEncoderFeatures, fid
 from ctrlgen.sampling import decode_images
 
-CODE = ("ctrlgen.experiments.base_models.bar", "ctrlgen.analysis.quality_bar", "ctrlgen.analysis.attribute_labels",
+CODE = ("ctrlgen.experiments.base_models.bar", "ctrlgen.data.caption_labels", "ctrlgen.analysis.quality_bar", "ctrlgen.analysis.attribute_labels",
         "ctrlgen.experiments.base_models.measure_words", "ctrlgen.analysis.cross_attention")
 LOCALIZATION = "cross-attention localization (info)"
 
@@ -74,7 +75,9 @@ class BarSettings:
 
 
 def domain_classifier(cfg: Mapping[str, Any], data: DomainData, settings: BarSettings) -> AttributeClassifier:
-    """The domain's attribute classifier, trained on its training images and caption labels (cached)."""
+    """The domain's attribute classifier, trained on its training images and caption labels (cached; the
+    labels from complete captions, ``data.caption_labels``)."""
+    data = with_complete_captions(cfg, data)
     schema = attribute_schema(data.domain, data.captions + data.heldout_captions)
     seed = int(cfg["seed"])
 
@@ -167,8 +170,9 @@ def model_bar(cfg: Mapping[str, Any], model, model_key: str, data: DomainData, v
                               "places": list(cfg["attention"]["places"])}}
 
     def compute() -> list[dict[str, Any]]:
-        classifier = domain_classifier(cfg, data, settings)
-        table = measure_bar(cfg, model, data, variant, settings, classifier)
+        labelled = with_complete_captions(cfg, data)  # prompts and labels name every attribute
+        classifier = domain_classifier(cfg, labelled, settings)
+        table = measure_bar(cfg, model, labelled, variant, settings, classifier)
         return json.loads(table.to_json(orient="records"))  # plain JSON: NaN -> null, numpy scalars -> numbers
 
     return pd.DataFrame(result_cache.cached(parts, compute, kind="json", cfg=cfg, code=CODE))
