@@ -197,3 +197,15 @@ def test_code_digest_reads_each_file_once_per_process_until_it_changes(tmp_path,
     c.write_text("X = 3\n")
     os.utime(c, ns=(stamp, stamp))  # same size, same inode, same modification time
     assert result_cache.code_digest(["ctrlgen.a"], root=root) not in (first, second)
+
+
+def test_code_digest_counts_what_the_code_does_not_its_comments(tmp_path):
+    """A comment or docstring reworded in an imported module keeps the digest (and every cached result); a
+    changed statement does not."""
+    root = _package(tmp_path)
+    c = root / "lib" / "ctrlgen" / "c.py"
+    first = result_cache.code_digest(["ctrlgen.a"], root=root)
+    c.write_text('"""Now with a docstring."""\n# and a comment\nX = 1  # why one\n')
+    assert result_cache.code_digest(["ctrlgen.a"], root=root) == first
+    c.write_text("X = 1 + 0\n")
+    assert result_cache.code_digest(["ctrlgen.a"], root=root) != first

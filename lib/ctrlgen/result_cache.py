@@ -172,11 +172,18 @@ def _file_imports(path: Path, module: str, is_package: bool) -> frozenset[str]:
 
 
 def _file_sha256(path: Path) -> str:
-    return _memoised(path, "sha256", lambda p: hashlib.sha256(p.read_bytes()).hexdigest())
+    """SHA-256 of what the file does: a Python file's ``code_text`` (a reworded comment or docstring in a module
+    every chapter imports must not recompute every chapter's cached results), any other file's bytes."""
+    def digest(p: Path) -> str:
+        data = code_text(p.read_text(encoding="utf-8")).encode() if p.suffix == ".py" else p.read_bytes()
+        return hashlib.sha256(data).hexdigest()
+
+    return _memoised(path, "code sha256", digest)
 
 
 def file_digests(files: Iterable[Path], root: Path | None = None) -> dict[str, str]:
-    """``{path relative to the project: sha256 of the bytes}`` (each file read once per process while its stat holds)."""
+    """``{path relative to the project: sha256 of its code}`` (``_file_sha256``; each file read once per process
+    while its stat holds)."""
     base = (root or paths.project_root()).resolve()
     return {str(Path(f).resolve().relative_to(base)): _file_sha256(Path(f)) for f in files}
 
