@@ -266,3 +266,16 @@ def test_shuffled_batches_are_full_batches_of_one_seeded_permutation_per_epoch()
     first, second = rng.permutation(5).tolist(), rng.permutation(5).tolist()
     assert got == [first[0:2], first[2:4], second[0:2], second[2:4]]
     assert [b.tolist() for b in islice(shuffled_batches(1, 4), 2)] == [[0], [0]]
+
+
+def test_a_conditioned_unet_must_say_how_it_conditions():
+    """``ConditionedUNet`` is abstract in ``unet_kwargs``: a subclass without it fails at construction."""
+    from torch import nn
+
+    from ctrlgen.methods.baselines.unet_wrapper import ConditionedUNet
+
+    class Silent(ConditionedUNet):
+        pass
+
+    with pytest.raises(TypeError, match="unet_kwargs"):
+        Silent(nn.Identity())

@@ -8,6 +8,7 @@ attention loss, chapter 5's style loss) are new terms, never new refiners.
 """
 from __future__ import annotations
 
+import abc
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Literal, Protocol
@@ -87,7 +88,7 @@ class TokenMap:
         return gaussian_smooth(a, self.smoothing_kernel, self.smoothing_sigma)
 
 
-class TokenMapMaskTerm:
+class TokenMapMaskTerm(abc.ABC):
     """The shape every term comparing one token's cross-attention map with a layout mask shares: it reads the side
     ``token_map.cross_res``, the map once per context (``GuidanceContext.token_map``: terms on the same map share its
     graph), the mask area-pooled to that side (``mask_at``), and returns ``loss(map, mask)`` per sample ``(B,)``.
@@ -99,16 +100,16 @@ class TokenMapMaskTerm:
     def cross_res(self) -> tuple[int, ...]:
         return (self.token_map.cross_res,)
 
+    @abc.abstractmethod
     def loss(self, token_map: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """Per sample ``(B,)`` from the map ``(B, h, w)`` and the mask at its side ``(B|1, h, w)``."""
-        raise NotImplementedError(f"{type(self).__name__} must define loss(token_map, mask)")
 
     def __call__(self, ctx: GuidanceContext) -> torch.Tensor:
         a = ctx.token_map(self.token_map)
         return self.loss(a, mask_at(self.mask, self.token_map.cross_res, a))
 
 
-class SelfAttentionMaskTerm:
+class SelfAttentionMaskTerm(abc.ABC):
     """The shape every term comparing the self-attention maps at one side with a layout mask shares: it reads
     ``store.self_attention(side)`` ``(B, N, N)`` (layers of that side averaged), the mask area-pooled to ``side``,
     and returns ``loss(self_attn, mask)`` per sample ``(B,)``.
@@ -120,9 +121,9 @@ class SelfAttentionMaskTerm:
     def self_res(self) -> tuple[int, ...]:
         return (self.side,)
 
+    @abc.abstractmethod
     def loss(self, self_attn: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """Per sample ``(B,)`` from the maps ``(B, N, N)`` (rows: queries) and the mask ``(B|1, side, side)``."""
-        raise NotImplementedError(f"{type(self).__name__} must define loss(self_attn, mask)")
 
     def __call__(self, ctx: GuidanceContext) -> torch.Tensor:
         sa = ctx.store.self_attention(self.side)

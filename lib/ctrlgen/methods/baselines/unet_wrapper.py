@@ -10,6 +10,7 @@ model's business: the sampler steps and the trainer builds its target through th
 """
 from __future__ import annotations
 
+import abc
 from collections.abc import Iterator
 from typing import Any
 
@@ -18,7 +19,7 @@ import torch
 from torch import nn
 
 
-class ConditionedUNet(nn.Module):
+class ConditionedUNet(nn.Module, abc.ABC):
     """``unet`` (a diffusers U-Net or another ``ConditionedUNet``) whose calls are conditioned on ``inputs``.
 
     ``set_inputs(x)`` sets the inputs of the next calls (subclasses name it for their inputs); ``forward`` raises
@@ -50,10 +51,10 @@ class ConditionedUNet(nn.Module):
         self.inputs = inputs
         return self
 
+    @abc.abstractmethod
     def unet_kwargs(self, inputs: torch.Tensor, sample: torch.Tensor, timestep,
                     encoder_hidden_states: torch.Tensor) -> dict[str, Any]:
         """The conditioning of one call: extra keyword arguments for the wrapped U-Net (subclasses)."""
-        raise NotImplementedError(f"{type(self).__name__} must say how its inputs condition the U-Net")
 
     def forward(self, sample: torch.Tensor, timestep, encoder_hidden_states: torch.Tensor, **kwargs: Any):
         if self.inputs is None:
