@@ -20,6 +20,7 @@ import torch
 from transformers import CLIPTokenizer
 
 from ctrlgen.analysis.cross_attention import WordRegion, word_localization_table
+from ctrlgen.data.caption_labels import with_complete_captions
 from ctrlgen.data.domains import DomainData
 from ctrlgen.data.tensors import image_tensor
 from ctrlgen.data.worlds.multiconcept import COLOURS, SHAPES
@@ -87,6 +88,7 @@ def word_localization(cfg: Mapping[str, Any], model: SDComponents, data: DomainD
     """
     if data.domain != "scenes" or not data.has_regions:
         return None
+    data = with_complete_captions(cfg, data)   # every object named by colour and shape (data.caption_labels)
     labels = torch.from_numpy(data.heldout_regions)
     ids = model.tokenize(list(data.heldout_captions))
     words = scene_word_regions(model.tokenizer, ids, n_objects=labels.flatten(1).max(1).values.tolist())
