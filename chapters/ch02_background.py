@@ -201,7 +201,10 @@ quality.shown().style.format("{:.3f}")
 #    (derm: lesion size and contrast; scenes: number of objects, shapes, colours; cxr: findings) recognises
 #    the prompted attributes in samples generated from held-out captions: at least 70% of its score on the
 #    real held-out images, both measured above chance (balanced accuracy, chance 1/k; macro AUROC, chance
-#    0.5) — a raw ratio near chance would pass a model that ignores its prompt;
+#    0.5) — a raw ratio near chance would pass a model that ignores its prompt. Labels and prompts here are
+#    complete captions (`ctrlgen.data.caption_labels`): the scenes world's training captions name an object
+#    by its shape alone with probability `data.worlds.multiconcept.bare_object_probability`, as web captions
+#    omit a dog's colour, so that a bare class word is in distribution for chapter 3's Stage I;
 # 3. **VAE round trip** — the same classifier loses at most 5% of that score on VAE reconstructions;
 # 4. **affinity** — the `selfattn` variant's self-attention keeps an affinity ratio of at least 1.3.
 #
