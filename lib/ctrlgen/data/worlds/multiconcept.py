@@ -15,11 +15,12 @@ is ``STRIPE_PERIOD`` of the image side (9 px at 64 px, so two latent pixels or m
 fill most of their column, and background colours keep a distance from the objects' colours. Every
 length is a fraction of the image side, so the full profile's 512-pixel scenes look the same.
 
-Pretraining captions name some objects by their shape alone (``a photo of a circle and a red square ...``;
-each object with ``bare_object_probability``), as web captions name a dog without its colour. Without
-that, a shape word never follows "a" directly, a bare class-name prompt is out of distribution, and the
-first bare class word of chapter 3's Stage I prompt attended to the background (session 7's finding).
-``full_caption`` names every attribute: the labels chapter 2's attribute classifier and bar read.
+Pretraining captions can name an object by its shape alone (``a photo of a circle and a red square ...``;
+each object with ``bare_object_probability``), as web captions name a dog without its colour: chapter 3's
+Stage I prompts a bare class word, which never follows "a" directly in complete captions. The book's
+profiles keep it at 0: at 0.3 the mini scenes model learnt its words worse within the same steps (the
+profile comment has the numbers). ``full_caption`` names every attribute: the labels chapter 2's
+attribute classifier and bar read (``data.caption_labels``).
 
 Layout written under ``<world>/multiconcept/``: ``pretrain/images/NNNNN.png``, ``pretrain/masks/NNNNN_K.png``,
 ``pretrain/captions.jsonl`` (one JSON object per image: file, caption, full_caption, objects) and
