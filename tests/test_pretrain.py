@@ -244,3 +244,26 @@ def test_snapshots_survive_a_resume_and_load_as_earlier_models(isolated_cache):
     assert torch.equal(early.vae.encoder.layers[0].weight, final.vae.encoder.layers[0].weight)  # one VAE
     with pytest.raises(ModelNotFoundError, match="step 3"):
         P.load_snapshot(cfg, "derm", 3)
+
+
+def test_held_out_and_training_cuts_are_seeded_samples_not_the_first_records():
+    """NIH's val/test images come label-sorted in reader order (the first 100 all abnormal): a first-n cut held out
+    no normal image. The cut is a seeded sample in reader order, the same for the same seed."""
+    from types import SimpleNamespace
+
+    from ctrlgen.data.domains import _split
+
+    records = ([SimpleNamespace(id=f"a{i}", split="test", label="abnormal") for i in range(50)]
+               + [SimpleNamespace(id=f"n{i}", split="test", label="normal") for i in range(50)]
+               + [SimpleNamespace(id=f"t{i}", split="train", label="abnormal" if i < 30 else "normal") for i in range(60)])
+    shares = []
+    for seed in range(40):
+        train, held = _split(records, n_heldout=20, max_train=30, seed=seed)
+        assert len(held) == 20 and len(train) == 30
+        assert {r.split for r in held} == {"test"} and {r.split for r in train} == {"train"}
+        assert [records.index(r) for r in held] == sorted(records.index(r) for r in held)   # reader order kept
+        shares.append(np.mean([r.label == "normal" for r in held]))
+        assert _split(records, 20, 30, seed) == (train, held)
+    assert 0.35 < np.mean(shares) < 0.65 and min(shares) > 0   # a first-20 cut: 0 every time
+    train, held = _split(records, n_heldout=0, max_train=0, seed=0)   # 0 = all, in reader order
+    assert held == records[:100] and train == records[100:]

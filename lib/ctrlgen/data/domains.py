@@ -84,16 +84,25 @@ def _resize_batch(images: np.ndarray, masks: np.ndarray | None, size: int) -> tu
 
 
 def _split(records: list, n_heldout: int, max_train: int, seed: int) -> tuple[list, list]:
-    """Held-out = the val/test splits (else a seeded tenth); training = the train split (else the rest)."""
+    """Held-out = the val/test splits (else a seeded tenth); training = the train split (else the rest); each
+    cut to its size by a seeded sample (``_sample``), never by its first records."""
     held = [r for r in records if r.split in ("val", "test")]
     train = [r for r in records if r.split not in ("val", "test")]
     if not held or not train:
         order = np.random.default_rng(seed).permutation(len(records))
         k = max(1, len(records) // 10)
         held, train = [records[i] for i in order[:k]], [records[i] for i in order[k:]]
-    held = held[:n_heldout] if n_heldout > 0 else held
-    train = train[:max_train] if max_train > 0 else train
-    return train, held
+    return _sample(train, max_train, seed, stream=1), _sample(held, n_heldout, seed, stream=0)
+
+
+def _sample(records: list, n: int, seed: int, stream: int) -> list:
+    """``n`` of ``records`` drawn without replacement by a seeded generator, kept in the reader's order (all of
+    them when ``n`` is 0 or covers them). A reader's order can follow the labels: NIH's first 100 val/test
+    images in ``Data_Entry`` order are all abnormal, so a first-``n`` cut held out no normal image."""
+    if n <= 0 or len(records) <= n:
+        return records
+    keep = np.sort(np.random.default_rng([seed, 31, stream]).choice(len(records), size=n, replace=False))
+    return [records[i] for i in keep]
 
 
 def _fingerprint(name: str, source: str, records: list, captions: list[str]) -> str:
