@@ -219,9 +219,13 @@ def test_editing_a_module_ch02_imports_reexecutes_it(ch02_copy):
     from ctrlgen.config import load_profile
 
     root, stamp = ch02_copy
-    _append(root / "lib" / "ctrlgen" / "experiments" / "ch02_background.py")  # imported by the chapter itself
+    module = root / "lib" / "ctrlgen" / "experiments" / "ch02_background.py"   # imported by the chapter itself
+    _append(module)   # a comment: the code is the same (result_cache.code_text), the chapter stays
+    assert stale_reasons(stamp, "ch02_background", load_profile("smoke"), root) == []
+    _append(module, "\nEDITED = 1\n")
     assert stale_reasons(stamp, "ch02_background", load_profile("smoke"), root) == ["lib/ctrlgen/experiments/ch02_background.py changed"]
-    _append(root / "lib" / "ctrlgen" / "training" / "loop.py")  # imported only transitively (base models → training)
+    # imported only transitively (base models → training)
+    _append(root / "lib" / "ctrlgen" / "training" / "loop.py", "\nEDITED = 1\n")
     reasons = stale_reasons(stamp, "ch02_background", load_profile("smoke"), root)
     assert reasons == ["lib/ctrlgen/experiments/ch02_background.py, lib/ctrlgen/training/loop.py changed"]
     _append(root / "chapters" / "ch02_background.py")
