@@ -13,7 +13,7 @@ from collections.abc import Mapping
 from dataclasses import replace
 from typing import Any
 
-from ctrlgen.data.datasets import load_multiconcept
+from ctrlgen.data.datasets import multiconcept_full_captions
 from ctrlgen.data.domains import DomainData
 from ctrlgen.data.records import DataError
 
@@ -22,11 +22,10 @@ def with_complete_captions(cfg: Mapping[str, Any], data: DomainData) -> DomainDa
     """``data`` with its training and held-out captions replaced by complete ones (module doc)."""
     if data.domain != "scenes" or data.dataset != "multiconcept":
         return data
-    world = load_multiconcept(cfg)
-    full = {r.id: r.meta["full_caption"] for r in world.records if r.split == "pretrain"}
+    full = multiconcept_full_captions(cfg)   # the caption file only: cheap enough to call per measurement
     missing = [i for i in (*data.ids, *data.heldout_ids) if i not in full]
     if missing:
-        raise DataError(f"scenes records {missing[:3]} are not in the multiconcept world at {world.root}; "
+        raise DataError(f"scenes records {missing[:3]} are not among the multiconcept world's pretraining scenes; "
                         f"expected the world these data were loaded from")
     return replace(data, captions=[full[i] for i in data.ids], heldout_captions=[full[i] for i in data.heldout_ids])
 

@@ -273,19 +273,30 @@ def resize_dataset(dataset: Dataset, resolution: int, cfg: Mapping[str, Any]) ->
     return replace(dataset, records=records, resolution=resolution)
 
 
+def _pretrain_items(world: Path) -> list[dict[str, Any]]:
+    """The multiconcept world's ``pretrain/captions.jsonl``, one dict per scene (``write_multiconcept``)."""
+    return [json.loads(line) for line in (world / "pretrain" / "captions.jsonl").read_text().splitlines()]
+
+
+def multiconcept_full_captions(cfg: Mapping[str, Any]) -> dict[str, str]:
+    """``{record id: full_caption}`` of the pretraining scenes, from the caption file alone (``load_multiconcept``
+    also lists every scene's masks, which labels do not need)."""
+    world = world_root(MULTICONCEPT, cfg) / MULTICONCEPT
+    return {Path(item["file"]).stem: item["full_caption"] for item in _pretrain_items(world)}
+
+
 def load_multiconcept(cfg: Mapping[str, Any]) -> Dataset:
     """Chapter 3's multi-concept scenes (always procedural): split ``pretrain`` (captioned scenes,
     ``meta['masks']`` one mask per object) and ``customize`` (one image per two-concept set,
     ``meta['class_names']``)."""
     world = world_root(MULTICONCEPT, cfg) / MULTICONCEPT
     records = []
-    for line in (world / "pretrain" / "captions.jsonl").read_text().splitlines():
-        item = json.loads(line)
+    for item in _pretrain_items(world):
         image = world / "pretrain" / item["file"]
         masks = sorted((world / "pretrain" / "masks").glob(f"{image.stem}_*.png"))
         records.append(Record(image.stem, image, text=item["caption"], split="pretrain",
                               meta={"masks": [str(m) for m in masks], "objects": item["objects"],
-                                    "full_caption": item.get("full_caption", item["caption"])}))
+                                    "full_caption": item["full_caption"]}))
     for folder in sorted(p for p in (world / "customize").iterdir() if p.is_dir()):
         info = json.loads((folder / "concepts.json").read_text())
         records.append(Record(folder.name, folder / "image.png", text=info["caption"], split="customize",

@@ -120,6 +120,7 @@ def measure_bar(cfg: Mapping[str, Any], model, data: DomainData, variant: str, s
     """The four criteria for one pretrained model (one row per criterion and quantity), and the scenes
     domain's word-localization info rows."""
     seed = int(cfg["seed"])
+    data = with_complete_captions(cfg, data)  # prompts and labels name every attribute
     n = min(settings.n_samples, len(data.heldout_captions))
     captions, held = data.heldout_captions[:n], data.heldout_images[:n]
     labels = classifier.schema.encode(captions)
@@ -170,9 +171,8 @@ def model_bar(cfg: Mapping[str, Any], model, model_key: str, data: DomainData, v
                               "places": list(cfg["attention"]["places"])}}
 
     def compute() -> list[dict[str, Any]]:
-        labelled = with_complete_captions(cfg, data)  # prompts and labels name every attribute
-        classifier = domain_classifier(cfg, labelled, settings)
-        table = measure_bar(cfg, model, labelled, variant, settings, classifier)
+        classifier = domain_classifier(cfg, data, settings)
+        table = measure_bar(cfg, model, data, variant, settings, classifier)
         return json.loads(table.to_json(orient="records"))  # plain JSON: NaN -> null, numpy scalars -> numbers
 
     return pd.DataFrame(result_cache.cached(parts, compute, kind="json", cfg=cfg, code=CODE))
