@@ -131,8 +131,6 @@ TINY = {"pretrain.max_train": 6, "pretrain.n_heldout": 3, "pretrain.vae.steps": 
         "pretrain.unet.checkpoint_every": 2, "pretrain.measure.n_samples": 1, "pretrain.measure.sample_steps": 1}
 
 
-
-
 def test_word_localization_on_a_smoke_scenes_model(isolated_cache):
     cfg = load_profile("smoke", TINY)
     P.pretrain_domain(cfg, "scenes", True, progress=False)

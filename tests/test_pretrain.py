@@ -25,8 +25,6 @@ TINY = {"pretrain.max_train": 6, "pretrain.n_heldout": 2, "pretrain.vae.steps": 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
-
-
 def _cfg(**extra):
     return load_profile("smoke", {**TINY, **extra})
 
