@@ -63,7 +63,11 @@ print(f"profile {cfg.profile_name}: segmenters {', '.join(cc.segmenters)} ({cc.s
 # with seven scikit-learn ensembles; logistic regression becomes the annotator. The two ITA baselines map the skin's
 # ITA to a type with the thresholds of §5.2.2 (I > 55 ≥ II > 41 ≥ III > 28 ≥ IV > 19 ≥ V > 10 ≥ VI). Fitzpatrick17k
 # and DDI images are not available here, so the same pipeline runs on the procedural dermoscopy world, whose skin
-# ITA is a control (known labels); the ensembles are fitted on the base models' validation predictions.
+# ITA is a control (known labels); the ensembles are fitted on the base models' validation predictions. The base
+# models start from scratch here (no ImageNet files), so `mini` draws each epoch class-balanced
+# (`downstream.classification.sampling`): the stand-in's training set is ISIC-like (mostly light skin) and, from
+# scratch, VGG-16, EfficientNet-V2 and MobileNet-V2 answer one class for their first 7-9 epochs — they need the
+# thesis's patience of 10 to get past it.
 
 # %%
 tone = ch05.tone_data(cc)

@@ -18,7 +18,7 @@ from ctrlgen.downstream import (CLASSIFIERS, SEGMENTERS, EarlyStopping, FitSetti
                                 segmentation_scores, segmentation_summary, stopping_epoch, train_classifier,
                                 train_segmenter)
 from ctrlgen.downstream import settings as downstream_settings
-from ctrlgen.downstream.train import VAL_METRICS, _fit
+from ctrlgen.downstream.train import VAL_METRICS, _batches, _fit
 
 
 # ================================================================================================ zoos
@@ -217,6 +217,36 @@ def test_fit_settings_from_the_profile_and_their_checks():
         FitSettings(max_epochs=1, batch_size=1, lr=1e-3, optimizer="rmsprop")
     with pytest.raises(ValueError, match="patience must be >= 1"):
         FitSettings(max_epochs=1, batch_size=1, lr=1e-3, patience=0)
+    with pytest.raises(ValueError, match="sampling 'oversample' is not one of shuffle, balanced"):
+        FitSettings(max_epochs=1, batch_size=1, lr=1e-3, sampling="oversample")
+    assert FitSettings.from_profile(load_profile("full"), "classification").sampling == "shuffle"  # §4.7.2: plain
+    assert FitSettings.from_profile(load_profile("mini"), "segmentation").sampling == "shuffle"
+
+
+def test_shuffled_batches_draw_each_index_once():
+    batches = _batches(10, 4, torch.Generator().manual_seed(0))
+    assert [len(b) for b in batches] == [4, 4, 2]
+    assert sorted(torch.cat(batches).tolist()) == list(range(10))
+    # a last batch of one sample is dropped (BatchNorm cannot train on it)
+    assert sum(len(b) for b in _batches(9, 4, torch.Generator().manual_seed(0))) == 8
+
+
+def test_balanced_batches_draw_every_class_equally_often():
+    # 9 images of class 0, 1 of class 1: balanced weights n / (k n_c) = 10/18 and 10/2 (hand-computed), so each draw
+    # is class 1 with probability 5 / (9 * 10/18 + 5) = 1/2; shuffling gives it 1/10
+    labels = np.array([0] * 9 + [1])
+    generator = torch.Generator().manual_seed(0)
+    draws = torch.cat([torch.cat(_batches(10, 5, generator, labels)) for _ in range(400)]).numpy()
+    assert len(draws) == 4000 and draws.max() == 9
+    share = float((labels[draws] == 1).mean())
+    assert stats.binomtest(int((labels[draws] == 1).sum()), len(draws), 0.5).pvalue > 1e-3, share
+    assert abs(share - 0.5) < 0.05
+    # within class 0 the nine images are drawn alike (each 1/18 of the draws)
+    counts = np.bincount(draws, minlength=10)[:9]
+    assert stats.chisquare(counts).pvalue > 1e-3
+    # the same generator seed draws the same batches
+    again = torch.cat(_batches(10, 5, torch.Generator().manual_seed(3), labels))
+    assert torch.equal(again, torch.cat(_batches(10, 5, torch.Generator().manual_seed(3), labels)))
 
 
 def test_settings_merge_a_chapters_overrides_over_the_harness_defaults():

@@ -368,6 +368,8 @@ SCHEMA: dict[str, Rule] = {
     "*max_epochs": at_least(1),
     "*patience": at_least(1, " (epochs without improvement)"),
     "*.optimizer": one_of("adam", "sgd"),
+    "*classification.sampling": one_of("shuffle", "balanced"),  # downstream.train.SAMPLINGS
+    "*classification.val_metric": one_of("accuracy", "macro_f1"),  # downstream.train.VAL_METRICS
     "*.momentum": Rule(lambda v: _number(v) and 0 <= v < 1, "a number in [0, 1)"),
     "*segmentation.size": one_of("mini", "full"),
     "*segmentation.models": each(one_of(*SEGMENTER_NAMES)),

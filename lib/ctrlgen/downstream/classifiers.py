@@ -7,8 +7,8 @@ torchvision's smallest) and MobileNet-V2 for the skin-tone ensemble.
 The architectures are torchvision's own at full size in every profile (the method is the architecture; the mini
 profile scales data, epochs and input size instead). ImageNet weights come from a local file only
 (``models.weights.imagenet.<name>`` in the full profile, resolved with :func:`classifier_weights`); without one
-the network starts from scratch, and the chapter says so. At mini's 64 px ViT-B/16 keeps its 16 × 16 patches
-(4 × 4 tokens): the patch size is the thesis's, and the ImageNet position embeddings, when loaded at a size other
+the network starts from scratch, and the chapter says so. At mini's 32 px ViT-B/16 keeps its 16 × 16 patches
+(2 × 2 tokens): the patch size is the thesis's, and the ImageNet position embeddings, when loaded at a size other
 than 224, are interpolated to the new grid with torchvision's ``interpolate_embeddings``.
 """
 from __future__ import annotations

@@ -27,7 +27,9 @@ import numpy as np
 import torch
 from monai.losses import DiceCELoss
 from sklearn.metrics import f1_score
+from sklearn.utils.class_weight import compute_sample_weight
 from torch import nn
+from torch.utils.data import WeightedRandomSampler
 
 from ctrlgen.data.tensors import image_tensor
 from ctrlgen.downstream.classifiers import CLASSIFIERS
@@ -43,6 +45,11 @@ VAL_METRICS: dict[str, Callable[[np.ndarray, np.ndarray], float]] = {
     "macro_f1": lambda y, p: float(f1_score(y, p, average="macro", zero_division=0)),
 }
 OPTIMIZERS = ("adam", "sgd")
+# how a classifier's epoch draws its training images: "shuffle" (each image once, the thesis's plain training) or
+# "balanced" (as many draws as images, with replacement, each class equally likely: torch's WeightedRandomSampler
+# with scikit-learn's "balanced" sample weights) — a stated stand-in where a from-scratch classifier on a few hundred
+# HAM10000 images otherwise learns to answer the majority class (chapter 4 part II, chapter 5 on mini)
+SAMPLINGS = ("shuffle", "balanced")
 
 
 @dataclass(frozen=True)
@@ -57,12 +64,15 @@ class FitSettings:
     patience: int = 10            # epochs without a better validation score before stopping
     seed: int = 0
     augment: bool = True          # random horizontal and vertical flips (image and mask together)
+    sampling: str = "shuffle"     # classifiers: "shuffle" | "balanced" (SAMPLINGS); segmenters always shuffle
     device: str = "cpu"
     progress: bool = False
 
     def __post_init__(self) -> None:
         if self.optimizer not in OPTIMIZERS:
             raise ValueError(f"optimizer {self.optimizer!r} is not one of {', '.join(OPTIMIZERS)}")
+        if self.sampling not in SAMPLINGS:
+            raise ValueError(f"sampling {self.sampling!r} is not one of {', '.join(SAMPLINGS)}")
         for name in ("max_epochs", "batch_size", "patience"):
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
@@ -78,7 +88,8 @@ class FitSettings:
         s = settings(cfg, task, *overrides)
         return cls(max_epochs=int(s["max_epochs"]), batch_size=int(s["batch_size"]), lr=float(s["lr"]),
                    optimizer=str(s["optimizer"]), momentum=float(s["momentum"]), patience=int(s["patience"]),
-                   seed=int(cfg["seed"]), augment=bool(s["augment"]), device=resolve_device(cfg), progress=progress)
+                   seed=int(cfg["seed"]), augment=bool(s["augment"]), sampling=str(s.get("sampling", "shuffle")),
+                   device=resolve_device(cfg), progress=progress)
 
 
 @dataclass(frozen=True)
@@ -212,9 +223,15 @@ def _check_images(images: np.ndarray, name: str) -> np.ndarray:
     return arr
 
 
-def _batches(n: int, batch_size: int, generator: torch.Generator) -> list[torch.Tensor]:
-    """Shuffled index batches; a last batch of one sample is dropped (BatchNorm cannot train on it)."""
-    order = torch.randperm(n, generator=generator)
+def _batches(n: int, batch_size: int, generator: torch.Generator, labels: np.ndarray | None = None
+             ) -> list[torch.Tensor]:
+    """Shuffled index batches; a last batch of one sample is dropped (BatchNorm cannot train on it). With class
+    ``labels``: ``n`` class-balanced draws with replacement (``sampling="balanced"``, see ``SAMPLINGS``)."""
+    if labels is None:
+        order = torch.randperm(n, generator=generator)
+    else:
+        weights = compute_sample_weight("balanced", labels)
+        order = torch.as_tensor(list(WeightedRandomSampler(weights, n, replacement=True, generator=generator)))
     out = [order[i:i + batch_size] for i in range(0, n, batch_size)]
     return out[:-1] if len(out) > 1 and len(out[-1]) == 1 else out
 
@@ -268,7 +285,8 @@ def _fit_loop(model: nn.Module, images: np.ndarray, targets: torch.Tensor, val_s
     for epoch in bar:
         model.train()
         losses = []
-        for idx in _batches(len(images), s.batch_size, generator):
+        balance = targets.numpy() if s.sampling == "balanced" and not dense else None
+        for idx in _batches(len(images), s.batch_size, generator, balance):
             x = image_tensor(images[idx.numpy()], signed=False)
             y = targets[idx]
             if s.augment:
@@ -370,4 +388,4 @@ def predict_proba(model: nn.Module, images: np.ndarray, batch_size: int = 64) ->
 
 __all__ = ["FitSettings", "TaskSettings", "settings", "FitResult", "EarlyStopping", "stopping_epoch", "train_segmenter",
            "train_classifier", "predict", "predict_masks", "predict_labels", "predict_proba", "VAL_METRICS",
-           "seeded_model", "seeded_torch_rng"]
+           "seeded_model", "seeded_torch_rng", "SAMPLINGS"]

@@ -100,6 +100,7 @@ class DownstreamConfig:
     classifiers: tuple[str, ...]        # downstream.classification.models (input side, trainer: the same section)
     max_train_images: int               # real classification training images used (0 = all)
     max_eval_images: int                # validation and test images used, each (0 = all)
+    val_metric: str                     # what early stopping watches: accuracy (§4.7.2) | macro_f1 (downstream.VAL_METRICS)
     finetune_steps: int                 # class-conditional diffusion finetuning (thesis 20k)
     finetune_batch: int
     finetune_lr: float
@@ -124,6 +125,7 @@ class DownstreamConfig:
             raise ValueError(f"ch04_downstream.segmentation.scales needs two sizes (S_1k, S_2.5k), got {list(scales)}")
         return cls(n_per_class=int(c["n_per_class"]), classifiers=TaskSettings.from_profile(cfg, "classification").models,
                    max_train_images=int(c["max_train_images"]), max_eval_images=int(c["max_eval_images"]),
+                   val_metric=str(c["val_metric"]),
                    finetune_steps=int(c["finetune_steps"]), finetune_batch=int(c["finetune_batch"]),
                    finetune_lr=float(c["finetune_lr"]), segmenters=TaskSettings.from_profile(cfg, "segmentation").models,
                    scales=scales, n_pairs=int(s["n_pairs"]),
@@ -475,12 +477,13 @@ def augment_classification(x: torch.Tensor, y: np.ndarray, samples: ClassSamples
 
 # ================================================================================================ classifiers
 def _fit_classifier(name: str, train_x, train_y, val_x, val_y, eval_sets: Mapping[str, torch.Tensor],
-                    settings, image_size: int) -> dict[str, np.ndarray]:
+                    settings, image_size: int, val_metric: str = "accuracy") -> dict[str, np.ndarray]:
     torch.manual_seed(settings.seed)  # the weights' initialisation: the same run gives the same model
     model = build_classifier(name, num_classes=len(HAM), image_size=image_size)
     index = {c: i for i, c in enumerate(HAM)}
     to_idx = lambda y: np.asarray([index[c] for c in y], dtype=np.int64)  # noqa: E731
-    fit = train_classifier(model, uint8_images(train_x), to_idx(train_y), uint8_images(val_x), to_idx(val_y), settings)
+    fit = train_classifier(model, uint8_images(train_x), to_idx(train_y), uint8_images(val_x), to_idx(val_y), settings,
+                           val_metric=val_metric)
     out = {f"pred {k}": np.asarray(predict_labels(fit.model, uint8_images(x)))
            for k, x in eval_sets.items() if len(x)}
     out["epochs"] = np.asarray([fit.epochs_run])
@@ -497,9 +500,11 @@ def classifier_predictions(cfg: Mapping[str, Any], name: str, train_x, train_y, 
     key = {"what": "ch04 downstream classifier", "name": name, "train": digest(train_x, list(train_y)),
            "val": digest(sets.val_x, list(sets.val_y)), "eval": digest(sets.test_x, sets.external_x),
            "settings": repr(settings), "image_size": task.image_size, "seed": dc.seed,
+           "val_metric": dc.val_metric,
            "function": _source(_fit_classifier)}
     def fit() -> dict[str, np.ndarray]:
-        return _fit_classifier(name, train_x, train_y, sets.val_x, sets.val_y, evals, settings, task.image_size)
+        return _fit_classifier(name, train_x, train_y, sets.val_x, sets.val_y, evals, settings, task.image_size,
+                               dc.val_metric)
 
     return stored(key, fit, "numpy", cfg, ("ctrlgen.downstream",))
 
