@@ -13,7 +13,7 @@ import torch
 from scipy import stats
 from sklearn.metrics import f1_score
 
-from ctrlgen.config import load_profile
+from ctrlgen.config import ConfigError, load_profile
 from ctrlgen.downstream import FitSettings, TaskSettings
 from ctrlgen.experiments import ch04_downstream as d
 from ctrlgen.experiments.ch04_downstream import (
@@ -69,6 +69,14 @@ def test_config_reads_the_profile_with_types(cfg, dc):
     assert dc.segmenters == tuple(cfg.downstream.segmentation.models)
     assert dc.classifiers == tuple(cfg.downstream.classification.models)
     assert dc.gain_bins[0] == 0.0 and dc.gain_bins[-1] == 1.0
+    # early stopping: validation accuracy as §4.7.2 in full; macro F1 where the draws are class-balanced
+    full = DownstreamConfig.from_profile(load_profile("full"))
+    assert (full.val_metric, load_profile("full").downstream.classification.sampling) == ("accuracy", "shuffle")
+    assert DownstreamConfig.from_profile(load_profile("mini")).val_metric == "macro_f1"
+    with pytest.raises(ConfigError, match="ch04_downstream.classification.val_metric"):
+        load_profile("smoke", {"ch04_downstream.classification.val_metric": "auc"})
+    with pytest.raises(ConfigError, match="downstream.classification.sampling"):
+        load_profile("smoke", {"downstream.classification.sampling": "oversample"})
 
 
 # --------------------------------------------------------------------------- augmentation
