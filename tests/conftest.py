@@ -5,12 +5,14 @@
 - ``CTRLGEN_DATA_ROOT`` points at ``../shared/data`` (real samples in official layouts) when that
   folder exists beside the checkout, unless the caller already set it.
 - Cache and output roots go to a temporary folder for the session, so tests never touch a user's
-  ``_build/`` or ``_cache/``.
+  ``_build/`` or ``_cache/``; the folder is removed when the run ends (``CTRLGEN_KEEP_TEST_TMP=1`` keeps it).
 """
 from __future__ import annotations
 
+import atexit
 import ipaddress
 import os
+import shutil
 import socket
 import tempfile
 from pathlib import Path
@@ -28,6 +30,10 @@ os.environ.setdefault("MPLBACKEND", "Agg")
 if SHARED_DATA.is_dir():
     os.environ.setdefault("CTRLGEN_DATA_ROOT", str(SHARED_DATA))
 _SESSION_TMP = Path(tempfile.mkdtemp(prefix="ctrlgen-tests-"))
+# Each run's models and builds take ~200 MB: left behind, a few hundred runs filled a CI disk.
+# CTRLGEN_KEEP_TEST_TMP=1 keeps the folder for a post-mortem.
+if not os.environ.get("CTRLGEN_KEEP_TEST_TMP"):
+    atexit.register(shutil.rmtree, _SESSION_TMP, ignore_errors=True)
 os.environ.setdefault("CTRLGEN_CACHE_ROOT", str(_SESSION_TMP / "cache"))
 os.environ.setdefault("CTRLGEN_OUTPUT_ROOT", str(_SESSION_TMP / "build"))
 
