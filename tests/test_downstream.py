@@ -18,7 +18,7 @@ from ctrlgen.downstream import (CLASSIFIERS, SEGMENTERS, EarlyStopping, FitSetti
                                 segmentation_scores, segmentation_summary, stopping_epoch, train_classifier,
                                 train_segmenter)
 from ctrlgen.downstream import settings as downstream_settings
-from ctrlgen.downstream.train import VAL_METRICS, _batches, _fit
+from ctrlgen.downstream.train import VAL_METRICS, _batches, _fit, balanced_weights
 
 
 # ================================================================================================ zoos
@@ -235,8 +235,10 @@ def test_balanced_batches_draw_every_class_equally_often():
     # 9 images of class 0, 1 of class 1: balanced weights n / (k n_c) = 10/18 and 10/2 (hand-computed), so each draw
     # is class 1 with probability 5 / (9 * 10/18 + 5) = 1/2; shuffling gives it 1/10
     labels = np.array([0] * 9 + [1])
+    weights = balanced_weights(labels)
+    np.testing.assert_allclose(weights, [10 / 18] * 9 + [5.0])
     generator = torch.Generator().manual_seed(0)
-    draws = torch.cat([torch.cat(_batches(10, 5, generator, labels)) for _ in range(400)]).numpy()
+    draws = torch.cat([torch.cat(_batches(10, 5, generator, weights)) for _ in range(400)]).numpy()
     assert len(draws) == 4000 and draws.max() == 9
     share = float((labels[draws] == 1).mean())
     assert stats.binomtest(int((labels[draws] == 1).sum()), len(draws), 0.5).pvalue > 1e-3, share
@@ -245,8 +247,8 @@ def test_balanced_batches_draw_every_class_equally_often():
     counts = np.bincount(draws, minlength=10)[:9]
     assert stats.chisquare(counts).pvalue > 1e-3
     # the same generator seed draws the same batches
-    again = torch.cat(_batches(10, 5, torch.Generator().manual_seed(3), labels))
-    assert torch.equal(again, torch.cat(_batches(10, 5, torch.Generator().manual_seed(3), labels)))
+    again = torch.cat(_batches(10, 5, torch.Generator().manual_seed(3), weights))
+    assert torch.equal(again, torch.cat(_batches(10, 5, torch.Generator().manual_seed(3), weights)))
 
 
 def test_settings_merge_a_chapters_overrides_over_the_harness_defaults():

@@ -88,7 +88,7 @@ class FitSettings:
         s = settings(cfg, task, *overrides)
         return cls(max_epochs=int(s["max_epochs"]), batch_size=int(s["batch_size"]), lr=float(s["lr"]),
                    optimizer=str(s["optimizer"]), momentum=float(s["momentum"]), patience=int(s["patience"]),
-                   seed=int(cfg["seed"]), augment=bool(s["augment"]), sampling=str(s.get("sampling", "shuffle")),
+                   seed=int(cfg["seed"]), augment=bool(s["augment"]), sampling=str(s.get("sampling", cls.sampling)),
                    device=resolve_device(cfg), progress=progress)
 
 
@@ -223,17 +223,23 @@ def _check_images(images: np.ndarray, name: str) -> np.ndarray:
     return arr
 
 
-def _batches(n: int, batch_size: int, generator: torch.Generator, labels: np.ndarray | None = None
+def _batches(n: int, batch_size: int, generator: torch.Generator, weights: np.ndarray | None = None
              ) -> list[torch.Tensor]:
-    """Shuffled index batches; a last batch of one sample is dropped (BatchNorm cannot train on it). With class
-    ``labels``: ``n`` class-balanced draws with replacement (``sampling="balanced"``, see ``SAMPLINGS``)."""
-    if labels is None:
+    """Shuffled index batches; a last batch of one sample is dropped (BatchNorm cannot train on it). With per-sample
+    ``weights`` (:func:`balanced_weights`): ``n`` draws with replacement in proportion to them
+    (``sampling="balanced"``, see ``SAMPLINGS``)."""
+    if weights is None:
         order = torch.randperm(n, generator=generator)
     else:
-        weights = compute_sample_weight("balanced", labels)
         order = torch.as_tensor(list(WeightedRandomSampler(weights, n, replacement=True, generator=generator)))
     out = [order[i:i + batch_size] for i in range(0, n, batch_size)]
     return out[:-1] if len(out) > 1 and len(out[-1]) == 1 else out
+
+
+def balanced_weights(labels: np.ndarray) -> np.ndarray:
+    """Per-sample weights that make every class equally likely to be drawn: scikit-learn's "balanced" weights,
+    ``n / (n_classes * count(label))``."""
+    return compute_sample_weight("balanced", labels)
 
 
 def _flip(x: torch.Tensor, y: torch.Tensor | None, rng: np.random.Generator):
@@ -281,12 +287,12 @@ def _fit_loop(model: nn.Module, images: np.ndarray, targets: torch.Tensor, val_s
     stopper = EarlyStopping(s.patience, "max")
     best_state = copy.deepcopy(model.state_dict())
     result = FitResult(model)
+    weights = balanced_weights(targets.numpy()) if s.sampling == "balanced" and not dense else None
     bar = tqdm(range(s.max_epochs), desc=desc, disable=not s.progress, leave=False)
     for epoch in bar:
         model.train()
         losses = []
-        balance = targets.numpy() if s.sampling == "balanced" and not dense else None
-        for idx in _batches(len(images), s.batch_size, generator, balance):
+        for idx in _batches(len(images), s.batch_size, generator, weights):
             x = image_tensor(images[idx.numpy()], signed=False)
             y = targets[idx]
             if s.augment:
@@ -388,4 +394,4 @@ def predict_proba(model: nn.Module, images: np.ndarray, batch_size: int = 64) ->
 
 __all__ = ["FitSettings", "TaskSettings", "settings", "FitResult", "EarlyStopping", "stopping_epoch", "train_segmenter",
            "train_classifier", "predict", "predict_masks", "predict_labels", "predict_proba", "VAL_METRICS",
-           "seeded_model", "seeded_torch_rng", "SAMPLINGS"]
+           "seeded_model", "seeded_torch_rng", "SAMPLINGS", "balanced_weights"]

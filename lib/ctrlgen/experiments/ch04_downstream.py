@@ -477,7 +477,7 @@ def augment_classification(x: torch.Tensor, y: np.ndarray, samples: ClassSamples
 
 # ================================================================================================ classifiers
 def _fit_classifier(name: str, train_x, train_y, val_x, val_y, eval_sets: Mapping[str, torch.Tensor],
-                    settings, image_size: int, val_metric: str = "accuracy") -> dict[str, np.ndarray]:
+                    settings, image_size: int, val_metric: str) -> dict[str, np.ndarray]:
     torch.manual_seed(settings.seed)  # the weights' initialisation: the same run gives the same model
     model = build_classifier(name, num_classes=len(HAM), image_size=image_size)
     index = {c: i for i, c in enumerate(HAM)}
