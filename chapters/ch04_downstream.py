@@ -36,6 +36,7 @@ import pandas as pd
 from ctrlgen.downstream import TaskSettings
 from ctrlgen.experiments import ch04_didgen, ch04_downstream
 from ctrlgen.methods.didgen import PairConfig
+from ctrlgen.parallel import run_all
 from ctrlgen.results import ChapterRun
 from ctrlgen.thesis import compare
 from ctrlgen.thesis.claims import claim_seeds
@@ -174,16 +175,17 @@ pair_prompts = ch04_didgen.table_4_1_prompts(ec, pool, dc.n_pairs)["Mine-DermPro
 mine_run = ch04_didgen.run_pairs(mine, pairs, cond, pair_prompts, "Mine", ec, cfg)
 mine_pairs = ch04_downstream.didgen_pair_set(mine_run.result)
 no_ca = ch04_didgen.run_pairs(mine, replace(pairs, use_ca=False), cond, pair_prompts, ch04_downstream.NO_CA, ec, cfg)
-pair_sets = {
-    "Pix2PixHD": ch04_downstream.trained_mask_to_image("Pix2PixHD", seg_sets, mine_pairs, cfg, dc),
-    "ControlNet": ch04_downstream.trained_mask_to_image("ControlNet", seg_sets, mine_pairs, cfg, dc, base, base_key),
-    "Zestguide": ch04_downstream.training_free_pairs("Zestguide", mine.model, mine.key, mine_pairs, cfg, dc,
-                                                     ec.pair_batch),
-    "Attn-refocus": ch04_downstream.training_free_pairs("Attn-refocus", mine.model, mine.key, mine_pairs, cfg, dc,
-                                                        ec.pair_batch),
-    "Mine": mine_pairs,
-    ch04_downstream.NO_CA: ch04_downstream.didgen_pair_set(no_ca.result, ch04_downstream.NO_CA),
-}
+baselines = run_all({  # independent cached jobs, `jobs` at a time (ctrlgen.parallel)
+    "Pix2PixHD": lambda: ch04_downstream.trained_mask_to_image("Pix2PixHD", seg_sets, mine_pairs, cfg, dc),
+    "ControlNet": lambda: ch04_downstream.trained_mask_to_image("ControlNet", seg_sets, mine_pairs, cfg, dc, base,
+                                                                base_key),
+    "Zestguide": lambda: ch04_downstream.training_free_pairs("Zestguide", mine.model, mine.key, mine_pairs, cfg, dc,
+                                                             ec.pair_batch),
+    "Attn-refocus": lambda: ch04_downstream.training_free_pairs("Attn-refocus", mine.model, mine.key, mine_pairs, cfg,
+                                                                dc, ec.pair_batch),
+}, cfg, "mask-to-image baselines")
+pair_sets = {**baselines, "Mine": mine_pairs,
+             ch04_downstream.NO_CA: ch04_downstream.didgen_pair_set(no_ca.result, ch04_downstream.NO_CA)}
 print(f"real training pairs: {len(seg_sets.train_x)} (+{len(seg_sets.val_x)} for validation), {seg_sets.source}; "
       f"test: {len(seg_sets.test_x)} ({seg_sets.test_name}); external: {len(seg_sets.ph2_x)} ({seg_sets.ph2_name})")
 print("conditioning masks:", aug_counts, "(augmented)" if pairs.augment_masks else "(real masks as they are)")

@@ -181,13 +181,8 @@ run.note(f"language module: IU X-ray {rs.iu_source}; pairs from {rs.world_source
 rs.counts
 
 # %%
-s1 = {how: ch06.stage1(cfg, ec, rs, "F", how) for how in ("mean", "bos", "eos")}
-s1_fi = ch06.stage1(cfg, ec, rs, "F+I", "mean")
-priors = {"F": ch06.prior(cfg, ec, s1["mean"], base, ctx.key, rs, "F"),
-          "F+I": ch06.prior(cfg, ec, s1_fi, base, ctx.key, rs, "F+I"),
-          "raw image": ch06.prior(cfg, ec, s1["mean"], base, ctx.key, rs, "F", raw=True),
-          "MSE only": ch06.prior(cfg, ec, s1["mean"], base, ctx.key, rs, "F", kind="mse"),
-          "cosine only": ch06.prior(cfg, ec, s1["mean"], base, ctx.key, rs, "F", kind="cos")}
+language = ch06.language_models(cfg, ec, rs, base, ctx.key)
+s1, s1_fi, priors = language.stage1, language.stage1_fi, language.priors
 
 # %% [markdown]
 # ### Representative embedding — Fig. 6.5 (§6.5.1)
@@ -259,7 +254,7 @@ validation["world"].round(3)
 # Sizes and steps: `ch06.baselines` (the book's). Every baseline is stored by content.
 
 # %%
-baselines = {name: ch06.baseline(cfg, ec, cc, base, ctx.key, rs, name) for name in ch06.BASELINE_ROWS}
+baselines = ch06.baselines(cfg, ec, cc, base, ctx.key, rs)
 test_inputs = ch06.prior_inputs(base, rs.pair_images_test, raw=False)
 hyps = {name: ch06.reports_for(ec, s1_fi if name == "F+I" else s1["mean"], pr, base, images=rs.pair_images_test)
         for name, pr in priors.items()}

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 
@@ -217,7 +218,7 @@ def test_book_benchmark_reports_chapters_growth_fits_and_a_figure(capsys):
 
 
 def test_bench_all_runs_every_benchmark_once_and_publishes_each(monkeypatch, tmp_path, capsys):
-    """``ctrlgen bench all`` = benchmarks 1–7 in turn on the one profile (each replaced here by a recorder: the
+    """``ctrlgen bench all`` = benchmarks 1–8 in turn on the one profile (each replaced here by a recorder: the
     real ones are tested above), every report published as JSON."""
     import matplotlib
 
@@ -237,16 +238,16 @@ def test_bench_all_runs_every_benchmark_once_and_publishes_each(monkeypatch, tmp
         return fake
 
     for name in ("bench_capture", "bench_guided", "bench_dual", "bench_finetune", "bench_memory", "bench_book",
-                 "bench_flops"):
+                 "bench_flops", "bench_parallel"):
         monkeypatch.setattr(cli, name, recorder(name))
     monkeypatch.setattr(cli, "growth_figure", lambda report: plt.figure())
     assert main(["bench", "all", "--profile", "smoke", "--repeats", "1"]) == 0
     assert [n for n, _ in ran] == ["bench_capture", "bench_guided", "bench_dual", "bench_finetune", "bench_memory",
-                                   "bench_book", "bench_flops"]
+                                   "bench_book", "bench_flops", "bench_parallel"]
     assert {p for _, p in ran} == {"smoke"}
     written = sorted(p.name for p in (tmp_path / "bench").glob("*.json"))
     assert written == sorted(f"{n}-smoke.json" for n in ("capture", "guided", "dual", "finetune", "memory", "book",
-                                                          "flops"))
+                                                          "flops", "parallel"))
 
 
 def test_summary_rows_say_which_benchmarks_ran_and_which_did_not():
@@ -311,3 +312,17 @@ def test_book_sizes_that_are_not_integers_are_a_usage_error(capsys):
         main(["bench", "book", "--profile", "smoke", "--sizes", "1,two"])
     assert exit_info.value.code == 2
     assert "--sizes" in capsys.readouterr().err
+
+
+def test_bench_parallel_times_three_arms_and_the_workers_train_the_same_models(monkeypatch):
+    """Benchmark 8 on smoke: the two run_all arms (one thread each, in workers and here) give identical loss
+    histories, and the report carries both ratios."""
+    from ctrlgen.bench import bench_parallel
+    from ctrlgen.config import load_profile
+
+    monkeypatch.setattr(os, "cpu_count", lambda: 2)
+    report = bench_parallel(load_profile("smoke"), n_jobs=2, n_images=16, epochs=1)
+    assert set(report["seconds_median"]) == {"default threads", "jobs 1", "parallel"}
+    assert report["workers"] == 2 and report["max_loss_difference_parallel_vs_jobs_1"] == 0.0
+    assert report["ratio_parallel_vs_sequential"] == pytest.approx(
+        report["seconds_median"]["parallel"] / report["seconds_median"]["default threads"])

@@ -3,7 +3,7 @@
 Layers, each importing only from its own layer or the layers above it in this list:
 
 1. ``config``, ``paths``, ``results``, ``thesis``, ``seeding``, ``runtime``, ``progress``,
-   ``result_cache``, ``figures``, ``profiles`` (and the package's own ``__init__``)
+   ``result_cache``, ``figures``, ``profiles``, ``parallel`` (and the package's own ``__init__``)
 2. ``data``
 3. ``models``
 4. ``attention``
@@ -33,7 +33,7 @@ PACKAGE = LIB / "ctrlgen"
 
 LAYERS: dict[str, int] = {
     "config": 1, "paths": 1, "results": 1, "thesis": 1, "seeding": 1, "runtime": 1, "progress": 1,
-    "result_cache": 1, "figures": 1, "profiles": 1,
+    "result_cache": 1, "figures": 1, "profiles": 1, "parallel": 1,
     "data": 2,
     "models": 3,
     "attention": 4,

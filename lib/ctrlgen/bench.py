@@ -41,8 +41,11 @@ import numpy as np
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from ctrlgen import paths
+from ctrlgen import parallel, paths, result_cache
 from ctrlgen.attention import AttentionCapture
+from ctrlgen.config import load_profile
+from ctrlgen.downstream import FitSettings, build_classifier, train_classifier
+from ctrlgen.downstream.train import seeded_model
 from ctrlgen.attention.layers import available_resolutions, select_layers
 from ctrlgen.guidance import LayoutGuidance
 from ctrlgen.methods.didgen import (PairConfig, PairGenerator, RegionAwareConfig, region_aware_finetune,
@@ -449,6 +452,59 @@ def bench_finetune(cfg, steps: int = 3, repeats: int = 3) -> dict[str, Any]:
             **machine()}
 
 
+# ---------------------------------------------------------------- benchmark 8: independent jobs in parallel
+PARALLEL_TARGET = 0.75
+
+
+def _classifier_job(cfg, arm: str, repeat: int, seed: int, n: int, epochs: int) -> Callable[[], Any]:
+    """One cached classifier fit of the harness (the profile's ``downstream.classification`` model and settings,
+    ``epochs`` epochs without early stopping) on ``n`` random images: what chapters 4 and 5 run many of."""
+    name = str(cfg.downstream.classification.models[0])
+    side = int(cfg.downstream.classification.image_size)
+    fit = FitSettings.from_profile(cfg, "classification")
+    fit = FitSettings(**{**fit.__dict__, "max_epochs": epochs, "patience": epochs, "seed": seed, "progress": False})
+
+    def compute() -> dict[str, Any]:
+        rng = np.random.default_rng(seed)
+        images = rng.integers(0, 256, (n, side, side, 3), dtype=np.uint8)
+        labels = rng.integers(0, 7, n)
+        model = seeded_model(build_classifier, seed, name, num_classes=7, image_size=side)
+        result = train_classifier(model, images, labels, images[: n // 4], labels[: n // 4], fit)
+        return {"history": [h["train loss"] for h in result.history]}
+
+    parts = {"what": "bench parallel", "arm": arm, "repeat": repeat, "seed": seed, "n": n, "epochs": epochs,
+             "time": time.time_ns()}  # never a hit: every run trains
+    return lambda: result_cache.cached(parts, compute, "json", cfg=cfg)
+
+
+def bench_parallel(cfg, n_jobs: int = 2, n_images: int = 512, epochs: int = 3, repeats: int = 1) -> dict[str, Any]:
+    """Benchmark 8: ``n_jobs`` independent classifier fits (``_classifier_job``) three ways, interleaved: called one
+    after the other on torch's default threads (how the chapters ran them before ``ctrlgen.parallel``), through
+    ``run_all`` with ``jobs: 1`` (one after the other, one thread each) and through ``run_all`` with the profile's
+    ``jobs`` (forked workers, one thread each). Wall time per arm (median of repeats), the ratio of the parallel arm
+    to the default-threads arm (target ≤ 0.75 on 2 cores) and the largest difference between the loss histories
+    of the two ``run_all`` arms (0: one thread gives the same floats in a worker and here)."""
+    arms = {"default threads": None, "jobs 1": load_profile(cfg.profile_name, {**cfg.overrides, "jobs": 1}),
+            "parallel": cfg}
+    seconds: dict[str, list[float]] = {a: [] for a in arms}
+    histories: dict[str, Any] = {}
+    for repeat in range(repeats):
+        for arm, arm_cfg in arms.items():
+            jobs = {j: _classifier_job(arm_cfg or cfg, arm, repeat, j, n_images, epochs) for j in range(n_jobs)}
+            t0 = time.perf_counter()
+            out = {j: job() for j, job in jobs.items()} if arm_cfg is None else parallel.run_all(jobs, arm_cfg, arm)
+            seconds[arm].append(time.perf_counter() - t0)
+            histories[arm] = [out[j]["history"] for j in range(n_jobs)]
+    median = {a: statistics.median(v) for a, v in seconds.items()}
+    diff = max(abs(a - b) for s, p in zip(histories["jobs 1"], histories["parallel"]) for a, b in zip(s, p))
+    return {"benchmark": 8, "model": f"{cfg.downstream.classification.models[0]} ({cfg.profile_name}), random images",
+            "jobs": n_jobs, "workers": parallel.job_count(cfg), "images": n_images, "epochs": epochs,
+            "repeats": repeats, "torch_threads": torch.get_num_threads(), "seconds": seconds, "seconds_median": median,
+            "ratio_parallel_vs_sequential": median["parallel"] / median["default threads"],
+            "ratio_parallel_vs_jobs_1": median["parallel"] / median["jobs 1"], "target": PARALLEL_TARGET,
+            "max_loss_difference_parallel_vs_jobs_1": diff, **machine()}
+
+
 # ---------------------------------------------------------------- benchmark 5: peak memory
 def bench_memory(cfg, arch: str = "", device: str = "cpu", dtype_name: str = "float32", batch: int = 1,
                  train: str = "auto", latent: int = 0) -> dict[str, Any]:
@@ -612,6 +668,8 @@ BENCHMARKS = {  # issue 18's numbering: report name, headline field, target, wha
     5: ("memory", "", None, "peak memory of each step and of the largest capture"),
     6: ("book", "", None, "book wall time per chapter; growth with samples and steps"),
     7: ("flops", "", None, "FLOPs per step against the machine's matmul rate"),
+    8: ("parallel", "ratio_parallel_vs_sequential", PARALLEL_TARGET,
+        "independent classifier fits in forked workers vs one after the other (time ratio)"),
 }
 
 

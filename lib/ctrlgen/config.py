@@ -296,6 +296,7 @@ CLASSIFIER_NAMES = ("vgg16", "resnet18", "densenet121", "vit_b_16", "efficientne
 SCHEMA: dict[str, Rule] = {
     "seed": at_least(0),
     "device": DEVICE,
+    "jobs": at_least(1),
     # step and sample counts: zero is allowed only where it means "none" or "off"
     "*steps": at_least(0),
     "*.train_steps": at_least(1, " (training steps)"),

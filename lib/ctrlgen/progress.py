@@ -90,13 +90,26 @@ class ReportingTqdm(_std_tqdm):
         super().close()
 
 
+def in_worker() -> None:
+    """Called first in a forked worker (``ctrlgen.parallel``): a fresh lock (the parent's may have been held at the
+    fork), none of the parent's bars, and no bar at all unless it reports to the progress file (a notebook widget
+    would write to the parent's kernel sockets)."""
+    global _LOCK, _QUIET
+    _LOCK = threading.Lock()
+    _ACTIVE.clear()
+    _QUIET = not os.environ.get(PROGRESS_ENV)
+
+
+_QUIET = False
+
+
 def tqdm(*args: Any, **kwargs: Any) -> _std_tqdm:
     """``tqdm.auto.tqdm`` outside the book; a :class:`ReportingTqdm` inside a ``ctrlgen book``/``run`` kernel.
 
     ``TQDM_DISABLE`` is read at each call (tqdm reads it once, when it is imported), with tqdm's precedence:
     an explicit ``disable=`` wins; so a command can turn every bar off after the library is loaded.
     """
-    if "disable" not in kwargs and os.environ.get("TQDM_DISABLE", "").lower() in ("1", "true", "yes"):
+    if _QUIET or ("disable" not in kwargs and os.environ.get("TQDM_DISABLE", "").lower() in ("1", "true", "yes")):
         kwargs["disable"] = True
     target = os.environ.get(PROGRESS_ENV)
     if target:

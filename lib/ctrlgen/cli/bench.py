@@ -1,8 +1,8 @@
-"""``ctrlgen bench capture|guided|dual|finetune|memory|book|flops|attention|pairs|all``: the command line of the
-benchmarks of issue 18 in ``ctrlgen.bench`` (1 capture, 2 guided, 4 finetune, 5 memory, 6 book, 7 flops), and
+"""``ctrlgen bench capture|guided|dual|finetune|memory|book|flops|parallel|attention|pairs|all``: the command line of
+the benchmarks in ``ctrlgen.bench`` (1 capture, 2 guided, 4 finetune, 5 memory, 6 book, 7 flops, 8 parallel), and
 benchmark 3 (``dual``: ``bench_dual``, on ``ctrlgen.methods.dual_branch.compare_efficiency``). Every report is
 written as JSON to ``<output>/bench/<name>-<profile or arch>.json`` with the machine and library versions;
-``all`` runs 1–7 in turn.
+``all`` runs 1–8 in turn.
 
 One table (``COMMANDS``) says, per benchmark, its options, its help and how its function is called; one handler
 (``_run``) loads the profile, runs it and publishes the report."""
@@ -21,7 +21,7 @@ import torch
 
 from ctrlgen import bench, paths
 from ctrlgen.bench import (bench_attention, bench_book, bench_capture, bench_finetune, bench_flops, bench_guided,
-                           bench_memory, bench_pairs, growth_figure, machine)
+                           bench_memory, bench_pairs, bench_parallel, growth_figure, machine)
 from ctrlgen.book import toc_chapters
 from ctrlgen.cli.common import EXIT_OK, add_profile_args, profile_from_args
 from ctrlgen.config import Config
@@ -164,6 +164,13 @@ COMMANDS: tuple[Command, ...] = (
              ("--latent", dict(type=int, default=0, help="latent side of the sampling steps (default: the U-Net's)"))),
             lambda cfg, a: bench_memory(cfg, a.arch, a.device, a.dtype, a.batch, a.train, a.latent),
             repeats_in_all=False),
+    Command("parallel", "benchmark 8: independent classifier fits in forked workers vs one after the other",
+            "bench_parallel",
+            (("--jobs", dict(type=int, default=2, help="independent fits per arm")),
+             ("--images", dict(type=int, default=512, help="random training images per fit")),
+             ("--epochs", dict(type=int, default=3, help="epochs per fit")),
+             repeats("interleaved repetitions per arm", default=1)),
+            lambda cfg, a: bench_parallel(cfg, a.jobs, a.images, a.epochs, a.repeats)),
     Command("book", "benchmark 6: the book's wall time per chapter and its growth", "bench_book",
             (("--profiles", dict(default="smoke,mini", type=_csv(str), help="profiles whose chapter records are read")),
              ("--sizes", dict(default="1,2,4", type=_csv(int), help="pairs generated / training steps of the growth fit")),
@@ -171,7 +178,7 @@ COMMANDS: tuple[Command, ...] = (
             _book, repeats_in_all=False),
 )
 BY_NAME: dict[str, Command] = {c.name: c for c in COMMANDS}
-ALL = ("capture", "guided", "dual", "finetune", "memory", "book", "flops")  # benchmarks 1–7, the order ``all`` runs
+ALL = ("capture", "guided", "dual", "finetune", "memory", "book", "flops", "parallel")  # benchmarks 1–8, the order ``all`` runs
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -185,7 +192,7 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def _all(args: argparse.Namespace) -> int:
-    """Benchmarks 1–7 in turn on one profile, each with its defaults and ``--repeats``."""
+    """Benchmarks 1–8 in turn on one profile, each with its defaults and ``--repeats``."""
     profile = ["--profile", args.profile, *sum((["-p", p] for p in args.params), [])]
     codes = []
     for name in ALL:

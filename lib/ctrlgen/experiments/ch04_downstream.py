@@ -25,6 +25,7 @@ import json
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 import matplotlib.pyplot as plt
@@ -34,6 +35,7 @@ import torch
 import torch.nn.functional as F
 
 from ctrlgen import result_cache
+from ctrlgen.parallel import run_all
 from ctrlgen.analysis.bias import poor_vs_rest
 from ctrlgen.data import load_dataset
 from ctrlgen.data.records import DataError
@@ -446,11 +448,12 @@ def gan_class_samples(name: str, sets: ClassSets, dc: DownstreamConfig, cfg: Map
 def classification_generators(cfg: Mapping[str, Any], sets: ClassSets, dc: DownstreamConfig,
                               base, base_key: str, mine, mine_key: str) -> dict[str, ClassSamples]:
     """Every Table 4.2 generator's samples (or its "not run" reason), in the table's column order."""
-    rows = {"SL-StyleGAN": gan_class_samples("SL-StyleGAN", sets, dc, cfg),
-            "PGAN": gan_class_samples("PGAN", sets, dc, cfg),
-            "SD-Finetune": diffusion_class_samples("SD-Finetune", base, base_key, sets, dc, cfg),
-            "DreamBooth": diffusion_class_samples("DreamBooth", base, base_key, sets, dc, cfg),
-            "Mine-DermPrompt": diffusion_class_samples("Mine-DermPrompt", mine, mine_key, sets, dc, cfg)}
+    rows = run_all({"SL-StyleGAN": partial(gan_class_samples, "SL-StyleGAN", sets, dc, cfg),
+                    "PGAN": partial(gan_class_samples, "PGAN", sets, dc, cfg),
+                    "SD-Finetune": partial(diffusion_class_samples, "SD-Finetune", base, base_key, sets, dc, cfg),
+                    "DreamBooth": partial(diffusion_class_samples, "DreamBooth", base, base_key, sets, dc, cfg),
+                    "Mine-DermPrompt": partial(diffusion_class_samples, "Mine-DermPrompt", mine, mine_key, sets, dc, cfg)},
+                   cfg, "generators")
     return {name: rows[name] for name in CLASSIFICATION_ROWS}
 
 
@@ -529,8 +532,8 @@ def run_classification(cfg: Mapping[str, Any], sets: ClassSets, generators: Mapp
             training[name] = augment_classification(sets.train_x, sets.train_y, samples, side)
         else:
             not_run[name] = samples.not_run
-    preds = {(row, clf): classifier_predictions(cfg, clf, x, y, sets, dc, task)
-             for row, (x, y) in training.items() for clf in dc.classifiers}
+    preds = run_all({(row, clf): partial(classifier_predictions, cfg, clf, x, y, sets, dc, task)
+                     for row, (x, y) in training.items() for clf in dc.classifiers}, cfg, "classifiers")
     return ClassificationRun(preds, list(training), not_run)
 
 
@@ -794,7 +797,7 @@ def run_segmentation(cfg: Mapping[str, Any], sets: SegSets, pair_sets: Mapping[s
                      dc: DownstreamConfig, task: TaskSettings) -> SegmentationRun:
     """Every segmenter on the original and every augmented set, at both scales (PH2 at the larger scale). The same
     synthetic pairs are added at both scales (the thesis does not say how many S_1k gets: this book's choice)."""
-    scores, not_run, sizes = {}, {}, {}
+    jobs, sizes = {}, {}
     ran = [name for name, p in pair_sets.items() if p.ran]
     not_run = {name: p.not_run for name, p in pair_sets.items() if not p.ran}
     for scale, n in zip(SCALE_LABELS, dc.scales):
@@ -806,9 +809,9 @@ def run_segmentation(cfg: Mapping[str, Any], sets: SegSets, pair_sets: Mapping[s
             tx, ty = (x, y) if row == ORIGINAL else (torch.cat([x, pair_sets[row].images]),
                                                       torch.cat([y, pair_sets[row].masks]))
             for seg in dc.segmenters:
-                scores[scale, row, seg] = segmenter_scores(cfg, seg, tx, ty, sets, dc, task,
-                                                           external=scale == SCALE_LABELS[1])
-    return SegmentationRun(scores, [ORIGINAL, *ran], not_run, sizes)
+                jobs[scale, row, seg] = partial(segmenter_scores, cfg, seg, tx, ty, sets, dc, task,
+                                                external=scale == SCALE_LABELS[1])
+    return SegmentationRun(run_all(jobs, cfg, "segmenters"), [ORIGINAL, *ran], not_run, sizes)
 
 
 def table_4_5(run: SegmentationRun, dc: DownstreamConfig, columns: Sequence[str] = SEGMENTATION_ROWS) -> pd.DataFrame:

@@ -15,6 +15,7 @@ import inspect
 import json
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
+from functools import partial
 from typing import Any
 
 import numpy as np
@@ -24,6 +25,7 @@ import torch.nn.functional as F
 from transformers import AutoImageProcessor, AutoModel
 
 from ctrlgen import result_cache
+from ctrlgen.parallel import run_all
 from ctrlgen.analysis.bias import ShiftSettings, annotate, poor_subsets, shift_table
 from ctrlgen.data import load_dataset
 from ctrlgen.data.attributes import FST_GROUPS
@@ -281,19 +283,19 @@ def base_predictions(cfg: Mapping[str, Any], cc: Ch05Config, data: ToneData, ext
     ``models.weights.imagenet`` when it names them, else from scratch) finetuned once to the three groups with the
     downstream harness (cross-entropy, early stopping on the validation macro-F1: Table 5.1's metric), cached: its
     probabilities on the validation, test and ``extra`` images (the bias-analysis images the annotator labels).
-    Weights are not kept: the predictions are what the chapter uses."""
-    out = {}
+    Weights are not kept: the predictions are what the chapter uses. The six fits run ``jobs`` at a time
+    (``ctrlgen.parallel``)."""
+    jobs = {}
     for name in BASE_MODELS:
         weights = classifier_weights(cfg, name)
         parts = {"what": "ch05 skin-tone base model", "name": name, "fit": asdict(cc.tone_fit) | {"device": ""},
                  "image_size": cc.tone_image_size, "weights": str(weights or ""),
                  "data": _digest(data.train_x, data.train_y, data.val_x, data.test_x), "extra": _digest(extra),
                  "function": _source(_base_predictions)}
-        out[name] = result_cache.cached(
-            parts, lambda n=name, w=weights: _base_predictions(n, data, extra, cc.tone_image_size, cc.tone_fit,
-                                                               str(w) if w else None),
-            kind="numpy", cfg=cfg, code=["ctrlgen.downstream"])
-    return out
+        compute = partial(_base_predictions, name, data, extra, cc.tone_image_size, cc.tone_fit,
+                          str(weights) if weights else None)
+        jobs[name] = partial(result_cache.cached, parts, compute, kind="numpy", cfg=cfg, code=["ctrlgen.downstream"])
+    return run_all(jobs, cfg, "skin-tone base models")
 
 
 @dataclass

@@ -35,6 +35,7 @@ import math
 import tempfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -47,6 +48,7 @@ from torchmetrics.functional.image import peak_signal_noise_ratio, structural_si
 from transformers import AutoTokenizer, BartForConditionalGeneration
 
 from ctrlgen import result_cache
+from ctrlgen.parallel import run_all
 from ctrlgen.analysis.attribute_labels import attribute_schema
 from ctrlgen.analysis.quality_bar import AttributeClassifier, predict, train_attribute_classifier
 from ctrlgen.data import load_dataset
@@ -400,14 +402,14 @@ class VisionModels:
 
 def vision_models(cfg: Mapping[str, Any], ctx: VisionContext) -> VisionModels:
     models, keys, hist = {("vanilla", False, ""): ctx.base}, {("vanilla", False, ""): ctx.key}, {}
-    for backbone in BACKBONES:
-        for rie in (False, True):
-            trained, key = trained_backbones(cfg, ctx, backbone, rie)
-            for length in ("short", "long"):
-                k = (backbone, rie, length)
-                models[k] = load_variant(ctx, backbone, trained[length])
-                keys[k] = f"{key}-{length}"
-            hist[(backbone, rie)] = trained["history"]
+    variants = run_all({(b, rie): partial(trained_backbones, cfg, ctx, b, rie) for b in BACKBONES for rie in (False, True)},
+                       cfg, "vision variants")
+    for (backbone, rie), (trained, key) in variants.items():
+        for length in ("short", "long"):
+            k = (backbone, rie, length)
+            models[k] = load_variant(ctx, backbone, trained[length])
+            keys[k] = f"{key}-{length}"
+        hist[(backbone, rie)] = trained["history"]
     return VisionModels(models, keys, hist)
 
 
@@ -454,11 +456,13 @@ def table_6_1(cfg: Mapping[str, Any], ctx: VisionContext, vm: VisionModels, extr
     n = min(ctx.ec.n_table_6_1, len(ctx.sets.test_labels))
     labels, real = ctx.sets.test_labels[:n], pixels(ctx.sets.test_images[:n])
     rows, samples, per = {}, {}, {}
-    for k, model in vm.models.items():
+    generated = run_all({k: partial(cached_generation, cfg, ctx, "table 6.1", model, vm.keys[k], labels,
+                                    "unet" if k[0] == "vanilla" else k[0], k[1], ctx.ec.seed)
+                         for k, model in vm.models.items()}, cfg, "table 6.1 samples")
+    for k in vm.models:
         backbone, rie, length = k
         name = ("Baseline", "Vanilla LDM") if backbone == "vanilla" else row_name(ctx.ec, backbone, rie, length)
-        gen = cached_generation(cfg, ctx, "table 6.1", model, vm.keys[k], labels, "unet" if backbone == "vanilla" else backbone,
-                                rie, ctx.ec.seed)["images"]
+        gen = generated[k]["images"]
         psnr, ssim = psnr_ssim(gen, real)
         rows[name] = {"FID↓": fid(real, gen, extractor), "PSNR↑": float(psnr.mean()), "SSIM↑": float(ssim.mean())}
         samples[" / ".join(name)] = gen
@@ -518,12 +522,12 @@ def table_6_2(cfg: Mapping[str, Any], ctx: VisionContext, vm: VisionModels, clas
     real = {obs: [i for i, l in enumerate(test) if l.get(obs) == 1.0] for obs in (*TABLE_6_2, NO_FINDING)}
     real_scores = pathology_scores(classifier, ctx.sets.test_images)
     rows[("Baseline", "Original")] = auroc_row({obs: {k: v[idx] for k, v in real_scores.items()} for obs, idx in real.items()})
-    for k in vm.models:
+    unet = [k for k in vm.models if k[0] != "uvit"]   # the thesis evaluates clinical efficacy on the U-Net backbone only
+    generated = run_all({k: partial(generated_for_table_6_2, cfg, ctx, vm, k) for k in unet}, cfg, "table 6.2 samples")
+    for k in unet:
         backbone, rie, length = k
-        if backbone == "uvit":
-            continue   # the thesis evaluates clinical efficacy on the U-Net backbone only
         observations, n = (*TABLE_6_2, NO_FINDING), ctx.ec.n_per_label
-        gen = generated_for_table_6_2(cfg, ctx, vm, k)   # n images per label, one sampling call
+        gen = generated[k]   # n images per label, one sampling call
         scores = pathology_scores(classifier, gen["images"])
         by_label = {obs: {o: v[j * n:(j + 1) * n] for o, v in scores.items()} for j, obs in enumerate(observations)}
         name = ("Baseline", "Vanilla LDM") if backbone == "vanilla" else row_name(ctx.ec, backbone, rie, length, "6.2")
@@ -717,6 +721,29 @@ def prior(cfg: Mapping[str, Any], ec: Ch06Config, s1: Stage1, base, base_k: str,
     module = _prior_module(ec, inputs, targets.shape[1], raw)
     module.load_state_dict(out["state"])
     return Prior(module.eval(), out["history"], raw)
+
+
+@dataclass
+class LanguageModels:
+    """Stage 1 of the F reports per representative embedding ("mean", "bos", "eos"), of the F+I reports, and the
+    priors of Table 6.5 ("F", "F+I", "raw image", "MSE only", "cosine only")."""
+
+    stage1: dict[str, Stage1]
+    stage1_fi: Stage1
+    priors: dict[str, Prior]
+
+
+def language_models(cfg: Mapping[str, Any], ec: Ch06Config, rs: ReportSets, base, base_k: str) -> LanguageModels:
+    """Every stage-1 model, then every prior (each needs its stage 1), ``jobs`` at a time (``ctrlgen.parallel``)."""
+    stages = run_all({("F", how): partial(stage1, cfg, ec, rs, "F", how) for how in ("mean", "bos", "eos")}
+                     | {("F+I", "mean"): partial(stage1, cfg, ec, rs, "F+I", "mean")}, cfg, "stage 1")
+    f, fi = stages["F", "mean"], stages["F+I", "mean"]
+    priors = run_all({"F": partial(prior, cfg, ec, f, base, base_k, rs, "F"),
+                      "F+I": partial(prior, cfg, ec, fi, base, base_k, rs, "F+I"),
+                      "raw image": partial(prior, cfg, ec, f, base, base_k, rs, "F", raw=True),
+                      "MSE only": partial(prior, cfg, ec, f, base, base_k, rs, "F", kind="mse"),
+                      "cosine only": partial(prior, cfg, ec, f, base, base_k, rs, "F", kind="cos")}, cfg, "priors")
+    return LanguageModels({how: stages["F", how] for how in ("mean", "bos", "eos")}, fi, priors)
 
 
 def reports_for(ec: Ch06Config, s1: Stage1, pr: Prior, base, images: np.ndarray | None = None,
@@ -955,6 +982,13 @@ def baseline(cfg: Mapping[str, Any], ec: Ch06Config, cc: ClinicalConfig, base, b
     return Baseline(name, module.eval(), tok, list(rs.pair_f_train), out["history"], ec.max_new_tokens)
 
 
+def baselines(cfg: Mapping[str, Any], ec: Ch06Config, cc: ClinicalConfig, base, base_k: str, rs: ReportSets
+              ) -> dict[str, Baseline]:
+    """Every baseline of ``BASELINE_ROWS``, ``jobs`` at a time (``ctrlgen.parallel``)."""
+    return run_all({name: partial(baseline, cfg, ec, cc, base, base_k, rs, name) for name in BASELINE_ROWS}, cfg,
+                   "baselines")
+
+
 def reference_labels(texts: Sequence[str]) -> list[dict]:
     """The labeler's labels of reference reports (the thesis applies the CheXpert labeler to both sides)."""
     return label_reports(texts)
@@ -999,4 +1033,4 @@ __all__ = ["NIH_TO_CHEXPERT", "TABLE_6_2", "BACKBONES", "VARIANTS", "NO_REFERENC
            "report_sets", "Stage1", "stage1", "prior_inputs", "Prior", "prior", "reports_for", "report_row", "frame",
            "fig_6_5", "pairs_figure", "reconstruction_scores", "prompt_lengths", "reference_counts", "per_report_scores",
            "IU_PROBLEMS", "ClinicalConfig", "iu_problem_labels", "labeler_validation", "BASELINE_ROWS", "Baseline", "baseline",
-           "reference_labels", "table_6_4_labels", "generated_for_table_6_2", "table_6_4", "per_report_f1"]
+           "reference_labels", "table_6_4_labels", "LanguageModels", "language_models", "baselines", "generated_for_table_6_2", "table_6_4", "per_report_f1"]
