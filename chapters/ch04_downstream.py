@@ -113,7 +113,8 @@ run.show(ch04_downstream.class_samples_figure(generators, cls_sets), "fig_4_4_cl
 # micro F1 (= accuracy) falls below the NV share while the class-wise F1 of Table 4.3 become informative.
 # Table 4.2: micro precision, recall and F1 on the test split. Each model costs CPU
 # time per image and epoch, six training sets over: the `mini` profile trains the two cheapest (ResNet18,
-# DenseNet121: `downstream.classification.models`) on a capped number of images (`ch04_downstream.classification`),
+# DenseNet121: `downstream.classification.models`) on a capped number of images (`ch04_downstream.classification`;
+# each cap drawn class-stratified, so every class keeps its share of the split),
 # `full` all four; a classifier this profile does not train reads "not run yet". Chapter 4 trains with the harness
 # settings as they are (§4.7.2); chapter 5 overrides some of them in its own section.
 

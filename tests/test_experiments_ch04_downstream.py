@@ -289,6 +289,18 @@ def test_classification_sets_cap_the_splits_and_report_missing_classes(cfg):
         assert not missing or any(n.startswith(f"{split} split has no") for n in sets.notes)
 
 
+def test_capped_splits_keep_every_class_share():
+    # 90 NV, 8 MEL, 2 DF capped to 50: stratified shares 45 / 4 / 1 (hand-computed: 50 x 0.9, 0.08, 0.02)
+    labels = np.array(["nv"] * 90 + ["mel"] * 8 + ["df"] * 2, dtype=object)
+    keep, how = d.capped_indices(labels, 50, seed=0)
+    assert how == "a class-stratified" and len(keep) == 50 and list(keep) == sorted(set(keep))
+    assert pd.Series(labels[keep]).value_counts().to_dict() == {"nv": 45, "mel": 4, "df": 1}
+    assert list(d.capped_indices(labels, 50, seed=0)[0]) == list(keep)          # the seed decides
+    # a class with one image cannot be stratified: a plain random draw, said so
+    keep, how = d.capped_indices(np.array(["nv"] * 9 + ["df"], dtype=object), 5, seed=0)
+    assert how == "a random" and len(keep) == 5
+
+
 def test_training_free_rows_need_didgen_masks(cfg, dc):
     row = d.training_free_pairs("Zestguide", None, "k", PairSet("Mine", None, None, NotRun("failed")), cfg, dc, 2)
     assert not row.ran and "DiDGen" in row.not_run.reason

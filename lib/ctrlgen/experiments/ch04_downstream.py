@@ -33,6 +33,7 @@ import numpy as np
 import pandas as pd
 import torch
 import torch.nn.functional as F
+from sklearn.model_selection import train_test_split
 
 from ctrlgen import result_cache
 from ctrlgen.parallel import run_all
@@ -221,6 +222,18 @@ def _split_arrays(ds, side: int) -> dict[str, tuple[torch.Tensor, np.ndarray]]:
     return out
 
 
+def capped_indices(labels: np.ndarray, cap: int, seed: int) -> tuple[np.ndarray, str]:
+    """``cap`` indices of ``labels`` (sorted) drawn stratified by class — every class keeps its share, rounded, so a
+    rare class (HAM10000's DF: 1.1%) is not lost to a random draw — and how they were drawn. scikit-learn's
+    ``train_test_split(stratify=...)`` needs two images of every class; with fewer it is a plain random draw."""
+    index = np.arange(len(labels))
+    counts = pd.Series(labels).value_counts()
+    if counts.min() >= 2 and cap >= len(counts):
+        keep, _ = train_test_split(index, train_size=cap, stratify=labels, random_state=seed)
+        return np.sort(keep), "a class-stratified"
+    return np.sort(np.random.default_rng(seed).permutation(len(labels))[:cap]), "a random"
+
+
 def classification_sets(cfg: Mapping[str, Any], dc: DownstreamConfig, side: int) -> ClassSets:
     """HAM10000 for classification: DermaMNIST (HAM10000's 10,015 images at 28 px with DermaMNIST's own split) when
     the data root holds it, else the procedural world's HAM10000 layout; images at ``side`` pixels. External set:
@@ -235,9 +248,9 @@ def classification_sets(cfg: Mapping[str, Any], dc: DownstreamConfig, side: int)
     parts = _split_arrays(ds, side)
     for split, cap in (("train", dc.max_train_images), ("val", dc.max_eval_images), ("test", dc.max_eval_images)):
         if cap and len(parts[split][1]) > cap:
-            keep = np.sort(np.random.default_rng(dc.seed).permutation(len(parts[split][1]))[:cap])
+            keep, how = capped_indices(parts[split][1], cap, dc.seed)
             parts[split] = (parts[split][0][keep], parts[split][1][keep])
-            notes.append(f"{split} images: a random {cap} of the split (the profile's cap)")
+            notes.append(f"{split} images: {how} {cap} of the split (the profile's cap)")
     consequence = {"train": "no generator can learn them: they get no synthetic images",
                    "val": "early stopping does not see them",
                    "test": "their F1 is 0 by definition (scikit-learn zero_division=0) and says nothing"}
@@ -1037,7 +1050,7 @@ def record_claims(run: Any, crun: Any, srun: Any, cls_sets: Any, dc: Any, seeds:
 __all__ = ["record_claims", "HAM", "MINORITY", "CLASSIFICATION_ROWS", "SEGMENTATION_ROWS", "ORIGINAL", "NO_CA", "WITH_CA",
            "SCALE_LABELS",
            "NotRun", "DownstreamConfig", "ClassSets", "classification_sets", "ClassSamples", "class_prompt",
-           "diffusion_class_samples", "gan_class_samples", "classification_generators", "present_classes", "Prior",
+           "capped_indices", "diffusion_class_samples", "gan_class_samples", "classification_generators", "present_classes", "Prior",
            "augment_classification",
            "classifier_predictions", "ClassificationRun", "run_classification", "table_4_2", "table_4_3", "table_4_4",
            "correct", "SegSets", "segmentation_sets", "PairSet", "didgen_pair_set", "training_free_pairs",
