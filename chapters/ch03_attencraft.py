@@ -85,6 +85,18 @@ masks_t
 run.show(ch03_attencraft.mask_figure(scenes, stage[default]), "fig_3_8_masks")
 
 # %% [markdown]
+# Stage I can only sharpen what the identifier tokens' cross-attention already holds. The table says, for each
+# token, where its map sits at Stage I's timestep: inside its concept's true mask, inside the other concept's, or on
+# the background. A token whose attention is highest on the background (or on the other concept) gets an empty or
+# wrong mask under every variant above: that is a property of the base model — how well its bare class words
+# localize — not of Eq. (3.2)–(3.3) (the thesis reads its masks off SD 2.1, whose class words localize).
+
+# %%
+token_attention = ch03_attencraft.token_attention_table(scenes, stage)
+run.log_table("ch03.stage1_token_attention", token_attention)
+token_attention
+
+# %% [markdown]
 # ## Adaptive sampling ratios (Eq. 3.4–3.5)
 #
 # With normalised scores S̄ (summing to 1), Eq. (3.5)'s two ratios differ by at most tanh(1/2) ≈ 0.46, so the

@@ -94,3 +94,23 @@ def test_the_chapter_runs_on_smoke_and_records_every_claim(tmp_path):
     want = {c.id for c in load_ledger() if c.registers("ch03_attencraft")}
     assert want and want <= set(held)
     assert {"3.1", "3.2", "3.3", "3.6"} <= set(record["metrics"])
+
+
+def test_token_attention_table_says_where_each_token_looks():
+    """Hand case on a 4x4 map: concept 0's mask is the top-left 2x2, concept 1's the bottom-right 2x2. Token 0
+    puts 0.5 on its mask and 0.1 elsewhere (localizes); token 1 puts 0.4 on the background and 0.2 on both masks
+    (does not)."""
+    from types import SimpleNamespace
+
+    masks = np.zeros((2, 4, 4), bool)
+    masks[0, :2, :2] = masks[1, 2:, 2:] = True
+    cross = torch.full((2, 4, 4), 0.1)
+    cross[0, :2, :2] = 0.5
+    cross[1] = 0.4
+    cross[1][torch.from_numpy(masks.any(0))] = 0.2
+    scene = ch3.Scene("01_a_and_b", np.zeros((4, 4, 3), np.uint8), masks, ("circle", "square"), ("red", "blue"))
+    table = ch3.token_attention_table([scene], {"selfattn": [{"stage": SimpleNamespace(cross=cross)}]})
+    row0, row1 = table.loc[("selfattn", "01_a_and_b", "circle")], table.loc[("selfattn", "01_a_and_b", "square")]
+    assert (row0["own mask"], row0["other concepts"], row0["background"]) == pytest.approx((0.5, 0.1, 0.1))
+    assert bool(row0["localizes"]) and not bool(row1["localizes"])
+    assert (row1["own mask"], row1["other concepts"], row1["background"]) == pytest.approx((0.2, 0.2, 0.4))

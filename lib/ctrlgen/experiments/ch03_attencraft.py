@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from transformers import AutoImageProcessor, AutoModel, CLIPModel, CLIPProcessor
 
 from ctrlgen import result_cache
-from ctrlgen.attention.maps import normalize_minmax
+from ctrlgen.attention.maps import normalize_minmax, resize_maps
 from ctrlgen.data import load_multiconcept
 from ctrlgen.data.imageio import read_image, read_mask
 from ctrlgen.data.worlds.multiconcept import COLOURS, Concept, render_scene
@@ -228,6 +228,26 @@ def mask_table(results: Mapping[str, Mapping[str, Any]]) -> pd.DataFrame:
     rows = {v: {name: float(np.mean(np.concatenate([r["iou"][name] for r in res])))
                 for name in MASK_ABLATIONS} for v, res in results.items()}
     return pd.DataFrame(rows).T.rename_axis("base model")
+
+
+def token_attention_table(scenes: Sequence[Scene], results: Mapping[str, Sequence[Mapping[str, Any]]]) -> pd.DataFrame:
+    """Where each identifier token's Stage I cross-attention sits, per base model, dataset and concept: its mean
+    inside the concept's true mask, inside the other concepts' masks and on the background (masks resized by area to
+    the map's side, > 0.5), and whether it localizes (own > both). A token that does not localize cannot get a mask
+    from any refinement of its map: the diagnosis behind a low Stage I IoU."""
+    rows = []
+    for variant, per_scene in results.items():
+        for scene, res in zip(scenes, per_scene):
+            cross = res["stage"].cross
+            truth = resize_maps(torch.from_numpy(scene.masks).float(), cross.shape[-1], mode="area") > 0.5
+            background = ~truth.any(0)
+            for k, name in enumerate(scene.class_names):
+                others = truth[[j for j in range(len(truth)) if j != k]].any(0)
+                own, other, bg = (float(cross[k][m].mean()) if m.any() else float("nan")
+                                  for m in (truth[k], others, background))
+                rows.append({"base model": variant, "dataset": scene.name, "concept": name, "own mask": own,
+                             "other concepts": other, "background": bg, "localizes": own > max(other, bg)})
+    return pd.DataFrame(rows).set_index(["base model", "dataset", "concept"])
 
 
 def mask_figure(scenes: Sequence[Scene], results: Sequence[Mapping[str, Any]]):
@@ -641,7 +661,7 @@ def init_scores(base, scene: Scene, cc: Ch3Config, general: str) -> dict[str, np
 
 __all__ = ["METHODS", "Ch3Config", "Scene", "load_scenes", "THREE_CONCEPTS", "SAME_CLASS_CONCEPTS", "three_concept_scene",
            "same_class_scene", "base_model",
-           "variants", "default_name", "latent_of", "MASK_ABLATIONS", "stage_one_masks", "mask_table", "mask_figure", "ratio_table",
+           "variants", "default_name", "latent_of", "MASK_ABLATIONS", "stage_one_masks", "mask_table", "token_attention_table", "mask_figure", "ratio_table",
            "Trial", "trial_settings", "finetune", "customized", "Extractors", "extractors", "colour_share", "prompts_for",
            "sample_trial", "class_prompts", "score_samples", "step_time_ratio", "sync", "summary", "Evaluated", "evaluate_arm", "arm_table", "sweep", "best",
            "samples_figure", "attention_figure", "loss_curves", "init_scores"]
