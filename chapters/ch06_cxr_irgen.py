@@ -181,7 +181,8 @@ run.note(f"language module: IU X-ray {rs.iu_source}; pairs from {rs.world_source
 rs.counts
 
 # %%
-language = ch06.language_models(cfg, ec, rs, base, ctx.key)
+cc = ch06.ClinicalConfig.from_profile(cfg)   # the clinical section's settings; its baselines train beside the priors
+language = ch06.language_models(cfg, ec, rs, base, ctx.key, cc)
 s1, s1_fi, priors = language.stage1, language.stage1_fi, language.priors
 
 # %% [markdown]
@@ -226,7 +227,6 @@ final
 # the real labeler gives, so its exact agreement there is below 1 by design).
 
 # %%
-cc = ch06.ClinicalConfig.from_profile(cfg)
 validation = ch06.labeler_validation(cfg, cc)
 for line in validation["notes"]:
     print(line)
@@ -254,7 +254,7 @@ validation["world"].round(3)
 # Sizes and steps: `ch06.baselines` (the book's). Every baseline is stored by content.
 
 # %%
-baselines = ch06.baselines(cfg, ec, cc, base, ctx.key, rs)
+baselines = language.baselines   # trained beside the priors (ch06.language_models)
 test_inputs = ch06.prior_inputs(base, rs.pair_images_test, raw=False)
 hyps = {name: ch06.reports_for(ec, s1_fi if name == "F+I" else s1["mean"], pr, base, images=rs.pair_images_test)
         for name, pr in priors.items()}

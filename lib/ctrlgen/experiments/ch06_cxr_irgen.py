@@ -725,25 +725,34 @@ def prior(cfg: Mapping[str, Any], ec: Ch06Config, s1: Stage1, base, base_k: str,
 
 @dataclass
 class LanguageModels:
-    """Stage 1 of the F reports per representative embedding ("mean", "bos", "eos"), of the F+I reports, and the
-    priors of Table 6.5 ("F", "F+I", "raw image", "MSE only", "cosine only")."""
+    """Stage 1 of the F reports per representative embedding ("mean", "bos", "eos"), of the F+I reports, the
+    priors of Table 6.5 ("F", "F+I", "raw image", "MSE only", "cosine only") and, when asked for, the baselines of
+    Tables 6.3–6.4 (``BASELINE_ROWS``)."""
 
     stage1: dict[str, Stage1]
     stage1_fi: Stage1
     priors: dict[str, Prior]
+    baselines: dict[str, Baseline] = field(default_factory=dict)
 
 
-def language_models(cfg: Mapping[str, Any], ec: Ch06Config, rs: ReportSets, base, base_k: str) -> LanguageModels:
-    """Every stage-1 model, then every prior (each needs its stage 1), ``jobs`` at a time (``ctrlgen.parallel``)."""
+def language_models(cfg: Mapping[str, Any], ec: Ch06Config, rs: ReportSets, base, base_k: str,
+                    cc: ClinicalConfig | None = None) -> LanguageModels:
+    """Every stage-1 model, then every prior (each needs its stage 1) and, with ``cc``, every baseline (they need
+    none: they share the priors' wave so that both cores stay busy), ``jobs`` at a time (``ctrlgen.parallel``)."""
     stages = run_all({("F", how): partial(stage1, cfg, ec, rs, "F", how) for how in ("mean", "bos", "eos")}
                      | {("F+I", "mean"): partial(stage1, cfg, ec, rs, "F+I", "mean")}, cfg, "stage 1")
     f, fi = stages["F", "mean"], stages["F+I", "mean"]
-    priors = run_all({"F": partial(prior, cfg, ec, f, base, base_k, rs, "F"),
-                      "F+I": partial(prior, cfg, ec, fi, base, base_k, rs, "F+I"),
-                      "raw image": partial(prior, cfg, ec, f, base, base_k, rs, "F", raw=True),
-                      "MSE only": partial(prior, cfg, ec, f, base, base_k, rs, "F", kind="mse"),
-                      "cosine only": partial(prior, cfg, ec, f, base, base_k, rs, "F", kind="cos")}, cfg, "priors")
-    return LanguageModels({how: stages["F", how] for how in ("mean", "bos", "eos")}, fi, priors)
+    jobs = {"F": partial(prior, cfg, ec, f, base, base_k, rs, "F"),
+            "F+I": partial(prior, cfg, ec, fi, base, base_k, rs, "F+I"),
+            "raw image": partial(prior, cfg, ec, f, base, base_k, rs, "F", raw=True),
+            "MSE only": partial(prior, cfg, ec, f, base, base_k, rs, "F", kind="mse"),
+            "cosine only": partial(prior, cfg, ec, f, base, base_k, rs, "F", kind="cos")}
+    rows = list(BASELINE_ROWS) if cc is not None else []
+    jobs |= {("baseline", name): partial(baseline, cfg, ec, cc, base, base_k, rs, name) for name in rows}
+    done = run_all(jobs, cfg, "priors and baselines" if rows else "priors")
+    return LanguageModels({how: stages["F", how] for how in ("mean", "bos", "eos")}, fi,
+                          {k: v for k, v in done.items() if not isinstance(k, tuple)},
+                          {name: done["baseline", name] for name in rows})
 
 
 def reports_for(ec: Ch06Config, s1: Stage1, pr: Prior, base, images: np.ndarray | None = None,
