@@ -78,3 +78,20 @@ def test_job_count_follows_the_profile_the_environment_and_the_machine(cfg, monk
 def test_the_profile_refuses_zero_jobs():
     with pytest.raises(ConfigError, match="jobs"):
         load_profile("smoke", {"jobs": 0})
+
+
+def test_a_worker_that_dies_or_reports_a_long_error_does_not_hang_the_caller(cfg):
+    """A traceback longer than a pipe's buffer (64 KiB) must not deadlock the worker against the caller, and a worker
+    killed without reporting is seen as failed; both jobs then run here and raise their own errors."""
+    def long_error():
+        raise ValueError("x" * 200_000)
+
+    def dies():
+        if parallel._IN_WORKER:
+            os._exit(3)   # killed without a word, as the OOM killer would
+        raise RuntimeError("died in its worker")
+
+    with pytest.warns(RuntimeWarning, match="failed in its worker"), pytest.raises(ValueError, match="xxxx"):
+        parallel.run_all({"long": long_error, "other": long_error}, cfg)
+    with pytest.warns(RuntimeWarning, match="died before reporting"), pytest.raises(RuntimeError, match="died"):
+        parallel.run_all({"dies": dies, "again": dies}, cfg)

@@ -103,22 +103,27 @@ def _fill_cache(jobs: list[tuple[Any, Callable[[], Any]]], workers: int, desc: s
                 receive, send = context.Pipe(duplex=False)
                 process = context.Process(target=_work, args=(job, send), name=f"ctrlgen-job-{key}")
                 process.start()
-                send.close()
-                running[process.sentinel] = (key, process, receive)
+                send.close()  # the worker holds the only sending end: its death reads as end-of-file here
+                running[receive] = (key, process)
             if not running:
                 break
-            for sentinel in wait(list(running)):
-                key, process, receive = running.pop(sentinel)
-                process.join()
-                error = receive.recv() if receive.poll() else f"the worker exited with code {process.exitcode}"
+            # wait on the pipes, not on the processes: a worker blocks on sending a long traceback until it is read
+            for receive in wait(list(running)):
+                key, process = running.pop(receive)
+                try:
+                    error = receive.recv()
+                except EOFError:
+                    error = "the worker died before reporting"
                 receive.close()
+                process.join()
                 if error:
                     failed.append(key)
-                    warnings.warn(f"{desc}: job {key!r} failed in its worker; it runs again in this process "
-                                  f"(its error follows there). Worker said:\n{error}", RuntimeWarning, stacklevel=3)
+                    warnings.warn(f"{desc}: job {key!r} failed in its worker (exit code {process.exitcode}); it runs "
+                                  f"again in this process (its error follows there). Worker said:\n{error}",
+                                  RuntimeWarning, stacklevel=3)
                 bar.update(1)
     finally:
-        for _, process, _ in running.values():
+        for _, process in running.values():
             process.terminate()
         bar.close()
 
