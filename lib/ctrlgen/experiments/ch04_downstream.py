@@ -36,7 +36,6 @@ import torch.nn.functional as F
 from sklearn.model_selection import train_test_split
 
 from ctrlgen import result_cache
-from ctrlgen.parallel import run_all
 from ctrlgen.analysis.bias import poor_vs_rest
 from ctrlgen.data import load_dataset
 from ctrlgen.data.records import DataError
@@ -59,6 +58,7 @@ from ctrlgen.methods.baselines.attention_refocusing import RefocusConfig, refocu
 from ctrlgen.methods.baselines.dreambooth import generate_class_images
 from ctrlgen.methods.baselines.zestguide import ZestGuideConfig, zestguide_refiner
 from ctrlgen.models.tokens import locate_tokens
+from ctrlgen.parallel import run_all
 from ctrlgen.sampling import text_to_image
 from ctrlgen.thesis.claims import record_claim
 from ctrlgen.training import select_trainable, train_config_from, train_diffusion

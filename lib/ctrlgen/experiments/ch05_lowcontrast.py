@@ -25,7 +25,6 @@ import torch.nn.functional as F
 from transformers import AutoImageProcessor, AutoModel
 
 from ctrlgen import result_cache
-from ctrlgen.parallel import run_all
 from ctrlgen.analysis.bias import ShiftSettings, annotate, poor_subsets, shift_table
 from ctrlgen.data import load_dataset
 from ctrlgen.data.attributes import FST_GROUPS
@@ -62,6 +61,7 @@ from ctrlgen.methods.dual_branch import (
 from ctrlgen.methods.dual_branch import targets as dual_branch_targets
 from ctrlgen.metrics.image import fid as fid_score
 from ctrlgen.models.registry import weight_path
+from ctrlgen.parallel import run_all
 from ctrlgen.sampling import decode_images, sample
 from ctrlgen.downstream.train import (FitSettings, TaskSettings, predict_masks, predict_proba, settings,
                                       train_classifier, train_segmenter)

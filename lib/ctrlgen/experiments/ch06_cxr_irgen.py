@@ -48,7 +48,6 @@ from torchmetrics.functional.image import peak_signal_noise_ratio, structural_si
 from transformers import AutoTokenizer, BartForConditionalGeneration
 
 from ctrlgen import result_cache
-from ctrlgen.parallel import run_all
 from ctrlgen.analysis.attribute_labels import attribute_schema
 from ctrlgen.analysis.quality_bar import AttributeClassifier, predict, train_attribute_classifier
 from ctrlgen.data import load_dataset
@@ -71,6 +70,7 @@ from ctrlgen.metrics.chexpert_labeler import agreement, clinical_scores, label_r
 from ctrlgen.metrics.image import fid
 from ctrlgen.metrics.report import BLEU_NAMES, nlg_scores, per_report_scores
 from ctrlgen.models import load_base_model
+from ctrlgen.parallel import run_all
 from ctrlgen.paths import data_root
 from ctrlgen.runtime import resolve_device
 from ctrlgen.thesis import thesis_frame
