@@ -32,6 +32,7 @@ import resource
 import statistics
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -461,8 +462,7 @@ def _classifier_job(cfg, arm: str, repeat: int, seed: int, n: int, epochs: int) 
     ``epochs`` epochs without early stopping) on ``n`` random images: what chapters 4 and 5 run many of."""
     name = str(cfg.downstream.classification.models[0])
     side = int(cfg.downstream.classification.image_size)
-    fit = FitSettings.from_profile(cfg, "classification")
-    fit = FitSettings(**{**fit.__dict__, "max_epochs": epochs, "patience": epochs, "seed": seed, "progress": False})
+    fit = replace(FitSettings.from_profile(cfg, "classification"), max_epochs=epochs, patience=epochs, seed=seed)
 
     def compute() -> dict[str, Any]:
         rng = np.random.default_rng(seed)

@@ -726,19 +726,19 @@ def prior(cfg: Mapping[str, Any], ec: Ch06Config, s1: Stage1, base, base_k: str,
 @dataclass
 class LanguageModels:
     """Stage 1 of the F reports per representative embedding ("mean", "bos", "eos"), of the F+I reports, the
-    priors of Table 6.5 ("F", "F+I", "raw image", "MSE only", "cosine only") and, when asked for, the baselines of
-    Tables 6.3–6.4 (``BASELINE_ROWS``)."""
+    priors of Table 6.5 ("F", "F+I", "raw image", "MSE only", "cosine only") and the baselines of Tables 6.3–6.4
+    (``BASELINE_ROWS``)."""
 
     stage1: dict[str, Stage1]
     stage1_fi: Stage1
     priors: dict[str, Prior]
-    baselines: dict[str, Baseline] = field(default_factory=dict)
+    baselines: dict[str, Baseline]
 
 
 def language_models(cfg: Mapping[str, Any], ec: Ch06Config, rs: ReportSets, base, base_k: str,
-                    cc: ClinicalConfig | None = None) -> LanguageModels:
-    """Every stage-1 model, then every prior (each needs its stage 1) and, with ``cc``, every baseline (they need
-    none: they share the priors' wave so that both cores stay busy), ``jobs`` at a time (``ctrlgen.parallel``)."""
+                    cc: ClinicalConfig) -> LanguageModels:
+    """Every stage-1 model, then every prior (each needs its stage 1) and every baseline (they need none: they share
+    the priors' wave so that both cores stay busy), ``jobs`` at a time (``ctrlgen.parallel``)."""
     stages = run_all({("F", how): partial(stage1, cfg, ec, rs, "F", how) for how in ("mean", "bos", "eos")}
                      | {("F+I", "mean"): partial(stage1, cfg, ec, rs, "F+I", "mean")}, cfg, "stage 1")
     f, fi = stages["F", "mean"], stages["F+I", "mean"]
@@ -747,12 +747,11 @@ def language_models(cfg: Mapping[str, Any], ec: Ch06Config, rs: ReportSets, base
             "raw image": partial(prior, cfg, ec, f, base, base_k, rs, "F", raw=True),
             "MSE only": partial(prior, cfg, ec, f, base, base_k, rs, "F", kind="mse"),
             "cosine only": partial(prior, cfg, ec, f, base, base_k, rs, "F", kind="cos")}
-    rows = list(BASELINE_ROWS) if cc is not None else []
-    jobs |= {("baseline", name): partial(baseline, cfg, ec, cc, base, base_k, rs, name) for name in rows}
-    done = run_all(jobs, cfg, "priors and baselines" if rows else "priors")
+    jobs |= {("baseline", name): partial(baseline, cfg, ec, cc, base, base_k, rs, name) for name in BASELINE_ROWS}
+    done = run_all(jobs, cfg, "priors and baselines")
     return LanguageModels({how: stages["F", how] for how in ("mean", "bos", "eos")}, fi,
                           {k: v for k, v in done.items() if not isinstance(k, tuple)},
-                          {name: done["baseline", name] for name in rows})
+                          {name: done["baseline", name] for name in BASELINE_ROWS})
 
 
 def reports_for(ec: Ch06Config, s1: Stage1, pr: Prior, base, images: np.ndarray | None = None,
@@ -991,13 +990,6 @@ def baseline(cfg: Mapping[str, Any], ec: Ch06Config, cc: ClinicalConfig, base, b
     return Baseline(name, module.eval(), tok, list(rs.pair_f_train), out["history"], ec.max_new_tokens)
 
 
-def baselines(cfg: Mapping[str, Any], ec: Ch06Config, cc: ClinicalConfig, base, base_k: str, rs: ReportSets
-              ) -> dict[str, Baseline]:
-    """Every baseline of ``BASELINE_ROWS``, ``jobs`` at a time (``ctrlgen.parallel``)."""
-    return run_all({name: partial(baseline, cfg, ec, cc, base, base_k, rs, name) for name in BASELINE_ROWS}, cfg,
-                   "baselines")
-
-
 def reference_labels(texts: Sequence[str]) -> list[dict]:
     """The labeler's labels of reference reports (the thesis applies the CheXpert labeler to both sides)."""
     return label_reports(texts)
@@ -1042,4 +1034,4 @@ __all__ = ["NIH_TO_CHEXPERT", "TABLE_6_2", "BACKBONES", "VARIANTS", "NO_REFERENC
            "report_sets", "Stage1", "stage1", "prior_inputs", "Prior", "prior", "reports_for", "report_row", "frame",
            "fig_6_5", "pairs_figure", "reconstruction_scores", "prompt_lengths", "reference_counts", "per_report_scores",
            "IU_PROBLEMS", "ClinicalConfig", "iu_problem_labels", "labeler_validation", "BASELINE_ROWS", "Baseline", "baseline",
-           "reference_labels", "table_6_4_labels", "LanguageModels", "language_models", "baselines", "generated_for_table_6_2", "table_6_4", "per_report_f1"]
+           "reference_labels", "table_6_4_labels", "LanguageModels", "language_models", "generated_for_table_6_2", "table_6_4", "per_report_f1"]
