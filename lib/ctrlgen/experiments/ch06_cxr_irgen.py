@@ -70,7 +70,7 @@ from ctrlgen.metrics.chexpert_labeler import agreement, clinical_scores, label_r
 from ctrlgen.metrics.image import fid
 from ctrlgen.metrics.report import BLEU_NAMES, nlg_scores, per_report_scores
 from ctrlgen.models import load_base_model
-from ctrlgen.parallel import run_all
+from ctrlgen.parallel import one_thread, run_all
 from ctrlgen.paths import data_root
 from ctrlgen.runtime import resolve_device
 from ctrlgen.thesis import thesis_frame
@@ -707,12 +707,11 @@ class Prior:
     raw: bool
 
 
-def prior(cfg: Mapping[str, Any], ec: Ch06Config, s1: Stage1, base, base_k: str, rs: ReportSets, variant: str,
-          kind: str = "mse+cos", raw: bool = False) -> Prior:
-    """Stage-2 prior for ``variant`` trained with loss ``kind`` on latents (or raw pixels), stored by content."""
-    texts = rs.pair_f_train if variant == "F" else rs.pair_fi_train
-    inputs = prior_inputs(base, rs.pair_images_train, raw)
-    targets = lm.encode_reports(s1.model, s1.tokenizer, texts, s1.how)
+def prior(cfg: Mapping[str, Any], ec: Ch06Config, base_k: str, rs: ReportSets, variant: str, inputs: torch.Tensor,
+          targets: torch.Tensor, kind: str = "mse+cos", raw: bool = False) -> Prior:
+    """Stage-2 prior for ``variant`` trained with loss ``kind`` from ``inputs`` (``prior_inputs``: latents or raw
+    pixels of the training pairs) to ``targets`` (stage 1's representative embeddings of their reports), stored by
+    content. The caller computes both once for every prior that shares them (``language_models``)."""
     parts = {"what": "ch06 prior", "variant": variant, "kind": kind, "raw": raw, "base": base_k, "data": rs.fingerprint,
              "stage1": hashlib.sha256(targets.numpy().tobytes()).hexdigest()[:16], "seed": ec.seed,
              "prior": [ec.prior_width, ec.prior_depth, ec.prior_heads, ec.prior_steps, ec.prior_batch, ec.prior_lr, ec.prior_lambda],
@@ -742,12 +741,19 @@ def language_models(cfg: Mapping[str, Any], ec: Ch06Config, rs: ReportSets, base
     stages = run_all({("F", how): partial(stage1, cfg, ec, rs, "F", how) for how in ("mean", "bos", "eos")}
                      | {("F+I", "mean"): partial(stage1, cfg, ec, rs, "F+I", "mean")}, cfg, "stage 1")
     f, fi = stages["F", "mean"], stages["F+I", "mean"]
-    jobs = {"F": partial(prior, cfg, ec, f, base, base_k, rs, "F"),
-            "F+I": partial(prior, cfg, ec, fi, base, base_k, rs, "F+I"),
-            "raw image": partial(prior, cfg, ec, f, base, base_k, rs, "F", raw=True),
-            "MSE only": partial(prior, cfg, ec, f, base, base_k, rs, "F", kind="mse"),
-            "cosine only": partial(prior, cfg, ec, f, base, base_k, rs, "F", kind="cos")}
-    jobs |= {("baseline", name): partial(baseline, cfg, ec, cc, base, base_k, rs, name) for name in BASELINE_ROWS}
+    # Encoded once here, not in each job (a job's work before its cache lookup runs twice: worker, then caller),
+    # on one thread as the jobs themselves, so that the trained priors do not depend on the machine's cores.
+    with one_thread(resolve_device(cfg) == "cpu"):
+        latents, pixels_in = (prior_inputs(base, rs.pair_images_train, raw) for raw in (False, True))
+        targets_f = lm.encode_reports(f.model, f.tokenizer, rs.pair_f_train, f.how)
+        targets_fi = lm.encode_reports(fi.model, fi.tokenizer, rs.pair_fi_train, fi.how)
+    f_prior = partial(prior, cfg, ec, base_k, rs, "F", targets=targets_f)
+    jobs = {"F": partial(f_prior, latents),
+            "F+I": partial(prior, cfg, ec, base_k, rs, "F+I", latents, targets_fi),
+            "raw image": partial(f_prior, pixels_in, raw=True),
+            "MSE only": partial(f_prior, latents, kind="mse"),
+            "cosine only": partial(f_prior, latents, kind="cos")}
+    jobs |= {("baseline", name): partial(baseline, cfg, ec, cc, base_k, rs, name, latents) for name in BASELINE_ROWS}
     done = run_all(jobs, cfg, "priors and baselines")
     return LanguageModels({how: stages["F", how] for how in ("mean", "bos", "eos")}, fi,
                           {k: v for k, v in done.items() if not isinstance(k, tuple)},
@@ -973,11 +979,10 @@ class Baseline:
         return captioning.write(self.module, self.tokenizer, inputs, self.max_new_tokens)
 
 
-def baseline(cfg: Mapping[str, Any], ec: Ch06Config, cc: ClinicalConfig, base, base_k: str, rs: ReportSets,
-             name: str) -> Baseline:
-    """Baseline ``name`` trained on the world's training pairs (findings; their latents, as CXR-IRGen's prior),
-    stored by content. The report vocabulary is the word-level one of stage 1 (F); on full, bart-base's."""
-    inputs = prior_inputs(base, rs.pair_images_train, raw=False)
+def baseline(cfg: Mapping[str, Any], ec: Ch06Config, cc: ClinicalConfig, base_k: str, rs: ReportSets,
+             name: str, inputs: torch.Tensor) -> Baseline:
+    """Baseline ``name`` trained on the world's training pairs (findings; their latents ``inputs``, as CXR-IRGen's
+    prior), stored by content. The report vocabulary is the word-level one of stage 1 (F); on full, bart-base's."""
     tok = report_tokenizer(ec, rs.stage1_f)
     parts = {"what": "ch06 baseline", "name": name, "base": base_k, "data": rs.fingerprint, "seed": ec.seed,
              "settings": [cc.d_model, cc.layers, cc.heads, cc.ffn, cc.slots, cc.patch_size, cc.steps, cc.batch_size,
