@@ -77,7 +77,9 @@ pd.DataFrame([{"dataset": s.name, "classes": " & ".join(s.class_names), "colours
 
 # %%
 stage = {v: [ch03_attencraft.stage_one_masks(m, s, cc.mask, cc.seed) for s in scenes] for v, m in bases.items()}
-masks_t = ch03_attencraft.mask_table(stage)
+before = ch03_attencraft.stage_a_models(cfg)  # mini: the same models before word alignment (chapter 2)
+stage_before = {v: [ch03_attencraft.stage_one_masks(m, s, cc.mask, cc.seed) for s in scenes] for v, m in before.items()}
+masks_t = ch03_attencraft.mask_table(stage | stage_before)
 run.log_table("ch03.fig_3_8_mask_iou", masks_t)
 masks_t
 
@@ -92,7 +94,7 @@ run.show(ch03_attencraft.mask_figure(scenes, stage[default]), "fig_3_8_masks")
 # localize — not of Eq. (3.2)–(3.3) (the thesis reads its masks off SD 2.1, whose class words localize).
 
 # %%
-token_attention = ch03_attencraft.token_attention_table(scenes, stage)
+token_attention = ch03_attencraft.token_attention_table(scenes, stage | stage_before)
 run.log_table("ch03.stage1_token_attention", token_attention)
 token_attention
 

@@ -13,7 +13,8 @@ from __future__ import annotations
 import inspect
 import math
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 import matplotlib.pyplot as plt
@@ -32,7 +33,9 @@ from ctrlgen.data.caption_labels import with_complete_captions
 from ctrlgen.data.domains import DomainData
 from ctrlgen.data.tensors import image_tensor
 from ctrlgen.experiments import base_models
+from ctrlgen.experiments.base_models import word_alignment
 from ctrlgen.experiments.base_models.bar import model_bar
+from ctrlgen.parallel import run_all
 from ctrlgen.metrics.distribution import sliced_wasserstein
 from ctrlgen.metrics.overlap import iou
 from ctrlgen.progress import tqdm
@@ -341,6 +344,7 @@ class BaseModels:
 
     datas: dict[str, DomainData]
     results: dict[str, dict[str, Any]]
+    aligned: dict[str, dict[str, Any]] = field(default_factory=dict)  # scenes variant -> its stage-B record
 
     def describe(self) -> str:
         """One line per domain (images, source), with the data's notes beneath when it has any."""
@@ -356,13 +360,36 @@ def pretrain_base_models(cfg: Mapping[str, Any]) -> BaseModels:
     """Train (or load from the cache) every variant of every domain's mini base model. The data kept for the
     chapter's measurements carry complete captions (``data.caption_labels``): prompts and labels that name
     every attribute, while the models trained on the captions as written."""
-    datas, results = {}, {}
+    datas, results, aligned = {}, {}, {}
     for domain in base_models.DOMAINS:
         data = base_models.load_domain_data(cfg, domain)
         results[domain] = {v: base_models.pretrain_domain(cfg, domain, v == "selfattn", progress=False, data=data)
                            for v in base_models.available_variants(cfg, domain)}
         datas[domain] = with_complete_captions(cfg, data)
-    return BaseModels(datas, results)
+        if domain == word_alignment.DOMAIN:
+            aligned = run_all({v: partial(word_alignment.align_words, cfg, v, False, data) for v in results[domain]},
+                              cfg, "word alignment")
+    return BaseModels(datas, results, aligned)
+
+
+ALIGNED = " + words"  # label of a scenes variant after its stage B (``base_models.word_alignment``)
+
+
+def word_alignment_table(base: BaseModels) -> SplitTable:
+    """Per scenes variant: stage B's steps and its last-50-step mean L_rec and L_attn (the alignment loss, Eq. 4.5)
+    against the first 50 steps'; the training wall time as a timing."""
+    index = pd.Index([f"{v}{ALIGNED}" for v in base.aligned], name="variant")
+
+    def mean(history: list[dict], key: str, last: bool) -> float:
+        part = history[-50:] if last else history[:50]
+        return float(np.mean([h[key] for h in part]))
+
+    metrics = pd.DataFrame([{"stage B steps": r["steps"], "L_rec first 50": mean(r["history"], "rec", False),
+                             "L_rec last 50": mean(r["history"], "rec", True),
+                             "L_attn first 50": mean(r["history"], "attn", False),
+                             "L_attn last 50": mean(r["history"], "attn", True)} for r in base.aligned.values()], index=index)
+    timings = pd.DataFrame({"training wall time [s]": [round(r["seconds"], 1) for r in base.aligned.values()]}, index=index)
+    return SplitTable(metrics, timings)
 
 
 def pretraining_table(base: BaseModels) -> SplitTable:
@@ -411,6 +438,10 @@ def quality_bar_table(cfg: Mapping[str, Any], base: BaseModels) -> pd.DataFrame:
             model = base_models.load_variant(cfg, domain, variant)
             table = model_bar(cfg, model, result.key, base.datas[domain], variant)
             frames.append(table.assign(domain=domain, variant=variant))
+            if domain == word_alignment.DOMAIN and variant in base.aligned:
+                aligned = word_alignment.load_aligned(cfg, variant)
+                table = model_bar(cfg, aligned, base.aligned[variant]["key"], base.datas[domain], variant)
+                frames.append(table.assign(domain=domain, variant=f"{variant}{ALIGNED}"))
     frame = pd.concat(frames, ignore_index=True)
     return frame.set_index(["domain", "variant", "criterion", "quantity"])[["value", "threshold", "status", "margin"]]
 
@@ -666,4 +697,7 @@ def choice_lines(cfg: Mapping[str, Any], base: BaseModels, aff: Affinity, qualit
 
 def default_variants(cfg: Mapping[str, Any]) -> dict[str, str]:
     """The profile's default base-model variant of every domain."""
-    return {d: base_models.default_variant(cfg, d) for d in base_models.DOMAINS}
+    out = {d: base_models.default_variant(cfg, d) for d in base_models.DOMAINS}
+    if str(cfg["models"]["kind"]) == "mini":  # chapter 3 starts from the word-aligned scenes model
+        out[word_alignment.DOMAIN] += ALIGNED
+    return out

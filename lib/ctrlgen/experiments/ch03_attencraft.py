@@ -41,8 +41,9 @@ from ctrlgen.data import load_multiconcept
 from ctrlgen.data.imageio import read_image, read_mask
 from ctrlgen.data.worlds.multiconcept import COLOURS, Concept, render_scene
 from ctrlgen.experiments.base_models import (available_variants, default_variant, load_domain_data, load_variant,
-                                            pretrain_domain, variant_dir)
+                                            pretrain_domain)
 from ctrlgen.experiments.base_models.bar import BarSettings, domain_classifier
+from ctrlgen.experiments.base_models.word_alignment import align_words, aligned_key, load_aligned
 from ctrlgen.methods.attencraft import (AttenCraftConfig, MaskSettings, concept_masks, mask_iou, sampling_ratios,
                                         stage_one, token_maps)
 from ctrlgen.methods.attencraft.training import attencraft_finetune
@@ -172,19 +173,32 @@ def same_class_scene(cfg: Mapping[str, Any]) -> Scene:
 
 
 def base_model(cfg: Mapping[str, Any], variant: str | None = None):
-    """The scenes base model (mini: pretrained now if the cache lacks it, as ``ctrlgen pretrain scenes``)."""
+    """The scenes base model the chapter starts from. Mini: the word-aligned (stage B) model of ``variant``
+    (``base_models.word_alignment``; trained now, with its stage A, if the cache lacks it) — stage A alone leaves
+    bare class words that do not localize, which Stage I reads (``token_attention_table`` shows both)."""
     if str(cfg["models"]["kind"]) != "mini" or variant == "pretrained":
         return load_base_model(cfg, "scenes")
     variant = variant or default_variant(cfg, "scenes")
-    pretrain_domain(cfg, "scenes", variant == "selfattn", progress=False)
-    return load_variant(cfg, "scenes", variant)
+    align_words(cfg, variant, progress=False)
+    return load_aligned(cfg, variant)
+
+
+def stage_a_models(cfg: Mapping[str, Any]) -> dict[str, Any]:
+    """Mini: each scenes variant before word alignment, named "<variant> (stage A)" (what Stage I's masks and the
+    token-attention diagnosis compare the chapter's base models with); full: none."""
+    if str(cfg["models"]["kind"]) != "mini":
+        return {}
+    out = {}
+    for variant in variants(cfg):
+        pretrain_domain(cfg, "scenes", variant == "selfattn", progress=False)
+        out[f"{variant} (stage A)"] = load_variant(cfg, "scenes", variant)
+    return out
 
 
 def base_key(cfg: Mapping[str, Any], variant: str | None = None) -> str:
     if str(cfg["models"]["kind"]) != "mini":
         return f"pretrained:{cfg['models']['pretrained'][cfg['models']['domains']['scenes']]}"
-    info = json.loads((variant_dir(cfg, "scenes", variant or default_variant(cfg, "scenes")) / "pretrain.json").read_text())
-    return str(info["key"])
+    return aligned_key(cfg, variant or default_variant(cfg, "scenes"))
 
 
 def variants(cfg: Mapping[str, Any]) -> tuple[str, ...]:
@@ -661,7 +675,7 @@ def init_scores(base, scene: Scene, cc: Ch3Config, general: str) -> dict[str, np
 
 __all__ = ["METHODS", "Ch3Config", "Scene", "load_scenes", "THREE_CONCEPTS", "SAME_CLASS_CONCEPTS", "three_concept_scene",
            "same_class_scene", "base_model",
-           "variants", "default_name", "latent_of", "MASK_ABLATIONS", "stage_one_masks", "mask_table", "token_attention_table", "mask_figure", "ratio_table",
+           "stage_a_models", "variants", "default_name", "latent_of", "MASK_ABLATIONS", "stage_one_masks", "mask_table", "token_attention_table", "mask_figure", "ratio_table",
            "Trial", "trial_settings", "finetune", "customized", "Extractors", "extractors", "colour_share", "prompts_for",
            "sample_trial", "class_prompts", "score_samples", "step_time_ratio", "sync", "summary", "Evaluated", "evaluate_arm", "arm_table", "sweep", "best",
            "samples_figure", "attention_figure", "loss_curves", "init_scores"]
