@@ -135,3 +135,50 @@ def test_union_sampling_draws_every_subset():
     freq = {s: seen.count(s) / len(seen) for s in set(seen)}
     assert set(freq) == {(0,), (1,), (0, 1)}
     assert freq[(0, 1)] == pytest.approx(0.5, abs=0.05) and freq[(0,)] == pytest.approx(0.25, abs=0.04)
+
+
+def _trained(model):
+    """The tensors Break-a-Scene's stage 2 trains: the text encoder and the cross-attention W_k/W_v."""
+    return {**{f"te.{n}": p.detach().clone() for n, p in model.text_encoder.named_parameters()},
+            **{n: p.detach().clone() for n, p in model.unet.named_parameters() if _is_kv(n)}}
+
+
+def test_break_a_scene_without_textual_inversion_starts_stage_two_from_the_init_words():
+    """§3.6.2 disables the textual-inversion phase: no stage-1 step in the history, and at stage-2 step 0 the
+    identifier rows still hold their initialisation words' embeddings (a TI phase would have moved them)."""
+    model = tiny()
+    words = ("circle", "square triangle")  # the second: a mean of two words' embeddings (a "general" init)
+    emb = model.text_encoder.get_input_embeddings().weight.detach().clone()  # before anything trains
+    want = torch.stack([emb[model.tokenizer(w, add_special_tokens=False)["input_ids"]].mean(0) for w in words])
+    seen = {}
+
+    def look(step, m, custom):
+        emb = m.text_encoder.get_input_embeddings().weight
+        seen[step] = emb[list(custom.tokens.ids)].detach().clone()
+
+    res = break_a_scene_finetune(model, latent(), CLASSES, masks(), BreakASceneConfig(ti_steps=0, steps=2, lr=1e-3, cross_res=(8,)),
+                                 init_words=words, snapshot_every=1, on_snapshot=look)
+    assert torch.allclose(seen[0], want)
+    assert sorted(seen) == [0, 1, 2] and not torch.equal(seen[2], seen[0])  # stage 2 trains the whole text encoder
+    assert [h["step"] for h in res.train.history] == [1, 2] and res.extra["stage_steps"] == [0, 2]
+
+
+def test_break_a_scene_snapshot_at_step_k_is_a_separate_run_of_k_steps():
+    """Chunked training (checkpoint/resume) is the uninterrupted run: the state seen at step 2 of a 3-step run equals
+    a separate 2-step run's, and the 3-step end state and losses equal an unchunked 3-step run's."""
+    cfg = dict(ti_steps=0, lr=1e-3, cross_res=(8,))
+    states = {}
+    chunked = tiny()
+    res = break_a_scene_finetune(chunked, latent(), CLASSES, masks(), BreakASceneConfig(steps=3, **cfg), snapshot_every=2,
+                                 on_snapshot=lambda k, m, c: states.__setitem__(k, _trained(m)))
+    assert sorted(states) == [0, 2, 3]
+    two, three = tiny(), tiny()
+    break_a_scene_finetune(two, latent(), CLASSES, masks(), BreakASceneConfig(steps=2, **cfg))
+    whole = break_a_scene_finetune(three, latent(), CLASSES, masks(), BreakASceneConfig(steps=3, **cfg))
+    for name, value in _trained(two).items():
+        assert torch.equal(states[2][name], value), name
+    assert not all(torch.equal(states[0][n], v) for n, v in states[2].items())  # step 2 is not step 0
+    for name, value in _trained(three).items():
+        assert torch.equal(states[3][name], value), name
+    assert [h["loss"] for h in res.train.history] == [h["loss"] for h in whole.train.history]
+    assert all(torch.equal(res.state[k], whole.state[k]) for k in whole.state)

@@ -26,6 +26,7 @@ import json
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
+from functools import partial
 from typing import Any
 
 import matplotlib.pyplot as plt
@@ -54,6 +55,7 @@ from ctrlgen.methods.customization import PROMPT_TEMPLATE, Customized, add_ident
 from ctrlgen.metrics.image import VAEEncoderFeatures
 from ctrlgen.models import load_base_model
 from ctrlgen.models.registry import weight_path
+from ctrlgen.parallel import run_all
 from ctrlgen.sampling import text_to_image
 
 METHODS = ("CusDiff", "DisenDiff", "BAS", "Mine")
@@ -63,6 +65,21 @@ SAMPLE_CODE = CODE + ("ctrlgen.sampling.pipeline", "ctrlgen.sampling.loop")
 
 
 # ------------------------------------------------------------------------------------------ settings
+@dataclass(frozen=True)
+class PreliminarySettings:
+    """§3.6.2 (Fig. 3.4): Break-a-Scene without textual inversion, ``steps`` at ``lr``, evaluated every ``eval_every``
+    steps, on the first ``n_datasets`` datasets (thesis: 1000, 100, 5e-5, 10)."""
+
+    steps: int
+    eval_every: int
+    lr: float
+    n_datasets: int
+
+    def __post_init__(self) -> None:
+        if self.steps < 1 or self.eval_every < 1:
+            raise ValueError(f"ch03.preliminary: steps {self.steps} and eval_every {self.eval_every} must be >= 1")
+
+
 @dataclass(frozen=True)
 class Ch3Config:
     """The profile's ``ch03`` section, typed."""
@@ -91,10 +108,12 @@ class Ch3Config:
     scheduler: str
     train_cross_res: tuple[int, ...]
     seed: int
+    preliminary: PreliminarySettings
 
     @classmethod
     def from_profile(cls, cfg: Mapping[str, Any]) -> "Ch3Config":
         c, a, b, e = cfg["ch03"], cfg["ch03"]["attencraft"], cfg["ch03"]["baselines"], cfg["ch03"]["eval"]
+        p = c["preliminary"]
         mask = MaskSettings(nu=float(a["nu"]), tau=float(a["tau"]), gamma=float(a["gamma"]), t_max=int(a["t_max"]),
                             n_top=int(a["n_top"]), score_timesteps=tuple(int(t) for t in a["score_times"]),
                             cross_res=int(cfg["attention"]["cross_res"][0]), self_res=int(cfg["attention"]["self_res"][0]))
@@ -112,7 +131,9 @@ class Ch3Config:
                    general_word=str(c["general_word"]), contexts=tuple(str(x) for x in e["contexts"]),
                    n_images=int(e["n_images"]), num_steps=int(e["num_steps"]), guidance_scale=float(e["guidance_scale"]),
                    scheduler=str(e["scheduler"]), train_cross_res=tuple(int(r) for r in cfg["attention"]["train_cross_res"]),
-                   seed=int(cfg["seed"]))
+                   seed=int(cfg["seed"]),
+                   preliminary=PreliminarySettings(steps=int(p["steps"]), eval_every=int(p["eval_every"]),
+                                                   lr=float(p["lr"]), n_datasets=int(p["n_datasets"])))
 
 
 # ------------------------------------------------------------------------------------------ data and models
@@ -658,19 +679,185 @@ def loss_curves(trials: Mapping[str, Trial]):
 
 
 # ------------------------------------------------------------------------------------------ preliminary (§3.6.2)
+PATTERNS = ("P-P", "P-G", "G-P")
+TURN = 0.3  # §3.3.2: P "tends to degrade after 300 steps" of 1000: the claims read each curve at 30 % and at the end
+
+
+def pattern_words(scene: Scene, general: str) -> dict[str, tuple[str, str]]:
+    """Table 3.4's row for ``scene``: the initialisation words of [V1], [V2] of each training (P: the class name,
+    G: ``general``; a multi-word ``general`` initialises with the mean of its words' embeddings)."""
+    p = scene.class_names
+    return {"P-P": (p[0], p[1]), "P-G": (p[0], general), "G-P": (general, p[1])}
+
+
+def concept_pattern(training: str, k: int) -> str:
+    """The pattern of training ``training`` from concept ``k``'s view (§3.3.2's footnote): the evaluated token's
+    initialisation first. "cat-animal" is P-G for "cat" (k = 0) but G-P for "dog" (k = 1)."""
+    own, other = training.split("-")
+    return training if k == 0 else f"{other}-{own}"
+
+
+def _token_scores(model, custom: Customized, scene: Scene, cc: Ch3Config) -> np.ndarray:
+    """Eq. (3.4) score of each [V] on the true masks, on the group prompt (what Fig. 3.4b and Table 3.5 read)."""
+    n = len(scene.class_names)
+    st = stage_one(model, latent_of(model, scene), custom.prompt(range(n)), custom.tokens.tokens[:n], cc.mask, cc.seed,
+                   masks=torch.from_numpy(scene.masks))
+    return st.scores.numpy()
+
+
 def init_scores(base, scene: Scene, cc: Ch3Config, general: str) -> dict[str, np.ndarray]:
     """Eq. (3.4) scores of [V1], [V2] on the true masks, before training, for P-P, P-G and G-P initialisations."""
-    p = scene.class_names
-    patterns = {"P-P": (p[0], p[1]), "P-G": (p[0], general), "G-P": (general, p[1])}
     out = {}
-    for name, words in patterns.items():
+    for name, words in pattern_words(scene, general).items():
         m = copy.deepcopy(base)
-        tokens = add_identifiers(m, words)
-        custom = Customized("BAS", tokens, p, with_class=False)
-        st = stage_one(m, latent_of(m, scene), custom.prompt((0, 1)), tokens.tokens, cc.mask, cc.seed,
-                       masks=torch.from_numpy(scene.masks))
-        out[name] = st.scores.numpy()
+        custom = Customized("BAS", add_identifiers(m, words), scene.class_names, with_class=False)
+        out[name] = _token_scores(m, custom, scene, cc)
     return out
+
+
+@torch.no_grad()
+def _measure(model, custom: Customized, scene: Scene, cc: Ch3Config, ex: Extractors) -> dict[str, torch.Tensor]:
+    """One evaluation of Fig. 3.4: the chapter's single-concept samples (``prompts_for``, same prompts and seed at
+    every step) scored by image alignment with the concept's crop (``score_samples``), and the Eq. (3.4) scores."""
+    n = len(scene.class_names)
+    samples = {str(s[0]): text_to_image(model, prompts, num_steps=cc.num_steps, guidance_scale=cc.guidance_scale,
+                                        scheduler=cc.scheduler, seed=cc.seed).images.cpu()
+               for s, prompts in prompts_for(custom, n, cc).items() if len(s) == 1}
+    per = score_samples(samples, scene, ex)
+    image = torch.tensor(np.stack([per[per.concept == str(k)].sort_values("image")[ex.image_name].to_numpy()
+                                   for k in range(n)]), dtype=torch.float32)
+    return {"image": image, "score": torch.from_numpy(_token_scores(model, custom, scene, cc)).float()}
+
+
+def _curve_now(cfg, model, scene: Scene, words: tuple[str, str], cc: Ch3Config, ex: Extractors) -> dict[str, Any]:
+    """Train ``model`` in place (§3.6.2: no textual-inversion phase) and measure it at every evaluation step."""
+    p = cc.preliminary
+    seen: dict[int, dict[str, torch.Tensor]] = {}
+
+    def look(step: int, m, custom: Customized) -> None:
+        seen[step] = _measure(m, custom, scene, cc, ex)
+
+    c = BreakASceneConfig(ti_steps=0, steps=p.steps, lr=p.lr, attn_weight=cc.bas_attn_weight,
+                          cross_res=cc.train_cross_res, seed=cc.seed)
+    r = break_a_scene_finetune(model, latent_of(model, scene), scene.class_names, scene.masks, c, init_words=words,
+                               train_config={"mixed_precision": str(cfg["training"]["mixed_precision"])},
+                               snapshot_every=p.eval_every, on_snapshot=look)
+    steps = sorted(seen)
+    return {"step": torch.tensor(steps), "image": torch.stack([seen[k]["image"] for k in steps]),
+            "score": torch.stack([seen[k]["score"] for k in steps]), "history": r.train.history}
+
+
+def init_curve(cfg: Mapping[str, Any], base, scene: Scene, training: str, cc: Ch3Config,
+               ex: Extractors) -> dict[str, Any]:
+    """One training of Fig. 3.4 (cached by content): BAS without textual inversion from the ``training`` pattern's
+    words, evaluated every ``eval_every`` steps from step 0. ``{"step": (S,), "image": (S, N, images) image alignment
+    per single-concept sample, "score": (S, N) Eq. (3.4), "history"}``."""
+    words = pattern_words(scene, cc.general_word)[training]
+    parts = {"what": "ch03 init curve", "base": base_key(cfg), "scene": scene.name, "image": _digest(scene),
+             "init": list(words), "settings": cc.preliminary.__dict__, "attn_weight": cc.bas_attn_weight,
+             "cross_res": list(cc.train_cross_res), "mask": cc.mask.__dict__, "contexts": list(cc.contexts),
+             "n_images": cc.n_images, "sampling": [cc.num_steps, cc.guidance_scale, cc.scheduler],
+             "metric": [ex.image_name, ex.note], "precision": str(cfg["training"]["mixed_precision"]), "seed": cc.seed}
+    # the scores are stored, not the samples (full: 200 images of 512 px per evaluation); like ``finetune``'s, the key
+    # holds the library code, not this module's scoring helpers (``score_samples``): after changing those, recompute
+    # with $CTRLGEN_NO_RESULT_CACHE=1
+    return result_cache.cached(parts, lambda: _curve_now(cfg, copy.deepcopy(base), scene, words, cc, ex), kind="torch",
+                               cfg=cfg, code=SAMPLE_CODE + ("ctrlgen.metrics.image",))
+
+
+def init_curves(cfg: Mapping[str, Any], base, scenes: Sequence[Scene], cc: Ch3Config, ex: Extractors) -> pd.DataFrame:
+    """Fig. 3.4 / 3.13: the three trainings of each dataset (two at a time, ``parallel.run_all``) as a tidy frame, one
+    row per (dataset, concept, training, step, sample): the pattern from the concept's view, its image alignment
+    (``ex.image_name``) and the [V]'s Eq. (3.4) score."""
+    jobs = {(s.name, t): partial(init_curve, cfg, base, s, t, cc, ex) for s in scenes for t in PATTERNS}
+    results = run_all(jobs, cfg, "ch03 init curves")
+    rows = []
+    for scene in scenes:
+        for training in PATTERNS:
+            r = results[(scene.name, training)]
+            for i, step in enumerate(r["step"].tolist()):
+                for k, concept in enumerate(scene.class_names):
+                    rows += [{"dataset": scene.name, "concept": concept, "training": training,
+                              "pattern": concept_pattern(training, k), "step": step, "image": j,
+                              ex.image_name: float(v), "score": float(r["score"][i, k])}
+                             for j, v in enumerate(r["image"][i, k].tolist())]
+    return pd.DataFrame(rows)
+
+
+def curve_table(curves: pd.DataFrame, metric: str) -> pd.DataFrame:
+    """Mean image alignment over the samples and the Eq. (3.4) score per (dataset, concept, pattern, step)."""
+    return curves.groupby(["dataset", "concept", "pattern", "step"])[[metric, "score"]].mean()
+
+
+def init_table(curves: pd.DataFrame) -> pd.DataFrame:
+    """Table 3.5: the Eq. (3.4) score of each concept's [V] at step 0, one column per training (Table 3.4's columns:
+    the dataset's pattern, not the concept's view)."""
+    start = curves[(curves.step == 0) & (curves.image == 0)]
+    table = start.pivot_table(index=["dataset", "concept"], columns="training", values="score", sort=False)
+    return table[list(PATTERNS)].rename_axis(columns=None)
+
+
+def turn_step(cc: Ch3Config) -> int:
+    """The evaluated step nearest to ``TURN`` of the training (the thesis's step 300 of 1000)."""
+    p = cc.preliminary
+    steps = sorted({*range(0, p.steps, p.eval_every), p.steps})
+    return min(steps, key=lambda k: (abs(k - TURN * p.steps), k))
+
+
+def _paired(curves: pd.DataFrame, metric: str, a: Mapping[str, Any], b: Mapping[str, Any],
+            keys: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+    """``metric`` of the rows selected by ``a`` and by ``b`` (column -> value), paired on ``keys``."""
+    def pick(sel):
+        part = curves
+        for column, value in sel.items():
+            part = part[part[column].isin(value if isinstance(value, (list, tuple)) else [value])]
+        return part.set_index(list(keys))[metric]
+    x, y = pick(a), pick(b)
+    joined = pd.concat({"a": x, "b": y}, axis=1, join="inner").sort_index()
+    if len(joined) != len(x) or len(joined) != len(y):
+        raise ValueError(f"{metric}: the two selections do not pair on {list(keys)} ({len(x)} vs {len(y)} rows)")
+    return joined["a"].to_numpy(), joined["b"].to_numpy()
+
+
+def init_claims(curves: pd.DataFrame, metric: str, cc: Ch3Config) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """The paired (a, b) values of the §3.3.2 / §3.6.2 claims, per single-concept sample (same prompt and seed):
+
+    * ``start``: P vs G at step 0 (P-P and P-G coincide there: the other token is not in the prompt);
+    * ``p_degrades``: P (P-P and P-G) at ``turn_step`` vs at the end; ``g_improves``: G-P at the end vs at the turn;
+    * ``other_init``: |P-P − P-G| (the other token's initialisation) vs |P-P − G-P| (its own), every step after 0;
+    * ``score_start``: Table 3.5's Eq. (3.4) score of P-P vs G-P at step 0, one pair per concept."""
+    end, turn = cc.preliminary.steps, turn_step(cc)
+    sample = ["dataset", "concept", "image"]
+    out = {"start": _paired(curves, metric, {"step": 0, "pattern": "P-P"}, {"step": 0, "pattern": "G-P"}, sample)}
+    p = ["P-P", "P-G"]
+    out["p_degrades"] = _paired(curves, metric, {"step": turn, "pattern": p}, {"step": end, "pattern": p},
+                                sample + ["pattern"])
+    out["g_improves"] = _paired(curves, metric, {"step": end, "pattern": "G-P"}, {"step": turn, "pattern": "G-P"},
+                                sample)
+    later = curves[curves.step > 0]
+    pp, pg = _paired(later, metric, {"pattern": "P-P"}, {"pattern": "P-G"}, sample + ["step"])
+    _, gp = _paired(later, metric, {"pattern": "P-P"}, {"pattern": "G-P"}, sample + ["step"])
+    out["other_init"] = (np.abs(pp - pg), np.abs(pp - gp))
+    first = curves[curves.image == 0]
+    out["score_start"] = _paired(first, "score", {"step": 0, "pattern": "P-P"}, {"step": 0, "pattern": "G-P"},
+                                 ["dataset", "concept"])
+    return out
+
+
+def init_figure(curves: pd.DataFrame, metric: str):
+    """Fig. 3.4 analogue: (a) mean single-concept image alignment vs step per pattern (the evaluated concept's view),
+    (b) the mean highest cross-attention score (Eq. 3.4) of [V] vs step per pattern."""
+    fig, axes = plt.subplots(1, 2, figsize=(8, 3))
+    panels = ((axes[0], metric, f"(a) single-concept {metric}"),
+              (axes[1], "score", "(b) highest cross-attention score of [V]"))
+    for ax, column, title in panels:
+        for pattern in PATTERNS:
+            mean = curves[curves.pattern == pattern].groupby("step")[column].mean()
+            ax.plot(mean.index, mean.to_numpy(), marker="o", ms=3, label=pattern)
+        ax.set_xlabel("training step"), ax.set_title(title, fontsize=9)
+    axes[0].legend(fontsize=8, title="pattern", title_fontsize=8)
+    fig.tight_layout()
+    return fig
 
 
 __all__ = ["METHODS", "Ch3Config", "Scene", "load_scenes", "THREE_CONCEPTS", "SAME_CLASS_CONCEPTS", "three_concept_scene",
@@ -678,4 +865,6 @@ __all__ = ["METHODS", "Ch3Config", "Scene", "load_scenes", "THREE_CONCEPTS", "SA
            "stage_a_models", "variants", "default_name", "latent_of", "MASK_ABLATIONS", "stage_one_masks", "mask_table", "token_attention_table", "mask_figure", "ratio_table",
            "Trial", "trial_settings", "finetune", "customized", "Extractors", "extractors", "colour_share", "prompts_for",
            "sample_trial", "class_prompts", "score_samples", "step_time_ratio", "sync", "summary", "Evaluated", "evaluate_arm", "arm_table", "sweep", "best",
-           "samples_figure", "attention_figure", "loss_curves", "init_scores"]
+           "samples_figure", "attention_figure", "loss_curves", "PreliminarySettings", "PATTERNS", "TURN",
+           "pattern_words", "concept_pattern", "init_scores", "init_curve", "init_curves", "curve_table", "init_table", "turn_step",
+           "init_claims", "init_figure"]
