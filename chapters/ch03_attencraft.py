@@ -57,7 +57,11 @@ print(f"profile {cfg.profile_name}: {cc.n_datasets} datasets; steps {cc.steps}; 
 #
 # Stage I rests on self-attention enhancement, so it is run on both scenes base models of chapter 2: `selfattn`
 # (pretrained with the auxiliary self-attention structure loss) and `plain`. Everything after Stage I uses the
-# default base model.
+# default base model. On `mini` both are chapter 2's word-aligned models (stage B: every colour, texture and
+# shape word pulled onto its object's mask, on captions that often name an object by its shape alone): Stage I
+# reads the class word's cross-attention, which Stable Diffusion learned from web-scale captions and the
+# from-scratch mini model does not learn from its 2,000 captions alone. The same models before stage B are shown
+# beside them ("(stage A)") in the Stage I tables below, so the reader sees what the alignment changes.
 
 # %%
 scenes = ch03_attencraft.load_scenes(cfg, cc.n_datasets)
@@ -91,7 +95,11 @@ run.show(ch03_attencraft.mask_figure(scenes, stage[default]), "fig_3_8_masks")
 # token, where its map sits at Stage I's timestep: inside its concept's true mask, inside the other concept's, or on
 # the background. A token whose attention is highest on the background (or on the other concept) gets an empty or
 # wrong mask under every variant above: that is a property of the base model — how well its bare class words
-# localize — not of Eq. (3.2)–(3.3) (the thesis reads its masks off SD 2.1, whose class words localize).
+# localize — not of Eq. (3.2)–(3.3) (the thesis reads its masks off SD 2.1, whose class words localize). Compare
+# the "(stage A)" rows, where the first-named token sat on the background, with the word-aligned models the
+# chapter uses. Read the mask table with the token table: where the tokens localize, whichever Fig. 3.8 variant
+# scores highest on this model is a finding about these maps (16×16 cross-attention, self-attention trained
+# with an auxiliary loss), to be set beside the thesis's claim, which the ledger tests below.
 
 # %%
 token_attention = ch03_attencraft.token_attention_table(scenes, stage | stage_before)

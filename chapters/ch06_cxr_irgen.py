@@ -98,6 +98,18 @@ for name, count in ch06.reference_counts(ctx).items():
 ch06.reference_counts(ctx)
 
 # %% [markdown]
+# **Training, two at a time.** The chapter's models come in two waves of jobs that do not wait on each other:
+# first the vision variants, the stage-1 BARTs, the Table 6.2 classifier and the report baselines, then the priors
+# (they need stage 1) and the Table 6.1 / 6.2 images (they need the vision variants). This cell trains both waves,
+# `jobs` at a time (`ctrlgen.parallel`: one thread per job, so the numbers do not depend on the machine's cores),
+# into the cache; the sections below read what they need from it, in the thesis's order.
+
+# %%
+rs = ch06.report_sets(cfg)
+cc = ch06.ClinicalConfig.from_profile(cfg)   # the clinical section's settings (its baselines train in wave 1)
+ch06.train_all(cfg, ctx, rs, cc)
+
+# %% [markdown]
 # ## Finetuning the vision module
 #
 # Four variants per backbone: with and without the reference image embedding (RIE), each at two lengths — the
@@ -172,7 +184,6 @@ compare("6.2", t62, cfg.profile_name)
 # frozen stage-1 embedding of the report, its loss L_prior = MSE + λ(1 − cos) with λ = 0.01, the cosine a true cosine.
 
 # %%
-rs = ch06.report_sets(cfg)
 print(f"stage 1: {len(rs.stage1_f)} F / {len(rs.stage1_fi)} F+I reports; IU X-ray: {rs.iu_source}")
 print(f"stage 2: {len(rs.pair_f_train)} training / {len(rs.pair_f_test)} test image–report pairs ({rs.world_source})")
 for name, count in rs.counts.items():
@@ -181,7 +192,6 @@ run.note(f"language module: IU X-ray {rs.iu_source}; pairs from {rs.world_source
 rs.counts
 
 # %%
-cc = ch06.ClinicalConfig.from_profile(cfg)   # the clinical section's settings; its baselines train beside the priors
 language = ch06.language_models(cfg, ec, rs, base, ctx.key, cc)
 s1, s1_fi, priors = language.stage1, language.stage1_fi, language.priors
 

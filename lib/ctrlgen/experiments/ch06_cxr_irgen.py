@@ -400,10 +400,15 @@ class VisionModels:
     histories: dict[tuple, list[float]]
 
 
+def vision_jobs(cfg: Mapping[str, Any], ctx: VisionContext) -> dict[tuple, Any]:
+    """The four vision variants' trainings as ``parallel.run_all`` jobs, keyed (backbone, rie); the U-Nets first
+    (the longer jobs: scheduling them first keeps both cores busy to the end)."""
+    return {(b, rie): partial(trained_backbones, cfg, ctx, b, rie) for b in BACKBONES for rie in (False, True)}
+
+
 def vision_models(cfg: Mapping[str, Any], ctx: VisionContext) -> VisionModels:
     models, keys, hist = {("vanilla", False, ""): ctx.base}, {("vanilla", False, ""): ctx.key}, {}
-    variants = run_all({(b, rie): partial(trained_backbones, cfg, ctx, b, rie) for b in BACKBONES for rie in (False, True)},
-                       cfg, "vision variants")
+    variants = run_all(vision_jobs(cfg, ctx), cfg, "vision variants")
     for (backbone, rie), (trained, key) in variants.items():
         for length in ("short", "long"):
             k = (backbone, rie, length)
@@ -451,14 +456,19 @@ class Table61:
     per_image: dict[tuple, dict[str, np.ndarray]]
 
 
+def table_6_1_jobs(cfg: Mapping[str, Any], ctx: VisionContext, vm: VisionModels) -> dict[tuple, Any]:
+    """Each model's images for the first ``n_table_6_1`` held-out labels, as ``parallel.run_all`` jobs."""
+    labels = ctx.sets.test_labels[:min(ctx.ec.n_table_6_1, len(ctx.sets.test_labels))]
+    return {k: partial(cached_generation, cfg, ctx, "table 6.1", model, vm.keys[k], labels,
+                       "unet" if k[0] == "vanilla" else k[0], k[1], ctx.ec.seed) for k, model in vm.models.items()}
+
+
 def table_6_1(cfg: Mapping[str, Any], ctx: VisionContext, vm: VisionModels, extractor) -> Table61:
     """FID / PSNR / SSIM of each model's images generated from the held-out labels (module doc)."""
     n = min(ctx.ec.n_table_6_1, len(ctx.sets.test_labels))
     labels, real = ctx.sets.test_labels[:n], pixels(ctx.sets.test_images[:n])
     rows, samples, per = {}, {}, {}
-    generated = run_all({k: partial(cached_generation, cfg, ctx, "table 6.1", model, vm.keys[k], labels,
-                                    "unet" if k[0] == "vanilla" else k[0], k[1], ctx.ec.seed)
-                         for k, model in vm.models.items()}, cfg, "table 6.1 samples")
+    generated = run_all(table_6_1_jobs(cfg, ctx, vm), cfg, "table 6.1 samples")
     for k in vm.models:
         backbone, rie, length = k
         name = ("Baseline", "Vanilla LDM") if backbone == "vanilla" else row_name(ctx.ec, backbone, rie, length)
@@ -515,6 +525,12 @@ def auroc_row(scores_by_label: Mapping[str, dict[str, np.ndarray]]) -> dict[str,
     return row
 
 
+def table_6_2_jobs(cfg: Mapping[str, Any], ctx: VisionContext, vm: VisionModels) -> dict[tuple, Any]:
+    """The U-Net models' images per label (the thesis evaluates clinical efficacy on the U-Net backbone only), as
+    ``parallel.run_all`` jobs."""
+    return {k: partial(generated_for_table_6_2, cfg, ctx, vm, k) for k in vm.models if k[0] != "uvit"}
+
+
 def table_6_2(cfg: Mapping[str, Any], ctx: VisionContext, vm: VisionModels, classifier) -> pd.DataFrame:
     """Table 6.2 analogue: the Original row on real held-out images, then vanilla and the four U-Net variants."""
     rows = {}
@@ -522,8 +538,8 @@ def table_6_2(cfg: Mapping[str, Any], ctx: VisionContext, vm: VisionModels, clas
     real = {obs: [i for i, l in enumerate(test) if l.get(obs) == 1.0] for obs in (*TABLE_6_2, NO_FINDING)}
     real_scores = pathology_scores(classifier, ctx.sets.test_images)
     rows[("Baseline", "Original")] = auroc_row({obs: {k: v[idx] for k, v in real_scores.items()} for obs, idx in real.items()})
-    unet = [k for k in vm.models if k[0] != "uvit"]   # the thesis evaluates clinical efficacy on the U-Net backbone only
-    generated = run_all({k: partial(generated_for_table_6_2, cfg, ctx, vm, k) for k in unet}, cfg, "table 6.2 samples")
+    generated = run_all(table_6_2_jobs(cfg, ctx, vm), cfg, "table 6.2 samples")
+    unet = list(generated)
     for k in unet:
         backbone, rie, length = k
         observations, n = (*TABLE_6_2, NO_FINDING), ctx.ec.n_per_label
@@ -734,30 +750,75 @@ class LanguageModels:
     baselines: dict[str, Baseline]
 
 
+def stage1_jobs(cfg: Mapping[str, Any], ec: Ch06Config, rs: ReportSets) -> dict[tuple, Any]:
+    """The four stage-1 BARTs (F with each representative embedding, F+I with the mean) as ``parallel.run_all`` jobs."""
+    return ({("F", how): partial(stage1, cfg, ec, rs, "F", how) for how in ("mean", "bos", "eos")}
+            | {("F+I", "mean"): partial(stage1, cfg, ec, rs, "F+I", "mean")})
+
+
+def pair_inputs(cfg: Mapping[str, Any], base, rs: ReportSets) -> tuple[torch.Tensor, torch.Tensor]:
+    """The training pairs' latents and raw pixels (``prior_inputs``), encoded once for every prior and baseline — a
+    job's work before its cache lookup would run twice (worker, then caller) — on one thread as the jobs themselves,
+    so that what they train on does not depend on the machine's cores."""
+    with one_thread(resolve_device(cfg) == "cpu"):
+        return tuple(prior_inputs(base, rs.pair_images_train, raw) for raw in (False, True))
+
+
+def prior_jobs(cfg: Mapping[str, Any], ec: Ch06Config, base_k: str, rs: ReportSets, stages: Mapping[tuple, Stage1],
+               inputs: tuple[torch.Tensor, torch.Tensor]) -> dict[str, Any]:
+    """The five priors of Table 6.5 ("F", "F+I", "raw image", "MSE only", "cosine only") as ``parallel.run_all`` jobs;
+    ``stages`` from ``stage1_jobs``, ``inputs`` from ``pair_inputs``. The report embeddings are encoded here once."""
+    f, fi = stages["F", "mean"], stages["F+I", "mean"]
+    latents, pixels_in = inputs
+    with one_thread(resolve_device(cfg) == "cpu"):
+        targets_f = lm.encode_reports(f.model, f.tokenizer, rs.pair_f_train, f.how)
+        targets_fi = lm.encode_reports(fi.model, fi.tokenizer, rs.pair_fi_train, fi.how)
+    f_prior = partial(prior, cfg, ec, base_k, rs, "F", targets=targets_f)
+    return {"F": partial(f_prior, latents), "F+I": partial(prior, cfg, ec, base_k, rs, "F+I", latents, targets_fi),
+            "raw image": partial(f_prior, pixels_in, raw=True), "MSE only": partial(f_prior, latents, kind="mse"),
+            "cosine only": partial(f_prior, latents, kind="cos")}
+
+
+def baseline_jobs(cfg: Mapping[str, Any], ec: Ch06Config, cc: "ClinicalConfig", base_k: str, rs: ReportSets,
+                  latents: torch.Tensor) -> dict[tuple, Any]:
+    """The report baselines of Tables 6.3–6.4 as ``parallel.run_all`` jobs, keyed ("baseline", name)."""
+    return {("baseline", name): partial(baseline, cfg, ec, cc, base_k, rs, name, latents) for name in BASELINE_ROWS}
+
+
 def language_models(cfg: Mapping[str, Any], ec: Ch06Config, rs: ReportSets, base, base_k: str,
                     cc: ClinicalConfig) -> LanguageModels:
     """Every stage-1 model, then every prior (each needs its stage 1) and every baseline (they need none: they share
     the priors' wave so that both cores stay busy), ``jobs`` at a time (``ctrlgen.parallel``)."""
-    stages = run_all({("F", how): partial(stage1, cfg, ec, rs, "F", how) for how in ("mean", "bos", "eos")}
-                     | {("F+I", "mean"): partial(stage1, cfg, ec, rs, "F+I", "mean")}, cfg, "stage 1")
-    f, fi = stages["F", "mean"], stages["F+I", "mean"]
-    # Encoded once here, not in each job (a job's work before its cache lookup runs twice: worker, then caller),
-    # on one thread as the jobs themselves, so that the trained priors do not depend on the machine's cores.
-    with one_thread(resolve_device(cfg) == "cpu"):
-        latents, pixels_in = (prior_inputs(base, rs.pair_images_train, raw) for raw in (False, True))
-        targets_f = lm.encode_reports(f.model, f.tokenizer, rs.pair_f_train, f.how)
-        targets_fi = lm.encode_reports(fi.model, fi.tokenizer, rs.pair_fi_train, fi.how)
-    f_prior = partial(prior, cfg, ec, base_k, rs, "F", targets=targets_f)
-    jobs = {"F": partial(f_prior, latents),
-            "F+I": partial(prior, cfg, ec, base_k, rs, "F+I", latents, targets_fi),
-            "raw image": partial(f_prior, pixels_in, raw=True),
-            "MSE only": partial(f_prior, latents, kind="mse"),
-            "cosine only": partial(f_prior, latents, kind="cos")}
-    jobs |= {("baseline", name): partial(baseline, cfg, ec, cc, base_k, rs, name, latents) for name in BASELINE_ROWS}
-    done = run_all(jobs, cfg, "priors and baselines")
-    return LanguageModels({how: stages["F", how] for how in ("mean", "bos", "eos")}, fi,
+    inputs = pair_inputs(cfg, base, rs)
+    stages = run_all(stage1_jobs(cfg, ec, rs), cfg, "stage 1")
+    done = run_all(prior_jobs(cfg, ec, base_k, rs, stages, inputs) | baseline_jobs(cfg, ec, cc, base_k, rs, inputs[0]),
+                   cfg, "priors and baselines")
+    return LanguageModels({how: stages["F", how] for how in ("mean", "bos", "eos")}, stages["F+I", "mean"],
                           {k: v for k, v in done.items() if not isinstance(k, tuple)},
                           {name: done["baseline", name] for name in BASELINE_ROWS})
+
+
+def train_all(cfg: Mapping[str, Any], ctx: VisionContext, rs: ReportSets, cc: "ClinicalConfig") -> None:
+    """Every trained model and generated image set of the chapter into the cache, in two waves of independent jobs
+    (``parallel.run_all``), so that both cores stay busy: (1) the vision variants, the stage-1 BARTs, the Table 6.2
+    classifier and the report baselines — none needs another; (2) the priors (they need stage 1) and the Table 6.1 /
+    6.2 images (they need the vision variants). Each wave is ordered longest job first (measured on mini: a U-Net
+    variant ~3.4 core-minutes, a BART ~3.1, a prior ~2.4, the classifier ~2.5, a U-ViT ~1.5, an image set ~1). The
+    chapter's sections then read everything from the cache; without this call they train the same models section by
+    section (the same numbers: each job runs on one thread either way)."""
+    ec = ctx.ec
+    inputs = pair_inputs(cfg, ctx.base, rs)
+    vision, stage = vision_jobs(cfg, ctx), stage1_jobs(cfg, ec, rs)
+    unets = {("vision", k): j for k, j in vision.items() if k[0] == "unet"}
+    others = {("vision", k): j for k, j in vision.items() if k[0] != "unet"}
+    run_all({**unets, **{("stage 1", k): j for k, j in stage.items()},
+             "classifier": partial(pathology_classifier, cfg, ctx.sets, ec), **others,
+             **baseline_jobs(cfg, ec, cc, ctx.key, rs, inputs[0])}, cfg, "models (wave 1 of 2)")
+    vm = vision_models(cfg, ctx)
+    stages = run_all(stage, cfg, "stage 1")
+    run_all({**{("prior", k): j for k, j in prior_jobs(cfg, ec, ctx.key, rs, stages, inputs).items()},
+             **{("table 6.2", k): j for k, j in table_6_2_jobs(cfg, ctx, vm).items()},
+             **{("table 6.1", k): j for k, j in table_6_1_jobs(cfg, ctx, vm).items()}}, cfg, "priors and images (wave 2 of 2)")
 
 
 def reports_for(ec: Ch06Config, s1: Stage1, pr: Prior, base, images: np.ndarray | None = None,
@@ -1039,4 +1100,5 @@ __all__ = ["NIH_TO_CHEXPERT", "TABLE_6_2", "BACKBONES", "VARIANTS", "NO_REFERENC
            "report_sets", "Stage1", "stage1", "prior_inputs", "Prior", "prior", "reports_for", "report_row", "frame",
            "fig_6_5", "pairs_figure", "reconstruction_scores", "prompt_lengths", "reference_counts", "per_report_scores",
            "IU_PROBLEMS", "ClinicalConfig", "iu_problem_labels", "labeler_validation", "BASELINE_ROWS", "Baseline", "baseline",
-           "reference_labels", "table_6_4_labels", "LanguageModels", "language_models", "generated_for_table_6_2", "table_6_4", "per_report_f1"]
+           "reference_labels", "table_6_4_labels", "LanguageModels", "stage1_jobs", "pair_inputs", "prior_jobs", "baseline_jobs",
+           "language_models", "vision_jobs", "table_6_1_jobs", "table_6_2_jobs", "train_all", "generated_for_table_6_2", "table_6_4", "per_report_f1"]
