@@ -314,14 +314,18 @@ def test_book_sizes_that_are_not_integers_are_a_usage_error(capsys):
     assert "--sizes" in capsys.readouterr().err
 
 
-def test_bench_parallel_times_three_arms_and_the_workers_train_the_same_models(monkeypatch):
+def test_bench_parallel_times_three_arms_and_the_workers_train_the_same_models(monkeypatch, tmp_path):
     """Benchmark 8 on smoke: the two run_all arms (one thread each, in workers and here) give identical loss
     histories, and the report carries both ratios."""
     from ctrlgen.bench import bench_parallel
     from ctrlgen.config import load_profile
 
     monkeypatch.setattr(os, "cpu_count", lambda: 2)
+    user_cache = tmp_path / "user-cache"
+    monkeypatch.setenv("CTRLGEN_CACHE_ROOT", str(user_cache))
     report = bench_parallel(load_profile("smoke"), n_jobs=2, n_images=16, epochs=1)
+    # its jobs trained in a scratch cache, removed afterwards: nothing reached the user's, whose root is restored
+    assert not user_cache.exists() and os.environ["CTRLGEN_CACHE_ROOT"] == str(user_cache)
     assert set(report["seconds_median"]) == {"default threads", "jobs 1", "parallel"}
     assert report["workers"] == 2 and report["max_loss_difference_parallel_vs_jobs_1"] == 0.0
     assert report["ratio_parallel_vs_sequential"] == pytest.approx(

@@ -30,8 +30,10 @@ import os
 import platform
 import resource
 import statistics
+import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -472,9 +474,26 @@ def _classifier_job(cfg, arm: str, repeat: int, seed: int, n: int, epochs: int) 
         result = train_classifier(model, images, labels, images[: n // 4], labels[: n // 4], fit)
         return {"history": [h["train loss"] for h in result.history]}
 
-    parts = {"what": "bench parallel", "arm": arm, "repeat": repeat, "seed": seed, "n": n, "epochs": epochs,
-             "time": time.time_ns()}  # never a hit: every run trains
+    # never a hit: bench_parallel runs every arm in a fresh scratch cache (``_scratch_cache``), and arm and repeat
+    # are in the key
+    parts = {"what": "bench parallel", "arm": arm, "repeat": repeat, "seed": seed, "n": n, "epochs": epochs}
     return lambda: result_cache.cached(parts, compute, "json", cfg=cfg)
+
+
+@contextmanager
+def _scratch_cache() -> Iterator[None]:
+    """A throwaway cache root (``$CTRLGEN_CACHE_ROOT``) for the block, removed after it: benchmark 8's jobs must
+    train every time, and their entries must not litter the user's cache."""
+    before = os.environ.get(paths.ENV_CACHE)
+    with tempfile.TemporaryDirectory(prefix="ctrlgen-bench-") as root:
+        os.environ[paths.ENV_CACHE] = root
+        try:
+            yield
+        finally:
+            if before is None:
+                os.environ.pop(paths.ENV_CACHE, None)
+            else:
+                os.environ[paths.ENV_CACHE] = before
 
 
 def bench_parallel(cfg, n_jobs: int = 2, n_images: int = 512, epochs: int = 3, repeats: int = 1) -> dict[str, Any]:
@@ -488,13 +507,14 @@ def bench_parallel(cfg, n_jobs: int = 2, n_images: int = 512, epochs: int = 3, r
             "parallel": cfg}
     seconds: dict[str, list[float]] = {a: [] for a in arms}
     histories: dict[str, Any] = {}
-    for repeat in range(repeats):
-        for arm, arm_cfg in arms.items():
-            jobs = {j: _classifier_job(arm_cfg or cfg, arm, repeat, j, n_images, epochs) for j in range(n_jobs)}
-            t0 = time.perf_counter()
-            out = {j: job() for j, job in jobs.items()} if arm_cfg is None else parallel.run_all(jobs, arm_cfg, arm)
-            seconds[arm].append(time.perf_counter() - t0)
-            histories[arm] = [out[j]["history"] for j in range(n_jobs)]
+    with _scratch_cache():
+        for repeat in range(repeats):
+            for arm, arm_cfg in arms.items():
+                jobs = {j: _classifier_job(arm_cfg or cfg, arm, repeat, j, n_images, epochs) for j in range(n_jobs)}
+                t0 = time.perf_counter()
+                out = {j: job() for j, job in jobs.items()} if arm_cfg is None else parallel.run_all(jobs, arm_cfg, arm)
+                seconds[arm].append(time.perf_counter() - t0)
+                histories[arm] = [out[j]["history"] for j in range(n_jobs)]
     median = {a: statistics.median(v) for a, v in seconds.items()}
     diff = max(abs(a - b) for s, p in zip(histories["jobs 1"], histories["parallel"]) for a, b in zip(s, p))
     return {"benchmark": 8, "model": f"{cfg.downstream.classification.models[0]} ({cfg.profile_name}), random images",
