@@ -727,7 +727,7 @@ def prior(cfg: Mapping[str, Any], ec: Ch06Config, base_k: str, rs: ReportSets, v
           targets: torch.Tensor, kind: str = "mse+cos", raw: bool = False) -> Prior:
     """Stage-2 prior for ``variant`` trained with loss ``kind`` from ``inputs`` (``prior_inputs``: latents or raw
     pixels of the training pairs) to ``targets`` (stage 1's representative embeddings of their reports), stored by
-    content. The caller computes both once for every prior that shares them (``language_models``)."""
+    content. The caller computes both once for every prior that shares them (``prior_jobs``)."""
     parts = {"what": "ch06 prior", "variant": variant, "kind": kind, "raw": raw, "base": base_k, "data": rs.fingerprint,
              "stage1": hashlib.sha256(targets.numpy().tobytes()).hexdigest()[:16], "seed": ec.seed,
              "prior": [ec.prior_width, ec.prior_depth, ec.prior_heads, ec.prior_steps, ec.prior_batch, ec.prior_lr, ec.prior_lambda],
