@@ -139,3 +139,15 @@ def test_align_words_resumes_where_it_stopped_and_loads_from_the_cache(isolated_
     assert W.align_words(cfg, "plain", progress=False)["key"] == again["key"] == W.aligned_key(cfg, "plain")
     # the stage-A model is left as it was: stage B writes beside it
     assert W.aligned_dir(cfg, "plain").name == "scenes-plain-words"
+
+
+def test_cli_pretrain_scenes_also_aligns_the_words(isolated_cache, capsys):
+    from ctrlgen.cli.main import main
+
+    args = ["pretrain", "scenes", "--profile", "smoke", "--quiet", "--no-self-attention-loss"]
+    for k, v in TINY.items():
+        args += ["-p", f"{k}={v}"]
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert "scenes/plain + words (stage B" in out and "4 steps" in out
+    assert (W.aligned_dir(load_profile("smoke", TINY), "plain") / W.RECORD).is_file()

@@ -1,5 +1,6 @@
 """The work of ``ctrlgen pretrain DOMAIN`` (its parser is ``ctrlgen.cli.pretrain``): pretrain, or load from the
-cache, the mini base models of a domain and print what each measures."""
+cache, the mini base models of a domain and print what each measures; for ``scenes`` also each variant's stage B
+(word alignment, ``experiments.base_models.word_alignment``)."""
 from __future__ import annotations
 
 import argparse
@@ -11,6 +12,7 @@ from ctrlgen.cli.common import EXIT_FAILED, EXIT_OK, EXIT_USAGE, profile_from_ar
 from ctrlgen.config import ConfigError
 from ctrlgen.data import DataError
 from ctrlgen.experiments import base_models as P
+from ctrlgen.experiments.base_models import word_alignment
 
 
 def cmd_pretrain(args: argparse.Namespace) -> int:
@@ -41,6 +43,10 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
             print(f"{args.domain}/{v}{default}: {state} -> {r.folder}", flush=True)
             for k, val in r.metrics.items():
                 print(f"    {k}: {val:.4g}" if isinstance(val, float) else f"    {k}: {val}")
+            if args.domain == word_alignment.DOMAIN and r.metrics:  # stage B, the scenes models only (chapter 2)
+                info = word_alignment.align_words(cfg, v, progress=not args.quiet, data=data)
+                print(f"{args.domain}/{v} + words (stage B, chapter 3 starts from it): {info['steps']} steps, "
+                      f"{info['seconds']:.0f} s of training -> {word_alignment.aligned_dir(cfg, v)}", flush=True)
     except (DataError, ValueError, OSError) as err:
         print(f"ctrlgen: error: {err}")
         return EXIT_FAILED
