@@ -178,7 +178,9 @@ pretraining.shown()
 # the background phrase each dropped with `bare_probability`, so that "a photo of circle and square", chapter
 # 3's prompt grammar, is seen). This is the book's stand-in for what web-scale pretraining gives SD, not a
 # thesis method; derm and cxr have no stage B (their captions name no object per region). The bar below
-# measures both stages; chapter 3 starts from stage B.
+# measures both stages; chapter 3 starts from stage B. Read its `+ words` rows against their stage-A rows: stage B
+# buys localization with prompt fidelity (its captions seldom name a colour, and the whole model trains), and the
+# bar says how much of each this run's models have.
 
 # %%
 alignment = ch02_background.word_alignment_table(base)
