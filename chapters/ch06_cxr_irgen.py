@@ -102,12 +102,13 @@ ch06.reference_counts(ctx)
 # first the vision variants, the stage-1 BARTs, the Table 6.2 classifier and the report baselines, then the priors
 # (they need stage 1) and the Table 6.1 / 6.2 images (they need the vision variants). This cell trains both waves,
 # `jobs` at a time (`ctrlgen.parallel`: one thread per job, so the numbers do not depend on the machine's cores),
-# into the cache; the sections below read what they need from it, in the thesis's order.
+# and returns the vision and language models; the sections below use them and read the rest (the Table 6.2
+# classifier, the generated images) from the cache, in the thesis's order.
 
 # %%
 rs = ch06.report_sets(cfg)
 cc = ch06.ClinicalConfig.from_profile(cfg)   # the clinical section's settings (its baselines train in wave 1)
-ch06.train_all(cfg, ctx, rs, cc)
+vm, language = ch06.train_all(cfg, ctx, rs, cc)
 
 # %% [markdown]
 # ## Finetuning the vision module
@@ -120,7 +121,6 @@ ch06.train_all(cfg, ctx, rs, cc)
 # trained backbone is stored by content.
 
 # %%
-vm = ch06.vision_models(cfg, ctx)
 run.show(ch06.loss_figure(vm, ec), "vision_losses")
 
 # %% [markdown]
@@ -192,7 +192,6 @@ run.note(f"language module: IU X-ray {rs.iu_source}; pairs from {rs.world_source
 rs.counts
 
 # %%
-language = ch06.language_models(cfg, ec, rs, base, ctx.key, cc)
 s1, s1_fi, priors = language.stage1, language.stage1_fi, language.priors
 
 # %% [markdown]
@@ -264,7 +263,7 @@ validation["world"].round(3)
 # Sizes and steps: `ch06.baselines` (the book's). Every baseline is stored by content.
 
 # %%
-baselines = language.baselines   # trained beside the priors (ch06.language_models)
+baselines = language.baselines   # trained in wave 1 (ch06.train_all)
 test_inputs = ch06.prior_inputs(base, rs.pair_images_test, raw=False)
 hyps = {name: ch06.reports_for(ec, s1_fi if name == "F+I" else s1["mean"], pr, base, images=rs.pair_images_test)
         for name, pr in priors.items()}

@@ -7,7 +7,9 @@ import numpy as np
 import pytest
 import torch
 
+from ctrlgen.analysis.attribute_labels import scene_objects
 from ctrlgen.config import load_profile
+from ctrlgen.data.worlds.multiconcept import Concept
 from ctrlgen.experiments.base_models import word_alignment as W
 from ctrlgen.experiments.base_models.keys import CODE_FILES, DOMAIN_CODE_FILES
 from ctrlgen.models import build_caption_tokenizer
@@ -18,21 +20,22 @@ CAPTIONS = ["a photo of a green striped circle and a orange diamond on a plain b
             "a photo of a red square and a blue striped ring and a white cross on a field background"]
 
 
-def test_parse_scene_caption_reads_every_object_and_names_a_bad_caption():
-    objects, background = W.parse_scene_caption(CAPTIONS[1])
-    assert objects == [W.SceneObject("red", None, "square"), W.SceneObject("blue", "striped", "ring"),
-                       W.SceneObject("white", None, "cross")]
+def test_scene_objects_reads_every_object_in_order_and_names_a_bad_caption():
+    """Stage B reads the captions with the attribute labeler's parser (``analysis.attribute_labels``), in order."""
+    objects, background = scene_objects(CAPTIONS[1])
+    assert objects == [Concept("square", "red", "plain"), Concept("ring", "blue", "striped"),
+                       Concept("cross", "white", "plain")]
     assert background == "field"
     for bad in ("a photo of a circle on a plain background",          # no colour (a bare caption)
                 "a photo of a teal circle on a plain background",      # colour outside the world
                 "a photo of a red dotted circle on a plain background",  # texture outside the world
                 "a photo of a red circle"):                            # no background phrase
         with pytest.raises(ValueError, match="scenes caption"):
-            W.parse_scene_caption(bad)
+            scene_objects(bad)
 
 
 def test_recompose_keeps_everything_at_zero_and_only_shapes_at_one():
-    objects, background = W.parse_scene_caption(CAPTIONS[1])
+    objects, background = scene_objects(CAPTIONS[1])
     words, regions = W.recompose(objects, background, np.random.default_rng(0), bare=0.0)
     named = {w: r for w, r in zip(words, regions) if r >= 0}
     assert named == {"red": 1, "square": 1, "blue": 2, "striped": 2, "ring": 2, "white": 3, "cross": 3,
@@ -90,11 +93,12 @@ def test_alignment_batches_give_each_word_its_objects_mask(tokenizer):
     for row in range(2):
         i = int(next(j for j in range(2) if torch.equal(batch["latents"][row], latents[j])))
         ids = batch["input_ids"][row].tolist()
-        objects, background = W.parse_scene_caption(CAPTIONS[i])
+        objects, background = scene_objects(CAPTIONS[i])
         expected = {o.shape: k + 1 for k, o in enumerate(objects)} | {o.colour: k + 1 for k, o in enumerate(objects)}
-        expected |= {background: 0, "background": 0, "striped": next((k + 1 for k, o in enumerate(objects) if o.texture), -1)}
+        expected |= {background: 0, "background": 0,
+                     "striped": next((k + 1 for k, o in enumerate(objects) if o.texture == "striped"), -1)}
         valid = batch["token_valid"][row]
-        n_named = sum(2 + (o.texture is not None) for o in objects) + 2  # colour, [texture,] shape; kind + "background"
+        n_named = sum(2 + (o.texture == "striped") for o in objects) + 2  # colour, [texture,] shape; kind + "background"
         assert int(valid.sum()) == n_named
         for j in torch.nonzero(valid).flatten().tolist():
             word = tokenizer.convert_ids_to_tokens(ids[int(batch["token_indices"][row, j])])[:-4]

@@ -28,7 +28,7 @@ import numpy as np
 
 from ctrlgen.data.domains import CXR_PROMPT, DERM_TOKENS, DOMAINS
 from ctrlgen.data.readers.cxr import CHEXPERT_LABELS, NIH_LABELS
-from ctrlgen.data.worlds.multiconcept import BACKGROUNDS, COLOURS, SHAPES, TEXTURES
+from ctrlgen.data.worlds.multiconcept import BACKGROUNDS, COLOURS, SHAPES, TEXTURES, Concept
 
 CLASS, MULTI = "class", "multi-hot"
 DERM_SIZES = ("small", "medium", "large")
@@ -70,8 +70,8 @@ def parse_derm_caption(caption: str) -> dict[str, str]:
     return {"size": size, "contrast": contrast}
 
 
-def _scene_object(caption: str, phrase: str) -> tuple[str, str]:
-    """``a red striped cross`` -> (shape, colour); the texture word is optional (absent for plain objects)."""
+def _scene_object(caption: str, phrase: str) -> Concept:
+    """``a red striped cross`` -> its ``Concept``; the texture word is optional (absent for plain objects)."""
     words = phrase.split()
     if len(words) not in (3, 4) or words[0] not in ("a", "an"):
         raise _unreadable("scenes", caption, f"object {phrase!r} is not 'a <colour> [<texture>] <shape>'")
@@ -83,12 +83,12 @@ def _scene_object(caption: str, phrase: str) -> tuple[str, str]:
     # "plain" is never written out (Concept.phrase), so a four-word phrase must name another texture
     if texture not in TEXTURES or (len(words) == 4 and texture == "plain"):
         raise _unreadable("scenes", caption, f"texture {texture!r} of {phrase!r} is not one of {TEXTURES[1:]}")
-    return shape, colour
+    return Concept(shape, colour, texture)
 
 
-def parse_scenes_caption(caption: str) -> dict[str, str | frozenset[str]]:
-    """``a photo of a red square and a blue striped circle on a plain background`` ->
-    ``{"objects": "2", "shapes": {"square", "circle"}, "colours": {"red", "blue"}}``."""
+def scene_objects(caption: str) -> tuple[list[Concept], str]:
+    """The objects of a complete scenes caption in the caption's order (left to right in the image: object k is
+    region k + 1) and its background kind. ``ValueError`` naming the caption when it does not follow the grammar."""
     text = _check_text("scenes", caption)
     m = _SCENE.fullmatch(text)
     if m is None:
@@ -96,9 +96,15 @@ def parse_scenes_caption(caption: str) -> dict[str, str | frozenset[str]]:
     objects, background = m.groups()
     if background not in BACKGROUNDS:
         raise _unreadable("scenes", caption, f"background {background!r} is not one of {BACKGROUNDS}")
-    parsed = [_scene_object(caption, p) for p in objects.split(" and ")]
-    return {"objects": str(len(parsed)), "shapes": frozenset(s for s, _ in parsed),
-            "colours": frozenset(c for _, c in parsed)}
+    return [_scene_object(caption, p) for p in objects.split(" and ")], background
+
+
+def parse_scenes_caption(caption: str) -> dict[str, str | frozenset[str]]:
+    """``a photo of a red square and a blue striped circle on a plain background`` ->
+    ``{"objects": "2", "shapes": {"square", "circle"}, "colours": {"red", "blue"}}``."""
+    parsed, _ = scene_objects(caption)
+    return {"objects": str(len(parsed)), "shapes": frozenset(o.shape for o in parsed),
+            "colours": frozenset(o.colour for o in parsed)}
 
 
 def parse_cxr_caption(caption: str) -> dict[str, frozenset[str]]:
@@ -246,4 +252,4 @@ def label_counts(schema: AttributeSchema, labels: Mapping[str, np.ndarray]) -> d
 
 __all__ = ["CLASS", "MULTI", "CXR_FINDINGS", "DERM_SIZES", "DERM_CONTRASTS", "SCENE_SHAPES", "SCENE_COLOURS",
            "Attribute", "AttributeSchema", "attribute_schema", "caption_labels", "label_counts", "parse_caption",
-           "parse_derm_caption", "parse_scenes_caption", "parse_cxr_caption"]
+           "parse_derm_caption", "scene_objects", "parse_scenes_caption", "parse_cxr_caption"]

@@ -407,8 +407,13 @@ def vision_jobs(cfg: Mapping[str, Any], ctx: VisionContext) -> dict[tuple, Any]:
 
 
 def vision_models(cfg: Mapping[str, Any], ctx: VisionContext) -> VisionModels:
+    """The vanilla model and every trained variant at both lengths (trained ``jobs`` at a time)."""
+    return _vision_models(ctx, run_all(vision_jobs(cfg, ctx), cfg, "vision variants"))
+
+
+def _vision_models(ctx: VisionContext, variants: Mapping[tuple, tuple[dict[str, Any], str]]) -> VisionModels:
+    """``VisionModels`` from the ``vision_jobs`` results ``{(backbone, rie): (trained states, key)}``."""
     models, keys, hist = {("vanilla", False, ""): ctx.base}, {("vanilla", False, ""): ctx.key}, {}
-    variants = run_all(vision_jobs(cfg, ctx), cfg, "vision variants")
     for (backbone, rie), (trained, key) in variants.items():
         for length in ("short", "long"):
             k = (backbone, rie, length)
@@ -793,32 +798,43 @@ def language_models(cfg: Mapping[str, Any], ec: Ch06Config, rs: ReportSets, base
     stages = run_all(stage1_jobs(cfg, ec, rs), cfg, "stage 1")
     done = run_all(prior_jobs(cfg, ec, base_k, rs, stages, inputs) | baseline_jobs(cfg, ec, cc, base_k, rs, inputs[0]),
                    cfg, "priors and baselines")
-    return LanguageModels({how: stages["F", how] for how in ("mean", "bos", "eos")}, stages["F+I", "mean"],
-                          {k: v for k, v in done.items() if not isinstance(k, tuple)},
-                          {name: done["baseline", name] for name in BASELINE_ROWS})
+    return _language_models(stages, {k: v for k, v in done.items() if not isinstance(k, tuple)},
+                            {name: done["baseline", name] for name in BASELINE_ROWS})
 
 
-def train_all(cfg: Mapping[str, Any], ctx: VisionContext, rs: ReportSets, cc: "ClinicalConfig") -> None:
-    """Every trained model and generated image set of the chapter into the cache, in two waves of independent jobs
+def _language_models(stages: Mapping[tuple, Stage1], priors: dict[str, Prior], baselines: dict[str, Baseline]
+                     ) -> LanguageModels:
+    return LanguageModels({how: stages["F", how] for how in ("mean", "bos", "eos")}, stages["F+I", "mean"], priors,
+                          baselines)
+
+
+def train_all(cfg: Mapping[str, Any], ctx: VisionContext, rs: ReportSets, cc: "ClinicalConfig"
+              ) -> tuple[VisionModels, LanguageModels]:
+    """Every trained model and generated image set of the chapter, in two waves of independent jobs
     (``parallel.run_all``), so that both cores stay busy: (1) the vision variants, the stage-1 BARTs, the Table 6.2
     classifier and the report baselines — none needs another; (2) the priors (they need stage 1) and the Table 6.1 /
     6.2 images (they need the vision variants). Each wave is ordered longest job first (measured on mini: a U-Net
-    variant ~3.4 core-minutes, a BART ~3.1, a prior ~2.4, the classifier ~2.5, a U-ViT ~1.5, an image set ~1). The
-    chapter's sections then read everything from the cache; without this call they train the same models section by
-    section (the same numbers: each job runs on one thread either way)."""
+    variant ~3.4 core-minutes, a BART ~3.1, a prior ~2.4, the classifier ~2.5, a U-ViT ~1.5, an image set ~1).
+    Returns the vision and language models (what ``vision_models`` and ``language_models`` return); the classifier
+    and the image sets stay in the cache for the sections that read them (``pathology_classifier``, ``table_6_1``,
+    ``table_6_2``). The same numbers as those functions trained section by section: each job runs on one thread."""
     ec = ctx.ec
     inputs = pair_inputs(cfg, ctx.base, rs)
     vision, stage = vision_jobs(cfg, ctx), stage1_jobs(cfg, ec, rs)
     unets = {("vision", k): j for k, j in vision.items() if k[0] == "unet"}
     others = {("vision", k): j for k, j in vision.items() if k[0] != "unet"}
-    run_all({**unets, **{("stage 1", k): j for k, j in stage.items()},
-             "classifier": partial(pathology_classifier, cfg, ctx.sets, ec), **others,
-             **baseline_jobs(cfg, ec, cc, ctx.key, rs, inputs[0])}, cfg, "models (wave 1 of 2)")
-    vm = vision_models(cfg, ctx)
-    stages = run_all(stage, cfg, "stage 1")
-    run_all({**{("prior", k): j for k, j in prior_jobs(cfg, ec, ctx.key, rs, stages, inputs).items()},
-             **{("table 6.2", k): j for k, j in table_6_2_jobs(cfg, ctx, vm).items()},
-             **{("table 6.1", k): j for k, j in table_6_1_jobs(cfg, ctx, vm).items()}}, cfg, "priors and images (wave 2 of 2)")
+    first = run_all({**unets, **{("stage 1", k): j for k, j in stage.items()},
+                     "classifier": partial(pathology_classifier, cfg, ctx.sets, ec), **others,
+                     **baseline_jobs(cfg, ec, cc, ctx.key, rs, inputs[0])}, cfg, "models (wave 1 of 2)")
+    vm = _vision_models(ctx, {k: first["vision", k] for k in vision})
+    stages = {k: first["stage 1", k] for k in stage}
+    priors = prior_jobs(cfg, ec, ctx.key, rs, stages, inputs)
+    second = run_all({**{("prior", k): j for k, j in priors.items()},
+                      **{("table 6.2", k): j for k, j in table_6_2_jobs(cfg, ctx, vm).items()},
+                      **{("table 6.1", k): j for k, j in table_6_1_jobs(cfg, ctx, vm).items()}},
+                     cfg, "priors and images (wave 2 of 2)")
+    return vm, _language_models(stages, {k: second["prior", k] for k in priors},
+                                {name: first["baseline", name] for name in BASELINE_ROWS})
 
 
 def reports_for(ec: Ch06Config, s1: Stage1, pr: Prior, base, images: np.ndarray | None = None,

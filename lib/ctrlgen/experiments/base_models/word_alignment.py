@@ -24,7 +24,6 @@ live beside stage A's, in ``<domain>-<variant>-words``, keyed by the stage-A mod
 from __future__ import annotations
 
 import json
-import re
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -37,7 +36,8 @@ import torch
 from ctrlgen.data.caption_labels import with_complete_captions
 from ctrlgen.data.domains import DomainData
 from ctrlgen.data.tensors import region_maps
-from ctrlgen.data.worlds.multiconcept import COLOURS, SHAPES
+from ctrlgen.analysis.attribute_labels import scene_objects
+from ctrlgen.data.worlds.multiconcept import Concept
 from ctrlgen.experiments.base_models.keys import variant_dir, work_dir
 from ctrlgen.experiments.base_models.train import load_domain_data, load_variant, pretrain_domain
 from ctrlgen.models import ModelNotFoundError, load_components
@@ -50,10 +50,9 @@ DOMAIN = "scenes"
 # library files whose change must retrain the stage-B models (beside the stage-A model's own key)
 CODE_FILES = ("experiments/base_models/word_alignment.py", "training/loop.py", "training/losses.py",
               "training/params.py", "training/region_loss.py", "attention/capture.py", "attention/layers.py",
-              "data/tensors.py", "data/caption_labels.py")
+              "data/tensors.py", "data/caption_labels.py", "analysis/attribute_labels.py")
 RECORD = "words.json"
 MAX_WORDS = 12            # aligned words per caption: 3 objects x (colour, texture, shape) + background kind and word
-_CAPTION = re.compile(r"^a photo of (?P<objects>.+) on a (?P<background>\w+) background$")
 
 
 @dataclass(frozen=True)
@@ -76,32 +75,7 @@ class WordAlignmentSettings:
         return cls(**{name: w[name] for name in cls.__dataclass_fields__})
 
 
-@dataclass(frozen=True)
-class SceneObject:
-    colour: str
-    texture: str | None  # None: plain (complete captions write only "striped")
-    shape: str
-
-
-def parse_scene_caption(text: str) -> tuple[list[SceneObject], str]:
-    """The objects (left to right, object k names region k + 1) and the background kind of a complete scenes caption
-    (``data.worlds.multiconcept.scene_caption``). ``ValueError`` naming the caption when it does not follow it."""
-    m = _CAPTION.match(text.strip())
-    if m is None:
-        raise ValueError(f"scenes caption {text!r}: expected 'a photo of a <colour> [striped] <shape> and ... on a "
-                         f"<kind> background'")
-    objects = []
-    for phrase in m["objects"].split(" and "):
-        words = phrase.split()
-        if words[:1] != ["a"] or len(words) not in (3, 4) or words[1] not in COLOURS or words[-1] not in SHAPES \
-                or (len(words) == 4 and words[2] != "striped"):
-            raise ValueError(f"scenes caption {text!r}: object phrase {phrase!r} is not 'a <colour> [striped] <shape>' "
-                             f"with a colour of {sorted(COLOURS)} and a shape of {list(SHAPES)}")
-        objects.append(SceneObject(words[1], "striped" if len(words) == 4 else None, words[-1]))
-    return objects, m["background"]
-
-
-def recompose(objects: Sequence[SceneObject], background: str, rng: np.random.Generator, bare: float
+def recompose(objects: Sequence[Concept], background: str, rng: np.random.Generator, bare: float
               ) -> tuple[list[str], list[int]]:
     """A recomposed caption as words, and the region each word names (k + 1 for object k, 0 for the background
     words, -1 for none): objects in a random order; each colour word, texture word, the articles and the background
@@ -110,7 +84,8 @@ def recompose(objects: Sequence[SceneObject], background: str, rng: np.random.Ge
     words, regions = ["a", "photo", "of"], [-1, -1, -1]
     for n, k in enumerate(rng.permutation(len(objects))):
         o = objects[k]
-        phrase = [(w, k + 1) for w in (o.colour, o.texture) if w is not None and rng.random() >= bare] + [(o.shape, k + 1)]
+        written = (o.colour, o.texture) if o.texture != "plain" else (o.colour,)  # "plain" is never written out
+        phrase = [(w, k + 1) for w in written if rng.random() >= bare] + [(o.shape, k + 1)]
         if n:
             words.append("and"), regions.append(-1)
         if articles:
@@ -152,7 +127,7 @@ class AlignmentBatches:
     def __init__(self, latents: torch.Tensor, captions: Sequence[str], labels: np.ndarray, tokenizer,
                  settings: WordAlignmentSettings, seed: int):
         self.latents, self.tokenizer, self.settings, self.seed = latents, tokenizer, settings, seed
-        self.scenes = [parse_scene_caption(c) for c in captions]
+        self.scenes = [scene_objects(c) for c in captions]
         k = int(labels.max()) + 1
         self.regions = region_maps(labels, k, latents.shape[-1])  # (N, k, s, s), soft one-hot
         self.pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
@@ -227,7 +202,8 @@ def align_words(cfg: Mapping[str, Any], variant: str, progress: bool = True, dat
     if variant == "selfattn":
         terms.append(RegionSelfAttentionTerm(float(sa["weight"])))
     work = work_dir(cfg, f"{DOMAIN}-{variant}-words-{key}")
-    steps = min(s.steps, (_done(work) + stop_after)) if stop_after > 0 else s.steps
+    resumed_from = _done(work)
+    steps = min(s.steps, resumed_from + stop_after) if stop_after > 0 else s.steps
     start = time.perf_counter()
     tc = TrainConfig(steps=steps, lr=s.lr, warmup_steps=s.warmup_steps, ema_decay=s.ema_decay,
                      max_grad_norm=float(cfg["training"]["max_grad_norm"]),
@@ -235,7 +211,6 @@ def align_words(cfg: Mapping[str, Any], variant: str, progress: bool = True, dat
                      self_res=tuple(int(r) for r in sa["res"]) if variant == "selfattn" else (),
                      self_places=tuple(sa["places"]), checkpoint_every=max(1, s.checkpoint_every), keep_checkpoints=2,
                      output_dir=str(work), resume=True, seed=seed, progress=progress)
-    resumed_from = _done(work)
     res = train_diffusion(model, stream, tc, trainable, terms)
     history = cache.read_json(work / "history.json") or {"history": [], "seconds": 0.0}
     history = {"history": [h for h in history["history"] if h["step"] <= resumed_from] + res.history,
@@ -277,5 +252,5 @@ def aligned_key(cfg: Mapping[str, Any], variant: str) -> str:
     return str(info["key"])
 
 
-__all__ = ["CODE_FILES", "WordAlignmentSettings", "SceneObject", "parse_scene_caption", "recompose", "word_positions",
+__all__ = ["CODE_FILES", "WordAlignmentSettings", "recompose", "word_positions",
            "AlignmentBatches", "aligned_dir", "key_parts", "align_words", "load_aligned", "aligned_key"]
