@@ -174,13 +174,15 @@ pretraining.shown()
 # `pretrain.word_alignment.steps` steps with $L_{rec}$ (+ its self-attention term) $+\,\alpha L_{attn}$, the
 # cross-attention alignment loss of Eq. (4.5) that DiDGen's region-aware finetuning uses (§4.3.3): every
 # colour, texture and shape word is pulled to its object's true mask and the background words to the
-# background, on captions recomposed at each step (objects in random order; colours, textures, articles and
-# the background phrase each dropped with `bare_probability`, so that "a photo of circle and square", chapter
-# 3's prompt grammar, is seen). This is the book's stand-in for what web-scale pretraining gives SD, not a
-# thesis method; derm and cxr have no stage B (their captions name no object per region). The bar below
-# measures both stages; chapter 3 starts from stage B. Read its `+ words` rows against their stage-A rows: stage B
-# buys localization with prompt fidelity (its captions seldom name a colour, and the whole model trains), and the
-# bar says how much of each this run's models have.
+# background, on captions recomposed at each step: objects in random order, and with `bare_probability` the
+# caption is *bare* — shape words only, "a photo of circle and square", chapter 3's prompt grammar — else
+# complete. A bare caption enters $L_{attn}$ only: it names no colour, and regressing its image on it would
+# teach the model to draw any colour for "circle" (an earlier build that dropped words one by one lost most of
+# its colour fidelity that way; the profile's comment gives the probes). This is the book's stand-in for what
+# web-scale pretraining gives SD, not a thesis method; derm and cxr have no stage B (their captions name no
+# object per region). The bar below measures both stages; chapter 3 starts from stage B. Read its `+ words` rows
+# against their stage-A rows: the whole model trains, so stage B may cost some prompt fidelity or distance, and
+# the bar says how much this run's models paid.
 
 # %%
 alignment = ch02_background.word_alignment_table(base)
@@ -226,7 +228,7 @@ quality.shown().style.format("{:.3f}")
 #    0.5) — a raw ratio near chance would pass a model that ignores its prompt. Labels and prompts here are
 #    complete captions (`ctrlgen.data.caption_labels`): the scenes world's training captions may name an
 #    object by its shape alone (`data.worlds.multiconcept.bare_object_probability`, as web captions omit a
-#    dog's colour; 0 in `mini`, whose stage B drops words instead);
+#    dog's colour; 0 in `mini`, whose stage B makes captions bare instead);
 # 3. **VAE round trip** — the same classifier loses at most 5% of that score on VAE reconstructions;
 # 4. **affinity** — the `selfattn` variant's self-attention keeps an affinity ratio of at least 1.3.
 #

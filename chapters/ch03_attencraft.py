@@ -58,7 +58,7 @@ print(f"profile {cfg.profile_name}: {cc.n_datasets} datasets; steps {cc.steps}; 
 # Stage I rests on self-attention enhancement, so it is run on both scenes base models of chapter 2: `selfattn`
 # (pretrained with the auxiliary self-attention structure loss) and `plain`. Everything after Stage I uses the
 # default base model. On `mini` both are chapter 2's word-aligned models (stage B: every colour, texture and
-# shape word pulled onto its object's mask, on captions that often name an object by its shape alone): Stage I
+# shape word pulled onto its object's mask, on captions that are often bare, "a photo of circle and square"): Stage I
 # reads the class word's cross-attention, which Stable Diffusion learned from web-scale captions and the
 # from-scratch mini model does not learn from its 2,000 captions alone. The same models before stage B are shown
 # beside them ("(stage A)") in the Stage I tables below, so the reader sees what the alignment changes.

@@ -34,20 +34,23 @@ def test_scene_objects_reads_every_object_in_order_and_names_a_bad_caption():
             scene_objects(bad)
 
 
-def test_recompose_keeps_everything_at_zero_and_only_shapes_at_one():
+def test_recompose_writes_a_complete_or_a_bare_caption():
     objects, background = scene_objects(CAPTIONS[1])
-    words, regions = W.recompose(objects, background, np.random.default_rng(0), bare=0.0)
+    words, regions = W.recompose(objects, background, np.random.default_rng(0), bare=False)
     named = {w: r for w, r in zip(words, regions) if r >= 0}
     assert named == {"red": 1, "square": 1, "blue": 2, "striped": 2, "ring": 2, "white": 3, "cross": 3,
                      "field": 0, "background": 0}
     assert words[:3] == ["a", "photo", "of"] and words[-4:] == ["on", "a", "field", "background"]
     assert words.count("a") == 1 + 3 + 1  # "a photo", one article per object, "on a"
-    bare_words, bare_regions = W.recompose(objects, background, np.random.default_rng(0), bare=1.0)
-    assert [w for w in bare_words if w not in ("a", "photo", "of", "and")] == [w for w in bare_words[3::2]]
-    assert sorted(w for w, r in zip(bare_words, bare_regions) if r >= 0) == ["cross", "ring", "square"]
-    assert "background" not in bare_words and bare_words.count("a") == 1  # only "a photo of"
-    # the object order is a random permutation: over draws, the first-named object varies
-    firsts = {W.recompose(objects, background, np.random.default_rng(s), 0.0)[0][4] for s in range(20)}
+    assert len(words) == len(regions) == 3 + 3 * 2 + 4 + 2 + 4  # prefix, articles+shapes, 4 attributes, "and"s, bg
+    bare_words, bare_regions = W.recompose(objects, background, np.random.default_rng(0), bare=True)
+    # chapter 3's grammar: "a photo of <shape> and <shape> and <shape>", each shape aligned with its object
+    assert bare_words[:3] == ["a", "photo", "of"] and bare_words[4::2] == ["and", "and"]
+    assert {w: r for w, r in zip(bare_words, bare_regions) if r >= 0} == {"square": 1, "ring": 2, "cross": 3}
+    assert [r for r in bare_regions if r < 0] == [-1] * 5
+    # the same draw orders both alike; over draws the first-named object varies
+    assert [w for w in words if w in ("square", "ring", "cross")] == bare_words[3::2]
+    firsts = {W.recompose(objects, background, np.random.default_rng(s), False)[0][4] for s in range(20)}
     assert firsts == {"red", "blue", "white"}
 
 
@@ -70,8 +73,8 @@ def test_word_positions_point_at_each_word_in_the_tokenized_caption(tokenizer):
 
 
 def _settings(**change):
-    values = dict(steps=2, batch_size=2, lr=1e-4, warmup_steps=0, alpha=0.1, bare_probability=0.0, prompt_dropout=0.0,
-                  ema_decay=0.0, checkpoint_every=1)
+    values = dict(steps=2, batch_size=2, lr=1e-4, warmup_steps=0, alpha=0.1, bare_probability=0.0,
+                  bare_reconstruction=False, prompt_dropout=0.0, ema_decay=0.0, checkpoint_every=1)
     return W.WordAlignmentSettings(**{**values, **change})
 
 
@@ -105,10 +108,34 @@ def test_alignment_batches_give_each_word_its_objects_mask(tokenizer):
             assert torch.equal(batch["token_masks"][row, j], (labels[i] == expected[word]).float()), word
 
 
+def test_a_bare_caption_aligns_its_shape_words_and_enters_l_attn_only(tokenizer):
+    """Bare captions (shape words only) get L_rec weight 0 unless ``bare_reconstruction``; complete ones 1."""
+    latents = torch.randn(2, 4, 8, 8)
+    bare = next(iter(W.AlignmentBatches(latents, CAPTIONS, _labels(), tokenizer, _settings(bare_probability=1.0), 3)))
+    assert bare["rec_weight"].tolist() == [0.0, 0.0]
+    for row in range(2):
+        shapes = [tokenizer.convert_ids_to_tokens(int(bare["input_ids"][row, int(p)]))[:-4]
+                  for p in bare["token_indices"][row][bare["token_valid"][row]]]
+        assert set(shapes) <= {"circle", "diamond", "square", "ring", "cross"} and len(shapes) in (2, 3)
+    kept = W.AlignmentBatches(latents, CAPTIONS, _labels(), tokenizer,
+                              _settings(bare_probability=1.0, bare_reconstruction=True), 3)
+    assert next(iter(kept))["rec_weight"].tolist() == [1.0, 1.0]
+    complete = next(iter(W.AlignmentBatches(latents, CAPTIONS, _labels(), tokenizer, _settings(), 3)))
+    assert complete["rec_weight"].tolist() == [1.0, 1.0]
+    # a mixed stream: over many batches the bare share is near bare_probability
+    mixed = W.AlignmentBatches(latents, CAPTIONS, _labels(), tokenizer, _settings(bare_probability=0.7), 3)
+    shares = [float((b["rec_weight"] == 0).float().mean()) for b, _ in zip(mixed, range(300))]
+    assert abs(np.mean(shares) - 0.7) < 0.06
+
+
 def test_a_dropped_prompt_has_no_aligned_word(tokenizer):
     stream = W.AlignmentBatches(torch.randn(2, 4, 8, 8), CAPTIONS, _labels(), tokenizer, _settings(prompt_dropout=1.0), 0)
     batch = next(iter(stream))
     assert not batch["token_valid"].any()
+    assert batch["rec_weight"].tolist() == [1.0, 1.0]  # an unconditional sample keeps its L_rec (guidance needs it)
+    bare = W.AlignmentBatches(torch.randn(2, 4, 8, 8), CAPTIONS, _labels(), tokenizer,
+                              _settings(prompt_dropout=1.0, bare_probability=1.0), 0)
+    assert next(iter(bare))["rec_weight"].tolist() == [1.0, 1.0]
     assert (batch["input_ids"][:, :2] == torch.tensor([tokenizer.bos_token_id, tokenizer.eos_token_id])).all()
 
 

@@ -10,11 +10,14 @@ background, whatever its word. Stage B continues each stage-A variant of the sce
 
 L_attn being the cross-attention alignment loss of Eq. (4.5) (DiDGen's region-aware finetuning uses it the same
 way, §4.3.3): every colour, texture and shape word of a caption is pulled to its object's true mask and the
-background words to the background. The captions are recomposed at every step from the world's complete ones:
-objects in random order, and each colour word, texture word, the articles and the background phrase dropped with
-``bare_probability`` — so that a word's map follows the word, not its position, and bare class words ("a photo of
-circle and square", chapter 3's prompt grammar) are seen. Stage B drops whole prompts itself (classifier-free
-guidance) so that a dropped prompt has no aligned word.
+background words to the background. The captions are recomposed at every step from the world's complete ones, the
+objects in random order (a word's map must follow the word, not its position); with ``bare_probability`` a caption
+is *bare* — its shape words only, chapter 3's prompt grammar ("a photo of circle and square") — else complete.
+A bare caption teaches where its words are, not what to draw: it leaves the image's colours unnamed, so with
+``bare_reconstruction`` false it enters L_attn only (its L_rec weight is 0; a caption that names no colour would
+otherwise teach the model to draw any colour — session 11's probe, where each word was dropped on its own, lost
+chapter 2's colour fidelity, 0.80 -> 0.24). Stage B drops whole prompts itself (classifier-free guidance) so that a
+dropped prompt has no aligned word; a dropped prompt keeps its L_rec.
 
 Only the scenes domain has a stage B (derm and cxr captions name no object per region), so this module is not one
 of ``keys.CODE_FILES``: changing it retrains the scenes stage-B models, never the derm or cxr base models. Its models
@@ -65,6 +68,7 @@ class WordAlignmentSettings:
     warmup_steps: int
     alpha: float
     bare_probability: float
+    bare_reconstruction: bool
     prompt_dropout: float
     ema_decay: float
     checkpoint_every: int
@@ -75,26 +79,21 @@ class WordAlignmentSettings:
         return cls(**{name: w[name] for name in cls.__dataclass_fields__})
 
 
-def recompose(objects: Sequence[Concept], background: str, rng: np.random.Generator, bare: float
+def recompose(objects: Sequence[Concept], background: str, rng: np.random.Generator, bare: bool
               ) -> tuple[list[str], list[int]]:
     """A recomposed caption as words, and the region each word names (k + 1 for object k, 0 for the background
-    words, -1 for none): objects in a random order; each colour word, texture word, the articles and the background
-    phrase dropped with probability ``bare`` (the shape word always stays)."""
-    articles = rng.random() >= bare
+    words, -1 for none), the objects in a random order: complete ("a photo of a red square and a blue striped ring on
+    a field background"), or ``bare``, the shape words only ("a photo of ring and square")."""
     words, regions = ["a", "photo", "of"], [-1, -1, -1]
     for n, k in enumerate(rng.permutation(len(objects))):
         o = objects[k]
         written = (o.colour, o.texture) if o.texture != "plain" else (o.colour,)  # "plain" is never written out
-        phrase = [(w, k + 1) for w in written if rng.random() >= bare] + [(o.shape, k + 1)]
-        if n:
-            words.append("and"), regions.append(-1)
-        if articles:
-            words.append("a"), regions.append(-1)
-        words += [w for w, _ in phrase]
-        regions += [r for _, r in phrase]
-    if rng.random() >= bare:
-        words += ["on", "a", background, "background"] if articles else ["on", background, "background"]
-        regions += [-1, -1, 0, 0] if articles else [-1, 0, 0]
+        phrase = ([] if bare else ["a", *written]) + [o.shape]
+        words += (["and"] if n else []) + phrase
+        regions += ([-1] if n else []) + ([] if bare else [-1] + [k + 1] * len(written)) + [k + 1]
+    if not bare:
+        words += ["on", "a", background, "background"]
+        regions += [-1, -1, 0, 0]
     return words, regions
 
 
@@ -121,8 +120,8 @@ class AlignmentBatches:
     again at batch 0, so a resumed run that skips ``start`` batches sees exactly the batches it would have seen).
 
     Each batch: ``latents``, ``input_ids`` of recomposed captions, the aligned words' ``token_indices``,
-    ``token_masks`` (their regions at the latent side) and ``token_valid``, and ``regions`` for the self-attention
-    term."""
+    ``token_masks`` (their regions at the latent side) and ``token_valid``, ``regions`` for the self-attention
+    term, and ``rec_weight`` (0 for a bare caption when ``bare_reconstruction`` is false, else 1)."""
 
     def __init__(self, latents: torch.Tensor, captions: Sequence[str], labels: np.ndarray, tokenizer,
                  settings: WordAlignmentSettings, seed: int):
@@ -146,11 +145,15 @@ class AlignmentBatches:
         token_indices = torch.zeros(len(idx), MAX_WORDS, dtype=torch.long)
         token_region = torch.zeros(len(idx), MAX_WORDS, dtype=torch.long)
         valid = torch.zeros(len(idx), MAX_WORDS, dtype=torch.bool)
+        rec_weight = torch.ones(len(idx))
         for row, i in enumerate(idx):
             objects, background = self.scenes[i]
-            words, regions = recompose(objects, background, rng, s.bare_probability)
+            bare = bool(rng.random() < s.bare_probability)
+            words, regions = recompose(objects, background, rng, bare)
             if rng.random() < s.prompt_dropout:
                 words, regions = [], []
+            elif bare and not s.bare_reconstruction:
+                rec_weight[row] = 0.0
             caption_ids, positions = word_positions(self.tokenizer, words, regions)
             ids[row, :len(caption_ids)] = torch.tensor(caption_ids)
             aligned = [(p, r) for p, r in zip(positions, regions) if r >= 0]
@@ -159,7 +162,7 @@ class AlignmentBatches:
         regions = self.regions[torch.from_numpy(idx)]
         masks = regions.gather(1, token_region[:, :, None, None].expand(-1, -1, *regions.shape[-2:]))
         return {"latents": self.latents[torch.from_numpy(idx)], "input_ids": ids, "token_indices": token_indices,
-                "token_masks": masks, "token_valid": valid, "regions": regions}
+                "token_masks": masks, "token_valid": valid, "regions": regions, "rec_weight": rec_weight}
 
 
 def aligned_dir(cfg: Mapping[str, Any], variant: str) -> Path:
