@@ -74,10 +74,14 @@ pd.DataFrame([{"dataset": s.name, "classes": " & ".join(s.class_names), "colours
 # ## Stage I: attention-guided masks (§3.3.1) and their ablation (Fig. 3.8)
 #
 # Decisions the thesis leaves open (stated in `ctrlgen.methods.attencraft.masks`): A_C is upsampled to the
-# self-attention side before Eq. (3.2); both powers are element-wise; each refined map is min-max normalised
-# before the γ = 0.1 threshold (raw maps are tiny, Table 3.5); Eq. (3.3) asks a pixel to exceed *every* other
-# concept by γ, so masks stay disjoint for any number of concepts. Each mask is scored by its IoU with the
-# world's true mask; the ablations disable one technique at a time, or use Otsu instead of delta masking.
+# self-attention side before Eq. (3.2); both powers are element-wise, and each row of $(A_S)^\tau$ is
+# renormalised to sum to 1, so that $\otimes$ spreads activation to the pixels a pixel attends to (the source
+# method, Dataset Diffusion, takes a matrix power, which is row-stochastic too; the raw element-wise power also
+# scales each pixel by how peaked its own attention is — the table's last row shows that product); each refined
+# map is min-max normalised before the γ = 0.1 threshold (raw maps are tiny, Table 3.5); Eq. (3.3) asks a pixel
+# to exceed *every* other concept by γ, so masks stay disjoint for any number of concepts. Each mask is scored by
+# its IoU with the world's true mask; the ablations disable one technique at a time, or use Otsu instead of delta
+# masking.
 
 # %%
 stage = {v: [ch03_attencraft.stage_one_masks(m, s, cc.mask, cc.seed) for s in scenes] for v, m in bases.items()}

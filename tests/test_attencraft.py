@@ -50,11 +50,27 @@ def test_masks_survive_the_tiny_values_of_real_maps():
 
 
 def test_enhancement_is_an_elementwise_power_then_matrix_product():
-    # 2x2 image; out[p] = Σ_q A_S[p, q]^τ · Â_C[q] with Â_C one-hot at pixel 0 → A_S[p, 0]^2
+    # 2x2 image; out[p] = Σ_q A_S[p, q]^τ · Â_C[q] with Â_C one-hot at pixel 0 → A_S[p, 0]^2 (rows not renormalised)
     sa = torch.tensor([[0.6, 0.4, 0.0, 0.0], [0.2, 0.8, 0.0, 0.0], [0.5, 0.0, 0.5, 0.0], [0.1, 0.0, 0.0, 0.9]])
     cross = torch.tensor([[[1.0, 0.0], [0.0, 0.0]]])
-    out = refined_maps(cross, sa, MaskSettings(nu=1.0, tau=2.0))
+    out = refined_maps(cross, sa, MaskSettings(nu=1.0, tau=2.0, renormalize_rows=False))
     assert torch.allclose(out.flatten(), torch.tensor([0.36, 0.04, 0.25, 0.01]) / 0.36)
+    # renormalised rows (the default): A_S[p, 0]^2 / Σ_q A_S[p, q]^2 — row sums 0.52, 0.68, 0.5, 0.82
+    out = refined_maps(cross, sa, MaskSettings(nu=1.0, tau=2.0))
+    expected = torch.tensor([0.36 / 0.52, 0.04 / 0.68, 0.25 / 0.5, 0.01 / 0.82])
+    assert torch.allclose(out.flatten(), expected / expected.max())
+
+
+def test_renormalised_enhancement_ignores_how_peaked_a_pixels_attention_is():
+    """A map constant over the pixels each pixel attends to stays constant: raw (A_S)^τ rows would scale it by each
+    row's Σ A_S^τ (peaked rows brighter), the renormalised operator averages and leaves it as it was."""
+    sa = torch.tensor([[1.0, 0.0, 0.0, 0.0], [0.5, 0.5, 0.0, 0.0], [0.0, 0.0, 0.5, 0.5], [0.0, 0.0, 0.25, 0.75]])
+    cross = torch.ones(1, 2, 2)
+    even = refined_maps(cross, sa, MaskSettings(nu=1.0, tau=4.0))
+    assert torch.allclose(even, torch.ones(1, 2, 2))
+    raw = refined_maps(cross, sa, MaskSettings(nu=1.0, tau=4.0, renormalize_rows=False)).flatten()
+    sums = torch.tensor([1.0, 2 * 0.5 ** 4, 2 * 0.5 ** 4, 0.25 ** 4 + 0.75 ** 4])
+    assert torch.allclose(raw, sums / sums.max())
 
 
 def test_delta_mask_hand_case_two_concepts():

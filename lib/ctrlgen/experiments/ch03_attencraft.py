@@ -240,7 +240,9 @@ def latent_of(model, scene: Scene) -> torch.Tensor:
 # ------------------------------------------------------------------------------------------ Stage I
 MASK_ABLATIONS = {"all three techniques": {}, "w/o cross-attention suppression": {"suppression": False},
                   "w/o self-attention enhancement": {"enhancement": False},
-                  "Otsu instead of delta masking": {"thresholding": "otsu"}}
+                  "Otsu instead of delta masking": {"thresholding": "otsu"},
+                  # not a thesis ablation: the book's decision (rows of (A_S)^τ renormalised, masks.py) against the raw product
+                  "(A_S)^τ rows not renormalised": {"renormalize_rows": False}}
 
 
 def stage_one_masks(model, scene: Scene, settings: MaskSettings, seed: int) -> dict[str, Any]:
