@@ -142,6 +142,12 @@ print(ex.note)
 # Every method is finetuned on every dataset at each learning rate of the sweep (§3.6.3) and each step count
 # (its steps times `ch03.sweep.step_scales`); the best trial is the one with the highest mean feat-I over both
 # scopes. Every finetuned model is cached by content (its settings, data, base model and the code).
+#
+# One arm is not the thesis's: **Mine + tokens** is AttenCraft with the identifier tokens' embeddings trained
+# too (the thesis keeps them at their class-name initialisation and trains W_k, W_v only, §3.4.1). It is shown
+# because the mini world makes the difference visible: a concept here is a coloured, textured shape, and the
+# class word's embedding carries no colour; Break-a-Scene learns its tokens (textual inversion, then the text
+# encoder). The claims read the "Mine" column only.
 
 # %%
 trials = ch03_attencraft.sweep(cfg, base, scenes, cc, ex, sorted(set(cc.sweep_lrs) | {1e-4}))

@@ -58,6 +58,10 @@ from ctrlgen.parallel import run_all
 from ctrlgen.sampling import text_to_image
 
 METHODS = ("CusDiff", "DisenDiff", "BAS", "Mine")
+# arms of Tables 3.1 / 3.6 beyond the thesis's four, each labelled as its own: {label: (method, its settings)}.
+# "Mine + tokens": AttenCraft training the identifier tokens' embeddings too (§3.4.1 keeps them at their class-name
+# initialisation; the issue lets the book show this variant). Not one of the thesis's rows: no claim reads it.
+VARIANT_ARMS: dict[str, tuple[str, dict[str, Any]]] = {"Mine + tokens": ("Mine", {"train_tokens": True})}
 CODE = ("ctrlgen.methods.attencraft", "ctrlgen.methods.customization", "ctrlgen.methods.baselines.custom_diffusion",
         "ctrlgen.methods.baselines.disendiff", "ctrlgen.methods.baselines.break_a_scene", "ctrlgen.training.loop")
 SAMPLE_CODE = CODE + ("ctrlgen.sampling.pipeline", "ctrlgen.sampling.loop")
@@ -344,7 +348,8 @@ def _train_now(cfg, model, method: str, scene: Scene, s: dict[str, Any], cc: Ch3
     common = dict(cross_res=cc.train_cross_res, seed=cc.seed)
     if method == "Mine":
         c = AttenCraftConfig(steps=s["steps"], lr=s["lr"], alpha=cc.alpha, omega=s["omega"], ratio_mode=s["ratio_mode"],
-                             rec_on_groups=s["rec_on_groups"], masks=cc.mask, **common)
+                             rec_on_groups=s["rec_on_groups"], train_tokens=bool(s.get("train_tokens", False)),
+                             masks=cc.mask, **common)
         r = attencraft_finetune(model, latent, scene.class_names, c, train_config=tc)
         return {"state": r.state, "history": r.train.history, "init": list(r.custom.tokens.init_words),
                 "ratios": [float(x) for x in r.ratios], "masks": r.stage.masks.float()}
@@ -602,13 +607,15 @@ def arm_table(arms: Mapping[str, Evaluated]) -> pd.DataFrame:
 
 
 def sweep(cfg, base, scenes, cc: Ch3Config, ex: Extractors, lrs: Sequence[float]) -> dict[str, dict[str, Evaluated]]:
-    """Every method at every (lr, step scale) of the sweep: ``{method: {"lr=…, steps=…": Evaluated}}``."""
+    """Every method (and ``VARIANT_ARMS``) at every (lr, step scale) of the sweep: ``{arm: {"lr=…, steps=…":
+    Evaluated}}``."""
+    arms = {m: (m, {}) for m in METHODS} | VARIANT_ARMS
     out: dict[str, dict[str, Evaluated]] = {}
-    for method in METHODS:
+    for arm, (method, extra) in arms.items():
         for lr in lrs:
             for scale in cc.step_scales:
-                s = trial_settings(cc, method, lr, scale)
-                out.setdefault(method, {})[f"lr={lr:g}, steps={s['steps']}"] = evaluate_arm(cfg, base, method, scenes, s, cc, ex)
+                s = trial_settings(cc, method, lr, scale, **extra)
+                out.setdefault(arm, {})[f"lr={lr:g}, steps={s['steps']}"] = evaluate_arm(cfg, base, method, scenes, s, cc, ex)
     return out
 
 
@@ -861,7 +868,7 @@ def init_figure(curves: pd.DataFrame, metric: str):
     return fig
 
 
-__all__ = ["METHODS", "Ch3Config", "Scene", "load_scenes", "THREE_CONCEPTS", "SAME_CLASS_CONCEPTS", "three_concept_scene",
+__all__ = ["METHODS", "VARIANT_ARMS", "Ch3Config", "Scene", "load_scenes", "THREE_CONCEPTS", "SAME_CLASS_CONCEPTS", "three_concept_scene",
            "same_class_scene", "base_model",
            "stage_a_models", "variants", "default_name", "latent_of", "MASK_ABLATIONS", "stage_one_masks", "mask_table", "token_attention_table", "mask_figure", "ratio_table",
            "Trial", "trial_settings", "finetune", "customized", "Extractors", "extractors", "colour_share", "prompts_for",
