@@ -238,3 +238,26 @@ def test_training_step_changes_only_cross_attention_kv():
     add_identifiers(fresh, ["circle", "square"])
     load_state(fresh, res.state)
     assert all(torch.equal(p, dict(model.unet.named_parameters())[n]) for n, p in fresh.unet.named_parameters())
+
+
+def test_the_token_variant_also_trains_the_identifier_embeddings_and_nothing_else_of_the_text_encoder():
+    """``train_tokens`` (chapter 3's "Mine + tokens" arm): the identifiers' rows of the embedding table move off their
+    class-name initialisation; every other row and every other text-encoder weight stays as it was."""
+    model = tiny()
+    latent = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    truth = torch.zeros(2, 32, 32)
+    truth[0, :, :16], truth[1, :, 16:] = 1, 1
+    cfg = AttenCraftConfig(steps=3, lr=1e-2, cross_res=(8,), omega=0.5, train_tokens=True,
+                           masks=MaskSettings(cross_res=8, self_res=8, score_timesteps=(0,)))
+    before = {n: p.detach().clone() for n, p in model.text_encoder.named_parameters()}
+    res = attencraft_finetune(model, latent, ["circle", "square"], cfg, true_masks=truth)
+    emb = model.text_encoder.get_input_embeddings().weight.detach()
+    ids = list(res.custom.tokens.ids)
+    piece = model.tokenizer("circle", add_special_tokens=False)["input_ids"]
+    assert not torch.allclose(emb[ids[0]], emb[piece].mean(0))  # moved off its class-name initialisation
+    table = next(n for n in before if n.endswith("token_embedding.weight"))
+    vocab = before[table].shape[0]  # the identifiers were appended after it
+    assert torch.equal(emb[:vocab], before[table]) and all(i >= vocab for i in ids)
+    changed = {n for n, p in model.text_encoder.named_parameters() if n != table and not torch.equal(before[n], p)}
+    assert not changed
+    assert any(k.startswith("text_encoder.") for k in res.state)  # the stored tensors carry the tokens
