@@ -88,6 +88,7 @@ class Ch3Config:
     """The profile's ``ch03`` section, typed."""
 
     n_datasets: int
+    n_stage1_datasets: int  # Stage I (masks, token maps, Fig. 3.8) runs on more sets than the finetuning: it is one step
     steps: dict[str, int]
     lr: dict[str, float]
     sweep_lrs: tuple[float, ...]
@@ -120,7 +121,7 @@ class Ch3Config:
         mask = MaskSettings(nu=float(a["nu"]), tau=float(a["tau"]), gamma=float(a["gamma"]), t_max=int(a["t_max"]),
                             n_top=int(a["n_top"]), score_timesteps=tuple(int(t) for t in a["score_times"]),
                             cross_res=int(cfg["attention"]["cross_res"][0]), self_res=int(cfg["attention"]["self_res"][0]))
-        return cls(n_datasets=int(c["n_datasets"]),
+        return cls(n_datasets=int(c["n_datasets"]), n_stage1_datasets=max(int(c["stage1_datasets"]), int(c["n_datasets"])),
                    steps={"Mine": int(a["steps"]), "CusDiff": int(b["cusdiff_steps"]),
                           "DisenDiff": int(b["disendiff_steps"]), "BAS": int(b["bas_steps"]), "BAS-TI": int(b["bas_ti_steps"])},
                    lr={"Mine": float(a["lr"]), "CusDiff": float(b["lr"]), "DisenDiff": float(b["lr"]), "BAS": float(b["lr"])},
