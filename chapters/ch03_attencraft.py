@@ -64,7 +64,9 @@ print(f"profile {cfg.profile_name}: {cc.n_datasets} datasets; steps {cc.steps}; 
 # beside them ("(stage A)") in the Stage I tables below, so the reader sees what the alignment changes.
 
 # %%
-scenes = ch03_attencraft.load_scenes(cfg, cc.n_datasets)
+# Stage I is one denoising step per image, so it runs on more sets than the finetuning (its first n_datasets)
+stage_scenes = ch03_attencraft.load_scenes(cfg, cc.n_stage1_datasets)
+scenes = stage_scenes[:cc.n_datasets]
 bases = {v: ch03_attencraft.base_model(cfg, v) for v in ch03_attencraft.variants(cfg)}
 default = ch03_attencraft.default_name(cfg)  # the base model everything after Stage I uses
 base = bases[default]
@@ -84,9 +86,6 @@ pd.DataFrame([{"dataset": s.name, "classes": " & ".join(s.class_names), "colours
 # masking.
 
 # %%
-# Stage I is one denoising step per image, so it runs on more sets than the finetuning below (the first
-# `cc.n_datasets` of them are the finetuned ones)
-stage_scenes = ch03_attencraft.load_scenes(cfg, cc.n_stage1_datasets)
 stage = {v: [ch03_attencraft.stage_one_masks(m, s, cc.mask, cc.seed) for s in stage_scenes] for v, m in bases.items()}
 before = ch03_attencraft.stage_a_models(cfg)  # mini: the same models before word alignment (chapter 2)
 stage_before = {v: [ch03_attencraft.stage_one_masks(m, s, cc.mask, cc.seed) for s in stage_scenes] for v, m in before.items()}

@@ -406,11 +406,6 @@ def vision_jobs(cfg: Mapping[str, Any], ctx: VisionContext) -> dict[tuple, Any]:
     return {(b, rie): partial(trained_backbones, cfg, ctx, b, rie) for b in BACKBONES for rie in (False, True)}
 
 
-def vision_models(cfg: Mapping[str, Any], ctx: VisionContext) -> VisionModels:
-    """The vanilla model and every trained variant at both lengths (trained ``jobs`` at a time)."""
-    return _vision_models(ctx, run_all(vision_jobs(cfg, ctx), cfg, "vision variants"))
-
-
 def _vision_models(ctx: VisionContext, variants: Mapping[tuple, tuple[dict[str, Any], str]]) -> VisionModels:
     """``VisionModels`` from the ``vision_jobs`` results ``{(backbone, rie): (trained states, key)}``."""
     models, keys, hist = {("vanilla", False, ""): ctx.base}, {("vanilla", False, ""): ctx.key}, {}
@@ -790,18 +785,6 @@ def baseline_jobs(cfg: Mapping[str, Any], ec: Ch06Config, cc: "ClinicalConfig", 
     return {("baseline", name): partial(baseline, cfg, ec, cc, base_k, rs, name, latents) for name in BASELINE_ROWS}
 
 
-def language_models(cfg: Mapping[str, Any], ec: Ch06Config, rs: ReportSets, base, base_k: str,
-                    cc: ClinicalConfig) -> LanguageModels:
-    """Every stage-1 model, then every prior (each needs its stage 1) and every baseline (they need none: they share
-    the priors' wave so that both cores stay busy), ``jobs`` at a time (``ctrlgen.parallel``)."""
-    inputs = pair_inputs(cfg, base, rs)
-    stages = run_all(stage1_jobs(cfg, ec, rs), cfg, "stage 1")
-    done = run_all(prior_jobs(cfg, ec, base_k, rs, stages, inputs) | baseline_jobs(cfg, ec, cc, base_k, rs, inputs[0]),
-                   cfg, "priors and baselines")
-    return _language_models(stages, {k: v for k, v in done.items() if not isinstance(k, tuple)},
-                            {name: done["baseline", name] for name in BASELINE_ROWS})
-
-
 def _language_models(stages: Mapping[tuple, Stage1], priors: dict[str, Prior], baselines: dict[str, Baseline]
                      ) -> LanguageModels:
     return LanguageModels({how: stages["F", how] for how in ("mean", "bos", "eos")}, stages["F+I", "mean"], priors,
@@ -815,9 +798,9 @@ def train_all(cfg: Mapping[str, Any], ctx: VisionContext, rs: ReportSets, cc: "C
     classifier and the report baselines — none needs another; (2) the priors (they need stage 1) and the Table 6.1 /
     6.2 images (they need the vision variants). Each wave is ordered longest job first (measured on mini: a U-Net
     variant ~3.4 core-minutes, a BART ~3.1, a prior ~2.4, the classifier ~2.5, a U-ViT ~1.5, an image set ~1).
-    Returns the vision and language models (what ``vision_models`` and ``language_models`` return); the classifier
+    Returns the vision models (the vanilla model and every variant at both lengths) and the language models; the classifier
     and the image sets stay in the cache for the sections that read them (``pathology_classifier``, ``table_6_1``,
-    ``table_6_2``). The same numbers as those functions trained section by section: each job runs on one thread."""
+    ``table_6_2``). Each job runs on one thread, so the numbers do not depend on the machine's cores."""
     ec = ctx.ec
     inputs = pair_inputs(cfg, ctx.base, rs)
     vision, stage = vision_jobs(cfg, ctx), stage1_jobs(cfg, ec, rs)
@@ -1111,10 +1094,10 @@ def table_6_4(cfg: Mapping[str, Any], ctx: VisionContext, vm: VisionModels, writ
 __all__ = ["NIH_TO_CHEXPERT", "TABLE_6_2", "BACKBONES", "VARIANTS", "NO_REFERENCE", "Ch06Config", "nih_to_chexpert",
            "VisionSets", "vision_sets", "label_summary", "base_model", "base_key", "load_base_and_sets", "image_embedder",
            "VisionContext", "vision_context", "trained_backbones", "load_variant", "eval_conditions", "cached_generation",
-           "VisionModels", "vision_models", "row_name", "loss_figure", "psnr_ssim", "Table61", "table_6_1",
+           "VisionModels", "row_name", "loss_figure", "psnr_ssim", "Table61", "table_6_1",
            "pathology_classifier", "pathology_scores", "auroc_row", "table_6_2", "rie_effect", "real_pathology_counts", "ReportSets",
            "report_sets", "Stage1", "stage1", "prior_inputs", "Prior", "prior", "reports_for", "report_row", "frame",
            "fig_6_5", "pairs_figure", "reconstruction_scores", "prompt_lengths", "reference_counts", "per_report_scores",
            "IU_PROBLEMS", "ClinicalConfig", "iu_problem_labels", "labeler_validation", "BASELINE_ROWS", "Baseline", "baseline",
            "reference_labels", "table_6_4_labels", "LanguageModels", "stage1_jobs", "pair_inputs", "prior_jobs", "baseline_jobs",
-           "language_models", "vision_jobs", "table_6_1_jobs", "table_6_2_jobs", "train_all", "generated_for_table_6_2", "table_6_4", "per_report_f1"]
+           "vision_jobs", "table_6_1_jobs", "table_6_2_jobs", "train_all", "generated_for_table_6_2", "table_6_4", "per_report_f1"]
